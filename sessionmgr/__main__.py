@@ -1,0 +1,3 @@
+from sessionmgr.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""HTTP concerns: controllers, authentication, problem+json errors, health and metrics."""

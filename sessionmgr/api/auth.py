@@ -1,0 +1,251 @@
+"""Bearer-token verification (DESIGN §5): HS* with a secret, RS*/ES*/PS* with a PEM or JWKS."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.exceptions import InvalidSubjectError
+
+from sessionmgr.domain.errors import AuthenticationFailed
+from sessionmgr.domain.model import Principal
+from sessionmgr.settings import (
+    ASYMMETRIC_ALGORITHMS,
+    HMAC_ALGORITHMS,
+    PREFIX,
+    ConfigError,
+    Settings,
+    effective_algorithms,
+)
+
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+MAX_TOKEN_CHARS = 8192  # far above any real token; stops a huge header from costing a parse
+MAX_SUB_CHARS = 256
+MAX_JWKS_BYTES = 1_048_576
+_EC_CURVES = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+
+# Most specific first: InvalidSignatureError is a DecodeError, every one an InvalidTokenError.
+_REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "token expired"),
+    (jwt.ImmatureSignatureError, "token is not valid yet"),
+    (jwt.InvalidAudienceError, "token audience is wrong"),
+    (jwt.InvalidIssuerError, "token issuer is wrong"),
+    (jwt.InvalidIssuedAtError, "token iat claim is invalid"),
+    (InvalidSubjectError, "token sub claim is invalid"),
+    (jwt.InvalidAlgorithmError, "token algorithm is not allowed"),
+    (jwt.InvalidSignatureError, "token signature is invalid"),
+    (jwt.DecodeError, "token is malformed"),
+)
+
+
+def _algorithms_for(key: PublicKey, allowed: Sequence[str]) -> tuple[str, ...]:
+    """The allowed algorithms this key can actually verify (an EC key only for its own curve)."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return tuple(a for a in allowed if a.startswith(("RS", "PS")))
+    return tuple(a for a in allowed if a == _EC_CURVES.get(key.curve.name))
+
+
+def _load_pem(value: str) -> PublicKey:
+    var = f"{PREFIX}JWT_PUBLIC_KEY"
+    if not value.lstrip().startswith("-----BEGIN"):
+        try:
+            value = Path(value).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{var} names a file that cannot be read: {exc}") from None
+    try:
+        key = load_pem_public_key(value.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise ConfigError(f"{var} is not a PEM public key") from None
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ConfigError(f"{var} must be an RSA or EC public key")
+    return key
+
+
+def _check_algorithms(settings: Settings) -> tuple[str, ...]:
+    """Re-check what `load_settings` enforces: a `Settings` may be built without it."""
+    if sum(map(bool, (settings.jwt_secret, settings.jwt_public_key, settings.jwt_jwks_url))) != 1:
+        raise ConfigError(
+            f"set exactly one of {PREFIX}JWT_SECRET, {PREFIX}JWT_PUBLIC_KEY or {PREFIX}JWT_JWKS_URL"
+        )
+    algs = effective_algorithms(settings)
+    wanted = HMAC_ALGORITHMS if settings.jwt_secret else ASYMMETRIC_ALGORITHMS
+    if not algs or not set(algs) <= wanted:
+        raise ConfigError(f"{PREFIX}JWT_ALGORITHMS {list(algs)} do not fit the configured key")
+    return algs
+
+
+class TokenVerifier:
+    """Turns an `Authorization: Bearer …` header into a `Principal` or AuthenticationFailed."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        jwks_fetch_timeout_s: float = 2.0,
+        jwks_min_refresh_s: float = 30.0,
+    ) -> None:
+        self._algorithms = _check_algorithms(settings)
+        self._audience = settings.jwt_audience
+        self._issuer = settings.jwt_issuer
+        self._leeway = min(settings.jwt_leeway_s, 60)
+        self._secret = settings.jwt_secret.encode() if settings.jwt_secret else None
+        self._pem = _load_pem(settings.jwt_public_key) if settings.jwt_public_key else None
+        if self._pem is not None and not _algorithms_for(self._pem, self._algorithms):
+            raise ConfigError(f"{PREFIX}JWT_ALGORITHMS {list(self._algorithms)} do not fit the key")
+        self._jwks_url = settings.jwt_jwks_url
+        self._fetch_timeout = jwks_fetch_timeout_s
+        self._min_refresh = jwks_min_refresh_s
+        self._jwks: dict[str | None, PublicKey] = {}
+        self._jwks_lock = asyncio.Lock()
+        self._jwks_attempts = 0  # bumped as each fetch ends, so lock waiters see one happened
+        self._jwks_last_attempt = -float("inf")
+        self._jwks_failed = False
+
+    async def verify(self, authorization: str | None) -> Principal:
+        """Check the bearer token in a raw Authorization header value; return its principal."""
+        parts = (authorization or "").split()
+        if len(parts) != 2 or parts[0].lower() != "bearer":
+            raise AuthenticationFailed("missing bearer token")
+        token = parts[1]
+        if len(token) > MAX_TOKEN_CHARS:
+            raise AuthenticationFailed("token is too long")
+        key, algorithms = await self._key_for(token)
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=list(algorithms),
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+            )
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthenticationFailed(f"token has no {exc.claim} claim") from None
+        except jwt.PyJWTError as exc:
+            reason = next((r for t, r in _REASONS if isinstance(exc, t)), "token is invalid")
+            raise AuthenticationFailed(reason) from None
+        except (TypeError, ValueError):  # a key/algorithm mismatch deep in cryptography
+            raise AuthenticationFailed("token is invalid") from None
+        return _principal(claims)
+
+    async def aclose(self) -> None:
+        """Forget the cached signing keys; nothing else is held between calls."""
+        self._jwks.clear()
+
+    async def _key_for(self, token: str) -> tuple[PublicKey | bytes, tuple[str, ...]]:
+        if self._secret is not None:
+            return self._secret, self._algorithms
+        if self._pem is not None:
+            return self._pem, _algorithms_for(self._pem, self._algorithms)
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError:
+            raise AuthenticationFailed("token is malformed") from None
+        if kid is not None and not isinstance(kid, str):
+            raise AuthenticationFailed("token kid header is invalid")
+        key = self._cached_key(kid)
+        if key is None:
+            await self._refresh(self._jwks_attempts)
+            key = self._cached_key(kid)
+        if key is None:
+            if kid is None and len(self._jwks) > 1:
+                raise AuthenticationFailed("token has no kid header")
+            if self._jwks_failed:
+                raise AuthenticationFailed("signing keys unavailable")
+            raise AuthenticationFailed("token signing key is unknown")
+        return key, _algorithms_for(key, self._algorithms)
+
+    def _cached_key(self, kid: str | None) -> PublicKey | None:
+        if kid is None:  # with a single key, a token need not name it
+            return next(iter(self._jwks.values())) if len(self._jwks) == 1 else None
+        return self._jwks.get(kid)
+
+    async def _refresh(self, seen_attempts: int) -> None:
+        """Refetch the JWKS unless another caller just did or the last try is too recent."""
+        async with self._jwks_lock:
+            if self._jwks_attempts != seen_attempts:
+                return  # fetched while we waited for the lock: one fetch serves the burst
+            if time.monotonic() - self._jwks_last_attempt < self._min_refresh:
+                return  # unknown kids must not turn into a request storm on the IdP
+            self._jwks_last_attempt = time.monotonic()
+            try:
+                raw = await asyncio.wait_for(
+                    asyncio.to_thread(self._fetch_jwks), self._fetch_timeout
+                )
+                self._jwks, self._jwks_failed = self._parse_jwks(raw), False
+            except (OSError, TimeoutError, ValueError, TypeError, http.client.HTTPException):
+                self._jwks_failed = True  # keep the keys we have: they still verify
+            finally:
+                self._jwks_attempts += 1
+
+    def _fetch_jwks(self) -> bytes:
+        assert self._jwks_url is not None
+        # The URL comes from validated settings (http/https only), never from a request.
+        with urllib.request.urlopen(self._jwks_url, timeout=self._fetch_timeout) as resp:  # noqa: S310
+            body: bytes = resp.read(MAX_JWKS_BYTES + 1)
+        if len(body) > MAX_JWKS_BYTES:
+            raise ValueError("JWKS document is too large")
+        return body
+
+    def _parse_jwks(self, raw: bytes) -> dict[str | None, PublicKey]:
+        document = json.loads(raw)
+        entries = document.get("keys") if isinstance(document, dict) else None
+        if not isinstance(entries, list):
+            raise TypeError("JWKS document has no keys list")
+        keys: dict[str | None, PublicKey] = {}
+        for entry in entries:
+            if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
+                continue
+            try:
+                jwk = jwt.PyJWK(entry)
+            except jwt.PyJWTError:
+                continue  # an unusable key must not hide the usable ones
+            # Only public keys of a kind the allow-list covers: never HMAC ("oct") or private keys.
+            public = isinstance(jwk.key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey)
+            if public and _algorithms_for(jwk.key, self._algorithms):
+                keys[jwk.key_id] = jwk.key
+        if not keys:  # an empty set is an IdP hiccup, not a rotation: keep what we have
+            raise ValueError("JWKS document has no usable keys")
+        return keys
+
+
+def _principal(claims: dict[str, Any]) -> Principal:
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub or len(sub) > MAX_SUB_CHARS:
+        raise AuthenticationFailed(f"sub claim must be a string of 1 to {MAX_SUB_CHARS} characters")
+    roles = claims.get("roles", [])
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise AuthenticationFailed("roles claim must be a list of strings")
+    return Principal(sub=sub, roles=frozenset(roles))
+
+
+def issue_token(
+    secret: str,
+    sub: str,
+    *,
+    roles: Sequence[str] = (),
+    ttl_s: int = 3600,
+    audience: str | None = None,
+    issuer: str | None = None,
+    algorithm: str = "HS256",
+) -> str:
+    """Sign a token for `sub` (dev and tests); `secret` is the HMAC secret or a private PEM."""
+    if algorithm.lower() == "none":
+        raise ValueError("refusing to issue an unsigned token")
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "roles": list(roles), "iat": now, "exp": now + ttl_s}
+    if audience is not None:
+        claims["aud"] = audience
+    if issuer is not None:
+        claims["iss"] = issuer
+    return jwt.encode(claims, secret, algorithm=algorithm)

@@ -1,0 +1,70 @@
+"""Health routes: liveness never touches a backend; readiness reports each backend's state."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+from litestar import Controller, Response, get
+from litestar.datastructures import State
+
+from sessionmgr.api.bridge import resolve
+from sessionmgr.domain.errors import BackendUnavailable
+
+CHECK_TIMEOUT_S = 1.0
+
+
+class BackendState(msgspec.Struct):
+    status: str
+    detail: str | None = None
+
+
+class Readiness(msgspec.Struct):
+    """`ok`, or `degraded` (read-only: Redis down) — still 200 so replicas stay in the Service."""
+
+    status: str
+    backends: dict[str, BackendState]
+
+
+async def _check(store: Any) -> BackendState:
+    try:
+        await asyncio.wait_for(store.ping(), CHECK_TIMEOUT_S)
+    except (BackendUnavailable, TimeoutError, OSError) as exc:
+        return BackendState(status="down", detail=str(exc) or type(exc).__name__)
+    return BackendState(status="up")
+
+
+async def readiness(state: State) -> tuple[int, Readiness]:
+    hot = await resolve(state.container.hot)
+    warm = await resolve(state.container.warm)
+    redis, mongodb = await asyncio.gather(_check(hot), _check(warm))
+    backends = {"redis": redis, "mongodb": mongodb}
+    if mongodb.status != "up":
+        # Without MongoDB no dormant session can be read and nothing can be created.
+        return 503, Readiness(status="unavailable", backends=backends)
+    status = "ok" if redis.status == "up" else "degraded"
+    return 200, Readiness(status=status, backends=backends)
+
+
+class HealthController(Controller):
+    path = "/health"
+    tags = ["health"]
+    include_in_schema = True
+
+    @get("/live", cache=False)
+    async def live(self) -> dict[str, str]:
+        """The process answers; says nothing of the backends (a restart would not help them)."""
+        return {"status": "alive"}
+
+    @get("/ready", cache=False)
+    async def ready(self, state: State) -> Response[Readiness]:
+        """200 `ok` or `degraded` (read-only); 503 only when MongoDB is unreachable."""
+        status, body = await readiness(state)
+        return Response(body, status_code=status)
+
+    @get("/", cache=False)
+    async def health(self, state: State) -> Response[Readiness]:
+        """The readiness report, for people and the seed's `/health` probe."""
+        status, body = await readiness(state)
+        return Response(body, status_code=status)

@@ -1,0 +1,155 @@
+"""The one table from errors to RFC 9457 problem+json answers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example
+
+from sessionmgr.domain.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    BackendUnavailable,
+    ConcurrencyConflict,
+    IdempotencyKeyReused,
+    InvalidInput,
+    PayloadTooLarge,
+    SessionError,
+    SessionNotFound,
+    VersionRequired,
+)
+
+log = logging.getLogger(__name__)
+PROBLEM_JSON = "application/problem+json"
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details, with the extension members this API uses."""
+
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    current_version: int | None = None
+    backend: str | None = None
+    field: str | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+_STATUS: list[tuple[type[SessionError], int, str]] = [
+    (AuthenticationFailed, 401, "unauthenticated"),
+    (AccessDenied, 403, "forbidden"),
+    (SessionNotFound, 404, "not-found"),
+    (ConcurrencyConflict, 409, "version-conflict"),
+    (PayloadTooLarge, 413, "too-large"),
+    (IdempotencyKeyReused, 422, "idempotency-key-reused"),
+    (InvalidInput, 422, "invalid-input"),
+    (VersionRequired, 428, "version-required"),
+    (BackendUnavailable, 503, "backend-unavailable"),
+]
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    428: "Precondition Required",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> Response[Problem]:
+    return Response(
+        content=problem, status_code=problem.status, media_type=PROBLEM_JSON, headers=headers
+    )
+
+
+def _problem(
+    status: int, slug: str, detail: str | None, request: Request[Any, Any, Any]
+) -> Problem:
+    return Problem(
+        type=f"https://sessionmgr.dev/problems/{slug}",
+        title=_TITLES.get(status, "Error"),
+        status=status,
+        detail=detail,
+        instance=request.url.path,
+    )
+
+
+def domain_error(request: Request[Any, Any, Any], exc: SessionError) -> Response[Problem]:
+    status, slug = next((s, n) for cls, s, n in _STATUS if isinstance(exc, cls))
+    problem = _problem(status, slug, str(exc), request)
+    headers: dict[str, str] = {}
+    if isinstance(exc, ConcurrencyConflict):
+        problem.current_version = exc.current_version
+    elif isinstance(exc, InvalidInput):
+        problem.field = exc.field
+    elif isinstance(exc, AuthenticationFailed):
+        headers["WWW-Authenticate"] = 'Bearer realm="sessionmgr"'
+    elif isinstance(exc, BackendUnavailable):
+        problem.backend = exc.backend
+        headers["Retry-After"] = str(exc.retry_after_s)
+        log.warning(
+            "%s %s answered 503: %s (%r)",
+            request.method,
+            request.url.path,
+            exc,
+            exc.__cause__,
+            extra={"session_id": request.path_params.get("session_id")},
+        )
+    return problem_response(problem, headers)
+
+
+def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
+    if isinstance(exc, ValidationException):
+        # Litestar fills `extra` when JSON decoded but broke the schema; none means bad JSON.
+        if exc.extra:
+            problem = _problem(
+                422, "invalid-input", "the request does not match the schema", request
+            )
+            problem.errors = exc.extra if isinstance(exc.extra, list) else [exc.extra]  # type: ignore[list-item]
+            return problem_response(problem)
+        return problem_response(_problem(400, "malformed", exc.detail, request))
+    slug = {413: "too-large", 404: "not-found", 405: "method-not-allowed"}.get(
+        exc.status_code, "http-error"
+    )
+    return problem_response(_problem(exc.status_code, slug, exc.detail, request), exc.headers)
+
+
+def unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem_response(
+        _problem(500, "internal", "an unexpected error; it has been logged", request)
+    )
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    SessionError: domain_error,
+    HTTPException: http_error,
+    Exception: unexpected_error,
+}
+
+
+def responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the problem answers a route can give."""
+    return {
+        status: ResponseSpec(
+            data_container=Problem,
+            description=_TITLES[status],
+            media_type=PROBLEM_JSON,
+            examples=[Example(summary=_TITLES[status], value={"status": status})],
+        )
+        for status in statuses
+    }

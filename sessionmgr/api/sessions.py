@@ -1,0 +1,248 @@
+"""`/v1/sessions`: thin handlers that parse, call one service method and shape the answer."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, patch, post, put
+from litestar.di import NamedDependency
+from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
+
+from sessionmgr.api.bridge import provide
+from sessionmgr.api.problems import responses
+from sessionmgr.api.schemas import AppendBody, CreateSessionBody, ParticipantBody, PatchBody
+from sessionmgr.domain.errors import InvalidInput, SessionNotFound, VersionRequired
+from sessionmgr.domain.model import Principal, Session, SessionState
+from sessionmgr.services.ports import Idempotency
+from sessionmgr.services.sessions import SessionService
+from sessionmgr.services.views import AppendResult, LeaseInfo, SessionPage
+
+SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
+
+Req = Request[Principal, Any, Any]
+SessionId = Annotated[str, PathParameter(description="The session id (32 hex characters).")]
+MadName = Annotated[str, PathParameter(description="The MAD's name, without the `mad:` prefix.")]
+Sessions = NamedDependency[SessionService]
+IdemHeader = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        required=False,
+        description="Repeat a mutation safely: the same key and body return the first answer.",
+    ),
+]
+IfMatch = Annotated[
+    str | None,
+    HeaderParameter(name="If-Match", required=False, description='The expected version, as "<n>".'),
+]
+READ = (401, 403, 404, 503)
+WRITE = (400, 401, 403, 404, 413, 422, 503)
+
+
+def _sid(session_id: str) -> str:
+    """Odd ids are simply sessions that do not exist: no backend is asked."""
+    if not SESSION_ID.match(session_id):
+        raise SessionNotFound(session_id[:64])
+    return session_id
+
+
+def _idem(request: Req, key: str | None, body: Any = None) -> Idempotency | None:
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY.match(key):
+        raise InvalidInput(
+            "Idempotency-Key must be 1-255 visible ASCII characters", "Idempotency-Key"
+        )
+    scope = hashlib.sha256(f"{request.user.sub}\x00{key}".encode()).hexdigest()
+    payload = msgspec.json.encode(body) if body is not None else b""
+    fingerprint = hashlib.sha256(
+        request.method.encode() + b" " + request.url.path.encode() + b"\n" + payload
+    ).hexdigest()
+    return Idempotency(key_digest=scope, fingerprint=fingerprint)
+
+
+def _with_etag(session: Session, status_code: int = 200, **headers: str) -> Response[Session]:
+    return Response(
+        session, status_code=status_code, headers={"ETag": f'"{session.version}"', **headers}
+    )
+
+
+def _if_match(value: str | None) -> int | None:
+    if value is None:
+        return None
+    match = ETAG.match(value.strip())
+    if match is None:
+        raise InvalidInput('If-Match must be a version in quotes, like "3"', "If-Match")
+    return int(match.group(1))
+
+
+class SessionController(Controller):
+    path = "/v1/sessions"
+    tags = ["sessions"]
+    dependencies = {"sessions": provide("sessions")}
+
+    @post("/", status_code=201, responses=responses(*WRITE))
+    async def create_session(
+        self,
+        request: Req,
+        sessions: Sessions,
+        data: JSONBody[CreateSessionBody],
+        idempotency_key: IdemHeader = None,
+    ) -> Response[Session]:
+        """Create a session owned by the caller (or, for admin/service, by `owner_id`)."""
+        session = await sessions.create(
+            request.user,
+            owner_id=data.owner_id,
+            work_in_progress=data.work_in_progress,
+            context_summary=data.context_summary,
+            idem=_idem(request, idempotency_key, data),
+        )
+        return _with_etag(session, 201, Location=f"/v1/sessions/{session.id}")
+
+    @get("/", responses=responses(400, 401, 422, 503))
+    async def list_sessions(
+        self,
+        request: Req,
+        sessions: Sessions,
+        state_filter: Annotated[SessionState | None, QueryParameter(name="state")] = None,
+        limit: Annotated[int | None, QueryParameter(ge=1, le=1000)] = None,
+        cursor: Annotated[str | None, QueryParameter(max_length=200)] = None,
+    ) -> SessionPage:
+        """The caller's sessions (owner or in the ACL; admin: all), oldest id first."""
+        return await sessions.list(request.user, state=state_filter, limit=limit, cursor=cursor)
+
+    @get("/{session_id:str}", responses=responses(*READ))
+    async def get_session(
+        self,
+        request: Req,
+        sessions: Sessions,
+        session_id: SessionId,
+        include: Annotated[
+            str | None, QueryParameter(description="`full` adds full_context and full_timeline")
+        ] = None,
+    ) -> Response[Session]:
+        if include not in (None, "full"):
+            raise InvalidInput("include accepts only 'full'", "include")
+        session = await sessions.get(request.user, _sid(session_id), full=include == "full")
+        return _with_etag(session)
+
+    @patch("/{session_id:str}", responses=responses(*WRITE, 409, 428))
+    async def update_session(
+        self,
+        request: Req,
+        sessions: Sessions,
+        session_id: SessionId,
+        data: JSONBody[PatchBody],
+        if_match: IfMatch = None,
+        idempotency_key: IdemHeader = None,
+    ) -> Response[Session]:
+        """Apply a patch at `expected_version` (or If-Match); stale versions get 409."""
+        header_version = _if_match(if_match)
+        expected = data.expected_version or header_version
+        if expected is None:
+            raise VersionRequired()
+        if header_version is not None and data.expected_version not in (None, header_version):
+            raise InvalidInput("expected_version and If-Match disagree", "expected_version")
+        session = await sessions.update(
+            request.user,
+            _sid(session_id),
+            expected_version=expected,
+            patch=data.patch,
+            idem=_idem(request, idempotency_key, data),
+        )
+        return _with_etag(session)
+
+    @post("/{session_id:str}/timeline", status_code=200, responses=responses(*WRITE, 409))
+    async def append_timeline(
+        self,
+        request: Req,
+        sessions: Sessions,
+        session_id: SessionId,
+        data: JSONBody[AppendBody],
+        idempotency_key: IdemHeader = None,
+    ) -> AppendResult:
+        """Append events; the server assigns seq, at and actor."""
+        return await sessions.append(
+            request.user,
+            _sid(session_id),
+            data.events,
+            expected_version=data.expected_version,
+            idem=_idem(request, idempotency_key, data),
+        )
+
+    @post("/{session_id:str}/participants", status_code=200, responses=responses(*WRITE, 409))
+    async def add_participant(
+        self,
+        request: Req,
+        sessions: Sessions,
+        session_id: SessionId,
+        data: JSONBody[ParticipantBody],
+        idempotency_key: IdemHeader = None,
+    ) -> Response[Session]:
+        """Add a MAD: it joins the ACL and gets a lease it must renew."""
+        session = await sessions.add_participant(
+            request.user, _sid(session_id), data.mad_name, _idem(request, idempotency_key, data)
+        )
+        return _with_etag(session)
+
+    @put("/{session_id:str}/participants/{mad_name:str}/lease", responses=responses(*READ, 422))
+    async def renew_lease(
+        self, request: Req, sessions: Sessions, session_id: SessionId, mad_name: MadName
+    ) -> LeaseInfo:
+        return await sessions.renew_lease(request.user, _sid(session_id), mad_name)
+
+    @delete("/{session_id:str}/participants/{mad_name:str}", responses=responses(*READ, 409, 422))
+    async def remove_participant(
+        self,
+        request: Req,
+        sessions: Sessions,
+        session_id: SessionId,
+        mad_name: MadName,
+        idempotency_key: IdemHeader = None,
+    ) -> None:
+        await sessions.remove_participant(
+            request.user, _sid(session_id), mad_name, _idem(request, idempotency_key)
+        )
+
+    @post("/{session_id:str}/suspend", status_code=200, responses=responses(*READ, 409, 422))
+    async def suspend_session(
+        self,
+        request: Req,
+        sessions: Sessions,
+        session_id: SessionId,
+        idempotency_key: IdemHeader = None,
+    ) -> Response[Session]:
+        """Flush to MongoDB and leave Redis; the session reads the same, now `dormant`."""
+        session = await sessions.suspend(
+            request.user, _sid(session_id), _idem(request, idempotency_key)
+        )
+        return _with_etag(session)
+
+    @post("/{session_id:str}/resume", status_code=200, responses=responses(*READ, 422))
+    async def resume_session(
+        self,
+        request: Req,
+        sessions: Sessions,
+        session_id: SessionId,
+        idempotency_key: IdemHeader = None,
+    ) -> Response[Session]:
+        session = await sessions.resume(
+            request.user, _sid(session_id), _idem(request, idempotency_key)
+        )
+        return _with_etag(session)
+
+    @delete("/{session_id:str}", responses=responses(*READ, 422))
+    async def delete_session(
+        self,
+        request: Req,
+        sessions: Sessions,
+        session_id: SessionId,
+        idempotency_key: IdemHeader = None,
+    ) -> None:
+        """Remove the session from every tier (owner or admin)."""
+        await sessions.delete(request.user, _sid(session_id), _idem(request, idempotency_key))

@@ -1,0 +1,50 @@
+"""The Litestar application factory: `create_app(container=None)` is the one way in."""
+
+from __future__ import annotations
+
+from dependency_injector.ext.starlette import Lifespan
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+import sessionmgr
+from sessionmgr.api.health import HealthController
+from sessionmgr.api.metrics import HttpMetrics, metrics_endpoint, metrics_middleware
+from sessionmgr.api.problems import EXCEPTION_HANDLERS
+from sessionmgr.api.security import PUBLIC_PATHS, BearerAuthMiddleware
+from sessionmgr.api.sessions import SessionController
+from sessionmgr.container import Container, build_container
+from sessionmgr.telemetry import configure_logging
+
+
+def create_app(container: Container | None = None) -> Litestar:
+    """Build the app around `container` (a fresh one from the environment when None)."""
+    container = container or build_container()
+    settings = container.settings()
+    configure_logging(settings.log_level)
+    return Litestar(
+        route_handlers=[SessionController, HealthController, metrics_endpoint],
+        lifespan=[Lifespan(container)],
+        state=State({"container": container, "metrics": HttpMetrics()}),
+        middleware=[
+            metrics_middleware,
+            DefineMiddleware(BearerAuthMiddleware, exclude=PUBLIC_PATHS),
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="sessionmgr",
+            version=sessionmgr.__version__,
+            description="Shared working state of multi-agent sessions.",
+            path="/schema",
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")
+                }
+            ),
+            security=[{"bearer": []}],
+        ),
+        debug=False,
+    )

@@ -1,0 +1,1 @@
+"""Pure models, rules and errors: imports nothing from the rest of sessionmgr."""

@@ -1,0 +1,71 @@
+"""Domain errors. The API maps each to one HTTP status in `api/problems.py`."""
+
+from __future__ import annotations
+
+
+class SessionError(Exception):
+    """Base of every error sessionmgr raises on purpose."""
+
+
+class SessionNotFound(SessionError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id} not found")
+        self.session_id = session_id
+
+
+class AccessDenied(SessionError):
+    def __init__(self, reason: str = "you may not access this session") -> None:
+        super().__init__(reason)
+
+
+class ConcurrencyConflict(SessionError):
+    """The session moved on since the caller read it; carries the version it is at now."""
+
+    def __init__(self, session_id: str, current_version: int | None) -> None:
+        super().__init__(
+            f"session {session_id} is at version {current_version}, not the expected one"
+        )
+        self.session_id = session_id
+        self.current_version = current_version
+
+
+class VersionRequired(SessionError):
+    def __init__(self) -> None:
+        super().__init__("send expected_version in the body or an If-Match header")
+
+
+class InvalidInput(SessionError):
+    """A body that is well-formed JSON but breaks a rule of the model."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class PayloadTooLarge(SessionError):
+    pass
+
+
+class IdempotencyKeyReused(SessionError):
+    def __init__(self) -> None:
+        super().__init__("this Idempotency-Key was already used with another request")
+
+
+class BackendUnavailable(SessionError):
+    """A backend failed or its answer was lost; the caller may retry (with its Idempotency-Key)."""
+
+    def __init__(self, backend: str, detail: str = "", retry_after_s: int = 1) -> None:
+        super().__init__(f"{backend} is unavailable{': ' + detail if detail else ''}")
+        self.backend = backend
+        self.retry_after_s = retry_after_s
+
+
+class ReadOnlyMode(BackendUnavailable):
+    def __init__(self, retry_after_s: int = 2) -> None:
+        super().__init__(
+            "redis", "sessionmgr is read-only until Redis answers again", retry_after_s
+        )
+
+
+class AuthenticationFailed(SessionError):
+    """No token, or a token that does not verify (HTTP 401)."""

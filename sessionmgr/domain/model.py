@@ -1,0 +1,116 @@
+"""The session and its parts, as msgspec structs shared by the API and the hot tier."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+
+
+class SessionState(StrEnum):
+    ACTIVE = "active"
+    DORMANT = "dormant"
+    ARCHIVED = "archived"
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """The authenticated caller: `sub` of the token and its roles."""
+
+    sub: str
+    roles: frozenset[str] = frozenset()
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.roles
+
+    @property
+    def may_act_for_others(self) -> bool:
+        return bool(self.roles & {"admin", "service"})
+
+
+class TimelineEvent(msgspec.Struct, frozen=True):
+    seq: int
+    at: datetime
+    actor: str
+    kind: str
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Participant(msgspec.Struct):
+    joined_at: datetime
+    lease_expires_at: datetime
+    active: bool = False
+
+
+class ArchiveRef(msgspec.Struct, frozen=True):
+    key: str
+    sha256: str
+    size: int
+    archived_at: datetime
+
+
+class Session(msgspec.Struct, kw_only=True):
+    """A session as every tier agrees on it; `full_*` are filled only on request."""
+
+    id: str
+    version: int
+    state: SessionState
+    owner_id: str
+    acl: list[str] = msgspec.field(default_factory=list)
+    created_at: datetime
+    last_active: datetime
+    participants: dict[str, Participant] = msgspec.field(default_factory=dict)
+    work_in_progress: dict[str, Any] = msgspec.field(default_factory=dict)
+    context_summary: dict[str, Any] = msgspec.field(default_factory=dict)
+    recent_timeline: list[TimelineEvent] = msgspec.field(default_factory=list)
+    full_context: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    full_timeline: list[TimelineEvent] | msgspec.UnsetType = msgspec.UNSET
+    archive: ArchiveRef | None = None
+
+
+class SessionRecord(msgspec.Struct, kw_only=True):
+    """The whole durable state of a session: what the write-behind and a flush carry to MongoDB.
+
+    `timeline_seq` is the last sequence number handed out; events themselves travel apart.
+    """
+
+    id: str
+    version: int
+    state: SessionState
+    owner_id: str
+    acl: list[str]
+    created_at: datetime
+    last_active: datetime
+    participants: dict[str, Participant]
+    work_in_progress: dict[str, Any]
+    context_summary: dict[str, Any]
+    full_context: dict[str, Any]
+    timeline_seq: int = 0
+
+
+MUTABLE_FIELDS = frozenset({"work_in_progress", "context_summary", "full_context"})
+
+
+def utcnow() -> datetime:
+    """Now, at the millisecond precision MongoDB keeps, so every tier reads the same instant."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def new_session_id() -> str:
+    """A random 128-bit id, hex-encoded: never guessable, never sequential."""
+    return secrets.token_hex(16)
+
+
+def mad_principal(mad_name: str) -> str:
+    return f"mad:{mad_name}"
+
+
+class NewEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A timeline event as a client sends it; the server adds seq, at and actor."""
+
+    kind: str
+    data: dict[str, Any] = msgspec.field(default_factory=dict)

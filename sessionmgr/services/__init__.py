@@ -1,0 +1,1 @@
+"""Use cases: what a caller can do with a session, independent of HTTP."""

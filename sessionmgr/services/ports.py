@@ -1,0 +1,90 @@
+"""The small typed interfaces the services know storage by."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgspec
+
+from sessionmgr.domain.model import SessionRecord, SessionState, TimelineEvent
+
+
+class HotView(msgspec.Struct, kw_only=True):
+    """What a hot read returns: the record, its recent events and each lease's remaining life."""
+
+    record: SessionRecord
+    recent: list[TimelineEvent]
+    lease_ttl_ms: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class Change(msgspec.Struct, kw_only=True):
+    """What a decision inside the optimistic transaction wants written.
+
+    `fields` are the record's new top-level values (only those that change); `events` are
+    appended to the timeline; `leases_set`/`leases_dropped` name MADs whose lease key is
+    (re)created or deleted. `result` is the caller's answer, kept for Idempotency-Key replays.
+    """
+
+    record: SessionRecord
+    fields: frozenset[str]
+    events: list[TimelineEvent] = msgspec.field(default_factory=list)
+    leases_set: list[str] = msgspec.field(default_factory=list)
+    leases_dropped: list[str] = msgspec.field(default_factory=list)
+    result: bytes = b""
+
+
+class Idempotency(msgspec.Struct, frozen=True):
+    """A client's Idempotency-Key, scoped to its principal, with the request's fingerprint."""
+
+    key_digest: str
+    fingerprint: str
+
+
+Decide = Callable[[HotView], Change | None]
+
+
+class Replayed(msgspec.Struct, frozen=True):
+    result: bytes
+
+
+class HotStore(Protocol):
+    async def load(self, session_id: str) -> HotView | None: ...
+    async def access_fields(self, session_id: str) -> tuple[str, list[str]] | None: ...
+    async def create(
+        self, record: SessionRecord, idem: Idempotency | None, result: bytes
+    ) -> None: ...
+    async def activate(self, record: SessionRecord, recent: list[TimelineEvent]) -> None: ...
+    async def transact(
+        self, session_id: str, decide: Decide, idem: Idempotency | None, *, retry_on_race: bool
+    ) -> Replayed | Change | None: ...
+    async def find_replay(self, scope: str, idem: Idempotency) -> Replayed | None: ...
+    async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None: ...
+    async def renew_lease(self, session_id: str, mad: str) -> int: ...
+    async def suspend(
+        self, session_id: str, flush: Callable[[SessionRecord, list[TimelineEvent]], Any]
+    ) -> SessionRecord | None: ...
+    async def mark_deleted(self, session_id: str) -> None: ...
+    async def drop(self, session_id: str) -> None: ...
+    async def is_deleted(self, session_id: str) -> bool: ...
+    async def ping(self) -> None: ...
+
+
+class Page(msgspec.Struct, frozen=True):
+    items: list[SessionRecord]
+    next_cursor: str | None
+
+
+class WarmStore(Protocol):
+    async def insert(self, record: SessionRecord) -> None: ...
+    async def get(self, session_id: str) -> SessionRecord | None: ...
+    async def recent_events(self, session_id: str, limit: int) -> list[TimelineEvent]: ...
+    async def all_events(self, session_id: str) -> list[TimelineEvent]: ...
+    async def apply(self, record: SessionRecord, events: list[TimelineEvent]) -> bool: ...
+    async def flush(self, record: SessionRecord, events: list[TimelineEvent]) -> bool: ...
+    async def mark_state(self, session_id: str, version: int, state: SessionState) -> None: ...
+    async def delete(self, session_id: str) -> None: ...
+    async def list_for(
+        self, principal_sub: str | None, state: SessionState | None, limit: int, after: str | None
+    ) -> Page: ...
+    async def ping(self) -> None: ...

@@ -1,0 +1,439 @@
+"""`SessionService`: every use case of a session, with the access check before any data use."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import msgspec
+
+from sessionmgr.domain import rules
+from sessionmgr.domain.errors import (
+    AccessDenied,
+    BackendUnavailable,
+    ConcurrencyConflict,
+    InvalidInput,
+    SessionNotFound,
+)
+from sessionmgr.domain.model import (
+    NewEvent,
+    Participant,
+    Principal,
+    Session,
+    SessionRecord,
+    SessionState,
+    TimelineEvent,
+    mad_principal,
+    new_session_id,
+    utcnow,
+)
+from sessionmgr.services.ports import Change, HotStore, HotView, Idempotency, WarmStore
+from sessionmgr.services.views import (
+    AppendResult,
+    LeaseInfo,
+    SessionPage,
+    summary,
+    to_session,
+)
+
+R = TypeVar("R")
+MAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$")
+_encode = msgspec.json.Encoder().encode
+
+
+class Limits(msgspec.Struct, frozen=True):
+    recent_timeline: int = 20
+    lease_ttl_s: int = 30
+    max_field_bytes: int = 262_144
+    max_events_per_append: int = 100
+    page_size_default: int = 20
+    page_size_max: int = 100
+
+
+class SessionService:
+    def __init__(self, hot: HotStore, warm: WarmStore, limits: Limits) -> None:
+        self._hot = hot
+        self._warm = warm
+        self._limits = limits
+
+    # -- create and read -------------------------------------------------------------------
+
+    async def create(
+        self,
+        principal: Principal,
+        *,
+        owner_id: str | None = None,
+        work_in_progress: dict[str, Any] | None = None,
+        context_summary: dict[str, Any] | None = None,
+        idem: Idempotency | None = None,
+    ) -> Session:
+        """MongoDB first, then Redis: a failure in between leaves a valid dormant session."""
+        owner = owner_id or principal.sub
+        if owner != principal.sub and not principal.may_act_for_others:
+            raise AccessDenied("creating a session for another owner needs role admin or service")
+        wip, ctx = work_in_progress or {}, context_summary or {}
+        rules.check_value(wip, "work_in_progress", self._limits.max_field_bytes)
+        rules.check_value(ctx, "context_summary", self._limits.max_field_bytes)
+        if idem is not None and (replay := await self._hot.find_replay("create", idem)):
+            return msgspec.json.decode(replay.result, type=Session)
+        now = utcnow()
+        record = SessionRecord(
+            id=new_session_id(),
+            version=1,
+            state=SessionState.ACTIVE,
+            owner_id=owner,
+            acl=[],
+            created_at=now,
+            last_active=now,
+            participants={},
+            work_in_progress=wip,
+            context_summary=ctx,
+            full_context={},
+        )
+        await self._warm.insert(record)
+        session = to_session(record, [], {}, now)
+        await self._hot.create(record, idem, _encode(session))
+        return session
+
+    async def get(self, principal: Principal, session_id: str, *, full: bool = False) -> Session:
+        try:
+            view = await self._hot.load(session_id)
+        except BackendUnavailable:
+            view = None  # read-only mode: MongoDB holds the latest delivered version
+        if view is not None:
+            rules.require_access(principal, view.record.owner_id, view.record.acl)
+            session = to_session(view.record, view.recent, view.lease_ttl_ms, utcnow())
+            if full:
+                session.full_context = view.record.full_context
+                session.full_timeline = _merge(await self._warm.all_events(session_id), view.recent)
+            return session
+        record = await self._warm_record(principal, session_id)
+        recent = await self._warm.recent_events(session_id, self._limits.recent_timeline)
+        session = to_session(record, recent, {}, utcnow(), state=_resting(record.state))
+        if full:
+            session.full_context = record.full_context
+            session.full_timeline = await self._warm.all_events(session_id)
+        return session
+
+    async def list(
+        self,
+        principal: Principal,
+        *,
+        state: SessionState | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> SessionPage:
+        size = limit if limit is not None else self._limits.page_size_default
+        if not 1 <= size <= self._limits.page_size_max:
+            raise InvalidInput(f"limit must be between 1 and {self._limits.page_size_max}", "limit")
+        after = _decode_cursor(cursor) if cursor else None
+        sub = None if principal.is_admin else principal.sub
+        page = await self._warm.list_for(sub, state, size, after)
+        return SessionPage(
+            items=[summary(r) for r in page.items],
+            next_cursor=_encode_cursor(page.next_cursor) if page.next_cursor else None,
+        )
+
+    # -- mutations through the optimistic transaction ------------------------------------
+
+    async def update(
+        self,
+        principal: Principal,
+        session_id: str,
+        *,
+        expected_version: int,
+        patch: dict[str, Any],
+        idem: Idempotency | None = None,
+    ) -> Session:
+        rules.check_patch(patch, self._limits.max_field_bytes)
+
+        def decide(view: HotView) -> Change:
+            record = _check_version(view.record, expected_version)
+            now = utcnow()
+            new = msgspec.structs.replace(
+                record, version=record.version + 1, last_active=now, **patch
+            )
+            session = to_session(new, view.recent, view.lease_ttl_ms, now)
+            fields = frozenset(patch) | {"version", "last_active"}
+            return Change(record=new, fields=fields, result=_encode(session))
+
+        return await self._mutate(principal, session_id, decide, idem, Session, race_safe=False)
+
+    async def append(
+        self,
+        principal: Principal,
+        session_id: str,
+        events: list[NewEvent],
+        *,
+        expected_version: int | None = None,
+        idem: Idempotency | None = None,
+    ) -> AppendResult:
+        self._check_events(events)
+
+        def decide(view: HotView) -> Change:
+            record = view.record
+            if expected_version is not None:
+                _check_version(record, expected_version)
+            now, seq = utcnow(), record.timeline_seq
+            stamped = [
+                TimelineEvent(seq=seq + i, at=now, actor=principal.sub, kind=e.kind, data=e.data)
+                for i, e in enumerate(events, start=1)
+            ]
+            new = msgspec.structs.replace(
+                record, version=record.version + 1, timeline_seq=seq + len(events), last_active=now
+            )
+            result = AppendResult(
+                version=new.version,
+                appended=len(events),
+                first_seq=seq + 1,
+                last_seq=seq + len(events),
+            )
+            fields = frozenset({"version", "timeline_seq", "last_active"})
+            return Change(record=new, fields=fields, events=stamped, result=_encode(result))
+
+        # Without an expected version an append does not depend on what it read: re-run it.
+        return await self._mutate(
+            principal, session_id, decide, idem, AppendResult, race_safe=expected_version is None
+        )
+
+    async def add_participant(
+        self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
+    ) -> Session:
+        _check_mad(mad_name)
+        ttl = timedelta(seconds=self._limits.lease_ttl_s)
+
+        def decide(view: HotView) -> Change:
+            record, now = view.record, utcnow()
+            leases = {**view.lease_ttl_ms, mad_name: int(ttl.total_seconds() * 1000)}
+            if mad_name in record.participants:
+                session = to_session(record, view.recent, leases, now)
+                return Change(
+                    record=record,
+                    fields=frozenset(),
+                    leases_set=[mad_name],
+                    result=_encode(session),
+                )
+            participants = {
+                **record.participants,
+                mad_name: Participant(joined_at=now, lease_expires_at=now + ttl, active=True),
+            }
+            member = mad_principal(mad_name)
+            acl = record.acl if member in record.acl else [*record.acl, member]
+            new = msgspec.structs.replace(
+                record,
+                version=record.version + 1,
+                last_active=now,
+                participants=participants,
+                acl=acl,
+            )
+            session = to_session(new, view.recent, leases, now)
+            fields = frozenset({"version", "last_active", "participants", "acl"})
+            return Change(record=new, fields=fields, leases_set=[mad_name], result=_encode(session))
+
+        return await self._mutate(principal, session_id, decide, idem, Session, race_safe=True)
+
+    async def remove_participant(
+        self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
+    ) -> None:
+        _check_mad(mad_name)
+
+        def decide(view: HotView) -> Change:
+            record = view.record
+            if mad_name not in record.participants:
+                return Change(record=record, fields=frozenset(), result=b"null")
+            participants = {m: p for m, p in record.participants.items() if m != mad_name}
+            acl = [a for a in record.acl if a != mad_principal(mad_name)]
+            new = msgspec.structs.replace(
+                record,
+                version=record.version + 1,
+                last_active=utcnow(),
+                participants=participants,
+                acl=acl,
+            )
+            fields = frozenset({"version", "last_active", "participants", "acl"})
+            return Change(record=new, fields=fields, leases_dropped=[mad_name], result=b"null")
+
+        await self._mutate(principal, session_id, decide, idem, type(None), race_safe=True)
+
+    async def renew_lease(self, principal: Principal, session_id: str, mad_name: str) -> LeaseInfo:
+        _check_mad(mad_name)
+        view = await self._hot_view(principal, session_id, allow_mad=mad_name)
+        if mad_name not in view.record.participants:
+            raise SessionNotFound(f"{session_id}/participants/{mad_name}")
+        ttl_ms = await self._hot.renew_lease(session_id, mad_name)
+        return LeaseInfo(mad_name=mad_name, expires_at=utcnow() + timedelta(milliseconds=ttl_ms))
+
+    # -- moving between tiers ----------------------------------------------------------------
+
+    async def suspend(
+        self, principal: Principal, session_id: str, idem: Idempotency | None = None
+    ) -> Session:
+        return await self._once(
+            session_id, idem, Session, lambda: self._suspend(principal, session_id)
+        )
+
+    async def _suspend(self, principal: Principal, session_id: str) -> Session:
+        access = await self._hot.access_fields(session_id)
+        if access is not None:
+            rules.require_access(principal, *access)
+            record = await self._hot.suspend(session_id, self._warm.flush)
+            if record is not None:
+                recent = await self._warm.recent_events(session_id, self._limits.recent_timeline)
+                return to_session(record, recent, {}, utcnow())
+        return await self.get(principal, session_id)
+
+    async def resume(
+        self, principal: Principal, session_id: str, idem: Idempotency | None = None
+    ) -> Session:
+        async def run() -> Session:
+            view = await self._hot_view(principal, session_id)
+            return to_session(view.record, view.recent, view.lease_ttl_ms, utcnow())
+
+        return await self._once(session_id, idem, Session, run)
+
+    async def delete(
+        self, principal: Principal, session_id: str, idem: Idempotency | None = None
+    ) -> None:
+        """Tombstone first, so no replica can bring the session back while it is removed."""
+
+        async def run() -> None:
+            access = await self._hot.access_fields(session_id)
+            if access is None:
+                record = await self._warm.get(session_id)
+                if record is None:
+                    raise SessionNotFound(session_id)
+                access = (record.owner_id, record.acl)
+            rules.require_owner(principal, access[0])
+            await self._hot.mark_deleted(session_id)
+            await self._warm.delete(session_id)
+            await self._hot.drop(session_id)
+
+        await self._once(session_id, idem, type(None), run)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    async def _mutate(
+        self,
+        principal: Principal,
+        session_id: str,
+        decide: Callable[[HotView], Change],
+        idem: Idempotency | None,
+        result_type: type[R],
+        *,
+        race_safe: bool,
+    ) -> R:
+        def guarded(view: HotView) -> Change:
+            rules.require_access(principal, view.record.owner_id, view.record.acl)
+            return decide(view)
+
+        for _ in range(3):
+            outcome = await self._hot.transact(session_id, guarded, idem, retry_on_race=race_safe)
+            if outcome is None:
+                await self._activate(principal, session_id)
+                continue
+            result = outcome.result
+            return msgspec.json.decode(result, type=result_type)
+        raise ConcurrencyConflict(session_id, None)
+
+    async def _once(
+        self, scope: str, idem: Idempotency | None, result_type: type[R], run: Callable[[], Any]
+    ) -> R:
+        """Run a naturally idempotent action, replaying its first answer for a repeated key."""
+        if idem is not None and (replay := await self._hot.find_replay(scope, idem)):
+            return msgspec.json.decode(replay.result, type=result_type)
+        result = await run()
+        if idem is not None:
+            await self._hot.remember(scope, idem, _encode(result))
+        return result  # type: ignore[no-any-return]
+
+    async def _hot_view(
+        self, principal: Principal, session_id: str, allow_mad: str | None = None
+    ) -> HotView:
+        for _ in range(3):
+            view = await self._hot.load(session_id)
+            if view is None:
+                await self._activate(principal, session_id, allow_mad)
+                continue
+            if allow_mad is None or principal.sub != mad_principal(allow_mad):
+                rules.require_access(principal, view.record.owner_id, view.record.acl)
+            return view
+        raise BackendUnavailable("redis", "the session could not be loaded into Redis")
+
+    async def _activate(
+        self, principal: Principal, session_id: str, allow_mad: str | None = None
+    ) -> None:
+        """Load a dormant session back into Redis as `active` (after the access check)."""
+        record = await self._warm.get(session_id)
+        if record is None:
+            raise SessionNotFound(session_id)
+        if allow_mad is None or principal.sub != mad_principal(allow_mad):
+            rules.require_access(principal, record.owner_id, record.acl)
+        recent = await self._warm.recent_events(session_id, self._limits.recent_timeline)
+        record.state = SessionState.ACTIVE
+        await self._hot.activate(record, recent)
+        await self._warm.mark_state(session_id, record.version, SessionState.ACTIVE)
+
+    async def _warm_record(self, principal: Principal, session_id: str) -> SessionRecord:
+        record = await self._warm.get(session_id)
+        if record is None:
+            raise SessionNotFound(session_id)
+        rules.require_access(principal, record.owner_id, record.acl)
+        return record
+
+    def _check_events(self, events: list[NewEvent]) -> None:
+        if not events:
+            raise InvalidInput("events must not be empty", "events")
+        if len(events) > self._limits.max_events_per_append:
+            raise InvalidInput(
+                f"at most {self._limits.max_events_per_append} events per call", "events"
+            )
+        for i, event in enumerate(events):
+            if not KIND.match(event.kind):
+                raise InvalidInput(
+                    "kind must be 1-64 characters of letters, digits and _.:/-", f"events[{i}].kind"
+                )
+            rules.check_value(event.data, f"events[{i}].data", self._limits.max_field_bytes)
+
+
+def _check_version(record: SessionRecord, expected: int) -> SessionRecord:
+    if record.version != expected:
+        raise ConcurrencyConflict(record.id, record.version)
+    return record
+
+
+def _check_mad(mad_name: str) -> None:
+    if not MAD_NAME.match(mad_name):
+        raise InvalidInput(
+            "mad_name must be 1-64 letters, digits or _.- and start with a letter or digit",
+            "mad_name",
+        )
+
+
+def _resting(state: SessionState) -> SessionState:
+    """A session read from MongoDB is not hot, whatever state its last write recorded."""
+    return SessionState.DORMANT if state is SessionState.ACTIVE else state
+
+
+def _merge(stored: list[TimelineEvent], recent: list[TimelineEvent]) -> list[TimelineEvent]:
+    by_seq = {e.seq: e for e in stored}
+    by_seq.update((e.seq, e) for e in recent)
+    return [by_seq[s] for s in sorted(by_seq)]
+
+
+def _encode_cursor(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidInput("cursor is not one this service handed out", "cursor") from None
+    if not re.fullmatch(r"[0-9a-f]{32}", raw):
+        raise InvalidInput("cursor is not one this service handed out", "cursor")
+    return raw

@@ -1,0 +1,183 @@
+"""Settings from `SESSIONMGR_*` environment variables, validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+PREFIX = "SESSIONMGR_"
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "PS256"})
+LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the variable."""
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    redis_url: str = "redis://localhost:6379/0"
+    redis_ca_file: str | None = None
+    redis_socket_timeout_s: float = 0.5
+    redis_pool_size: int = 64
+    mongodb_uri: str = "mongodb://localhost:27017"
+    mongodb_db: str = "sessionmgr"
+    mongodb_ca_file: str | None = None
+    mongodb_timeout_ms: int = 2000
+    s3_bucket: str = "sessionmgr-archive"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_ca_bundle: str | None = None
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_algorithms: tuple[str, ...] = ()
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_s: int = 30
+    lease_ttl_s: int = 30
+    recent_timeline: int = 20
+    max_body_bytes: int = 1_048_576
+    max_field_bytes: int = 262_144
+    max_events_per_append: int = 100
+    page_size_default: int = 20
+    page_size_max: int = 100
+    idempotency_ttl_s: int = 86_400
+    outbox_claim_idle_ms: int = 30_000
+    outbox_max_deliveries: int = 5
+    outbox_batch: int = 100
+    log_level: str = "INFO"
+
+    @property
+    def mongodb_in_memory(self) -> bool:
+        return self.mongodb_uri.startswith("mongomock://")
+
+    @property
+    def jwt_configured(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_public_key or self.jwt_jwks_url)
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = float(raw)
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _algorithms(raw: str) -> tuple[str, ...]:
+    algs = tuple(a.strip().upper() for a in raw.split(",") if a.strip())
+    unknown = set(algs) - HMAC_ALGORITHMS - ASYMMETRIC_ALGORITHMS
+    if unknown or not algs:
+        raise ValueError(f"unsupported algorithm(s) {sorted(unknown)}; 'none' is never allowed")
+    if set(algs) & HMAC_ALGORITHMS and set(algs) & ASYMMETRIC_ALGORITHMS:
+        raise ValueError("do not mix HS* with RS*/ES*/PS* algorithms")
+    return algs
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if not raw.startswith(schemes):
+            raise ValueError(f"must start with one of {', '.join(schemes)}")
+        return raw
+
+    return parse
+
+
+def _level(raw: str) -> str:
+    if raw.upper() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {sorted(LOG_LEVELS)}")
+    return raw.upper()
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "redis_url": _url(("redis://", "rediss://", "unix://")),
+    "redis_socket_timeout_s": _float(0.05, 30),
+    "redis_pool_size": _int(1, 10_000),
+    "mongodb_uri": _url(("mongodb://", "mongodb+srv://", "mongomock://")),
+    "mongodb_timeout_ms": _int(100, 60_000),
+    "s3_endpoint_url": _url(("http://", "https://")),
+    "jwt_jwks_url": _url(("https://", "http://")),
+    "jwt_algorithms": _algorithms,
+    "jwt_leeway_s": _int(0, 60),
+    "lease_ttl_s": _int(1, 3600),
+    "recent_timeline": _int(1, 1000),
+    "max_body_bytes": _int(1024, 64 * 1_048_576),
+    "max_field_bytes": _int(256, 64 * 1_048_576),
+    "max_events_per_append": _int(1, 10_000),
+    "page_size_default": _int(1, 1000),
+    "page_size_max": _int(1, 1000),
+    "idempotency_ttl_s": _int(60, 30 * 86_400),
+    "outbox_claim_idle_ms": _int(1000, 3_600_000),
+    "outbox_max_deliveries": _int(1, 1000),
+    "outbox_batch": _int(1, 10_000),
+    "log_level": _level,
+}
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read `SESSIONMGR_*` from `environ` (default: the process environment)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in Settings.__struct_fields__:
+        var = PREFIX + name.upper()
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[name] = _PARSERS.get(name, _text)(raw.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{var}={raw!r} is invalid: {exc}") from None
+    values.update(overrides)
+    settings = Settings(**values)
+    _check_jwt(settings)
+    if settings.page_size_default > settings.page_size_max:
+        raise ConfigError(f"{PREFIX}PAGE_SIZE_DEFAULT must not exceed {PREFIX}PAGE_SIZE_MAX")
+    return settings
+
+
+def _check_jwt(s: Settings) -> None:
+    sources = [n for n in ("jwt_secret", "jwt_public_key", "jwt_jwks_url") if getattr(s, n)]
+    if len(sources) > 1:
+        names = " and ".join(PREFIX + n.upper() for n in sources)
+        raise ConfigError(f"set only one of {names}")
+    if s.jwt_secret is not None and len(s.jwt_secret) < 32:
+        raise ConfigError(f"{PREFIX}JWT_SECRET must be at least 32 characters")
+    algs = set(s.jwt_algorithms)
+    if s.jwt_secret and algs and not algs <= HMAC_ALGORITHMS:
+        raise ConfigError(f"{PREFIX}JWT_ALGORITHMS must be HS* algorithms with JWT_SECRET")
+    if (s.jwt_public_key or s.jwt_jwks_url) and algs and not algs <= ASYMMETRIC_ALGORITHMS:
+        raise ConfigError(f"{PREFIX}JWT_ALGORITHMS must be RS*/ES*/PS* with a public key or JWKS")
+
+
+def require_jwt(settings: Settings) -> None:
+    """`serve` refuses to start without a way to check tokens."""
+    if not settings.jwt_configured:
+        raise ConfigError(
+            f"set one of {PREFIX}JWT_SECRET, {PREFIX}JWT_PUBLIC_KEY or {PREFIX}JWT_JWKS_URL"
+        )
+
+
+def effective_algorithms(settings: Settings) -> tuple[str, ...]:
+    if settings.jwt_algorithms:
+        return settings.jwt_algorithms
+    return ("HS256",) if settings.jwt_secret else ("RS256", "ES256")

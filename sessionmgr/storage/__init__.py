@@ -1,0 +1,1 @@
+"""One module per tier: `hot` (Redis), `warm` (MongoDB through Beanie)."""

@@ -1,0 +1,316 @@
+"""The hot tier: one Redis hash per active session, its recent timeline, leases and the outbox.
+
+Every key of a session carries the hash tag `{<id>}`. Each top-level field of the record is a
+hash field of its own (msgspec JSON), so a patch writes only what it changes. Updates run the
+optimistic transaction of DESIGN §2: WATCH, read, decide, MULTI, write + outbox entry +
+idempotency record, EXEC.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
+
+from sessionmgr.domain.errors import (
+    BackendUnavailable,
+    ConcurrencyConflict,
+    IdempotencyKeyReused,
+    SessionNotFound,
+)
+from sessionmgr.domain.model import Participant, SessionRecord, SessionState, TimelineEvent
+from sessionmgr.services.ports import Change, Decide, HotView, Idempotency, Replayed
+from sessionmgr.settings import Settings
+
+log = logging.getLogger(__name__)
+
+OUTBOX_STREAM = "session_outbox"
+DEAD_LETTER_STREAM = "session_outbox_dead"
+_RECORD_FIELDS = tuple(SessionRecord.__struct_fields__)
+_FIELD_DECODERS: dict[bytes, msgspec.json.Decoder[Any]] = {
+    f.name.encode(): msgspec.json.Decoder(f.type) for f in msgspec.structs.fields(SessionRecord)
+}
+_RACE_RETRIES = 8
+_encode = msgspec.json.Encoder().encode
+_decode_event = msgspec.json.Decoder(TimelineEvent).decode
+_decode_participants = msgspec.json.Decoder(dict[str, Participant]).decode
+_decode_acl = msgspec.json.Decoder(list[str]).decode
+_decode_str = msgspec.json.Decoder(str).decode
+
+
+class OutboxEntry(msgspec.Struct, frozen=True):
+    """One write-behind delivery: the whole record at a version and the events it appended."""
+
+    record: SessionRecord
+    events: list[TimelineEvent] = []
+
+
+def hot_key(session_id: str) -> str:
+    return f"session_hot:{{{session_id}}}"
+
+
+def timeline_key(session_id: str) -> str:
+    return f"session_timeline:{{{session_id}}}"
+
+
+def lease_key(session_id: str, mad: str) -> str:
+    return f"session_lease:{{{session_id}}}:{mad}"
+
+
+def idem_key(scope: str, idem: Idempotency) -> str:
+    return f"session_idem:{{{scope}}}:{idem.key_digest}"
+
+
+def gone_key(session_id: str) -> str:
+    return f"session_gone:{{{session_id}}}"
+
+
+def encode_record(record: SessionRecord, fields: frozenset[str] | None = None) -> dict[str, bytes]:
+    names = _RECORD_FIELDS if fields is None else [n for n in _RECORD_FIELDS if n in fields]
+    return {name: _encode(getattr(record, name)) for name in names}
+
+
+def decode_record(raw: dict[bytes, bytes]) -> SessionRecord:
+    values = {name.decode(): decoder.decode(raw[name]) for name, decoder in _FIELD_DECODERS.items()}
+    return SessionRecord(**values)
+
+
+class RedisHotStore:
+    """`HotStore` on redis-py's asyncio client; internal retries are off on the write path."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        recent_timeline: int = 20,
+        lease_ttl_s: int = 30,
+        idempotency_ttl_s: int = 86_400,
+        deleted_ttl_s: int = 86_400,
+    ) -> None:
+        self._redis = redis
+        self._recent = recent_timeline
+        self._lease_ms = lease_ttl_s * 1000
+        self._idem_ttl = idempotency_ttl_s
+        self._deleted_ttl = deleted_ttl_s
+
+    async def ping(self) -> None:
+        await self._guard(self._redis.ping())
+
+    async def load(self, session_id: str) -> HotView | None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(hot_key(session_id))
+            pipe.lrange(timeline_key(session_id), 0, -1)
+            raw, events = await self._guard(pipe.execute())
+        if not raw:
+            return None
+        view = HotView(record=decode_record(raw), recent=[_decode_event(e) for e in events])
+        view.lease_ttl_ms = await self._lease_ttls(session_id, list(view.record.participants))
+        return view
+
+    async def access_fields(self, session_id: str) -> tuple[str, list[str]] | None:
+        owner, acl = await self._guard(self._redis.hmget(hot_key(session_id), ["owner_id", "acl"]))
+        if owner is None:
+            return None
+        return _decode_str(owner), _decode_acl(acl)
+
+    async def create(self, record: SessionRecord, idem: Idempotency | None, result: bytes) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(hot_key(record.id), mapping=encode_record(record))  # type: ignore[arg-type]
+            if idem is not None:
+                pipe.set(idem_key("create", idem), _idem_value(idem, result), ex=self._idem_ttl)
+            await self._guard(pipe.execute(), outcome_unknown=True)
+
+    async def activate(self, record: SessionRecord, recent: list[TimelineEvent]) -> None:
+        """Load a dormant session into Redis unless it is there already or was deleted."""
+        key = hot_key(record.id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            try:
+                await self._guard(pipe.watch(key, gone_key(record.id)))
+                if await self._guard(pipe.exists(gone_key(record.id))):
+                    raise SessionNotFound(record.id)
+                if await self._guard(pipe.exists(key)):
+                    return
+                pipe.multi()
+                pipe.hset(key, mapping=encode_record(record))  # type: ignore[arg-type]
+                pipe.delete(timeline_key(record.id))
+                if recent:
+                    pipe.rpush(timeline_key(record.id), *[_encode(e) for e in recent])
+                await self._guard(pipe.execute(), outcome_unknown=True)
+            except WatchError:
+                log.debug("session %s activated concurrently", record.id)
+
+    async def transact(
+        self, session_id: str, decide: Decide, idem: Idempotency | None, *, retry_on_race: bool
+    ) -> Replayed | Change | None:
+        """Run `decide` on the current state and write its change atomically, or raise.
+
+        Returns None when the session is not hot, a `Replayed` answer for a repeated
+        Idempotency-Key, or the `Change` that was committed. A concurrent writer between
+        WATCH and EXEC is a `ConcurrencyConflict` unless `retry_on_race` (commutative changes).
+        """
+        attempts = _RACE_RETRIES if retry_on_race else 1
+        for _ in range(attempts):
+            try:
+                return await self._transact_once(session_id, decide, idem)
+            except WatchError:
+                continue
+        current = await self._current_version(session_id)
+        raise ConcurrencyConflict(session_id, current)
+
+    async def _transact_once(
+        self, session_id: str, decide: Decide, idem: Idempotency | None
+    ) -> Replayed | Change | None:
+        key = hot_key(session_id)
+        watched = [key] if idem is None else [key, idem_key(session_id, idem)]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await self._guard(pipe.watch(*watched))
+            if idem is not None:
+                replay = _replay(idem, await self._guard(pipe.get(idem_key(session_id, idem))))
+                if replay is not None:
+                    return replay
+            raw = await self._guard(pipe.hgetall(key))
+            if not raw:
+                return None
+            recent = await self._guard(pipe.lrange(timeline_key(session_id), 0, -1))
+            view = HotView(record=decode_record(raw), recent=[_decode_event(e) for e in recent])
+            view.lease_ttl_ms = await self._lease_ttls(session_id, list(view.record.participants))
+            change = decide(view)
+            if change is None:
+                return None
+            pipe.multi()
+            self._queue_change(pipe, session_id, change)
+            if idem is not None:
+                pipe.set(
+                    idem_key(session_id, idem), _idem_value(idem, change.result), ex=self._idem_ttl
+                )
+            await self._guard(pipe.execute(), outcome_unknown=True)
+            return change
+
+    def _queue_change(self, pipe: Any, session_id: str, change: Change) -> None:
+        if change.fields:
+            pipe.hset(hot_key(session_id), mapping=encode_record(change.record, change.fields))
+        if change.events:
+            tl = timeline_key(session_id)
+            pipe.rpush(tl, *[_encode(e) for e in change.events])
+            pipe.ltrim(tl, -self._recent, -1)
+        for mad in change.leases_set:
+            pipe.set(lease_key(session_id, mad), b"1", px=self._lease_ms)
+        for mad in change.leases_dropped:
+            pipe.delete(lease_key(session_id, mad))
+        if change.fields or change.events:
+            entry = OutboxEntry(record=change.record, events=change.events)
+            pipe.xadd(OUTBOX_STREAM, {"entry": _encode(entry)})
+
+    async def find_replay(self, scope: str, idem: Idempotency) -> Replayed | None:
+        return _replay(idem, await self._guard(self._redis.get(idem_key(scope, idem))))
+
+    async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None:
+        await self._guard(
+            self._redis.set(idem_key(scope, idem), _idem_value(idem, result), ex=self._idem_ttl)
+        )
+
+    async def renew_lease(self, session_id: str, mad: str) -> int:
+        """(Re)start a MAD's lease; returns its life in milliseconds."""
+        await self._guard(self._redis.set(lease_key(session_id, mad), b"1", px=self._lease_ms))
+        return self._lease_ms
+
+    async def suspend(
+        self,
+        session_id: str,
+        flush: Callable[[SessionRecord, list[TimelineEvent]], Awaitable[Any]],
+    ) -> SessionRecord | None:
+        """Flush the session to MongoDB, then drop its hot keys; start again if it changed."""
+        key, tl = hot_key(session_id), timeline_key(session_id)
+        for _ in range(_RACE_RETRIES):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                await self._guard(pipe.watch(key, tl))
+                raw = await self._guard(pipe.hgetall(key))
+                if not raw:
+                    return None
+                recent = await self._guard(pipe.lrange(tl, 0, -1))
+                record = decode_record(raw)
+                record.state = SessionState.DORMANT
+                await flush(record, [_decode_event(e) for e in recent])
+                pipe.multi()
+                pipe.delete(key, tl, *[lease_key(session_id, m) for m in record.participants])
+                try:
+                    await self._guard(pipe.execute(), outcome_unknown=True)
+                except WatchError:
+                    continue
+                return record
+        raise ConcurrencyConflict(session_id, await self._current_version(session_id))
+
+    async def mark_deleted(self, session_id: str) -> None:
+        await self._guard(self._redis.set(gone_key(session_id), b"1", ex=self._deleted_ttl))
+
+    async def is_deleted(self, session_id: str) -> bool:
+        return bool(await self._guard(self._redis.exists(gone_key(session_id))))
+
+    async def drop(self, session_id: str) -> None:
+        participants = await self._guard(self._redis.hget(hot_key(session_id), "participants"))
+        mads = list(_decode_participants(participants)) if participants else []
+        await self._guard(
+            self._redis.delete(
+                hot_key(session_id),
+                timeline_key(session_id),
+                *[lease_key(session_id, m) for m in mads],
+            )
+        )
+
+    async def _lease_ttls(self, session_id: str, mads: list[str]) -> dict[str, int]:
+        if not mads:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for mad in mads:
+                pipe.pttl(lease_key(session_id, mad))
+            ttls = await self._guard(pipe.execute())
+        return {mad: ttl for mad, ttl in zip(mads, ttls, strict=True) if ttl > 0}
+
+    async def _current_version(self, session_id: str) -> int | None:
+        raw = await self._guard(self._redis.hget(hot_key(session_id), "version"))
+        return int(raw) if raw is not None else None
+
+    @staticmethod
+    async def _guard(awaitable: Awaitable[Any], *, outcome_unknown: bool = False) -> Any:
+        """Turn a connection failure into `BackendUnavailable`; a WatchError passes through."""
+        try:
+            return await awaitable
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            detail = "the outcome of the write is unknown" if outcome_unknown else "not reachable"
+            raise BackendUnavailable("redis", detail) from exc
+
+
+def _idem_value(idem: Idempotency, result: bytes) -> bytes:
+    return idem.fingerprint.encode() + b"\n" + result
+
+
+def _replay(idem: Idempotency, stored: bytes | None) -> Replayed | None:
+    if stored is None:
+        return None
+    fingerprint, _, result = stored.partition(b"\n")
+    if fingerprint.decode() != idem.fingerprint:
+        raise IdempotencyKeyReused()
+    return Replayed(result=result)
+
+
+def redis_client(settings: Settings, *, socket_timeout_s: float | None = None) -> Redis:
+    """A client with short timeouts and no hidden retries: an unknown outcome must surface."""
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout_s or settings.redis_socket_timeout_s,
+        "socket_connect_timeout": settings.redis_socket_timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+        "retry_on_timeout": False,
+        "max_connections": settings.redis_pool_size,
+        "health_check_interval": 10,
+    }
+    if settings.redis_url.startswith("rediss://") and settings.redis_ca_file:
+        options["ssl_ca_certs"] = settings.redis_ca_file
+    return Redis.from_url(settings.redis_url, **options)  # type: ignore[no-any-return]

@@ -1,0 +1,232 @@
+"""The warm tier: MongoDB through Beanie (documents, indexes) and Motor (guarded writes).
+
+This is the only module that talks to MongoDB. Sessions live in `sessions`, one document each;
+timeline events in `session_events`, one document each, unique on (session_id, seq), so a long
+session never meets the 16 MB document limit and replays of an event are harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import msgspec
+from beanie import Document, init_beanie
+from motor.motor_asyncio import AsyncIOMotorClient
+from pydantic import Field
+from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
+
+from sessionmgr.domain.errors import BackendUnavailable
+from sessionmgr.domain.model import SessionRecord, SessionState, TimelineEvent
+from sessionmgr.services.ports import Page
+from sessionmgr.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DUPLICATE_KEY = 11000
+
+
+class SessionDocument(Document):
+    """A session's full record; `archive` is set (and the body gone) once it lives in S3."""
+
+    id: str = Field(alias="_id")  # type: ignore[assignment]
+    version: int
+    state: str
+    owner_id: str
+    acl: list[str] = []
+    created_at: datetime
+    last_active: datetime
+    participants: dict[str, Any] = {}
+    work_in_progress: dict[str, Any] = {}
+    context_summary: dict[str, Any] = {}
+    full_context: dict[str, Any] = {}
+    timeline_seq: int = 0
+    archive: dict[str, Any] | None = None
+
+    class Settings:
+        name = "sessions"
+        indexes = [
+            IndexModel([("owner_id", ASCENDING), ("_id", ASCENDING)], name="owner_id"),
+            IndexModel([("acl", ASCENDING), ("_id", ASCENDING)], name="acl"),
+            IndexModel([("state", ASCENDING), ("last_active", ASCENDING)], name="state_age"),
+        ]
+
+
+class EventDocument(Document):
+    session_id: str
+    seq: int
+    at: datetime
+    actor: str
+    kind: str
+    data: dict[str, Any] = {}
+
+    class Settings:
+        name = "session_events"
+        indexes = [
+            IndexModel(
+                [("session_id", ASCENDING), ("seq", ASCENDING)], name="session_seq", unique=True
+            ),
+        ]
+
+
+def _to_doc(record: SessionRecord) -> dict[str, Any]:
+    doc: dict[str, Any] = msgspec.to_builtins(record, builtin_types=(datetime,))
+    doc["_id"] = doc.pop("id")
+    return doc
+
+
+def _from_doc(doc: dict[str, Any]) -> SessionRecord:
+    doc = dict(doc)
+    doc["id"] = doc.pop("_id")
+    doc.pop("archive", None)
+    return msgspec.convert(doc, SessionRecord)
+
+
+def _event_doc(session_id: str, event: TimelineEvent) -> dict[str, Any]:
+    doc: dict[str, Any] = msgspec.to_builtins(event, builtin_types=(datetime,))
+    doc["session_id"] = session_id
+    return doc
+
+
+def _from_event_doc(doc: dict[str, Any]) -> TimelineEvent:
+    return TimelineEvent(
+        seq=doc["seq"], at=doc["at"], actor=doc["actor"], kind=doc["kind"], data=doc["data"]
+    )
+
+
+class MongoWarmStore:
+    """`WarmStore` on Motor collections; every write to a session is version-guarded."""
+
+    def __init__(self, client: Any, db_name: str) -> None:
+        self._client = client
+        self._db = client[db_name]
+        self._sessions = self._db[SessionDocument.Settings.name]
+        self._events = self._db[EventDocument.Settings.name]
+
+    async def ping(self) -> None:
+        await _guard(self._db.command("ping"))
+
+    async def insert(self, record: SessionRecord) -> None:
+        await _guard(self._sessions.insert_one(_to_doc(record)))
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        doc = await _guard(self._sessions.find_one({"_id": session_id}))
+        return None if doc is None else _from_doc(doc)
+
+    async def recent_events(self, session_id: str, limit: int) -> list[TimelineEvent]:
+        cursor = self._events.find({"session_id": session_id}).sort("seq", DESCENDING)
+        docs = await _guard(cursor.limit(limit).to_list(limit))
+        return [_from_event_doc(d) for d in reversed(docs)]
+
+    async def all_events(self, session_id: str) -> list[TimelineEvent]:
+        cursor = self._events.find({"session_id": session_id}).sort("seq", ASCENDING)
+        return [_from_event_doc(d) for d in await _guard(cursor.to_list(None))]
+
+    async def apply(self, record: SessionRecord, events: list[TimelineEvent]) -> bool:
+        """Write-behind: store `record` unless MongoDB holds its version or a newer one.
+
+        Events are stored whatever the version (they are keyed by seq), unless the session
+        is gone. Returns False when the session no longer exists.
+        """
+        return await self._write(record, events, {"$lt": record.version})
+
+    async def flush(self, record: SessionRecord, events: list[TimelineEvent]) -> bool:
+        """Suspend: like `apply`, but also replaces the same version (to record the state)."""
+        return await self._write(record, events, {"$lte": record.version})
+
+    async def _write(
+        self, record: SessionRecord, events: list[TimelineEvent], guard: dict[str, int]
+    ) -> bool:
+        doc = _to_doc(record)
+        session_id = doc.pop("_id")
+        result = await _guard(
+            self._sessions.update_one({"_id": session_id, "version": guard}, {"$set": doc})
+        )
+        if result.matched_count == 0:
+            exists = await _guard(self._sessions.find_one({"_id": session_id}, {"_id": 1}))
+            if exists is None:
+                return False
+        if events:
+            await self._insert_events(session_id, events)
+        return True
+
+    async def _insert_events(self, session_id: str, events: list[TimelineEvent]) -> None:
+        """Insert events, treating ones already stored (same session and seq) as done."""
+        try:
+            await _guard(
+                self._events.insert_many([_event_doc(session_id, e) for e in events], ordered=False)
+            )
+        except BackendUnavailable as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, BulkWriteError) or any(
+                err.get("code") != DUPLICATE_KEY for err in cause.details.get("writeErrors", [])
+            ):
+                raise
+
+    async def mark_state(self, session_id: str, version: int, state: SessionState) -> None:
+        await _guard(
+            self._sessions.update_one(
+                {"_id": session_id, "version": version}, {"$set": {"state": state.value}}
+            )
+        )
+
+    async def delete(self, session_id: str) -> None:
+        await _guard(self._sessions.delete_one({"_id": session_id}))
+        await _guard(self._events.delete_many({"session_id": session_id}))
+
+    async def list_for(
+        self, principal_sub: str | None, state: SessionState | None, limit: int, after: str | None
+    ) -> Page:
+        query: dict[str, Any] = {}
+        if principal_sub is not None:
+            query["$or"] = [{"owner_id": principal_sub}, {"acl": principal_sub}]
+        if state is not None:
+            query["state"] = state.value
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        cursor = self._sessions.find(query).sort("_id", ASCENDING).limit(limit + 1)
+        docs = await _guard(cursor.to_list(limit + 1))
+        items = [_from_doc(d) for d in docs[:limit]]
+        return Page(items=items, next_cursor=items[-1].id if len(docs) > limit else None)
+
+
+async def _guard(awaitable: Awaitable[T]) -> T:
+    try:
+        return await awaitable
+    except (ConnectionFailure, OperationFailure) as exc:
+        raise BackendUnavailable("mongodb", type(exc).__name__) from exc
+    except PyMongoError as exc:
+        log.error("mongodb error: %s", exc)
+        raise BackendUnavailable("mongodb", type(exc).__name__) from exc
+
+
+def mongo_client(settings: Settings) -> Any:
+    """Motor for a real server; mongomock-motor for `mongomock://` (dev and tests)."""
+    if settings.mongodb_in_memory:
+        from mongomock_motor import AsyncMongoMockClient
+
+        return AsyncMongoMockClient(tz_aware=True)
+    options: dict[str, Any] = {
+        "tz_aware": True,
+        "serverSelectionTimeoutMS": settings.mongodb_timeout_ms,
+        "connectTimeoutMS": settings.mongodb_timeout_ms,
+        "socketTimeoutMS": settings.mongodb_timeout_ms * 5,
+    }
+    if settings.mongodb_ca_file:
+        options["tlsCAFile"] = settings.mongodb_ca_file
+    return AsyncIOMotorClient(settings.mongodb_uri, **options)
+
+
+async def open_warm_store(settings: Settings) -> AsyncIterator[MongoWarmStore]:
+    """Container resource: connect, create the indexes, and close at shutdown."""
+    client = mongo_client(settings)
+    try:
+        await init_beanie(
+            database=client[settings.mongodb_db], document_models=[SessionDocument, EventDocument]
+        )
+        yield MongoWarmStore(client, settings.mongodb_db)
+    finally:
+        client.close()

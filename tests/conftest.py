@@ -1,0 +1,81 @@
+"""Fixtures shared by every test layer: a real redis-server, settings, tokens and the app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis as redis_sync
+import stamina
+from litestar.testing import AsyncTestClient
+
+from sessionmgr.api.auth import issue_token
+from sessionmgr.app import create_app
+from sessionmgr.container import Container, build_container
+from sessionmgr.settings import Settings, load_settings
+from tests.support.redis_server import RedisServer
+
+JWT_SECRET = "test-secret-that-is-long-enough-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def _stamina_testing() -> Iterator[None]:
+    stamina.set_testing(True, attempts=3)
+    yield
+    stamina.set_testing(False)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    if redis_server.process is None:  # a test stopped it
+        redis_server.start()
+    client = redis_sync.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return load_settings(
+        {},
+        redis_url=redis_url,
+        mongodb_uri="mongomock://",
+        jwt_secret=JWT_SECRET,
+        outbox_claim_idle_ms=1000,
+    )
+
+
+@pytest.fixture
+def token() -> Callable[..., str]:
+    def make(sub: str = "alice", roles: tuple[str, ...] = ()) -> str:
+        return issue_token(JWT_SECRET, sub, roles=roles)
+
+    return make
+
+
+@pytest.fixture
+def auth(token: Callable[..., str]) -> Callable[..., dict[str, str]]:
+    def headers(sub: str = "alice", roles: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token(sub, roles)}", **extra}
+
+    return headers
+
+
+@pytest.fixture
+def container(settings: Settings) -> Container:
+    return build_container(settings)
+
+
+@pytest.fixture
+async def client(container: Container) -> AsyncIterator[AsyncTestClient[Any]]:
+    async with AsyncTestClient(app=create_app(container)) as test_client:
+        yield test_client
