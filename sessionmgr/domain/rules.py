@@ -77,3 +77,7 @@ def _check_key(key: str, where: str) -> None:
             "without '.', NUL or a leading '$'",
             where,
         )
+
+
+def _is_int(node: Any) -> bool:
+    return isinstance(node, int) and not isinstance(node, bool)
