@@ -46,5 +46,6 @@ def create_app(container: Container | None = None) -> Litestar:
             ),
             security=[{"bearer": []}],
         ),
+        logging_config=None,
         debug=False,
     )

@@ -40,11 +40,12 @@ async def readiness(state: State) -> tuple[int, Readiness]:
     warm = await resolve(state.container.warm)
     redis, mongodb = await asyncio.gather(_check(hot), _check(warm))
     backends = {"redis": redis, "mongodb": mongodb}
-    if mongodb.status != "up":
-        # Without MongoDB no dormant session can be read and nothing can be created.
+    down = [name for name, check in backends.items() if check.status != "up"]
+    if len(down) == len(backends):
         return 503, Readiness(status="unavailable", backends=backends)
-    status = "ok" if redis.status == "up" else "degraded"
-    return 200, Readiness(status=status, backends=backends)
+    # One backend down still serves part of the traffic (reads from MongoDB, or active
+    # sessions from Redis); failing readiness would pull every replica out at once.
+    return 200, Readiness(status="degraded" if down else "ok", backends=backends)
 
 
 class HealthController(Controller):
@@ -59,7 +60,7 @@ class HealthController(Controller):
 
     @get("/ready", cache=False)
     async def ready(self, state: State) -> Response[Readiness]:
-        """200 `ok` or `degraded` (read-only); 503 only when MongoDB is unreachable."""
+        """200 `ok` or `degraded` (a backend down); 503 only when both are unreachable."""
         status, body = await readiness(state)
         return Response(body, status_code=status)
 

@@ -54,9 +54,9 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, capture)
         finally:
-            metrics: HttpMetrics = scope["litestar_app"].state.metrics  # type: ignore[typeddict-item]
+            metrics: HttpMetrics = scope["litestar_app"].state.metrics
             route = scope.get("path_template") or "unmatched"
-            method = scope["method"]  # type: ignore[typeddict-item]
+            method = scope["method"]
             metrics.requests.labels(route, method, str(status)).inc()
             metrics.latency.labels(route, method).observe(time.perf_counter() - started)
 

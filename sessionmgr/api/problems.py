@@ -119,7 +119,7 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
             problem = _problem(
                 422, "invalid-input", "the request does not match the schema", request
             )
-            problem.errors = exc.extra if isinstance(exc.extra, list) else [exc.extra]  # type: ignore[list-item]
+            problem.errors = exc.extra if isinstance(exc.extra, list) else [exc.extra]
             return problem_response(problem)
         return problem_response(_problem(400, "malformed", exc.detail, request))
     slug = {413: "too-large", 404: "not-found", 405: "method-not-allowed"}.get(

@@ -110,11 +110,15 @@ class SessionController(Controller):
         request: Req,
         sessions: Sessions,
         state_filter: Annotated[SessionState | None, QueryParameter(name="state")] = None,
-        limit: Annotated[int | None, QueryParameter(ge=1, le=1000)] = None,
+        limit: Annotated[
+            int | None, QueryParameter(ge=1, description="Page size; larger values are capped.")
+        ] = None,
         cursor: Annotated[str | None, QueryParameter(max_length=200)] = None,
     ) -> SessionPage:
         """The caller's sessions (owner or in the ACL; admin: all), oldest id first."""
-        return await sessions.list(request.user, state=state_filter, limit=limit, cursor=cursor)
+        return await sessions.list_sessions(
+            request.user, state=state_filter, limit=limit, cursor=cursor
+        )
 
     @get("/{session_id:str}", responses=responses(*READ))
     async def get_session(

@@ -120,7 +120,7 @@ class SessionService:
             session.full_timeline = await self._warm.all_events(session_id)
         return session
 
-    async def list(
+    async def list_sessions(
         self,
         principal: Principal,
         *,
@@ -128,9 +128,9 @@ class SessionService:
         limit: int | None = None,
         cursor: str | None = None,
     ) -> SessionPage:
-        size = limit if limit is not None else self._limits.page_size_default
-        if not 1 <= size <= self._limits.page_size_max:
-            raise InvalidInput(f"limit must be between 1 and {self._limits.page_size_max}", "limit")
+        size = min(limit or self._limits.page_size_default, self._limits.page_size_max)
+        if size < 1:
+            raise InvalidInput("limit must be at least 1", "limit")
         after = _decode_cursor(cursor) if cursor else None
         sub = None if principal.is_admin else principal.sub
         page = await self._warm.list_for(sub, state, size, after)

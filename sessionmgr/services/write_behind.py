@@ -56,6 +56,7 @@ class WriteBehindWorker:
         self._max_deliveries = max_deliveries
         self._failures: dict[bytes, int] = {}
         self._last_claim = 0.0
+        self._retry_own = True  # a restarted consumer may hold entries from before
         self.delivered = 0
         self.parked = 0
 
@@ -77,17 +78,26 @@ class WriteBehindWorker:
                 backoff = 0.1
             except (BackendUnavailable, RedisError, OSError) as exc:
                 log.warning("write-behind paused %.1fs: %s", backoff, exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
+                await self._pause(stop, backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:
+                # A bug must not stop delivery for good: log it loudly and keep going.
+                log.exception("write-behind step failed; retrying in %.1fs", backoff)
+                await self._pause(stop, backoff)
                 backoff = min(backoff * 2, 5.0)
         log.info("write-behind worker %s stopped", self.consumer)
+
+    @staticmethod
+    async def _pause(stop: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
 
     async def step(self, *, block_ms: int | None = None) -> int:
         """One round: claim stale entries, retry our own pending ones, read new ones."""
         done = 0
         if time.monotonic() - self._last_claim >= self._claim_idle_ms / 1000 / 2:
             done += await self.claim_stale()
-        if self._failures:
+        if self._retry_own:
             done += await self._read("0", block_ms=None)
         done += await self._read(">", block_ms=self._block_ms if block_ms is None else block_ms)
         return done
@@ -108,12 +118,12 @@ class WriteBehindWorker:
                 return done
 
     async def _read(self, offset: str, block_ms: int | None) -> int:
-        reply = await self._redis.xreadgroup(
+        reply: Any = await self._redis.xreadgroup(
             GROUP, self.consumer, {OUTBOX_STREAM: offset}, count=self._batch, block=block_ms
         )
-        if not reply:
-            return 0
-        entries = [e for e in reply[0][1] if e[1]]  # history reads list deleted ids with no body
+        entries = [e for e in reply[0][1] if e[1]] if reply else []  # deleted ids have no body
+        if offset == "0" and not entries:
+            self._retry_own = False
         return await self._deliver(entries)
 
     async def _deliver(self, entries: list[Any]) -> int:
@@ -132,6 +142,7 @@ class WriteBehindWorker:
         try:
             await self._warm.apply(entry.record, entry.events)
         except BackendUnavailable:
+            self._retry_own = True
             raise  # MongoDB is down: keep it pending, the run loop backs off
         except Exception as exc:
             return await self._failed(entry_id, fields, entry, exc)
@@ -143,6 +154,7 @@ class WriteBehindWorker:
     async def _failed(
         self, entry_id: bytes, fields: dict[bytes, bytes], entry: OutboxEntry, exc: Exception
     ) -> bool:
+        self._retry_own = True
         count = self._failures.get(entry_id, 0) + 1
         self._failures[entry_id] = count
         delivered = await self._times_delivered(entry_id)
@@ -165,7 +177,8 @@ class WriteBehindWorker:
 
     async def _park(self, entry_id: bytes, fields: dict[bytes, bytes], error: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(DEAD_LETTER_STREAM, {**fields, b"error": error.encode(), b"id": entry_id})
+            dead: dict[Any, Any] = {**fields, b"error": error.encode(), b"id": entry_id}
+            pipe.xadd(DEAD_LETTER_STREAM, dead)
             pipe.xack(OUTBOX_STREAM, GROUP, entry_id)
             pipe.xdel(OUTBOX_STREAM, entry_id)
             await pipe.execute()

@@ -138,7 +138,7 @@ class RedisHotStore:
                     raise SessionNotFound(record.id)
                 if await self._guard(pipe.exists(key)):
                     return
-                pipe.multi()
+                pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.hset(key, mapping=encode_record(record))  # type: ignore[arg-type]
                 pipe.delete(timeline_key(record.id))
                 if recent:
@@ -185,7 +185,7 @@ class RedisHotStore:
             change = decide(view)
             if change is None:
                 return None
-            pipe.multi()
+            pipe.multi()  # type: ignore[no-untyped-call]
             self._queue_change(pipe, session_id, change)
             if idem is not None:
                 pipe.set(
@@ -239,7 +239,7 @@ class RedisHotStore:
                 record = decode_record(raw)
                 record.state = SessionState.DORMANT
                 await flush(record, [_decode_event(e) for e in recent])
-                pipe.multi()
+                pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.delete(key, tl, *[lease_key(session_id, m) for m in record.participants])
                 try:
                     await self._guard(pipe.execute(), outcome_unknown=True)
@@ -313,4 +313,4 @@ def redis_client(settings: Settings, *, socket_timeout_s: float | None = None) -
     }
     if settings.redis_url.startswith("rediss://") and settings.redis_ca_file:
         options["ssl_ca_certs"] = settings.redis_ca_file
-    return Redis.from_url(settings.redis_url, **options)  # type: ignore[no-any-return]
+    return Redis.from_url(settings.redis_url, **options)

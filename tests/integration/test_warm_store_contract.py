@@ -1,0 +1,213 @@
+"""The warm store's contract, run on the in-memory engine here and on a real MongoDB where one
+exists (SESSIONMGR_TEST_MONGODB_URI, or testcontainers with a Docker engine)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from sessionmgr.app import create_app
+from sessionmgr.container import build_container
+from sessionmgr.domain.model import SessionRecord, SessionState, TimelineEvent, utcnow
+from sessionmgr.settings import load_settings
+from sessionmgr.storage.warm import MongoWarmStore, open_warm_store
+from tests.conftest import JWT_SECRET
+
+NO_MONGODB = (
+    "no real MongoDB here: set SESSIONMGR_TEST_MONGODB_URI=mongodb://... or run on a machine "
+    "with a Docker engine (testcontainers starts mongo:7)"
+)
+
+
+def _docker_available() -> bool:
+    try:
+        import docker  # testcontainers depends on it
+
+        docker.from_env().ping()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def real_mongodb_uri() -> Iterator[str]:
+    if uri := os.environ.get("SESSIONMGR_TEST_MONGODB_URI"):
+        yield uri
+        return
+    if not _docker_available():
+        pytest.skip(NO_MONGODB)
+    from testcontainers.mongodb import MongoDbContainer
+
+    with MongoDbContainer("mongo:7") as mongo:
+        yield mongo.get_connection_url()
+
+
+@pytest.fixture(params=["mongomock", pytest.param("real", marks=pytest.mark.mongodb)])
+def mongodb_uri(request: pytest.FixtureRequest) -> str:
+    if request.param == "mongomock":
+        return "mongomock://"
+    return str(request.getfixturevalue("real_mongodb_uri"))
+
+
+@pytest.fixture
+async def warm(mongodb_uri: str) -> AsyncIterator[MongoWarmStore]:
+    settings = load_settings({}, mongodb_uri=mongodb_uri, mongodb_db=f"t{secrets.token_hex(4)}")
+    resource = open_warm_store(settings)
+    store = await anext(resource)
+    yield store
+    await store._client.drop_database(settings.mongodb_db)
+    await resource.aclose()
+
+
+def record(version: int = 1, **changes: object) -> SessionRecord:
+    now = utcnow()
+    values: dict[str, object] = {
+        "id": secrets.token_hex(16),
+        "version": version,
+        "state": SessionState.ACTIVE,
+        "owner_id": "alice",
+        "acl": ["mad:planner"],
+        "created_at": now,
+        "last_active": now,
+        "participants": {},
+        "work_in_progress": {"step": version},
+        "context_summary": {"goal": "ship"},
+        "full_context": {"notes": ["a", "b"]},
+        "timeline_seq": 0,
+    }
+    values.update(changes)
+    return SessionRecord(**values)  # type: ignore[arg-type]
+
+
+def event(seq: int) -> TimelineEvent:
+    return TimelineEvent(seq=seq, at=utcnow(), actor="alice", kind="note", data={"n": seq})
+
+
+async def test_insert_then_get_returns_every_field(warm: MongoWarmStore) -> None:
+    original = record()
+    await warm.insert(original)
+    assert await warm.get(original.id) == original
+
+
+async def test_apply_never_replaces_a_newer_version(warm: MongoWarmStore) -> None:
+    first = record()
+    await warm.insert(first)
+    v3 = record(3, id=first.id, work_in_progress={"step": 3})
+    v2 = record(2, id=first.id, work_in_progress={"step": 2})
+    assert await warm.apply(v3, [])
+    assert await warm.apply(v2, [])  # a late, older delivery: accepted and ignored
+    stored = await warm.get(first.id)
+    assert stored is not None
+    assert (stored.version, stored.work_in_progress) == (3, {"step": 3})
+
+
+async def test_flush_records_the_state_at_the_same_version(warm: MongoWarmStore) -> None:
+    first = record(2)
+    await warm.insert(first)
+    dormant = record(2, id=first.id, state=SessionState.DORMANT)
+    assert await warm.flush(dormant, [])
+    await warm.apply(record(2, id=first.id), [])  # the write-behind's late copy of v2
+    stored = await warm.get(first.id)
+    assert stored is not None and stored.state is SessionState.DORMANT
+
+
+async def test_events_are_stored_once_whatever_the_replays(warm: MongoWarmStore) -> None:
+    first = record()
+    await warm.insert(first)
+    events = [event(s) for s in range(1, 6)]
+    await warm.apply(record(2, id=first.id, timeline_seq=5), events)
+    await warm.apply(record(2, id=first.id, timeline_seq=5), list(reversed(events)))
+    await warm.apply(record(1, id=first.id), events[:2])
+    stored = await warm.all_events(first.id)
+    assert [e.seq for e in stored] == [1, 2, 3, 4, 5]
+    assert [e.seq for e in await warm.recent_events(first.id, 2)] == [4, 5]
+
+
+async def test_apply_to_a_deleted_session_writes_nothing(warm: MongoWarmStore) -> None:
+    gone = record()
+    await warm.insert(gone)
+    await warm.delete(gone.id)
+    assert not await warm.apply(record(5, id=gone.id), [event(1)])
+    assert await warm.get(gone.id) is None
+    assert await warm.all_events(gone.id) == []
+
+
+async def test_list_pages_through_owned_and_shared_sessions(warm: MongoWarmStore) -> None:
+    mine = [record(owner_id="alice", acl=[]) for _ in range(4)]
+    shared = [record(owner_id="bob", acl=["alice"]) for _ in range(2)]
+    other = [record(owner_id="bob", acl=[]) for _ in range(3)]
+    for r in mine + shared + other:
+        await warm.insert(r)
+    seen: list[str] = []
+    after = None
+    while True:
+        page = await warm.list_for("alice", None, 4, after)
+        seen += [r.id for r in page.items]
+        if page.next_cursor is None:
+            break
+        after = page.next_cursor
+    assert sorted(seen) == sorted(r.id for r in mine + shared)
+    everything = await warm.list_for(None, None, 100, None)
+    assert len(everything.items) == 9
+
+
+async def test_mark_state_is_conditioned_on_the_version(warm: MongoWarmStore) -> None:
+    r = record(4, state=SessionState.DORMANT)
+    await warm.insert(r)
+    await warm.mark_state(r.id, 3, SessionState.ACTIVE)
+    assert (await warm.get(r.id)).state is SessionState.DORMANT  # type: ignore[union-attr]
+    await warm.mark_state(r.id, 4, SessionState.ACTIVE)
+    assert (await warm.get(r.id)).state is SessionState.ACTIVE  # type: ignore[union-attr]
+
+
+async def test_timestamps_round_trip_at_millisecond_precision(warm: MongoWarmStore) -> None:
+    r = record(last_active=utcnow() - timedelta(days=3))
+    await warm.insert(r)
+    stored = await warm.get(r.id)
+    assert stored is not None
+    assert stored.last_active == r.last_active
+    assert stored.last_active.utcoffset() == timedelta(0)
+
+
+async def test_indexes_exist(warm: MongoWarmStore) -> None:
+    events = await warm._events.index_information()
+    unique = [i for i in events.values() if i.get("unique")]
+    assert any(dict(i["key"]) == {"session_id": 1, "seq": 1} for i in unique)
+    sessions = await warm._sessions.index_information()
+    assert {"owner_id", "acl", "state_age"} <= set(sessions)
+
+
+@pytest.mark.mongodb
+async def test_http_lifecycle_on_a_real_mongodb(
+    real_mongodb_uri: str, redis_url: str, auth: Any
+) -> None:
+    """create → update → suspend (served from MongoDB) → update reactivates → delete."""
+    settings = load_settings(
+        {},
+        redis_url=redis_url,
+        mongodb_uri=real_mongodb_uri,
+        mongodb_db=f"t{secrets.token_hex(4)}",
+        jwt_secret=JWT_SECRET,
+    )
+    async with AsyncTestClient(app=create_app(build_container(settings))) as client:
+        created = (await client.post("/v1/sessions", json={}, headers=auth())).json()
+        sid = created["id"]
+        body = {"expected_version": 1, "patch": {"work_in_progress": {"step": 2}}}
+        assert (
+            await client.patch(f"/v1/sessions/{sid}", json=body, headers=auth())
+        ).status_code == 200
+        suspended = (await client.post(f"/v1/sessions/{sid}/suspend", headers=auth())).json()
+        assert (suspended["state"], suspended["version"]) == ("dormant", 2)
+        got = (await client.get(f"/v1/sessions/{sid}", headers=auth())).json()
+        assert got["work_in_progress"] == {"step": 2} and got["state"] == "dormant"
+        body = {"expected_version": 2, "patch": {"context_summary": {"done": True}}}
+        again = await client.patch(f"/v1/sessions/{sid}", json=body, headers=auth())
+        assert (again.json()["state"], again.json()["version"]) == ("active", 3)
+        assert (await client.delete(f"/v1/sessions/{sid}", headers=auth())).status_code == 204
+        assert (await client.get(f"/v1/sessions/{sid}", headers=auth())).status_code == 404
