@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -44,6 +44,27 @@ _decode_event = msgspec.json.Decoder(TimelineEvent).decode
 _decode_participants = msgspec.json.Decoder(dict[str, Participant]).decode
 _decode_acl = msgspec.json.Decoder(list[str]).decode
 _decode_str = msgspec.json.Decoder(str).decode
+
+
+# Reads a session in one round trip (also inside WATCH): hash, timeline, lease TTLs and the
+# idempotency record. Lease keys share the session's hash tag, so they live on its shard.
+_READ_SCRIPT = """
+local h = redis.call('HGETALL', KEYS[1])
+local stored = false
+if KEYS[3] then stored = redis.call('GET', KEYS[3]) end
+if #h == 0 then return {h, {}, {}, stored} end
+local recent = redis.call('LRANGE', KEYS[2], 0, -1)
+local ttls = {}
+for i = 1, #h, 2 do
+  if h[i] == 'participants' then
+    for mad, _ in pairs(cjson.decode(h[i + 1])) do
+      table.insert(ttls, mad)
+      table.insert(ttls, redis.call('PTTL', ARGV[1] .. mad))
+    end
+  end
+end
+return {h, recent, ttls, stored}
+"""
 
 
 class OutboxEntry(msgspec.Struct, frozen=True):
@@ -105,15 +126,30 @@ class RedisHotStore:
         await self._guard(self._redis.ping())
 
     async def load(self, session_id: str) -> HotView | None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(hot_key(session_id))
-            pipe.lrange(timeline_key(session_id), 0, -1)
-            raw, events = await self._guard(pipe.execute())
-        if not raw:
-            return None
-        view = HotView(record=decode_record(raw), recent=[_decode_event(e) for e in events])
-        view.lease_ttl_ms = await self._lease_ttls(session_id, list(view.record.participants))
+        """One round trip: the hash, the recent timeline and every lease's remaining life."""
+        view, _ = await self._read(self._redis, session_id, None)
         return view
+
+    async def _read(
+        self, client: Any, session_id: str, idem: Idempotency | None
+    ) -> tuple[HotView | None, bytes | None]:
+        keys = [hot_key(session_id), timeline_key(session_id)]
+        if idem is not None:
+            keys.append(idem_key(session_id, idem))
+        raw, recent, ttls, stored = await self._guard(
+            client.eval(_READ_SCRIPT, len(keys), *keys, lease_key(session_id, ""))
+        )
+        if not raw:
+            return None, stored
+        fields = dict(zip(raw[::2], raw[1::2], strict=True))
+        view = HotView(
+            record=decode_record(fields),
+            recent=[_decode_event(e) for e in recent],
+            lease_ttl_ms={
+                mad.decode(): ttl for mad, ttl in zip(ttls[::2], ttls[1::2], strict=True) if ttl > 0
+            },
+        )
+        return view, stored
 
     async def access_fields(self, session_id: str) -> tuple[str, list[str]] | None:
         owner, acl = await self._guard(self._redis.hmget(hot_key(session_id), ["owner_id", "acl"]))
@@ -172,16 +208,11 @@ class RedisHotStore:
         watched = [key] if idem is None else [key, idem_key(session_id, idem)]
         async with self._redis.pipeline(transaction=True) as pipe:
             await self._guard(pipe.watch(*watched))
-            if idem is not None:
-                replay = _replay(idem, await self._guard(pipe.get(idem_key(session_id, idem))))
-                if replay is not None:
-                    return replay
-            raw = await self._guard(pipe.hgetall(key))
-            if not raw:
+            view, stored = await self._read(pipe, session_id, idem)
+            if idem is not None and (replay := _replay(idem, stored)) is not None:
+                return replay
+            if view is None:
                 return None
-            recent = await self._guard(pipe.lrange(timeline_key(session_id), 0, -1))
-            view = HotView(record=decode_record(raw), recent=[_decode_event(e) for e in recent])
-            view.lease_ttl_ms = await self._lease_ttls(session_id, list(view.record.participants))
             change = decide(view)
             if change is None:
                 return None
@@ -265,15 +296,6 @@ class RedisHotStore:
             )
         )
 
-    async def _lease_ttls(self, session_id: str, mads: list[str]) -> dict[str, int]:
-        if not mads:
-            return {}
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for mad in mads:
-                pipe.pttl(lease_key(session_id, mad))
-            ttls = await self._guard(pipe.execute())
-        return {mad: ttl for mad, ttl in zip(mads, ttls, strict=True) if ttl > 0}
-
     async def _current_version(self, session_id: str) -> int | None:
         raw = await self._guard(self._redis.hget(hot_key(session_id), "version"))
         return int(raw) if raw is not None else None
@@ -308,9 +330,15 @@ def redis_client(settings: Settings, *, socket_timeout_s: float | None = None) -
         "socket_connect_timeout": settings.redis_socket_timeout_s,
         "retry": Retry(NoBackoff(), 0),
         "retry_on_timeout": False,
-        "max_connections": settings.redis_pool_size,
         "health_check_interval": 10,
     }
     if settings.redis_url.startswith("rediss://") and settings.redis_ca_file:
         options["ssl_ca_certs"] = settings.redis_ca_file
-    return Redis.from_url(settings.redis_url, **options)
+    # A full pool makes a request wait briefly for a connection instead of failing at once.
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_pool_size,
+        timeout=max(1.0, settings.redis_socket_timeout_s * 4),
+        **options,
+    )
+    return Redis(connection_pool=pool)

@@ -1,0 +1,237 @@
+"""The `sessionmgr` command line (DESIGN §8): `serve`, `dev`, `token` and `check`.
+
+Exit codes: 0 success, 1 a `check` failed, 2 bad usage or configuration (the message names
+the variable). Heavy modules are imported by the command that needs them, so `token` and
+`--version` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import sessionmgr
+from sessionmgr.settings import PREFIX, ConfigError, Settings, load_settings, require_jwt
+
+CHECK_TIMEOUT_S = 3.0
+GRACEFUL_SHUTDOWN_S = 20  # inside Kubernetes' default 30 s termination grace period
+MAX_REASON_CHARS = 300
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{raw} is not a positive integer")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sessionmgr", description="Shared working state of multi-agent sessions."
+    )
+    parser.add_argument("--version", action="version", version=f"sessionmgr {sessionmgr.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the API with the environment's settings")
+    serve.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")  # noqa: S104
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="worker processes (default 1: scale with replicas, not workers)",
+    )
+    serve.set_defaults(handler=_serve)
+
+    dev = commands.add_parser(
+        "dev", help="run everything on this machine: private Redis, in-memory MongoDB"
+    )
+    dev.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    dev.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    dev.set_defaults(handler=_dev)
+
+    token = commands.add_parser("token", help=f"print a token signed with {PREFIX}JWT_SECRET")
+    token.add_argument("--sub", required=True, help="the principal, e.g. alice or mad:planner")
+    token.add_argument("--roles", default="", help="comma-separated roles, e.g. admin,service")
+    token.add_argument("--ttl", type=_positive, default=3600, help="seconds (default 3600)")
+    token.set_defaults(handler=_token)
+
+    check = commands.add_parser("check", help="validate the configuration and reach each backend")
+    check.set_defaults(handler=_check)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from sessionmgr.api.auth import TokenVerifier
+    from sessionmgr.telemetry import configure_logging
+
+    settings = load_settings()
+    require_jwt(settings)
+    TokenVerifier(settings)  # a bad key or algorithm list fails here, not at the first request
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        "sessionmgr.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        lifespan="on",
+        proxy_headers=True,  # trusted from FORWARDED_ALLOW_IPS (uvicorn's default: 127.0.0.1)
+        access_log=False,  # the metrics middleware and our JSON logs cover requests
+        log_config=None,  # keep the JSON logging configured above
+        server_header=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from sessionmgr import devstack
+
+    try:
+        devstack.run(args.host, args.port)
+    except devstack.DevStackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from sessionmgr.api.auth import issue_token
+    from sessionmgr.settings import effective_algorithms
+
+    settings = load_settings()
+    if settings.jwt_secret is None:
+        raise ConfigError(f"{PREFIX}JWT_SECRET is not set: `token` signs with that secret")
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    print(
+        issue_token(
+            settings.jwt_secret,
+            args.sub,
+            roles=roles,
+            ttl_s=args.ttl,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            algorithm=effective_algorithms(settings)[0],
+        )
+    )
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    print(f"{'ok':<4}  {'config':<8} {PREFIX}* variables are valid")
+    return 0 if asyncio.run(_run_checks(settings)) else 1
+
+
+async def _run_checks(settings: Settings) -> bool:
+    from sessionmgr.devstack import redact_url
+
+    checks: list[tuple[str, str, Callable[[], Awaitable[str | None]]]] = [
+        ("jwt", _jwt_source(settings), lambda: _check_jwt(settings)),
+        ("redis", redact_url(settings.redis_url), lambda: _ping_redis(settings)),
+        ("mongodb", redact_url(settings.mongodb_uri), lambda: _ping_mongodb(settings)),
+    ]
+    all_ok = True
+    for name, target, probe in checks:
+        try:
+            note = await asyncio.wait_for(probe(), CHECK_TIMEOUT_S)
+        except TimeoutError:
+            all_ok = False
+            _report(False, name, target, f"no answer within {CHECK_TIMEOUT_S:g} s")
+        # An operator's tool reports every failure as a line, whatever its type, not a traceback.
+        except Exception as exc:
+            all_ok = False
+            _report(False, name, target, redact_url(_reason(exc)))
+        else:
+            _report(True, name, target, note)
+    return all_ok
+
+
+def _report(ok: bool, name: str, target: str, note: str | None) -> None:
+    line = f"{'ok' if ok else 'FAIL':<4}  {name:<8} {target}"
+    print(f"{line}  {note}" if note else line, flush=True)
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
+
+
+def _jwt_source(settings: Settings) -> str:
+    if settings.jwt_secret:
+        return f"{PREFIX}JWT_SECRET"
+    if settings.jwt_public_key:
+        return f"{PREFIX}JWT_PUBLIC_KEY"
+    return settings.jwt_jwks_url or "(none)"
+
+
+async def _check_jwt(settings: Settings) -> str | None:
+    from sessionmgr.api.auth import TokenVerifier
+    from sessionmgr.settings import effective_algorithms
+
+    require_jwt(settings)
+    TokenVerifier(settings)
+    if settings.jwt_jwks_url:
+        count = await asyncio.to_thread(_fetch_jwks_keys, settings.jwt_jwks_url)
+        return f"{count} key(s), algorithms {','.join(effective_algorithms(settings))}"
+    return f"algorithms {','.join(effective_algorithms(settings))}"
+
+
+def _fetch_jwks_keys(url: str) -> int:
+    # The URL comes from validated settings (http/https only).
+    with urllib.request.urlopen(url, timeout=CHECK_TIMEOUT_S) as resp:  # noqa: S310
+        document: Any = json.loads(resp.read(1_048_576))
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list) or not keys:
+        raise ValueError("the JWKS document has no keys")
+    return len(keys)
+
+
+async def _ping_redis(settings: Settings) -> str | None:
+    from sessionmgr.storage.hot import redis_client
+
+    client = redis_client(settings, socket_timeout_s=CHECK_TIMEOUT_S)
+    try:
+        await client.ping()
+        info = await client.info("server")
+    finally:
+        await client.aclose()
+    return f"redis {info.get('redis_version', '?')}"
+
+
+async def _ping_mongodb(settings: Settings) -> str | None:
+    from sessionmgr.storage.warm import mongo_client
+
+    client = mongo_client(settings)
+    try:
+        await client[settings.mongodb_db].command("ping")
+    finally:
+        client.close()
+    if settings.mongodb_in_memory:
+        return "in-memory engine"
+    return f"database {settings.mongodb_db}"

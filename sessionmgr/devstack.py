@@ -1,0 +1,259 @@
+"""`sessionmgr dev`: the whole service on one machine, with private backends that die with it.
+
+Redis is a private `redis-server` from PATH on a free port (unless `SESSIONMGR_REDIS_URL` is
+set), MongoDB the in-memory engine (unless `SESSIONMGR_MONGODB_URI` is set), and the JWT
+secret a random one for this run (unless `SESSIONMGR_JWT_SECRET` is set). `RedisServer` is
+also the test suite's Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import FrameType
+
+import msgspec
+import uvicorn
+
+from sessionmgr.api.auth import issue_token
+from sessionmgr.app import create_app
+from sessionmgr.container import build_container
+from sessionmgr.settings import PREFIX, Settings, effective_algorithms, load_settings
+
+DEV_SUB = "dev-user"
+DEV_TOKEN_TTL_S = 12 * 3600
+REDIS_START_TIMEOUT_S = 10.0
+_PR_SET_PDEATHSIG = 1
+_USERINFO = re.compile(r"(?<=://)([^/?#@:]*):[^/?#@]*@")
+
+
+class DevStackError(RuntimeError):
+    """The dev stack cannot start; the message says what to install or set."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redact_url(url: str) -> str:
+    """`redis://user:secret@host` → `redis://user:***@host`: URLs are printed, passwords not."""
+    return _USERINFO.sub(r"\1:***@", url)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel stops redis-server if its parent dies without cleaning up (SIGKILL)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, keeping nothing on disk."""
+
+    def __init__(self, port: int | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise DevStackError(
+                "redis-server is not on PATH: install it (apt-get install redis-server, or "
+                f"brew install redis) or set {PREFIX}REDIS_URL to a Redis you run"
+            )
+        self.binary = binary
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="sessionmgr-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        # A session of its own: Ctrl-C reaches only sessionmgr, which stops Redis after the
+        # write-behind worker has drained, not before. The argv is fixed; there is no shell.
+        self.process = subprocess.Popen(  # noqa: S603
+            [
+                *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.dir)),
+                *("--logfile", str(self.dir / "redis.log")),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if self._answers_ping():
+                return self
+            time.sleep(0.05)
+        log = self._log_tail()
+        self.stop()
+        raise DevStackError(f"redis-server did not answer on port {self.port}: {log}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.dir / "redis.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        return " | ".join(lines[-3:]) or "empty log"
+
+
+def dev_settings(environ: Mapping[str, str]) -> Settings:
+    """The environment's settings, with in-memory MongoDB and a random JWT secret as defaults."""
+    overrides: dict[str, str] = {}
+    if not environ.get(f"{PREFIX}MONGODB_URI"):
+        overrides["mongodb_uri"] = "mongomock://"
+    keys = ("JWT_SECRET", "JWT_PUBLIC_KEY", "JWT_JWKS_URL")
+    if not any(environ.get(PREFIX + k) for k in keys):
+        overrides["jwt_secret"] = secrets.token_urlsafe(36)  # 48 characters
+    return load_settings(environ, **overrides)
+
+
+def dev_token(settings: Settings) -> str | None:
+    """A token for `dev-user`, or None when tokens come from an issuer we hold no key for."""
+    if settings.jwt_secret is None:
+        return None
+    return issue_token(
+        settings.jwt_secret,
+        DEV_SUB,
+        ttl_s=DEV_TOKEN_TTL_S,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        algorithm=effective_algorithms(settings)[0],
+    )
+
+
+def banner(base_url: str, settings: Settings, redis: RedisServer | None) -> str:
+    redis_origin = "private redis-server, stops with dev" if redis else f"from {PREFIX}REDIS_URL"
+    mongo_origin = (
+        "in memory, gone when dev stops"
+        if settings.mongodb_in_memory
+        else f"from {PREFIX}MONGODB_URI"
+    )
+    lines = [
+        f"sessionmgr dev is up on {base_url}  (Ctrl-C stops it)",
+        f"  redis    {redact_url(settings.redis_url)}  ({redis_origin})",
+        f"  mongodb  {redact_url(settings.mongodb_uri)}  ({mongo_origin})",
+        f"  api      {base_url}/schema  (OpenAPI: {base_url}/schema/openapi.json)",
+        f"  health   {base_url}/health",
+        "",
+    ]
+    token = dev_token(settings)
+    if token is None:
+        lines.append("Tokens come from your issuer (a public key or JWKS is configured).")
+        return "\n".join(lines)
+    auth = '-H "Authorization: Bearer $TOKEN"'
+    lines += [
+        f"A token for sub {DEV_SUB} (no roles, valid {DEV_TOKEN_TTL_S // 3600} h):",
+        f"export TOKEN={token}",
+        "",
+        "Create a session, then read it (put the id from the first answer in the second):",
+        f"curl -s -X POST {base_url}/v1/sessions {auth} -H 'Content-Type: application/json' "
+        """-d '{"work_in_progress":{"step":1}}'""",
+        f"curl -s {base_url}/v1/sessions/<id> {auth}",
+    ]
+    return "\n".join(lines)
+
+
+def base_url(host: str, port: int) -> str:
+    """Where a local curl reaches the server (a wildcard bind is reached on loopback)."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host)  # noqa: S104
+    if shown is None:
+        shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+class _DevServer(uvicorn.Server):
+    """Prints the banner once the socket listens, so every line of it works when it appears."""
+
+    def __init__(self, config: uvicorn.Config, banner_text: str) -> None:
+        super().__init__(config)
+        self._banner = banner_text
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            print(self._banner, flush=True)
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _signals_exit() -> Iterator[None]:
+    """SIGINT/SIGTERM become SystemExit, so `finally` blocks run.
+
+    uvicorn handles both while it serves and, once shut down, raises the signal again with the
+    handler it found: with the default SIGTERM handler the process would die on the spot and
+    leave redis-server behind.
+    """
+    previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(host: str, port: int, environ: Mapping[str, str] | None = None) -> None:
+    """Serve until stopped; the private redis-server is stopped whatever happens."""
+    env = os.environ if environ is None else environ
+    settings = dev_settings(env)
+    redis: RedisServer | None = None
+    with _signals_exit():
+        try:
+            if not env.get(f"{PREFIX}REDIS_URL"):
+                redis = RedisServer().start()
+                settings = msgspec.structs.replace(settings, redis_url=redis.url)
+            app = create_app(build_container(settings))
+            config = uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                lifespan="on",
+                access_log=False,
+                log_config=None,
+                server_header=False,
+                timeout_graceful_shutdown=5,
+            )
+            text = banner(base_url(host, port), settings, redis)
+            _DevServer(config, text).run()
+        finally:
+            if redis is not None:
+                redis.cleanup()
