@@ -41,7 +41,7 @@ IfMatch = Annotated[
     HeaderParameter(name="If-Match", required=False, description='The expected version, as "<n>".'),
 ]
 READ = (401, 403, 404, 503)
-WRITE = (400, 401, 403, 404, 413, 422, 503)
+BODY = (400, 401, 403, 413, 422, 503)
 
 
 def _sid(session_id: str) -> str:
@@ -86,7 +86,7 @@ class SessionController(Controller):
     tags = ["sessions"]
     dependencies = {"sessions": provide("sessions")}
 
-    @post("/", status_code=201, responses=responses(*WRITE))
+    @post("/", status_code=201, responses=responses(*BODY))
     async def create_session(
         self,
         request: Req,
@@ -120,7 +120,7 @@ class SessionController(Controller):
             request.user, state=state_filter, limit=limit, cursor=cursor
         )
 
-    @get("/{session_id:str}", responses=responses(*READ))
+    @get("/{session_id:str}", responses=responses(*READ, 400, 422))
     async def get_session(
         self,
         request: Req,
@@ -135,7 +135,7 @@ class SessionController(Controller):
         session = await sessions.get(request.user, _sid(session_id), full=include == "full")
         return _with_etag(session)
 
-    @patch("/{session_id:str}", responses=responses(*WRITE, 409, 428))
+    @patch("/{session_id:str}", responses=responses(*BODY, 404, 409, 428))
     async def update_session(
         self,
         request: Req,
@@ -161,7 +161,7 @@ class SessionController(Controller):
         )
         return _with_etag(session)
 
-    @post("/{session_id:str}/timeline", status_code=200, responses=responses(*WRITE, 409))
+    @post("/{session_id:str}/timeline", status_code=200, responses=responses(*BODY, 404, 409))
     async def append_timeline(
         self,
         request: Req,
@@ -179,7 +179,7 @@ class SessionController(Controller):
             idem=_idem(request, idempotency_key, data),
         )
 
-    @post("/{session_id:str}/participants", status_code=200, responses=responses(*WRITE, 409))
+    @post("/{session_id:str}/participants", status_code=200, responses=responses(*BODY, 404, 409))
     async def add_participant(
         self,
         request: Req,
