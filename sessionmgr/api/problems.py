@@ -128,6 +128,17 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
     return problem_response(_problem(exc.status_code, slug, exc.detail, request), exc.headers)
 
 
+def undecodable_body(request: Request[Any, Any, Any], exc: ValueError) -> Response[Problem]:
+    """Bytes that are not UTF-8 JSON never reach a handler; they are the client's to fix."""
+    return problem_response(_problem(400, "malformed", "the body is not valid UTF-8 JSON", request))
+
+
+def too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[Problem]:
+    """The JSON decoder stops at the interpreter's recursion limit; far past any real body."""
+    problem = _problem(422, "invalid-input", "the body is nested too deeply", request)
+    return problem_response(problem)
+
+
 def unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(
@@ -138,6 +149,9 @@ def unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Respons
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     SessionError: domain_error,
     HTTPException: http_error,
+    UnicodeDecodeError: undecodable_body,
+    msgspec.DecodeError: undecodable_body,
+    RecursionError: too_deep,
     Exception: unexpected_error,
 }
 

@@ -22,7 +22,7 @@ from sessionmgr.services.views import AppendResult, LeaseInfo, SessionPage
 
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
+ETAG = re.compile(r'^(?:W/)?(?:"(\d{1,18})"|(\d{1,18}))$')
 
 Req = Request[Principal, Any, Any]
 SessionId = Annotated[str, PathParameter(description="The session id (32 hex characters).")]
@@ -78,7 +78,7 @@ def _if_match(value: str | None) -> int | None:
     match = ETAG.match(value.strip())
     if match is None:
         raise InvalidInput('If-Match must be a version in quotes, like "3"', "If-Match")
-    return int(match.group(1))
+    return int(match.group(1) or match.group(2))
 
 
 class SessionController(Controller):
