@@ -262,7 +262,8 @@ class SessionService:
 
     async def renew_lease(self, principal: Principal, session_id: str, mad_name: str) -> LeaseInfo:
         _check_mad(mad_name)
-        view = await self._hot_view(principal, session_id, allow_mad=mad_name)
+        # A participating MAD is in the ACL (`mad:<name>`), so the ordinary check admits it.
+        view = await self._hot_view(principal, session_id)
         if mad_name not in view.record.participants:
             raise SessionNotFound(f"{session_id}/participants/{mad_name}")
         ttl_ms = await self._hot.renew_lease(session_id, mad_name)
@@ -351,28 +352,22 @@ class SessionService:
             await self._hot.remember(scope, idem, _encode(result))
         return result  # type: ignore[no-any-return]
 
-    async def _hot_view(
-        self, principal: Principal, session_id: str, allow_mad: str | None = None
-    ) -> HotView:
+    async def _hot_view(self, principal: Principal, session_id: str) -> HotView:
         for _ in range(3):
             view = await self._hot.load(session_id)
             if view is None:
-                await self._activate(principal, session_id, allow_mad)
+                await self._activate(principal, session_id)
                 continue
-            if allow_mad is None or principal.sub != mad_principal(allow_mad):
-                rules.require_access(principal, view.record.owner_id, view.record.acl)
+            rules.require_access(principal, view.record.owner_id, view.record.acl)
             return view
         raise BackendUnavailable("redis", "the session could not be loaded into Redis")
 
-    async def _activate(
-        self, principal: Principal, session_id: str, allow_mad: str | None = None
-    ) -> None:
+    async def _activate(self, principal: Principal, session_id: str) -> None:
         """Load a dormant session back into Redis as `active` (after the access check)."""
         record = await self._warm.get(session_id)
         if record is None:
             raise SessionNotFound(session_id)
-        if allow_mad is None or principal.sub != mad_principal(allow_mad):
-            rules.require_access(principal, record.owner_id, record.acl)
+        rules.require_access(principal, record.owner_id, record.acl)
         recent = await self._warm.recent_events(session_id, self._limits.recent_timeline)
         record.state = SessionState.ACTIVE
         await self._hot.activate(record, recent)

@@ -1,0 +1,373 @@
+"""Small hand-written fakes of the ports for unit tests.
+
+`InMemoryWarmStore` has the contract of `MongoWarmStore`: version-guarded writes (`apply` needs
+a newer version, `flush` the same or newer), events keyed by `(session_id, seq)` so a replay
+keeps the first copy, pages ordered by id.
+
+`InMemoryHotStore` has the contract of `RedisHotStore`. It keeps each session as the hash the
+real store writes (`encode_record` per field, so a `Change` writes only its `fields`), trims
+the timeline, honours idempotency records and the delete tombstone, and plays WATCH: every
+write to a session's keys bumps its revision, and a transaction or suspend that sees the
+revision move between its read and its commit aborts like an EXEC after a fired WATCH.
+`RedisHotStore` itself reads through a Lua script (EVAL), which fakeredis runs only with the
+optional `lupa` package, so the real adapter is left to the integration suite on redis-server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from sessionmgr.domain.errors import (
+    BackendUnavailable,
+    ConcurrencyConflict,
+    IdempotencyKeyReused,
+    SessionNotFound,
+)
+from sessionmgr.domain.model import SessionRecord, SessionState, TimelineEvent
+from sessionmgr.services.ports import Change, Decide, HotView, Idempotency, Page, Replayed
+from sessionmgr.services.sessions import Limits, SessionService
+from sessionmgr.storage.hot import OutboxEntry, decode_record, encode_record
+
+_record_json = msgspec.json.Encoder().encode
+_decode_record = msgspec.json.Decoder(SessionRecord).decode
+
+
+def _copy(record: SessionRecord) -> SessionRecord:
+    """A deep copy, as MongoDB hands back a new document on every read."""
+    return _decode_record(_record_json(record))
+
+
+@dataclass
+class InMemoryWarmStore:
+    sessions: dict[str, SessionRecord] = field(default_factory=dict)
+    events: dict[str, dict[int, TimelineEvent]] = field(default_factory=dict)
+    down: bool = False
+    """While True every call raises `BackendUnavailable("mongodb")`, as `MongoWarmStore` does."""
+    apply_errors: dict[str, Exception] = field(default_factory=dict)
+    """Session id → what `apply` raises for it: a failure other than an outage."""
+    applied: list[tuple[str, int]] = field(default_factory=list)
+    """(session id, version) of every record `apply` stored, in order."""
+
+    def _reachable(self) -> None:
+        if self.down:
+            raise BackendUnavailable("mongodb", "ServerSelectionTimeoutError")
+
+    async def ping(self) -> None:
+        self._reachable()
+
+    async def insert(self, record: SessionRecord) -> None:
+        self._reachable()
+        if record.id in self.sessions:
+            raise AssertionError(f"duplicate _id {record.id}")
+        self.sessions[record.id] = _copy(record)
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        self._reachable()
+        record = self.sessions.get(session_id)
+        return None if record is None else _copy(record)
+
+    async def recent_events(self, session_id: str, limit: int) -> list[TimelineEvent]:
+        self._reachable()
+        return (await self.all_events(session_id))[-limit:]
+
+    async def all_events(self, session_id: str) -> list[TimelineEvent]:
+        self._reachable()
+        stored = self.events.get(session_id, {})
+        return [stored[seq] for seq in sorted(stored)]
+
+    async def apply(self, record: SessionRecord, events: list[TimelineEvent]) -> bool:
+        self._reachable()
+        if record.id in self.apply_errors:
+            raise self.apply_errors[record.id]
+        written = self._write(record, events, newer_only=True)
+        if written:
+            self.applied.append((record.id, record.version))
+        return written
+
+    async def flush(self, record: SessionRecord, events: list[TimelineEvent]) -> bool:
+        self._reachable()
+        return self._write(record, events, newer_only=False)
+
+    def _write(
+        self, record: SessionRecord, events: list[TimelineEvent], *, newer_only: bool
+    ) -> bool:
+        current = self.sessions.get(record.id)
+        if current is None:
+            return False
+        newer = record.version > current.version
+        if newer or (not newer_only and record.version == current.version):
+            self.sessions[record.id] = _copy(record)
+        stored = self.events.setdefault(record.id, {})
+        for event in events:
+            stored.setdefault(event.seq, event)
+        return True
+
+    async def mark_state(self, session_id: str, version: int, state: SessionState) -> None:
+        self._reachable()
+        current = self.sessions.get(session_id)
+        if current is not None and current.version == version:
+            current.state = state
+
+    async def delete(self, session_id: str) -> None:
+        self._reachable()
+        self.sessions.pop(session_id, None)
+        self.events.pop(session_id, None)
+
+    async def list_for(
+        self, principal_sub: str | None, state: SessionState | None, limit: int, after: str | None
+    ) -> Page:
+        self._reachable()
+        found = [
+            _copy(r)
+            for _, r in sorted(self.sessions.items())
+            if (principal_sub is None or principal_sub == r.owner_id or principal_sub in r.acl)
+            and (state is None or r.state is state)
+            and (after is None or r.id > after)
+        ]
+        items = found[:limit]
+        return Page(items=items, next_cursor=items[-1].id if len(found) > limit else None)
+
+
+class _WatchFired(Exception):
+    """The fake's WatchError: the session changed between the read and the commit."""
+
+
+@dataclass
+class InMemoryHotStore:
+    recent_timeline: int = 20
+    lease_ttl_s: int = 30
+    hashes: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+    timelines: dict[str, list[TimelineEvent]] = field(default_factory=dict)
+    leases: dict[tuple[str, str], float] = field(default_factory=dict)
+    """(session id, MAD) → monotonic deadline of the lease key."""
+    idempotency: dict[str, bytes] = field(default_factory=dict)
+    gone: set[str] = field(default_factory=set)
+    outbox: list[OutboxEntry] = field(default_factory=list)
+    down: bool = False
+    """While True every call raises `BackendUnavailable("redis")`, as `RedisHotStore` does."""
+    between_read_and_commit: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+    """Actions run once each inside the next transaction, after its read, before its commit."""
+    _revision: dict[str, int] = field(default_factory=dict)
+
+    # -- helpers for tests -------------------------------------------------------------------
+
+    def is_hot(self, session_id: str) -> bool:
+        return session_id in self.hashes
+
+    def lease_left_ms(self, session_id: str, mad: str) -> int:
+        """Like PTTL: the lease key's remaining life, or -2 when there is none."""
+        deadline = self.leases.get((session_id, mad))
+        if deadline is None:
+            return -2
+        left = int((deadline - time.monotonic()) * 1000)
+        if left <= 0:
+            del self.leases[(session_id, mad)]
+            return -2
+        return left
+
+    def set_lease_left_ms(self, session_id: str, mad: str, ms: int) -> None:
+        """Like PEXPIRE on the lease key."""
+        self.leases[(session_id, mad)] = time.monotonic() + ms / 1000
+
+    # -- the HotStore port -------------------------------------------------------------------
+
+    def _reachable(self) -> None:
+        if self.down:
+            raise BackendUnavailable("redis", "not reachable")
+
+    def _touch(self, session_id: str) -> None:
+        self._revision[session_id] = self._revision.get(session_id, 0) + 1
+
+    def _view(self, session_id: str) -> HotView | None:
+        raw = self.hashes.get(session_id)
+        if raw is None:
+            return None
+        record = decode_record(raw)
+        ttls = {mad: self.lease_left_ms(session_id, mad) for mad in record.participants}
+        return HotView(
+            record=record,
+            recent=list(self.timelines.get(session_id, [])),
+            lease_ttl_ms={mad: ttl for mad, ttl in ttls.items() if ttl > 0},
+        )
+
+    async def ping(self) -> None:
+        self._reachable()
+
+    async def load(self, session_id: str) -> HotView | None:
+        self._reachable()
+        return self._view(session_id)
+
+    async def access_fields(self, session_id: str) -> tuple[str, list[str]] | None:
+        self._reachable()
+        view = self._view(session_id)
+        return None if view is None else (view.record.owner_id, view.record.acl)
+
+    async def create(self, record: SessionRecord, idem: Idempotency | None, result: bytes) -> None:
+        self._reachable()
+        self.hashes[record.id] = _as_hash(encode_record(record))
+        if idem is not None:
+            self.idempotency[_idem_key("create", idem)] = _idem_value(idem, result)
+        self._touch(record.id)
+
+    async def activate(self, record: SessionRecord, recent: list[TimelineEvent]) -> None:
+        self._reachable()
+        if record.id in self.gone:
+            raise SessionNotFound(record.id)
+        if record.id in self.hashes:
+            return
+        self.hashes[record.id] = _as_hash(encode_record(record))
+        self.timelines[record.id] = list(recent)
+        self._touch(record.id)
+
+    async def transact(
+        self, session_id: str, decide: Decide, idem: Idempotency | None, *, retry_on_race: bool
+    ) -> Replayed | Change | None:
+        for _ in range(8 if retry_on_race else 1):
+            try:
+                return await self._transact_once(session_id, decide, idem)
+            except _WatchFired:
+                continue
+        raise ConcurrencyConflict(session_id, self._current_version(session_id))
+
+    async def _transact_once(
+        self, session_id: str, decide: Decide, idem: Idempotency | None
+    ) -> Replayed | Change | None:
+        self._reachable()
+        watched = self._revision.get(session_id, 0)
+        if idem is not None and (
+            replay := _replay(idem, self.idempotency.get(_idem_key(session_id, idem)))
+        ):
+            return replay
+        view = self._view(session_id)
+        if view is None:
+            return None
+        change = decide(view)
+        if change is None:
+            return None
+        while self.between_read_and_commit:
+            await self.between_read_and_commit.pop(0)()
+        self._reachable()
+        if self._revision.get(session_id, 0) != watched:
+            raise _WatchFired
+        self._commit(session_id, change)
+        if idem is not None:
+            self.idempotency[_idem_key(session_id, idem)] = _idem_value(idem, change.result)
+        return change
+
+    def _commit(self, session_id: str, change: Change) -> None:
+        if change.fields:
+            self.hashes[session_id].update(_as_hash(encode_record(change.record, change.fields)))
+        if change.events:
+            timeline = self.timelines.setdefault(session_id, [])
+            timeline.extend(change.events)
+            del timeline[: -self.recent_timeline]
+        for mad in change.leases_set:
+            self.set_lease_left_ms(session_id, mad, self.lease_ttl_s * 1000)
+        for mad in change.leases_dropped:
+            self.leases.pop((session_id, mad), None)
+        if change.fields or change.events:
+            self.outbox.append(OutboxEntry(record=change.record, events=change.events))
+        self._touch(session_id)
+
+    async def find_replay(self, scope: str, idem: Idempotency) -> Replayed | None:
+        self._reachable()
+        return _replay(idem, self.idempotency.get(_idem_key(scope, idem)))
+
+    async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None:
+        self._reachable()
+        self.idempotency[_idem_key(scope, idem)] = _idem_value(idem, result)
+
+    async def renew_lease(self, session_id: str, mad: str) -> int:
+        self._reachable()
+        self.set_lease_left_ms(session_id, mad, self.lease_ttl_s * 1000)
+        return self.lease_ttl_s * 1000
+
+    async def suspend(
+        self, session_id: str, flush: Callable[[SessionRecord, list[TimelineEvent]], Any]
+    ) -> SessionRecord | None:
+        for _ in range(8):
+            self._reachable()
+            watched = self._revision.get(session_id, 0)
+            view = self._view(session_id)
+            if view is None:
+                return None
+            record = view.record
+            record.state = SessionState.DORMANT
+            await flush(record, view.recent)
+            if self._revision.get(session_id, 0) != watched:
+                continue
+            self._drop(session_id)
+            return record
+        raise ConcurrencyConflict(session_id, self._current_version(session_id))
+
+    async def mark_deleted(self, session_id: str) -> None:
+        self._reachable()
+        self.gone.add(session_id)
+
+    async def is_deleted(self, session_id: str) -> bool:
+        self._reachable()
+        return session_id in self.gone
+
+    async def drop(self, session_id: str) -> None:
+        self._reachable()
+        self._drop(session_id)
+
+    def _drop(self, session_id: str) -> None:
+        self.hashes.pop(session_id, None)
+        self.timelines.pop(session_id, None)
+        for key in [k for k in self.leases if k[0] == session_id]:
+            del self.leases[key]
+        self._touch(session_id)
+
+    def _current_version(self, session_id: str) -> int | None:
+        raw = self.hashes.get(session_id)
+        return None if raw is None else int(raw[b"version"])
+
+
+def _as_hash(fields: dict[str, bytes]) -> dict[bytes, bytes]:
+    return {name.encode(): value for name, value in fields.items()}
+
+
+def _idem_key(scope: str, idem: Idempotency) -> str:
+    return f"{scope}:{idem.key_digest}"
+
+
+def _idem_value(idem: Idempotency, result: bytes) -> bytes:
+    return idem.fingerprint.encode() + b"\n" + result
+
+
+def _replay(idem: Idempotency, stored: bytes | None) -> Replayed | None:
+    if stored is None:
+        return None
+    fingerprint, _, result = stored.partition(b"\n")
+    if fingerprint.decode() != idem.fingerprint:
+        raise IdempotencyKeyReused()
+    return Replayed(result=result)
+
+
+@dataclass
+class World:
+    """A `SessionService` over a fresh in-memory hot store and warm store."""
+
+    service: SessionService
+    hot: InMemoryHotStore
+    warm: InMemoryWarmStore
+    limits: Limits
+
+    async def deliver_outbox(self) -> None:
+        """Do what the write-behind worker does: carry every outbox entry to the warm store."""
+        while self.hot.outbox:
+            entry = self.hot.outbox.pop(0)
+            await self.warm.apply(entry.record, entry.events)
+
+
+def world(limits: Limits | None = None) -> World:
+    limits = limits or Limits()
+    hot = InMemoryHotStore(recent_timeline=limits.recent_timeline, lease_ttl_s=limits.lease_ttl_s)
+    warm = InMemoryWarmStore()
+    return World(SessionService(hot, warm, limits), hot, warm, limits)

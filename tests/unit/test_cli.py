@@ -1,0 +1,184 @@
+"""The `sessionmgr` command line: what an operator or developer sees and the exit codes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+import sessionmgr
+from sessionmgr import cli
+from sessionmgr.api.auth import TokenVerifier
+from sessionmgr.devstack import free_port, redact_url
+from sessionmgr.settings import load_settings
+
+SECRET = "cli-test-secret-that-is-long-enough-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts from an environment with no SESSIONMGR_* variable."""
+    for name in list(os.environ):
+        if name.startswith("SESSIONMGR_"):
+            monkeypatch.delenv(name)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"sessionmgr {sessionmgr.__version__}\n"
+
+
+def test_no_command_prints_usage_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert "serve" in capsys.readouterr().err
+
+
+async def test_token_is_accepted_by_the_service(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SESSIONMGR_JWT_SECRET", SECRET)
+    monkeypatch.setenv("SESSIONMGR_JWT_AUDIENCE", "sessionmgr")
+    monkeypatch.setenv("SESSIONMGR_JWT_ISSUER", "https://issuer.example")
+
+    code = cli.main(["token", "--sub", "mad:planner", "--roles", "service, admin", "--ttl", "120"])
+
+    assert code == 0
+    token = capsys.readouterr().out.strip()
+    principal = await TokenVerifier(load_settings()).verify(f"Bearer {token}")
+    assert principal.sub == "mad:planner"
+    assert principal.roles == {"service", "admin"}
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 120
+
+
+def test_token_uses_the_configured_hmac_algorithm(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SESSIONMGR_JWT_SECRET", SECRET * 2)  # HS512 wants 64 bytes or more
+    monkeypatch.setenv("SESSIONMGR_JWT_ALGORITHMS", "HS512")
+
+    assert cli.main(["token", "--sub", "alice"]) == 0
+
+    assert jwt.get_unverified_header(capsys.readouterr().out.strip())["alg"] == "HS512"
+
+
+def test_token_without_secret_names_the_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["token", "--sub", "alice"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "SESSIONMGR_JWT_SECRET" in captured.err
+
+
+@pytest.mark.parametrize("command", [["serve"], ["check"], ["token", "--sub", "a"], ["dev"]])
+def test_bad_configuration_stops_with_the_variable_named(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SESSIONMGR_JWT_SECRET", SECRET)
+    monkeypatch.setenv("SESSIONMGR_LEASE_TTL_S", "0")
+
+    assert cli.main(command) == 2
+
+    assert "error: SESSIONMGR_LEASE_TTL_S" in capsys.readouterr().err
+
+
+def test_serve_refuses_to_start_without_a_token_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve"]) == 2
+    assert "SESSIONMGR_JWT_SECRET" in capsys.readouterr().err
+
+
+def test_serve_refuses_zero_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
+
+
+def test_serve_runs_the_app_factory_behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[Any, dict[str, Any]]] = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setattr("sessionmgr.telemetry.configure_logging", lambda level: None)
+    monkeypatch.setenv("SESSIONMGR_JWT_SECRET", SECRET)
+
+    assert cli.main(["serve", "--port", "9000", "--workers", "2"]) == 0
+
+    [(app, options)] = calls
+    assert app == "sessionmgr.app:create_app"
+    assert options["factory"] is True
+    assert (options["port"], options["workers"], options["host"]) == (9000, 2, "0.0.0.0")
+    assert options["proxy_headers"] is True
+    assert options["lifespan"] == "on"
+    assert options["timeout_graceful_shutdown"] == cli.GRACEFUL_SHUTDOWN_S
+
+
+def test_dev_without_redis_server_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+    assert cli.main(["dev", "--port", str(free_port())]) == 2
+
+    err = capsys.readouterr().err
+    assert "redis-server is not on PATH" in err
+    assert "apt-get install redis-server" in err
+    assert "SESSIONMGR_REDIS_URL" in err
+
+
+def test_check_passes_when_every_backend_answers(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SESSIONMGR_REDIS_URL", redis_url)
+    monkeypatch.setenv("SESSIONMGR_MONGODB_URI", "mongomock://")
+    monkeypatch.setenv("SESSIONMGR_JWT_SECRET", SECRET)
+
+    assert cli.main(["check"]) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["ok", "config"],
+        ["ok", "jwt"],
+        ["ok", "redis"],
+        ["ok", "mongodb"],
+    ]
+    assert redis_url in lines[2]
+
+
+def test_check_fails_on_an_unreachable_redis_without_showing_its_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SESSIONMGR_REDIS_URL", f"redis://app:s3cret@127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("SESSIONMGR_MONGODB_URI", "mongomock://")
+    monkeypatch.setenv("SESSIONMGR_JWT_SECRET", SECRET)
+
+    assert cli.main(["check"]) == 1
+
+    out = capsys.readouterr().out
+    redis_line = next(line for line in out.splitlines() if "redis" in line.split()[:2])
+    assert redis_line.startswith("FAIL  redis")
+    assert "app:***@127.0.0.1" in redis_line
+    assert "s3cret" not in out
+    assert "ok    mongodb" in out
+
+
+def test_check_fails_without_a_way_to_verify_tokens(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SESSIONMGR_REDIS_URL", redis_url)
+    monkeypatch.setenv("SESSIONMGR_MONGODB_URI", "mongomock://")
+
+    assert cli.main(["check"]) == 1
+
+    assert "FAIL  jwt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("rediss://:pw@cache:6380/0", "rediss://:***@cache:6380/0"),
+        ("mongodb://app:p%40ss@h1:1,h2:2/db?tls=true", "mongodb://app:***@h1:1,h2:2/db?tls=true"),
+        ("mongodb+srv://app@cluster.example/db", "mongodb+srv://app@cluster.example/db"),
+    ],
+)
+def test_redact_url_hides_only_the_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

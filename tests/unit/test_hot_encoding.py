@@ -1,0 +1,86 @@
+"""storage/hot.py codec: a record survives the trip through the Redis hash, field by field."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from sessionmgr.domain.model import SessionRecord, SessionState
+from sessionmgr.services.ports import Idempotency
+from sessionmgr.storage.hot import (
+    OutboxEntry,
+    decode_record,
+    encode_record,
+    gone_key,
+    hot_key,
+    idem_key,
+    lease_key,
+    timeline_key,
+)
+from tests.unit.factories import SessionRecordFactory, TimelineEventFactory
+
+
+def as_redis_hash(fields: dict[str, bytes]) -> dict[bytes, bytes]:
+    """What HGETALL hands back for what HSET was given."""
+    return {name.encode(): value for name, value in fields.items()}
+
+
+@pytest.mark.parametrize("state", list(SessionState))
+def test_every_field_round_trips(state: SessionState) -> None:
+    for record in SessionRecordFactory.batch(25, state=state):
+        decoded = decode_record(as_redis_hash(encode_record(record)))
+        for name in SessionRecord.__struct_fields__:
+            assert getattr(decoded, name) == getattr(record, name), name
+        assert decoded == record
+
+
+def test_timestamps_keep_their_instant_and_zone() -> None:
+    record = SessionRecordFactory.build()
+    decoded = decode_record(as_redis_hash(encode_record(record)))
+    assert decoded.created_at.utcoffset() == record.created_at.utcoffset()
+    assert decoded.created_at == record.created_at
+    for mad, participant in record.participants.items():
+        assert decoded.participants[mad].lease_expires_at == participant.lease_expires_at
+
+
+def test_every_record_field_is_its_own_hash_field() -> None:
+    encoded = encode_record(SessionRecordFactory.build())
+    assert set(encoded) == set(SessionRecord.__struct_fields__)
+    assert all(isinstance(value, bytes) for value in encoded.values())
+
+
+def test_a_partial_encoding_writes_only_the_changed_fields() -> None:
+    before = SessionRecordFactory.build(version=4)
+    after = msgspec.structs.replace(before, version=5, context_summary={"goal": "new"})
+    patch = encode_record(after, frozenset({"version", "context_summary"}))
+    assert set(patch) == {"version", "context_summary"}
+
+    stored = as_redis_hash(encode_record(before))
+    stored.update(as_redis_hash(patch))  # HSET of only those fields
+    assert decode_record(stored) == after
+
+
+def test_a_hash_missing_a_field_is_not_silently_accepted() -> None:
+    stored = as_redis_hash(encode_record(SessionRecordFactory.build()))
+    del stored[b"owner_id"]
+    with pytest.raises(KeyError):
+        decode_record(stored)
+
+
+def test_an_outbox_entry_round_trips_with_its_events() -> None:
+    entry = OutboxEntry(record=SessionRecordFactory.build(), events=TimelineEventFactory.batch(3))
+    assert msgspec.json.decode(msgspec.json.encode(entry), type=OutboxEntry) == entry
+
+
+def test_every_key_of_a_session_shares_its_hash_tag() -> None:
+    sid = "0123456789abcdef0123456789abcdef"
+    idem = Idempotency(key_digest="d", fingerprint="f")
+    keys = [
+        hot_key(sid),
+        timeline_key(sid),
+        lease_key(sid, "planner"),
+        gone_key(sid),
+        idem_key(sid, idem),
+    ]
+    assert all(f"{{{sid}}}" in key for key in keys)
+    assert len(set(keys)) == len(keys)

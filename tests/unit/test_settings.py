@@ -1,0 +1,168 @@
+"""settings.py: defaults, and a start-up refusal that names the variable for each bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from sessionmgr.settings import (
+    ConfigError,
+    Settings,
+    effective_algorithms,
+    load_settings,
+    require_jwt,
+)
+
+SECRET = "s" * 32
+PEM = "-----BEGIN PUBLIC KEY-----\nMFkw...\n-----END PUBLIC KEY-----"
+
+
+def env(**values: str) -> dict[str, str]:
+    return {f"SESSIONMGR_{name.upper()}": value for name, value in values.items()}
+
+
+def test_defaults_follow_the_design() -> None:
+    s = load_settings({})
+    assert s.redis_url == "redis://localhost:6379/0"
+    assert s.mongodb_db == "sessionmgr"
+    assert s.lease_ttl_s == 30
+    assert s.recent_timeline == 20
+    assert s.page_size_default <= s.page_size_max
+    assert s.jwt_leeway_s <= 60
+    assert s.log_level == "INFO"
+    assert not s.jwt_configured
+    assert not s.mongodb_in_memory
+
+
+def test_the_process_environment_is_read_when_none_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SESSIONMGR_LEASE_TTL_S", "45")
+    monkeypatch.setenv("SESSIONMGR_MONGODB_URI", "mongomock://")
+    s = load_settings()
+    assert s.lease_ttl_s == 45
+    assert s.mongodb_in_memory
+
+
+def test_values_are_parsed_and_trimmed() -> None:
+    s = load_settings(
+        env(
+            redis_url=" rediss://cache:6380/1 ",
+            redis_socket_timeout_s="0.25",
+            lease_ttl_s="60",
+            jwt_algorithms="hs256, HS512",
+            jwt_secret=SECRET,
+            log_level="debug",
+            s3_endpoint_url="https://s3.local",
+        )
+    )
+    assert s.redis_url == "rediss://cache:6380/1"
+    assert s.redis_socket_timeout_s == 0.25
+    assert s.lease_ttl_s == 60
+    assert s.jwt_algorithms == ("HS256", "HS512")
+    assert s.log_level == "DEBUG"
+    assert s.s3_endpoint_url == "https://s3.local"
+
+
+def test_empty_variables_mean_the_default() -> None:
+    assert load_settings(env(lease_ttl_s="", redis_url="")) == Settings()
+
+
+def test_overrides_win_over_the_environment() -> None:
+    s = load_settings(env(lease_ttl_s="10"), lease_ttl_s=99)
+    assert s.lease_ttl_s == 99
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("redis_url", "http://x"),
+        ("redis_url", "localhost:6379"),
+        ("mongodb_uri", "postgres://db"),
+        ("s3_endpoint_url", "ftp://s3"),
+        ("jwt_jwks_url", "file:///etc/jwks.json"),
+        ("lease_ttl_s", "abc"),
+        ("lease_ttl_s", "0"),
+        ("lease_ttl_s", "-5"),
+        ("lease_ttl_s", "3601"),
+        ("redis_socket_timeout_s", "nan"),
+        ("redis_socket_timeout_s", "0"),
+        ("jwt_leeway_s", "61"),
+        ("page_size_max", "1.5"),
+        ("max_body_bytes", "10"),
+        ("jwt_algorithms", "none"),
+        ("jwt_algorithms", "HS256,RS256"),
+        ("jwt_algorithms", "ES256,HS512"),
+        ("jwt_algorithms", " , "),
+        ("log_level", "LOUD"),
+        ("log_level", "TRACE"),
+    ],
+)
+def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
+    var = f"SESSIONMGR_{name.upper()}"
+    with pytest.raises(ConfigError, match=var):
+        load_settings(env(**{name: value}))
+
+
+def test_the_none_algorithm_is_refused_with_a_reason() -> None:
+    with pytest.raises(ConfigError, match="'none' is never allowed"):
+        load_settings(env(jwt_algorithms="none"))
+
+
+def test_mixed_algorithm_families_are_refused_with_a_reason() -> None:
+    with pytest.raises(ConfigError, match="do not mix"):
+        load_settings(env(jwt_algorithms="HS256,RS256", jwt_public_key=PEM))
+
+
+@pytest.mark.parametrize(
+    "sources",
+    [
+        {"jwt_secret": SECRET, "jwt_public_key": PEM},
+        {"jwt_secret": SECRET, "jwt_jwks_url": "https://idp/jwks"},
+        {"jwt_public_key": PEM, "jwt_jwks_url": "https://idp/jwks"},
+    ],
+)
+def test_only_one_jwt_source_at_a_time(sources: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="set only one of") as caught:
+        load_settings(env(**sources))
+    for name in sources:
+        assert f"SESSIONMGR_{name.upper()}" in str(caught.value)
+
+
+def test_a_short_secret_is_refused() -> None:
+    with pytest.raises(ConfigError, match="SESSIONMGR_JWT_SECRET"):
+        load_settings(env(jwt_secret="s" * 31))
+    assert load_settings(env(jwt_secret=SECRET)).jwt_secret == SECRET
+
+
+def test_algorithms_must_fit_the_key_kind() -> None:
+    with pytest.raises(ConfigError, match="SESSIONMGR_JWT_ALGORITHMS"):
+        load_settings(env(jwt_secret=SECRET, jwt_algorithms="RS256"))
+    with pytest.raises(ConfigError, match="SESSIONMGR_JWT_ALGORITHMS"):
+        load_settings(env(jwt_public_key=PEM, jwt_algorithms="HS256"))
+    with pytest.raises(ConfigError, match="SESSIONMGR_JWT_ALGORITHMS"):
+        load_settings(env(jwt_jwks_url="https://idp/jwks", jwt_algorithms="HS384"))
+
+
+def test_page_default_may_not_exceed_the_maximum() -> None:
+    with pytest.raises(ConfigError, match="SESSIONMGR_PAGE_SIZE_DEFAULT"):
+        load_settings(env(page_size_default="50", page_size_max="10"))
+    s = load_settings(env(page_size_default="10", page_size_max="10"))
+    assert s.page_size_default == s.page_size_max == 10
+
+
+def test_require_jwt_refuses_to_serve_without_a_key() -> None:
+    with pytest.raises(ConfigError, match="SESSIONMGR_JWT_SECRET"):
+        require_jwt(load_settings({}))
+    for source in (
+        {"jwt_secret": SECRET},
+        {"jwt_public_key": PEM},
+        {"jwt_jwks_url": "https://idp/jwks"},
+    ):
+        require_jwt(load_settings(env(**source)))
+
+
+def test_effective_algorithms() -> None:
+    assert effective_algorithms(load_settings(env(jwt_secret=SECRET))) == ("HS256",)
+    assert effective_algorithms(load_settings(env(jwt_public_key=PEM))) == ("RS256", "ES256")
+    chosen = load_settings(env(jwt_secret=SECRET, jwt_algorithms="HS512"))
+    assert effective_algorithms(chosen) == ("HS512",)

@@ -1,0 +1,257 @@
+"""The write-behind worker on fakeredis streams, carrying real outbox entries to a fake warm store.
+
+fakeredis 2.41 implements the consumer-group commands the worker uses (XREADGROUP, XPENDING,
+XAUTOCLAIM with its idle time, XACK, XDEL). The entries are the ones `SessionService` writes,
+taken from the in-memory hot store and published as `RedisHotStore` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import fakeredis
+import msgspec
+import pytest
+
+from sessionmgr.domain.model import NewEvent
+from sessionmgr.services.write_behind import GROUP, WriteBehindWorker, running
+from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry
+from tests.unit.factories import principal
+from tests.unit.fakes import InMemoryWarmStore, World, world
+
+ALICE = principal("alice")
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Any]:
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def w() -> World:
+    return world()
+
+
+async def publish(redis: Any, entries: list[OutboxEntry]) -> list[bytes]:
+    """XADD each entry to the outbox the way `RedisHotStore` does inside its MULTI."""
+    return [
+        await redis.xadd(OUTBOX_STREAM, {"entry": msgspec.json.encode(entry)}) for entry in entries
+    ]
+
+
+async def session_history(w: World) -> tuple[str, list[OutboxEntry]]:
+    """A session at version 4 with three events; returns its id and its outbox entries."""
+    created = await w.service.create(ALICE, work_in_progress={"v": 1})
+    await w.service.update(
+        ALICE, created.id, expected_version=1, patch={"work_in_progress": {"v": 2}}
+    )
+    await w.service.append(ALICE, created.id, [NewEvent(kind="a"), NewEvent(kind="b")])
+    await w.service.append(ALICE, created.id, [NewEvent(kind="c")])
+    entries, w.hot.outbox = w.hot.outbox, []
+    return created.id, entries
+
+
+def worker_for(redis: Any, warm: InMemoryWarmStore, **options: Any) -> WriteBehindWorker:
+    options = {"consumer": "me", "block_ms": 1, "claim_idle_ms": 60_000, **options}
+    return WriteBehindWorker(redis, warm, **options)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_entries_reach_the_warm_store_and_leave_the_outbox(redis: Any, w: World) -> None:
+    session_id, entries = await session_history(w)
+    await publish(redis, entries)
+    worker = worker_for(redis, w.warm)
+    await worker.ensure_group()
+    assert await worker.pending() == 3
+
+    assert await worker.step() == 3
+
+    stored = w.warm.sessions[session_id]
+    assert (stored.version, stored.work_in_progress, stored.timeline_seq) == (4, {"v": 2}, 3)
+    assert [e.kind for e in await w.warm.all_events(session_id)] == ["a", "b", "c"]
+    assert w.warm.applied == [(session_id, 2), (session_id, 3), (session_id, 4)]
+    assert await redis.xlen(OUTBOX_STREAM) == 0
+    assert await worker.pending() == 0
+    assert worker.delivered == 3
+
+
+async def test_ensure_group_can_run_twice(redis: Any, w: World) -> None:
+    worker = worker_for(redis, w.warm)
+    await worker.ensure_group()
+    await worker.ensure_group()
+    assert [g["name"] for g in await redis.xinfo_groups(OUTBOX_STREAM)] == [GROUP.encode()]
+
+
+async def test_entries_wait_out_a_mongodb_outage_and_then_arrive(redis: Any, w: World) -> None:
+    session_id, entries = await session_history(w)
+    await publish(redis, entries)
+    worker = worker_for(redis, w.warm)
+    await worker.ensure_group()
+
+    w.warm.down = True
+    with pytest.raises(Exception, match="mongodb"):
+        await worker.step()
+    assert await redis.xlen(OUTBOX_STREAM) == 3
+    assert await worker.pending() == 3
+    assert w.warm.sessions[session_id].version == 1
+
+    w.warm.down = False
+    await worker.step()  # its own pending entries, without waiting for claim_idle_ms
+
+    assert w.warm.sessions[session_id].version == 4
+    assert len(await w.warm.all_events(session_id)) == 3
+    assert await redis.xlen(OUTBOX_STREAM) == 0
+
+
+async def test_the_run_loop_backs_off_during_an_outage_and_recovers(redis: Any, w: World) -> None:
+    session_id, entries = await session_history(w)
+    await publish(redis, entries)
+    w.warm.down = True
+    worker = worker_for(redis, w.warm)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await asyncio.sleep(0.3)
+    assert w.warm.sessions[session_id].version == 1
+    assert not task.done()
+
+    w.warm.down = False
+
+    async def delivered() -> bool:
+        return w.warm.sessions[session_id].version == 4
+
+    await eventually(delivered)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_the_run_loop_survives_an_unexpected_error(redis: Any, w: World) -> None:
+    session_id, entries = await session_history(w)
+    await publish(redis, entries)
+    worker = worker_for(redis, w.warm, claim_idle_ms=1000)
+    real_claim = worker.claim_stale
+    calls: list[int] = []
+
+    async def claim_that_fails_once() -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return await real_claim()
+
+    worker.claim_stale = claim_that_fails_once  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+
+    async def delivered() -> bool:
+        return w.warm.sessions[session_id].version == 4
+
+    await eventually(delivered)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert len(calls) >= 1
+
+
+async def test_a_failing_entry_is_parked_after_max_deliveries(redis: Any, w: World) -> None:
+    bad_id, bad_entries = await session_history(w)
+    good_id, good_entries = await session_history(w)
+    w.warm.apply_errors[bad_id] = ValueError("document too large")
+    [first_bad, *_] = await publish(redis, bad_entries[:1])
+    await publish(redis, good_entries)
+    worker = worker_for(redis, w.warm, max_deliveries=3)
+    await worker.ensure_group()
+
+    await worker.step()
+    assert w.warm.sessions[good_id].version == 4  # one bad entry holds nothing else up
+    assert await redis.xlen(DEAD_LETTER_STREAM) == 0
+    assert await worker.pending() == 1
+
+    for _ in range(2):
+        await worker.step()
+
+    [(_, dead)] = await redis.xrange(DEAD_LETTER_STREAM)
+    assert dead[b"id"] == first_bad
+    assert b"document too large" in dead[b"error"]
+    assert msgspec.json.decode(dead[b"entry"], type=OutboxEntry) == bad_entries[0]
+    assert await redis.xlen(OUTBOX_STREAM) == 0
+    assert await worker.pending() == 0
+    assert worker.parked == 1
+
+
+@pytest.mark.parametrize(
+    "fields", [{"entry": b"{not json"}, {"something": b"else"}, {"entry": b'{"record": 1}'}]
+)
+async def test_an_undecodable_entry_is_parked_at_once(
+    redis: Any, w: World, fields: dict[str, bytes]
+) -> None:
+    session_id, entries = await session_history(w)
+    junk = await redis.xadd(OUTBOX_STREAM, fields)
+    await publish(redis, entries)
+    worker = worker_for(redis, w.warm)
+    await worker.ensure_group()
+
+    await worker.step()
+
+    [(_, dead)] = await redis.xrange(DEAD_LETTER_STREAM)
+    assert dead[b"id"] == junk
+    assert dead[b"error"].startswith(b"undecodable entry")
+    assert w.warm.sessions[session_id].version == 4
+    assert await redis.xlen(OUTBOX_STREAM) == 0
+
+
+async def test_an_entry_for_a_deleted_session_is_dropped_not_parked(redis: Any, w: World) -> None:
+    session_id, entries = await session_history(w)
+    await w.warm.delete(session_id)
+    await publish(redis, entries)
+    worker = worker_for(redis, w.warm)
+    await worker.ensure_group()
+
+    await worker.step()
+
+    assert session_id not in w.warm.sessions  # no resurrection
+    assert await redis.xlen(OUTBOX_STREAM) == 0
+    assert await redis.xlen(DEAD_LETTER_STREAM) == 0
+
+
+async def test_entries_a_dead_consumer_left_pending_are_claimed_once_idle(
+    redis: Any, w: World
+) -> None:
+    session_id, entries = await session_history(w)
+    await publish(redis, entries)
+    worker = worker_for(redis, w.warm, claim_idle_ms=200)
+    await worker.ensure_group()
+    taken = await redis.xreadgroup(GROUP, "crashed", {OUTBOX_STREAM: ">"}, count=10)
+    assert len(taken[0][1]) == 3  # ...and it never acknowledges them
+
+    await worker.step()
+    assert w.warm.sessions[session_id].version == 1  # not idle long enough yet
+
+    await asyncio.sleep(0.3)
+    await worker.step()
+
+    assert w.warm.sessions[session_id].version == 4
+    assert await worker.pending() == 0
+    assert await redis.xlen(OUTBOX_STREAM) == 0
+
+
+async def test_running_delivers_in_the_background_and_stops_cleanly(redis: Any, w: World) -> None:
+    worker = worker_for(redis, w.warm, block_ms=20)
+    async with running(worker):
+        session_id, entries = await session_history(w)
+        await publish(redis, entries)
+
+        async def delivered() -> bool:
+            return w.warm.sessions[session_id].version == 4
+
+        await eventually(delivered)
+    assert worker.delivered == 3
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("write-behind")]
