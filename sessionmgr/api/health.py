@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 from litestar import Controller, Response, get
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 
 from sessionmgr.api.bridge import resolve
 from sessionmgr.domain.errors import BackendUnavailable
@@ -48,6 +49,11 @@ async def readiness(state: State) -> tuple[int, Readiness]:
     return 200, Readiness(status="degraded" if down else "ok", backends=backends)
 
 
+UNAVAILABLE = {
+    503: ResponseSpec(data_container=Readiness, description="Redis and MongoDB are both down")
+}
+
+
 class HealthController(Controller):
     path = "/health"
     tags = ["health"]
@@ -58,13 +64,13 @@ class HealthController(Controller):
         """The process answers; says nothing of the backends (a restart would not help them)."""
         return {"status": "alive"}
 
-    @get("/ready", cache=False)
+    @get("/ready", cache=False, responses=UNAVAILABLE)
     async def ready(self, state: State) -> Response[Readiness]:
         """200 `ok` or `degraded` (a backend down); 503 only when both are unreachable."""
         status, body = await readiness(state)
         return Response(body, status_code=status)
 
-    @get("/", cache=False)
+    @get("/", cache=False, responses=UNAVAILABLE)
     async def health(self, state: State) -> Response[Readiness]:
         """The readiness report, for people and the seed's `/health` probe."""
         status, body = await readiness(state)

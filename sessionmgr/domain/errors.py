@@ -51,6 +51,11 @@ class IdempotencyKeyReused(SessionError):
         super().__init__("this Idempotency-Key was already used with another request")
 
 
+class IdempotencyKeyInFlight(SessionError):
+    def __init__(self) -> None:
+        super().__init__("a request with this Idempotency-Key is still running; retry shortly")
+
+
 class BackendUnavailable(SessionError):
     """A backend failed or its answer was lost; the caller may retry (with its Idempotency-Key)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 from collections.abc import Callable
 from datetime import timedelta
@@ -79,8 +80,23 @@ class SessionService:
         wip, ctx = work_in_progress or {}, context_summary or {}
         rules.check_value(wip, "work_in_progress", self._limits.max_field_bytes)
         rules.check_value(ctx, "context_summary", self._limits.max_field_bytes)
-        if idem is not None and (replay := await self._hot.find_replay("create", idem)):
+        if idem is not None and (replay := await self._hot.claim("create", idem)):
             return msgspec.json.decode(replay.result, type=Session)
+        try:
+            return await self._create(owner, wip, ctx, idem)
+        except BaseException:
+            if idem is not None:
+                with contextlib.suppress(BackendUnavailable):
+                    await self._hot.release("create", idem)
+            raise
+
+    async def _create(
+        self,
+        owner: str,
+        wip: dict[str, Any],
+        ctx: dict[str, Any],
+        idem: Idempotency | None,
+    ) -> Session:
         now = utcnow()
         record = SessionRecord(
             id=new_session_id(),
@@ -345,11 +361,17 @@ class SessionService:
         self, scope: str, idem: Idempotency | None, result_type: type[R], run: Callable[[], Any]
     ) -> R:
         """Run a naturally idempotent action, replaying its first answer for a repeated key."""
-        if idem is not None and (replay := await self._hot.find_replay(scope, idem)):
+        if idem is None:
+            return await run()  # type: ignore[no-any-return]
+        if replay := await self._hot.claim(scope, idem):
             return msgspec.json.decode(replay.result, type=result_type)
-        result = await run()
-        if idem is not None:
-            await self._hot.remember(scope, idem, _encode(result))
+        try:
+            result = await run()
+        except BaseException:
+            with contextlib.suppress(BackendUnavailable):
+                await self._hot.release(scope, idem)
+            raise
+        await self._hot.remember(scope, idem, _encode(result))
         return result  # type: ignore[no-any-return]
 
     async def _hot_view(self, principal: Principal, session_id: str) -> HotView:

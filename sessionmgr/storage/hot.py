@@ -23,6 +23,7 @@ from redis.exceptions import WatchError
 from sessionmgr.domain.errors import (
     BackendUnavailable,
     ConcurrencyConflict,
+    IdempotencyKeyInFlight,
     IdempotencyKeyReused,
     SessionNotFound,
 )
@@ -39,6 +40,12 @@ _FIELD_DECODERS: dict[bytes, msgspec.json.Decoder[Any]] = {
     f.name.encode(): msgspec.json.Decoder(f.type) for f in msgspec.structs.fields(SessionRecord)
 }
 _RACE_RETRIES = 8
+CLAIM_TTL_S = 60
+PENDING = b"\x00pending"  # never a JSON answer
+_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 _encode = msgspec.json.Encoder().encode
 _decode_event = msgspec.json.Decoder(TimelineEvent).decode
 _decode_participants = msgspec.json.Decoder(dict[str, Participant]).decode
@@ -161,7 +168,7 @@ class RedisHotStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(hot_key(record.id), mapping=encode_record(record))  # type: ignore[arg-type]
             if idem is not None:
-                pipe.set(idem_key("create", idem), _idem_value(idem, result), ex=self._idem_ttl)
+                pipe.set(idem_key("create", idem), idem_value(idem, result), ex=self._idem_ttl)
             await self._guard(pipe.execute(), outcome_unknown=True)
 
     async def activate(self, record: SessionRecord, recent: list[TimelineEvent]) -> None:
@@ -209,7 +216,7 @@ class RedisHotStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             await self._guard(pipe.watch(*watched))
             view, stored = await self._read(pipe, session_id, idem)
-            if idem is not None and (replay := _replay(idem, stored)) is not None:
+            if idem is not None and (replay := replay_of(idem, stored)) is not None:
                 return replay
             if view is None:
                 return None
@@ -220,7 +227,7 @@ class RedisHotStore:
             self._queue_change(pipe, session_id, change)
             if idem is not None:
                 pipe.set(
-                    idem_key(session_id, idem), _idem_value(idem, change.result), ex=self._idem_ttl
+                    idem_key(session_id, idem), idem_value(idem, change.result), ex=self._idem_ttl
                 )
             await self._guard(pipe.execute(), outcome_unknown=True)
             return change
@@ -240,12 +247,26 @@ class RedisHotStore:
             entry = OutboxEntry(record=change.record, events=change.events)
             pipe.xadd(OUTBOX_STREAM, {"entry": _encode(entry)})
 
-    async def find_replay(self, scope: str, idem: Idempotency) -> Replayed | None:
-        return _replay(idem, await self._guard(self._redis.get(idem_key(scope, idem))))
+    async def claim(self, scope: str, idem: Idempotency) -> Replayed | None:
+        """Take the key for a request outside the transaction (create, suspend, resume, delete).
+
+        Returns the first answer when the key was used before; raises `IdempotencyKeyInFlight`
+        while another request with it is running. The claim lapses after `CLAIM_TTL_S`.
+        """
+        key = idem_key(scope, idem)
+        pending = idem_value(idem, PENDING)
+        if await self._guard(self._redis.set(key, pending, nx=True, ex=CLAIM_TTL_S)):
+            return None
+        return replay_of(idem, await self._guard(self._redis.get(key)))
+
+    async def release(self, scope: str, idem: Idempotency) -> None:
+        """Give a claim back after a failure, unless an answer was stored meanwhile."""
+        pending = idem_value(idem, PENDING)
+        await self._guard(self._redis.eval(_RELEASE_SCRIPT, 1, idem_key(scope, idem), pending))
 
     async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None:
         await self._guard(
-            self._redis.set(idem_key(scope, idem), _idem_value(idem, result), ex=self._idem_ttl)
+            self._redis.set(idem_key(scope, idem), idem_value(idem, result), ex=self._idem_ttl)
         )
 
     async def renew_lease(self, session_id: str, mad: str) -> int:
@@ -310,16 +331,18 @@ class RedisHotStore:
             raise BackendUnavailable("redis", detail) from exc
 
 
-def _idem_value(idem: Idempotency, result: bytes) -> bytes:
+def idem_value(idem: Idempotency, result: bytes) -> bytes:
     return idem.fingerprint.encode() + b"\n" + result
 
 
-def _replay(idem: Idempotency, stored: bytes | None) -> Replayed | None:
+def replay_of(idem: Idempotency, stored: bytes | None) -> Replayed | None:
     if stored is None:
         return None
     fingerprint, _, result = stored.partition(b"\n")
     if fingerprint.decode() != idem.fingerprint:
         raise IdempotencyKeyReused()
+    if result == PENDING:
+        raise IdempotencyKeyInFlight()
     return Replayed(result=result)
 
 

@@ -25,13 +25,19 @@ import msgspec
 from sessionmgr.domain.errors import (
     BackendUnavailable,
     ConcurrencyConflict,
-    IdempotencyKeyReused,
     SessionNotFound,
 )
 from sessionmgr.domain.model import SessionRecord, SessionState, TimelineEvent
 from sessionmgr.services.ports import Change, Decide, HotView, Idempotency, Page, Replayed
 from sessionmgr.services.sessions import Limits, SessionService
-from sessionmgr.storage.hot import OutboxEntry, decode_record, encode_record
+from sessionmgr.storage.hot import (
+    PENDING,
+    OutboxEntry,
+    decode_record,
+    encode_record,
+    idem_value,
+    replay_of,
+)
 
 _record_json = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(SessionRecord).decode
@@ -211,7 +217,7 @@ class InMemoryHotStore:
         self._reachable()
         self.hashes[record.id] = _as_hash(encode_record(record))
         if idem is not None:
-            self.idempotency[_idem_key("create", idem)] = _idem_value(idem, result)
+            self.idempotency[_idem_key("create", idem)] = idem_value(idem, result)
         self._touch(record.id)
 
     async def activate(self, record: SessionRecord, recent: list[TimelineEvent]) -> None:
@@ -240,7 +246,7 @@ class InMemoryHotStore:
         self._reachable()
         watched = self._revision.get(session_id, 0)
         if idem is not None and (
-            replay := _replay(idem, self.idempotency.get(_idem_key(session_id, idem)))
+            replay := replay_of(idem, self.idempotency.get(_idem_key(session_id, idem)))
         ):
             return replay
         view = self._view(session_id)
@@ -256,7 +262,7 @@ class InMemoryHotStore:
             raise _WatchFired
         self._commit(session_id, change)
         if idem is not None:
-            self.idempotency[_idem_key(session_id, idem)] = _idem_value(idem, change.result)
+            self.idempotency[_idem_key(session_id, idem)] = idem_value(idem, change.result)
         return change
 
     def _commit(self, session_id: str, change: Change) -> None:
@@ -274,13 +280,23 @@ class InMemoryHotStore:
             self.outbox.append(OutboxEntry(record=change.record, events=change.events))
         self._touch(session_id)
 
-    async def find_replay(self, scope: str, idem: Idempotency) -> Replayed | None:
+    async def claim(self, scope: str, idem: Idempotency) -> Replayed | None:
         self._reachable()
-        return _replay(idem, self.idempotency.get(_idem_key(scope, idem)))
+        key = _idem_key(scope, idem)
+        if key not in self.idempotency:
+            self.idempotency[key] = idem_value(idem, PENDING)
+            return None
+        return replay_of(idem, self.idempotency[key])
+
+    async def release(self, scope: str, idem: Idempotency) -> None:
+        self._reachable()
+        key = _idem_key(scope, idem)
+        if self.idempotency.get(key) == idem_value(idem, PENDING):
+            del self.idempotency[key]
 
     async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None:
         self._reachable()
-        self.idempotency[_idem_key(scope, idem)] = _idem_value(idem, result)
+        self.idempotency[_idem_key(scope, idem)] = idem_value(idem, result)
 
     async def renew_lease(self, session_id: str, mad: str) -> int:
         self._reachable()
@@ -335,19 +351,6 @@ def _as_hash(fields: dict[str, bytes]) -> dict[bytes, bytes]:
 
 def _idem_key(scope: str, idem: Idempotency) -> str:
     return f"{scope}:{idem.key_digest}"
-
-
-def _idem_value(idem: Idempotency, result: bytes) -> bytes:
-    return idem.fingerprint.encode() + b"\n" + result
-
-
-def _replay(idem: Idempotency, stored: bytes | None) -> Replayed | None:
-    if stored is None:
-        return None
-    fingerprint, _, result = stored.partition(b"\n")
-    if fingerprint.decode() != idem.fingerprint:
-        raise IdempotencyKeyReused()
-    return Replayed(result=result)
 
 
 @dataclass
