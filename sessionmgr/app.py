@@ -44,7 +44,6 @@ def create_app(container: Container | None = None) -> Litestar:
                     "bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")
                 }
             ),
-            security=[{"bearer": []}],
         ),
         logging_config=None,
         debug=False,

@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sessionmgr", description="Shared working state of multi-agent sessions."
     )
-    parser.add_argument("--version", action="version", version=f"sessionmgr {sessionmgr.__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"sessionmgr {sessionmgr.__version__}"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the API with the environment's settings")
@@ -151,18 +153,27 @@ def _check(args: argparse.Namespace) -> int:
 async def _run_checks(settings: Settings) -> bool:
     from sessionmgr.devstack import redact_url
 
-    checks: list[tuple[str, str, Callable[[], Awaitable[str | None]]]] = [
-        ("jwt", _jwt_source(settings), lambda: _check_jwt(settings)),
-        ("redis", redact_url(settings.redis_url), lambda: _ping_redis(settings)),
-        ("mongodb", redact_url(settings.mongodb_uri), lambda: _ping_mongodb(settings)),
+    _import_backends()  # before the clocks start: importing the drivers takes a while
+
+    # MongoDB gets its own server-selection timeout plus a second: its error says more.
+    mongodb_timeout_s = max(CHECK_TIMEOUT_S, settings.mongodb_timeout_ms / 1000 + 1)
+    checks: list[tuple[str, str, float, Callable[[], Awaitable[str | None]]]] = [
+        ("jwt", _jwt_source(settings), CHECK_TIMEOUT_S, lambda: _check_jwt(settings)),
+        ("redis", redact_url(settings.redis_url), CHECK_TIMEOUT_S, lambda: _ping_redis(settings)),
+        (
+            "mongodb",
+            redact_url(settings.mongodb_uri),
+            mongodb_timeout_s,
+            lambda: _ping_mongodb(settings),
+        ),
     ]
     all_ok = True
-    for name, target, probe in checks:
+    for name, target, timeout_s, probe in checks:
         try:
-            note = await asyncio.wait_for(probe(), CHECK_TIMEOUT_S)
+            note = await asyncio.wait_for(probe(), timeout_s)
         except TimeoutError:
             all_ok = False
-            _report(False, name, target, f"no answer within {CHECK_TIMEOUT_S:g} s")
+            _report(False, name, target, f"no answer within {timeout_s:g} s")
         # An operator's tool reports every failure as a line, whatever its type, not a traceback.
         except Exception as exc:
             all_ok = False
@@ -178,7 +189,8 @@ def _report(ok: bool, name: str, target: str, note: str | None) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    # PyMongo appends a whole topology description after ", Timeout:"; the cause comes first.
+    text = " ".join(str(exc).split(", Timeout: ")[0].split()) or type(exc).__name__
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
 
 
@@ -188,6 +200,12 @@ def _jwt_source(settings: Settings) -> str:
     if settings.jwt_public_key:
         return f"{PREFIX}JWT_PUBLIC_KEY"
     return settings.jwt_jwks_url or "(none)"
+
+
+def _import_backends() -> None:
+    import sessionmgr.api.auth
+    import sessionmgr.storage.hot
+    import sessionmgr.storage.warm  # noqa: F401
 
 
 async def _check_jwt(settings: Settings) -> str | None:

@@ -28,8 +28,6 @@ import msgspec
 import uvicorn
 
 from sessionmgr.api.auth import issue_token
-from sessionmgr.app import create_app
-from sessionmgr.container import build_container
 from sessionmgr.settings import PREFIX, Settings, effective_algorithms, load_settings
 
 DEV_SUB = "dev-user"
@@ -233,6 +231,9 @@ def _signals_exit() -> Iterator[None]:
 
 def run(host: str, port: int, environ: Mapping[str, str] | None = None) -> None:
     """Serve until stopped; the private redis-server is stopped whatever happens."""
+    from sessionmgr.app import create_app  # the whole app: only `dev` itself needs it
+    from sessionmgr.container import build_container
+
     env = os.environ if environ is None else environ
     settings = dev_settings(env)
     redis: RedisServer | None = None

@@ -124,9 +124,13 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
             problem.errors = exc.extra if isinstance(exc.extra, list) else [exc.extra]
             return problem_response(problem)
         return problem_response(_problem(400, "malformed", exc.detail, request))
-    slug = {413: "too-large", 404: "not-found", 405: "method-not-allowed"}.get(
-        exc.status_code, "http-error"
-    )
+    slug = {
+        400: "malformed",
+        404: "not-found",
+        405: "method-not-allowed",
+        413: "too-large",
+        415: "unsupported-media-type",
+    }.get(exc.status_code, "http-error")
     return problem_response(_problem(exc.status_code, slug, exc.detail, request), exc.headers)
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post, put
 from litestar.di import NamedDependency
+from litestar.exceptions import ClientException
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
+from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
 
 from sessionmgr.api.bridge import provide
 from sessionmgr.api.problems import responses
@@ -25,6 +27,7 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 ETAG = re.compile(r'^(?:W/)?(?:"(\d{1,18})"|(\d{1,18}))$')
 
 Req = Request[Principal, Any, Any]
+B = TypeVar("B", CreateSessionBody, PatchBody, AppendBody, ParticipantBody)
 SessionId = Annotated[str, PathParameter(description="The session id (32 hex characters).")]
 MadName = Annotated[str, PathParameter(description="The MAD's name, without the `mad:` prefix.")]
 Sessions = NamedDependency[SessionService]
@@ -40,8 +43,8 @@ IfMatch = Annotated[
     str | None,
     HeaderParameter(name="If-Match", required=False, description='The expected version, as "<n>".'),
 ]
-READ = (401, 403, 404, 503)
-BODY = (400, 401, 403, 413, 422, 503)
+READ = (400, 401, 403, 404, 503)
+BODY = (400, 401, 403, 413, 415, 422, 503)
 
 
 def _sid(session_id: str) -> str:
@@ -66,6 +69,23 @@ def _idem(request: Req, key: str | None, body: Any = None) -> Idempotency | None
     return Idempotency(key_digest=scope, fingerprint=fingerprint)
 
 
+async def _strict(request: Req, parsed: B) -> B:
+    """Decode the body again, strictly: Litestar's lenient pass would take "3" for 3.
+
+    Litestar's typed `data` keeps the OpenAPI schema and its 400/422 answers; this pass adds
+    what it lets through: wrong JSON types and a content type other than JSON.
+    """
+    media_type = request.content_type[0]
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ClientException(
+            "send the body as application/json", status_code=HTTP_415_UNSUPPORTED_MEDIA_TYPE
+        )
+    try:
+        return msgspec.json.decode(await request.body(), type=type(parsed))
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
 def _with_etag(session: Session, status_code: int = 200, **headers: str) -> Response[Session]:
     return Response(
         session, status_code=status_code, headers={"ETag": f'"{session.version}"', **headers}
@@ -84,6 +104,7 @@ def _if_match(value: str | None) -> int | None:
 class SessionController(Controller):
     path = "/v1/sessions"
     tags = ["sessions"]
+    security = [{"bearer": []}]
     dependencies = {"sessions": provide("sessions")}
 
     @post("/", status_code=201, responses=responses(*BODY))
@@ -95,6 +116,7 @@ class SessionController(Controller):
         idempotency_key: IdemHeader = None,
     ) -> Response[Session]:
         """Create a session owned by the caller (or, for admin/service, by `owner_id`)."""
+        data = await _strict(request, data)
         session = await sessions.create(
             request.user,
             owner_id=data.owner_id,
@@ -146,6 +168,7 @@ class SessionController(Controller):
         idempotency_key: IdemHeader = None,
     ) -> Response[Session]:
         """Apply a patch at `expected_version` (or If-Match); stale versions get 409."""
+        data = await _strict(request, data)
         header_version = _if_match(if_match)
         expected = data.expected_version or header_version
         if expected is None:
@@ -171,6 +194,7 @@ class SessionController(Controller):
         idempotency_key: IdemHeader = None,
     ) -> AppendResult:
         """Append events; the server assigns seq, at and actor."""
+        data = await _strict(request, data)
         return await sessions.append(
             request.user,
             _sid(session_id),
@@ -189,6 +213,7 @@ class SessionController(Controller):
         idempotency_key: IdemHeader = None,
     ) -> Response[Session]:
         """Add a MAD: it joins the ACL and gets a lease it must renew."""
+        data = await _strict(request, data)
         session = await sessions.add_participant(
             request.user, _sid(session_id), data.mad_name, _idem(request, idempotency_key, data)
         )

@@ -1,0 +1,256 @@
+"""The OpenAPI document lists every route with every status it can answer (DESIGN §4-5).
+
+Also: the public operational routes answer without a token.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from litestar.testing import AsyncTestClient
+
+from tests.e2e.conftest import Api
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+PROBLEM_JSON = "application/problem+json"
+SID = "/v1/sessions/{session_id}"
+
+# DESIGN §4: (method, path) -> the statuses a caller can meet there.
+V1_COMMON = {401, 503}
+PER_SESSION = {403, 404}
+BODY = {400, 413, 422}
+IDEMPOTENT = {422}  # Idempotency-Key reused with another request
+DESIGN_ROUTES: dict[tuple[str, str], tuple[int, set[int]]] = {
+    ("POST", "/v1/sessions"): (201, V1_COMMON | BODY | IDEMPOTENT | {403}),
+    ("GET", "/v1/sessions"): (200, V1_COMMON | {422}),
+    ("GET", SID): (200, V1_COMMON | PER_SESSION | {422}),
+    ("PATCH", SID): (200, V1_COMMON | PER_SESSION | BODY | {409, 428}),
+    ("POST", f"{SID}/timeline"): (200, V1_COMMON | PER_SESSION | BODY | {409}),
+    ("POST", f"{SID}/participants"): (200, V1_COMMON | PER_SESSION | BODY),
+    ("PUT", f"{SID}/participants/{{mad_name}}/lease"): (200, V1_COMMON | PER_SESSION | {422}),
+    ("DELETE", f"{SID}/participants/{{mad_name}}"): (204, V1_COMMON | PER_SESSION | {422}),
+    ("POST", f"{SID}/suspend"): (200, V1_COMMON | PER_SESSION | IDEMPOTENT),
+    ("POST", f"{SID}/resume"): (200, V1_COMMON | PER_SESSION | IDEMPOTENT),
+    ("POST", f"{SID}/archive"): (200, V1_COMMON | PER_SESSION | IDEMPOTENT),
+    ("DELETE", SID): (204, V1_COMMON | PER_SESSION | IDEMPOTENT),
+    ("GET", "/health/live"): (200, set()),
+    ("GET", "/health/ready"): (200, {503}),  # 503 when MongoDB cannot be reached
+    ("GET", "/health"): (200, {503}),
+    ("GET", "/metrics"): (200, set()),
+}
+# A lease renewal is a PUT, idempotent by nature: renewing twice leaves the same lease.
+MUTATING = {
+    key
+    for key in DESIGN_ROUTES
+    if key[0] != "GET" and key[1].startswith("/v1/") and not key[1].endswith("/lease")
+}
+PUBLIC = {key for key in DESIGN_ROUTES if not key[1].startswith("/v1/")}
+BODY_ROUTES = {
+    ("POST", "/v1/sessions"),
+    ("PATCH", SID),
+    ("POST", f"{SID}/timeline"),
+    ("POST", f"{SID}/participants"),
+}
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def schema(api: AsyncTestClient[Any]) -> dict[str, Any]:
+    r = await api.get("/schema/openapi.json")
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def served_routes(api: AsyncTestClient[Any]) -> set[tuple[str, str]]:
+    """(method, path) of every route the running app answers, in OpenAPI path syntax."""
+    served = set()
+    for route in api.app.routes:
+        path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)
+        for method in getattr(route, "methods", ()):
+            if method not in ("HEAD", "OPTIONS"):
+                served.add((method, path.rstrip("/") or "/"))
+    return served
+
+
+def operation(schema: dict[str, Any], method: str, path: str) -> dict[str, Any]:
+    paths = schema["paths"]
+    assert path in paths, f"{path} is missing from the OpenAPI document"
+    op = paths[path].get(method.lower())
+    assert op is not None, f"{method} {path} is missing from the OpenAPI document"
+    return op  # type: ignore[no-any-return]
+
+
+def key_id(key: tuple[str, str]) -> str:
+    return f"{key[0]} {key[1]}"
+
+
+async def test_every_served_route_is_documented(api: AsyncTestClient[Any], schema: dict[str, Any]):
+    documented = {
+        (method.upper(), path)
+        for path, ops in schema["paths"].items()
+        for method in ops
+        if method in {"get", "put", "post", "patch", "delete"}
+    }
+    served = {r for r in served_routes(api) if not r[1].startswith("/schema")}
+    assert served - documented == set(), "served but not in the OpenAPI document"
+    assert documented - served == set(), "documented but not served"
+
+
+@pytest.mark.parametrize("key", sorted(DESIGN_ROUTES), ids=key_id)
+async def test_design_route_documents_its_statuses(
+    api: AsyncTestClient[Any], schema: dict[str, Any], key: tuple[str, str]
+):
+    method, path = key
+    if key not in served_routes(api):
+        if path.endswith("/archive"):
+            pytest.skip("archive (DESIGN §4) is not served by this build yet")
+        pytest.fail(f"{method} {path} of DESIGN §4 is not served")
+    success, problems = DESIGN_ROUTES[key]
+    responses = operation(schema, method, path)["responses"]
+    documented = {int(code) for code in responses if code.isdigit()}
+    assert success in documented, f"{method} {path} does not document its {success}"
+    missing = problems - documented
+    assert not missing, f"{method} {path} does not document {sorted(missing)}"
+    assert 500 not in documented
+
+
+@pytest.mark.parametrize("key", sorted(k for k in DESIGN_ROUTES if k not in PUBLIC), ids=key_id)
+async def test_problem_answers_are_problem_json(
+    api: AsyncTestClient[Any], schema: dict[str, Any], key: tuple[str, str]
+):
+    if key not in served_routes(api):
+        pytest.skip("not served by this build")
+    responses = operation(schema, *key)["responses"]
+    for code, response in responses.items():
+        if code.isdigit() and int(code) >= 400:
+            content = response.get("content", {})
+            assert PROBLEM_JSON in content, f"{key_id(key)} {code} is not problem+json: {content}"
+            ref = content[PROBLEM_JSON]["schema"].get("$ref", "")
+            assert ref.endswith("/Problem"), (code, content)
+
+
+async def test_problem_schema_has_the_rfc_9457_members(schema: dict[str, Any]):
+    problem = schema["components"]["schemas"]["Problem"]
+    assert {"type", "title", "status"} <= set(problem["properties"])
+    assert {"type", "title", "status"} <= set(problem.get("required", []))
+    assert "current_version" in problem["properties"], "409 answers carry current_version"
+
+
+@pytest.mark.parametrize("key", sorted(MUTATING), ids=key_id)
+async def test_mutations_document_the_idempotency_key(
+    api: AsyncTestClient[Any], schema: dict[str, Any], key: tuple[str, str]
+):
+    if key not in served_routes(api):
+        pytest.skip("not served by this build")
+    params = operation(schema, *key).get("parameters", [])
+    headers = {p["name"].lower() for p in params if p.get("in") == "header"}
+    assert "idempotency-key" in headers, f"{key_id(key)} parameters: {params}"
+
+
+async def test_patch_documents_if_match(schema: dict[str, Any]):
+    params = operation(schema, "PATCH", SID).get("parameters", [])
+    assert "if-match" in {p["name"].lower() for p in params if p.get("in") == "header"}
+
+
+@pytest.mark.parametrize("key", sorted(BODY_ROUTES), ids=key_id)
+async def test_body_routes_document_a_json_body(schema: dict[str, Any], key: tuple[str, str]):
+    body = operation(schema, *key).get("requestBody")
+    assert body is not None, f"{key_id(key)} documents no request body"
+    assert "application/json" in body["content"]
+
+
+async def test_no_internal_dependency_leaks_as_a_parameter(schema: dict[str, Any]):
+    """A dependency shown as a parameter would invite clients to send it (STYLE: no @inject)."""
+    leaked = [
+        (path, method, p["name"])
+        for path, ops in schema["paths"].items()
+        for method, op in ops.items()
+        if isinstance(op, dict)
+        for p in op.get("parameters", [])
+        if p["name"] in {"sessions", "request", "container", "verifier", "data"}
+        or (p["name"] == "state" and p.get("in") != "query")
+    ]
+    assert leaked == []
+
+
+async def test_list_documents_its_query_parameters(schema: dict[str, Any]):
+    params = {p["name"]: p for p in operation(schema, "GET", "/v1/sessions")["parameters"]}
+    assert {"state", "limit", "cursor"} <= set(params)
+    assert all(params[name]["in"] == "query" for name in ("state", "limit", "cursor"))
+    text = repr(params["state"]["schema"])
+    for ref in re.findall(r"#/components/schemas/(\w+)", text):
+        text += repr(schema["components"]["schemas"][ref])
+    assert all(state in text for state in ("active", "dormant", "archived")), text
+
+
+async def test_bearer_security_scheme_guards_v1(schema: dict[str, Any]):
+    schemes = schema["components"]["securitySchemes"]
+    bearer = [
+        name
+        for name, s in schemes.items()
+        if s.get("type") == "http" and s.get("scheme", "").lower() == "bearer"
+    ]
+    assert bearer, f"no HTTP bearer scheme in {schemes}"
+    for path, ops in schema["paths"].items():
+        if not path.startswith("/v1/"):
+            continue
+        for method, op in ops.items():
+            if not isinstance(op, dict) or "responses" not in op:
+                continue
+            required = op.get("security", schema.get("security", []))
+            names = {name for requirement in required for name in requirement}
+            assert names & set(bearer), f"{method.upper()} {path} does not require the bearer"
+
+
+@pytest.mark.parametrize("key", sorted(PUBLIC), ids=key_id)
+async def test_public_routes_are_documented_as_public(schema: dict[str, Any], key: tuple[str, str]):
+    """Under a global bearer requirement, a public route must say `security: []`."""
+    op = operation(schema, *key)
+    required = op.get("security", schema.get("security", []))
+    assert required in ([], [{}]), f"{key_id(key)} is documented as needing {required}"
+
+
+# -- the public routes answer without a token ------------------------------------------------
+
+
+async def test_liveness_answers_without_a_token(api: AsyncTestClient[Any]):
+    r = await api.get("/health/live")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "alive"
+
+
+@pytest.mark.parametrize("path", ["/health/ready", "/health"])
+async def test_readiness_answers_without_a_token(api: AsyncTestClient[Any], path: str):
+    r = await api.get(path)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "ok"
+    assert {name: b["status"] for name, b in body["backends"].items()} == {
+        "redis": "up",
+        "mongodb": "up",
+    }
+
+
+async def test_metrics_answer_without_a_token(app_api: Api, cast: Any):
+    await app_api.create(cast.owner)  # so that a request has been counted
+    r = await app_api.client.get("/metrics")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    assert "sessionmgr_http_requests" in r.text
+    assert 'route="/v1/sessions"' in r.text
+
+
+async def test_schema_answers_without_a_token(api: AsyncTestClient[Any]):
+    r = await api.get("/schema/openapi.json")
+    assert r.status_code == 200
+    assert r.json()["openapi"].startswith("3.")
+
+
+async def test_public_routes_ignore_a_bad_token(api: AsyncTestClient[Any]):
+    bad = {"Authorization": "Bearer not-a-token"}
+    for path in ("/health/live", "/health/ready", "/metrics"):
+        r = await api.get(path, headers=bad)
+        assert r.status_code == 200, (path, r.text)
