@@ -32,7 +32,14 @@ from sessionmgr.domain.model import (
     new_session_id,
     utcnow,
 )
-from sessionmgr.services.ports import Change, HotStore, HotView, Idempotency, WarmStore
+from sessionmgr.services.ports import (
+    CREATE_SCOPE,
+    Change,
+    HotStore,
+    HotView,
+    Idempotency,
+    WarmStore,
+)
 from sessionmgr.services.views import (
     AppendResult,
     LeaseInfo,
@@ -80,14 +87,14 @@ class SessionService:
         wip, ctx = work_in_progress or {}, context_summary or {}
         rules.check_value(wip, "work_in_progress", self._limits.max_field_bytes)
         rules.check_value(ctx, "context_summary", self._limits.max_field_bytes)
-        if idem is not None and (replay := await self._hot.claim("create", idem)):
+        if idem is not None and (replay := await self._hot.claim(CREATE_SCOPE, idem)):
             return msgspec.json.decode(replay.result, type=Session)
         try:
             return await self._create(owner, wip, ctx, idem)
         except BaseException:
             if idem is not None:
                 with contextlib.suppress(BackendUnavailable):
-                    await self._hot.release("create", idem)
+                    await self._hot.release(CREATE_SCOPE, idem)
             raise
 
     async def _create(
@@ -126,14 +133,16 @@ class SessionService:
             session = to_session(view.record, view.recent, view.lease_ttl_ms, utcnow())
             if full:
                 session.full_context = view.record.full_context
-                session.full_timeline = _merge(await self._warm.all_events(session_id), view.recent)
+                session.full_timeline = await self._full_timeline(
+                    session_id, view.record.timeline_seq, view.recent
+                )
             return session
         record = await self._warm_record(principal, session_id)
         recent = await self._warm.recent_events(session_id, self._limits.recent_timeline)
         session = to_session(record, recent, {}, utcnow(), state=_resting(record.state))
         if full:
             session.full_context = record.full_context
-            session.full_timeline = await self._warm.all_events(session_id)
+            session.full_timeline = await self._full_timeline(session_id, record.timeline_seq, [])
         return session
 
     async def list_sessions(
@@ -401,6 +410,18 @@ class SessionService:
             raise SessionNotFound(session_id)
         rules.require_access(principal, record.owner_id, record.acl)
         return record
+
+    async def _full_timeline(
+        self, session_id: str, last_seq: int, hot_events: list[TimelineEvent]
+    ) -> list[TimelineEvent]:
+        """Every event 1..last_seq: MongoDB's, the hot list's and any still in the outbox."""
+        events = _merge(await self._warm.all_events(session_id), hot_events)
+        if len(events) < last_seq:
+            # The write-behind is behind; its backlog holds the rest. A delivery between the
+            # two reads moves events from the outbox to MongoDB, so read MongoDB once more.
+            pending = await self._hot.undelivered_events(session_id)
+            events = _merge(await self._warm.all_events(session_id), [*events, *pending])
+        return events
 
     def _check_events(self, events: list[NewEvent]) -> None:
         if not events:

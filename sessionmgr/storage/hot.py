@@ -28,7 +28,14 @@ from sessionmgr.domain.errors import (
     SessionNotFound,
 )
 from sessionmgr.domain.model import Participant, SessionRecord, SessionState, TimelineEvent
-from sessionmgr.services.ports import Change, Decide, HotView, Idempotency, Replayed
+from sessionmgr.services.ports import (
+    CREATE_SCOPE,
+    Change,
+    Decide,
+    HotView,
+    Idempotency,
+    Replayed,
+)
 from sessionmgr.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,7 @@ _FIELD_DECODERS: dict[bytes, msgspec.json.Decoder[Any]] = {
 }
 _RACE_RETRIES = 8
 CLAIM_TTL_S = 60
+_SCAN_BATCH = 500
 PENDING = b"\x00pending"  # never a JSON answer
 _RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -81,6 +89,9 @@ class OutboxEntry(msgspec.Struct, frozen=True):
     events: list[TimelineEvent] = []
 
 
+_decode_outbox = msgspec.json.Decoder(OutboxEntry).decode
+
+
 def hot_key(session_id: str) -> str:
     return f"session_hot:{{{session_id}}}"
 
@@ -95,6 +106,10 @@ def lease_key(session_id: str, mad: str) -> str:
 
 def idem_key(scope: str, idem: Idempotency) -> str:
     return f"session_idem:{{{scope}}}:{idem.key_digest}"
+
+
+def idem_index_key(session_id: str) -> str:
+    return f"session_idem_keys:{{{session_id}}}"
 
 
 def gone_key(session_id: str) -> str:
@@ -168,7 +183,7 @@ class RedisHotStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(hot_key(record.id), mapping=encode_record(record))  # type: ignore[arg-type]
             if idem is not None:
-                pipe.set(idem_key("create", idem), idem_value(idem, result), ex=self._idem_ttl)
+                pipe.set(idem_key(CREATE_SCOPE, idem), idem_value(idem, result), ex=self._idem_ttl)
             await self._guard(pipe.execute(), outcome_unknown=True)
 
     async def activate(self, record: SessionRecord, recent: list[TimelineEvent]) -> None:
@@ -226,9 +241,9 @@ class RedisHotStore:
             pipe.multi()  # type: ignore[no-untyped-call]
             self._queue_change(pipe, session_id, change)
             if idem is not None:
-                pipe.set(
-                    idem_key(session_id, idem), idem_value(idem, change.result), ex=self._idem_ttl
-                )
+                key = idem_key(session_id, idem)
+                pipe.set(key, idem_value(idem, change.result), ex=self._idem_ttl)
+                self._index_idem(pipe, session_id, key)
             await self._guard(pipe.execute(), outcome_unknown=True)
             return change
 
@@ -245,7 +260,7 @@ class RedisHotStore:
             pipe.delete(lease_key(session_id, mad))
         if change.fields or change.events:
             entry = OutboxEntry(record=change.record, events=change.events)
-            pipe.xadd(OUTBOX_STREAM, {"entry": _encode(entry)})
+            pipe.xadd(OUTBOX_STREAM, {"sid": session_id, "entry": _encode(entry)})
 
     async def claim(self, scope: str, idem: Idempotency) -> Replayed | None:
         """Take the key for a request outside the transaction (create, suspend, resume, delete).
@@ -254,8 +269,11 @@ class RedisHotStore:
         while another request with it is running. The claim lapses after `CLAIM_TTL_S`.
         """
         key = idem_key(scope, idem)
-        pending = idem_value(idem, PENDING)
-        if await self._guard(self._redis.set(key, pending, nx=True, ex=CLAIM_TTL_S)):
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, idem_value(idem, PENDING), nx=True, ex=CLAIM_TTL_S)
+            self._index_idem(pipe, scope, key)
+            claimed = (await self._guard(pipe.execute()))[0]
+        if claimed:
             return None
         return replay_of(idem, await self._guard(self._redis.get(key)))
 
@@ -265,9 +283,17 @@ class RedisHotStore:
         await self._guard(self._redis.eval(_RELEASE_SCRIPT, 1, idem_key(scope, idem), pending))
 
     async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None:
-        await self._guard(
-            self._redis.set(idem_key(scope, idem), idem_value(idem, result), ex=self._idem_ttl)
-        )
+        async with self._redis.pipeline(transaction=True) as pipe:
+            key = idem_key(scope, idem)
+            pipe.set(key, idem_value(idem, result), ex=self._idem_ttl)
+            self._index_idem(pipe, scope, key)
+            await self._guard(pipe.execute())
+
+    def _index_idem(self, pipe: Any, scope: str, key: str) -> None:
+        """Note a session's idempotency records, so that deleting the session deletes them."""
+        if scope != CREATE_SCOPE:
+            pipe.sadd(idem_index_key(scope), key)
+            pipe.expire(idem_index_key(scope), self._idem_ttl)
 
     async def renew_lease(self, session_id: str, mad: str) -> int:
         """(Re)start a MAD's lease; returns its life in milliseconds."""
@@ -300,6 +326,26 @@ class RedisHotStore:
                 return record
         raise ConcurrencyConflict(session_id, await self._current_version(session_id))
 
+    async def undelivered_events(self, session_id: str) -> list[TimelineEvent]:
+        """Events of this session still in the outbox (not yet in MongoDB).
+
+        The outbox holds only undelivered entries (the worker deletes what it delivered), so
+        this scan is as long as the write-behind's backlog: short unless MongoDB lags.
+        """
+        events: list[TimelineEvent] = []
+        start = "-"
+        sid = session_id.encode()
+        while True:
+            batch = await self._guard(
+                self._redis.xrange(OUTBOX_STREAM, min=start, max="+", count=_SCAN_BATCH)
+            )
+            for _, fields in batch:
+                if fields.get(b"sid") == sid:
+                    events += _decode_outbox(fields[b"entry"]).events
+            if len(batch) < _SCAN_BATCH:
+                return events
+            start = "(" + batch[-1][0].decode()
+
     async def mark_deleted(self, session_id: str) -> None:
         await self._guard(self._redis.set(gone_key(session_id), b"1", ex=self._deleted_ttl))
 
@@ -307,13 +353,19 @@ class RedisHotStore:
         return bool(await self._guard(self._redis.exists(gone_key(session_id))))
 
     async def drop(self, session_id: str) -> None:
-        participants = await self._guard(self._redis.hget(hot_key(session_id), "participants"))
+        """Delete every key of the session but its tombstone: data, leases, idempotency records."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(hot_key(session_id), "participants")
+            pipe.smembers(idem_index_key(session_id))
+            participants, idem_keys = await self._guard(pipe.execute())
         mads = list(_decode_participants(participants)) if participants else []
         await self._guard(
             self._redis.delete(
                 hot_key(session_id),
                 timeline_key(session_id),
+                idem_index_key(session_id),
                 *[lease_key(session_id, m) for m in mads],
+                *idem_keys,
             )
         )
 

@@ -321,6 +321,10 @@ class InMemoryHotStore:
             return record
         raise ConcurrencyConflict(session_id, self._current_version(session_id))
 
+    async def undelivered_events(self, session_id: str) -> list[TimelineEvent]:
+        self._reachable()
+        return [e for entry in self.outbox if entry.record.id == session_id for e in entry.events]
+
     async def mark_deleted(self, session_id: str) -> None:
         self._reachable()
         self.gone.add(session_id)

@@ -844,3 +844,13 @@ async def test_random_payloads_round_trip_through_the_service() -> None:
         session = await w.service.get(ALICE, created.id, full=True)
         assert (session.work_in_progress, session.context_summary) == (wip, ctx)
         assert session.full_context == full
+
+
+async def test_full_timeline_includes_events_the_write_behind_has_not_delivered(w: World) -> None:
+    created = await new_session(w)
+    for n in range(30):
+        await w.service.append(ALICE, created.id, [NewEvent(kind="note", data={"n": n})])
+    # Nothing delivered: MongoDB has none of the 30 events, Redis keeps only the last 20.
+    full = await w.service.get(ALICE, created.id, full=True)
+    assert isinstance(full.full_timeline, list)
+    assert [e.seq for e in full.full_timeline] == list(range(1, 31))

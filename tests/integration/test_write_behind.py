@@ -1,0 +1,352 @@
+"""Write-behind crash safety on a real redis-server: nothing acknowledged is ever lost.
+
+The app runs without its own worker (`manual_*` fixtures); each test drives
+`WriteBehindWorker`s by hand and kills them where a replica could die: before its MongoDB
+write, between that write and the XACK, on a poison entry, while MongoDB is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+from redis.asyncio import Redis
+
+from sessionmgr.domain.errors import BackendUnavailable
+from sessionmgr.domain.model import SessionRecord, TimelineEvent
+from sessionmgr.services.write_behind import GROUP, WriteBehindWorker, running
+from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry, timeline_key
+from sessionmgr.storage.warm import MongoWarmStore
+from tests.integration.session_api import (
+    append_events,
+    create_session,
+    eventually,
+    hot_record,
+    patch_session,
+)
+
+CLAIM_IDLE_MS = 100
+Headers = dict[str, str]
+_decode_entry = msgspec.json.Decoder(OutboxEntry).decode
+_decode_event = msgspec.json.Decoder(TimelineEvent).decode
+
+
+class ProcessDied(BaseException):
+    """The replica's process ends here: none of the worker's own code runs after it."""
+
+
+class FaultyWarm:
+    """The real warm store, with a fault that can strike before or after `apply` writes."""
+
+    def __init__(
+        self,
+        real: MongoWarmStore,
+        *,
+        before: Callable[[SessionRecord], None] = lambda _r: None,
+        after: Callable[[SessionRecord], None] = lambda _r: None,
+    ) -> None:
+        self._real = real
+        self._before = before
+        self._after = after
+        self.attempts: dict[int, int] = {}
+
+    async def total_attempts(self) -> int:
+        return sum(self.attempts.values())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    async def apply(self, record: SessionRecord, events: list[TimelineEvent]) -> bool:
+        self.attempts[record.version] = self.attempts.get(record.version, 0) + 1
+        self._before(record)
+        written = await self._real.apply(record, events)
+        self._after(record)
+        return written
+
+
+class MongoSwitch:
+    """MongoDB as the worker sees it during an outage: every write fails until it is back."""
+
+    def __init__(self) -> None:
+        self.down = True
+
+    def fail_if_down(self, _record: SessionRecord) -> None:
+        if self.down:
+            raise BackendUnavailable("mongodb", "ServerSelectionTimeoutError")
+
+
+def die(_record: SessionRecord) -> None:
+    raise ProcessDied
+
+
+def die_at(version: int) -> Callable[[SessionRecord], None]:
+    def fault(record: SessionRecord) -> None:
+        if record.version == version:
+            raise ProcessDied
+
+    return fault
+
+
+def worker(redis: Redis, warm: Any, name: str, **options: Any) -> WriteBehindWorker:
+    options.setdefault("claim_idle_ms", CLAIM_IDLE_MS)
+    options.setdefault("block_ms", 10)
+    return WriteBehindWorker(redis, warm, consumer=name, **options)
+
+
+async def make_history(api: httpx.AsyncClient, owner: Headers) -> tuple[str, int]:
+    """A session taken to version 6 by five writes, the last an append; returns (id, 6)."""
+    session = await create_session(api, owner, work_in_progress={"step": 0})
+    sid = session["id"]
+    await patch_session(api, owner, sid, 1, work_in_progress={"step": 1})
+    await append_events(api, owner, sid, *({"kind": "note", "data": {"n": n}} for n in (1, 2, 3)))
+    response = await api.post(
+        f"/v1/sessions/{sid}/participants", json={"mad_name": "planner"}, headers=owner
+    )
+    assert response.status_code == 200, response.text
+    await patch_session(
+        api, owner, sid, 4, context_summary={"topic": "crash"}, full_context={"doc": "x" * 500}
+    )
+    await append_events(api, owner, sid, *({"kind": "note", "data": {"n": n}} for n in (4, 5, 6)))
+    return sid, 6
+
+
+async def pending(redis: Redis) -> dict[str, Any]:
+    info: dict[str, Any] = await redis.xpending(OUTBOX_STREAM, GROUP)
+    return info
+
+
+async def assert_converged(redis: Redis, warm: MongoWarmStore, sid: str, version: int) -> None:
+    """MongoDB holds exactly what Redis acknowledged, every event once, and the outbox is empty."""
+    stored = await warm.get(sid)
+    assert stored is not None
+    assert stored.version == version
+    assert stored == await hot_record(redis, sid)
+    hot_events = [_decode_event(e) for e in await redis.lrange(timeline_key(sid), 0, -1)]  # type: ignore[misc]
+    warm_events = await warm.all_events(sid)
+    assert [e.seq for e in warm_events] == list(range(1, stored.timeline_seq + 1))
+    assert warm_events == hot_events
+    assert (await pending(redis))["pending"] == 0
+    assert await redis.xlen(OUTBOX_STREAM) == 0
+
+
+async def test_entries_of_a_worker_that_died_before_writing_are_claimed(
+    manual_api: httpx.AsyncClient,
+    auth: Callable[..., Headers],
+    manual_redis: Redis,
+    manual_warm: MongoWarmStore,
+) -> None:
+    sid, latest = await make_history(manual_api, auth())
+    a = worker(manual_redis, FaultyWarm(manual_warm, before=die), "A")
+    await a.ensure_group()
+
+    with pytest.raises(ProcessDied):
+        await a.step(block_ms=10)
+
+    info = await pending(manual_redis)
+    assert info["pending"] == latest - 1
+    assert [(c["name"], c["pending"]) for c in info["consumers"]] == [(b"A", latest - 1)]
+    stored = await manual_warm.get(sid)
+    assert stored is not None
+    assert stored.version == 1
+    b = worker(manual_redis, manual_warm, "B", claim_idle_ms=1000)
+    assert await b.step(block_ms=10) == 0, "B took A's entries before they were idle"
+
+    claimed = await eventually(b.claim_stale, lambda n: n > 0, timeout_s=5)
+
+    assert claimed == latest - 1
+    await assert_converged(manual_redis, manual_warm, sid, latest)
+
+
+@pytest.mark.parametrize("dies_after", ["first", "last"])
+async def test_entries_of_a_worker_that_died_before_its_ack_are_reapplied_once(
+    dies_after: str,
+    manual_api: httpx.AsyncClient,
+    auth: Callable[..., Headers],
+    manual_redis: Redis,
+    manual_warm: MongoWarmStore,
+) -> None:
+    sid, latest = await make_history(manual_api, auth())
+    version = 2 if dies_after == "first" else latest
+    a = worker(manual_redis, FaultyWarm(manual_warm, after=die_at(version)), "A")
+    await a.ensure_group()
+
+    with pytest.raises(ProcessDied):
+        await a.step(block_ms=10)
+
+    stored = await manual_warm.get(sid)
+    assert stored is not None
+    assert stored.version == version, "A wrote MongoDB before it died"
+    left = latest - version + 1
+    assert (await pending(manual_redis))["pending"] == left
+    b = worker(manual_redis, manual_warm, "B")
+
+    claimed = await eventually(b.claim_stale, lambda n: n > 0, timeout_s=5)
+
+    assert claimed == left
+    await assert_converged(manual_redis, manual_warm, sid, latest)
+
+
+async def test_replaying_the_whole_outbox_changes_nothing(
+    manual_api: httpx.AsyncClient,
+    auth: Callable[..., Headers],
+    manual_redis: Redis,
+    manual_warm: MongoWarmStore,
+) -> None:
+    sid, latest = await make_history(manual_api, auth())
+    raw = await manual_redis.xrange(OUTBOX_STREAM)
+    entries = [_decode_entry(fields[b"entry"]) for _id, fields in raw]
+    assert [e.record.version for e in entries] == list(range(2, latest + 1))
+    w = worker(manual_redis, manual_warm, "W")
+    await w.ensure_group()
+    assert await w.step(block_ms=10) == len(entries)
+    await assert_converged(manual_redis, manual_warm, sid, latest)
+    snapshot = (await manual_warm.get(sid), await manual_warm.all_events(sid))
+
+    for replay in (entries, entries[::-1]):
+        for entry in replay:
+            assert await manual_warm.apply(entry.record, entry.events)
+        assert (await manual_warm.get(sid), await manual_warm.all_events(sid)) == snapshot
+
+    # The same through the worker, as a redelivery of entries whose ack was lost would be.
+    for _id, fields in reversed(raw):
+        await manual_redis.xadd(OUTBOX_STREAM, fields)
+    assert await w.step(block_ms=10) == len(entries)
+    await assert_converged(manual_redis, manual_warm, sid, latest)
+    assert (await manual_warm.get(sid), await manual_warm.all_events(sid)) == snapshot
+
+
+async def test_an_undecodable_entry_is_parked_and_the_rest_delivered(
+    manual_api: httpx.AsyncClient,
+    auth: Callable[..., Headers],
+    manual_redis: Redis,
+    manual_warm: MongoWarmStore,
+) -> None:
+    owner = auth()
+    session = await create_session(manual_api, owner)
+    sid = session["id"]
+    await patch_session(manual_api, owner, sid, 1, work_in_progress={"a": 1})
+    garbage = await manual_redis.xadd(OUTBOX_STREAM, {"entry": b"{not json"})
+    fieldless = await manual_redis.xadd(OUTBOX_STREAM, {"other": b"x"})
+    await patch_session(manual_api, owner, sid, 2, work_in_progress={"a": 2})
+    await append_events(manual_api, owner, sid, {"kind": "note"})
+    w = worker(manual_redis, manual_warm, "W")
+    await w.ensure_group()
+
+    assert await w.step(block_ms=10) == 3
+
+    assert w.parked == 2
+    dead = await manual_redis.xrange(DEAD_LETTER_STREAM)
+    assert [fields[b"id"] for _id, fields in dead] == [garbage, fieldless]
+    assert all(b"undecodable" in fields[b"error"] for _id, fields in dead)
+    await assert_converged(manual_redis, manual_warm, sid, 4)
+
+
+async def test_an_entry_that_keeps_failing_is_parked_after_max_deliveries(
+    manual_api: httpx.AsyncClient,
+    auth: Callable[..., Headers],
+    manual_redis: Redis,
+    manual_warm: MongoWarmStore,
+) -> None:
+    sid, latest = await make_history(manual_api, auth())
+
+    def bug_at_version_2(record: SessionRecord) -> None:
+        if record.version == 2:
+            raise ValueError("a bug in this entry's write")
+
+    faulty = FaultyWarm(manual_warm, before=bug_at_version_2)
+    w = worker(manual_redis, faulty, "W", max_deliveries=3)
+    await w.ensure_group()
+    poison_id = (await manual_redis.xrange(OUTBOX_STREAM, count=1))[0][0]
+
+    for _ in range(20):
+        await w.step(block_ms=10)
+        if w.parked:
+            break
+
+    assert w.parked == 1
+    assert faulty.attempts[2] == 3
+    dead = await manual_redis.xrange(DEAD_LETTER_STREAM)
+    assert len(dead) == 1
+    fields = dead[0][1]
+    assert fields[b"id"] == poison_id
+    assert b"ValueError" in fields[b"error"]
+    assert _decode_entry(fields[b"entry"]).record.version == 2
+    # Later entries carry the whole record, so MongoDB still reaches the latest version.
+    await assert_converged(manual_redis, manual_warm, sid, latest)
+
+
+async def test_entries_wait_while_mongodb_is_down_and_drain_when_it_is_back(
+    manual_api: httpx.AsyncClient,
+    auth: Callable[..., Headers],
+    manual_redis: Redis,
+    manual_warm: MongoWarmStore,
+) -> None:
+    owner = auth()
+    sid, latest = await make_history(manual_api, owner)
+    mongodb = MongoSwitch()
+
+    w = worker(
+        manual_redis, FaultyWarm(manual_warm, before=mongodb.fail_if_down), "W", max_deliveries=2
+    )
+    await w.ensure_group()
+    for _ in range(5):
+        with pytest.raises(BackendUnavailable):
+            await w.step(block_ms=10)
+        await asyncio.sleep(CLAIM_IDLE_MS / 1000)  # let claims and re-reads happen too
+    # Writes go on while MongoDB is down: Redis is the source of truth.
+    await patch_session(manual_api, owner, sid, latest, work_in_progress={"step": "offline"})
+    latest += 1
+    with pytest.raises(BackendUnavailable):
+        await w.step(block_ms=10)
+
+    assert w.parked == 0
+    assert await manual_redis.xlen(DEAD_LETTER_STREAM) == 0
+    assert await w.pending() == latest - 1
+    stored = await manual_warm.get(sid)
+    assert stored is not None
+    assert stored.version == 1
+
+    mongodb.down = False
+    left = await eventually(lambda: _step_and_count(w), lambda n: n == 0, timeout_s=5)
+
+    assert left == 0
+    assert w.parked == 0
+    await assert_converged(manual_redis, manual_warm, sid, latest)
+
+
+async def _step_and_count(w: WriteBehindWorker) -> int:
+    await w.step(block_ms=10)
+    return await w.pending()
+
+
+async def test_the_running_worker_catches_up_within_seconds_after_a_mongodb_outage(
+    manual_api: httpx.AsyncClient,
+    auth: Callable[..., Headers],
+    manual_redis: Redis,
+    manual_warm: MongoWarmStore,
+) -> None:
+    """With the production claim time (30 s), the worker's own pending entries still drain."""
+    owner = auth()
+    sid, latest = await make_history(manual_api, owner)
+    mongodb = MongoSwitch()
+
+    faulty = FaultyWarm(manual_warm, before=mongodb.fail_if_down)
+    w = worker(manual_redis, faulty, "W", claim_idle_ms=30_000, block_ms=100)
+    await w.ensure_group()
+    async with running(w):
+        tries = await eventually(faulty.total_attempts, lambda n: n >= 1, timeout_s=5)
+        assert tries >= 1, "the worker never tried while MongoDB was down"
+        mongodb.down = False
+        stored = await eventually(
+            lambda: manual_warm.get(sid),
+            lambda r: r is not None and r.version == latest,
+            timeout_s=5,
+        )
+
+    assert stored is not None
+    assert stored.version == latest
+    await assert_converged(manual_redis, manual_warm, sid, latest)
