@@ -151,6 +151,10 @@ class MongoWarmStore:
                 return False
         if events:
             await self._insert_events(session_id, events)
+            if await _guard(self._sessions.find_one({"_id": session_id}, {"_id": 1})) is None:
+                # Deleted while we wrote: take back what we added, leave no orphans.
+                await _guard(self._events.delete_many({"session_id": session_id}))
+                return False
         return True
 
     async def _insert_events(self, session_id: str, events: list[TimelineEvent]) -> None:
