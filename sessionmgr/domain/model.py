@@ -72,9 +72,10 @@ class Session(msgspec.Struct, kw_only=True):
 
 
 class SessionRecord(msgspec.Struct, kw_only=True):
-    """The whole durable state of a session: what the write-behind and a flush carry to MongoDB.
+    """A session's record as both Redis and MongoDB hold it, without its large parts.
 
-    `timeline_seq` is the last sequence number handed out; events themselves travel apart.
+    `timeline_seq` is the last sequence number handed out; the events and `full_context`
+    travel apart (see `ContextUpdate`).
     """
 
     id: str
@@ -87,8 +88,15 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     participants: dict[str, Participant]
     work_in_progress: dict[str, Any]
     context_summary: dict[str, Any]
-    full_context: dict[str, Any]
     timeline_seq: int = 0
+
+
+class ContextUpdate(msgspec.Struct, frozen=True):
+    """`full_context` as set at `version`. It lives in MongoDB only and travels apart from the
+    record, so a session's hot copy stays small (DESIGN §3)."""
+
+    version: int
+    value: dict[str, Any]
 
 
 MUTABLE_FIELDS = frozenset({"work_in_progress", "context_summary", "full_context"})

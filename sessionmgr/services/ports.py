@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from sessionmgr.domain.model import SessionRecord, SessionState, TimelineEvent
+from sessionmgr.domain.model import ContextUpdate, SessionRecord, SessionState, TimelineEvent
 
 
 class HotView(msgspec.Struct, kw_only=True):
@@ -22,13 +22,16 @@ class Change(msgspec.Struct, kw_only=True):
     """What a decision inside the optimistic transaction wants written.
 
     `fields` are the record's new top-level values (only those that change); `events` are
-    appended to the timeline; `leases_set`/`leases_dropped` name MADs whose lease key is
-    (re)created or deleted. `result` is the caller's answer, kept for Idempotency-Key replays.
+    appended to the timeline; `context` is a new `full_context` (it goes to MongoDB through
+    the outbox, never into the hash); `leases_set`/`leases_dropped` name MADs whose lease key
+    is (re)created or deleted. `result` is the caller's answer, kept for Idempotency-Key
+    replays.
     """
 
     record: SessionRecord
     fields: frozenset[str]
     events: list[TimelineEvent] = msgspec.field(default_factory=list)
+    context: ContextUpdate | None = None
     leases_set: list[str] = msgspec.field(default_factory=list)
     leases_dropped: list[str] = msgspec.field(default_factory=list)
     result: bytes = b""
@@ -49,6 +52,16 @@ class Replayed(msgspec.Struct, frozen=True):
     result: bytes
 
 
+class Undelivered(msgspec.Struct, frozen=True):
+    """What the outbox still holds for a session: events and the newest `full_context`."""
+
+    events: list[TimelineEvent]
+    context: ContextUpdate | None
+
+
+Flush = Callable[[SessionRecord, list[TimelineEvent], "ContextUpdate | None"], Any]
+
+
 class HotStore(Protocol):
     async def load(self, session_id: str) -> HotView | None: ...
     async def access_fields(self, session_id: str) -> tuple[str, list[str]] | None: ...
@@ -63,10 +76,8 @@ class HotStore(Protocol):
     async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None: ...
     async def release(self, scope: str, idem: Idempotency) -> None: ...
     async def renew_lease(self, session_id: str, mad: str) -> int: ...
-    async def suspend(
-        self, session_id: str, flush: Callable[[SessionRecord, list[TimelineEvent]], Any]
-    ) -> SessionRecord | None: ...
-    async def undelivered_events(self, session_id: str) -> list[TimelineEvent]: ...
+    async def suspend(self, session_id: str, flush: Flush) -> SessionRecord | None: ...
+    async def undelivered(self, session_id: str) -> Undelivered: ...
     async def mark_deleted(self, session_id: str) -> None: ...
     async def drop(self, session_id: str) -> None: ...
     async def is_deleted(self, session_id: str) -> bool: ...
@@ -83,8 +94,19 @@ class WarmStore(Protocol):
     async def get(self, session_id: str) -> SessionRecord | None: ...
     async def recent_events(self, session_id: str, limit: int) -> list[TimelineEvent]: ...
     async def all_events(self, session_id: str) -> list[TimelineEvent]: ...
-    async def apply(self, record: SessionRecord, events: list[TimelineEvent]) -> bool: ...
-    async def flush(self, record: SessionRecord, events: list[TimelineEvent]) -> bool: ...
+    async def context(self, session_id: str) -> ContextUpdate | None: ...
+    async def apply(
+        self,
+        record: SessionRecord,
+        events: list[TimelineEvent],
+        context: ContextUpdate | None = None,
+    ) -> bool: ...
+    async def flush(
+        self,
+        record: SessionRecord,
+        events: list[TimelineEvent],
+        context: ContextUpdate | None = None,
+    ) -> bool: ...
     async def mark_state(self, session_id: str, version: int, state: SessionState) -> None: ...
     async def delete(self, session_id: str) -> None: ...
     async def list_for(

@@ -21,6 +21,7 @@ from sessionmgr.domain.errors import (
     SessionNotFound,
 )
 from sessionmgr.domain.model import (
+    ContextUpdate,
     NewEvent,
     Participant,
     Principal,
@@ -38,6 +39,7 @@ from sessionmgr.services.ports import (
     HotStore,
     HotView,
     Idempotency,
+    Undelivered,
     WarmStore,
 )
 from sessionmgr.services.views import (
@@ -116,7 +118,6 @@ class SessionService:
             participants={},
             work_in_progress=wip,
             context_summary=ctx,
-            full_context={},
         )
         await self._warm.insert(record)
         session = to_session(record, [], {}, now)
@@ -132,17 +133,13 @@ class SessionService:
             rules.require_access(principal, view.record.owner_id, view.record.acl)
             session = to_session(view.record, view.recent, view.lease_ttl_ms, utcnow())
             if full:
-                session.full_context = view.record.full_context
-                session.full_timeline = await self._full_timeline(
-                    session_id, view.record.timeline_seq, view.recent
-                )
+                await self._add_full(session, view.recent)
             return session
         record = await self._warm_record(principal, session_id)
         recent = await self._warm.recent_events(session_id, self._limits.recent_timeline)
         session = to_session(record, recent, {}, utcnow(), state=_resting(record.state))
         if full:
-            session.full_context = record.full_context
-            session.full_timeline = await self._full_timeline(session_id, record.timeline_seq, [])
+            await self._add_full(session, [])
         return session
 
     async def list_sessions(
@@ -180,12 +177,18 @@ class SessionService:
         def decide(view: HotView) -> Change:
             record = _check_version(view.record, expected_version)
             now = utcnow()
+            small = {k: v for k, v in patch.items() if k != "full_context"}
             new = msgspec.structs.replace(
-                record, version=record.version + 1, last_active=now, **patch
+                record, version=record.version + 1, last_active=now, **small
+            )
+            context = (
+                ContextUpdate(version=new.version, value=patch["full_context"])
+                if "full_context" in patch
+                else None
             )
             session = to_session(new, view.recent, view.lease_ttl_ms, now)
-            fields = frozenset(patch) | {"version", "last_active"}
-            return Change(record=new, fields=fields, result=_encode(session))
+            fields = frozenset(small) | {"version", "last_active"}
+            return Change(record=new, fields=fields, context=context, result=_encode(session))
 
         return await self._mutate(principal, session_id, decide, idem, Session, race_safe=False)
 
@@ -411,17 +414,25 @@ class SessionService:
         rules.require_access(principal, record.owner_id, record.acl)
         return record
 
-    async def _full_timeline(
-        self, session_id: str, last_seq: int, hot_events: list[TimelineEvent]
-    ) -> list[TimelineEvent]:
-        """Every event 1..last_seq: MongoDB's, the hot list's and any still in the outbox."""
-        events = _merge(await self._warm.all_events(session_id), hot_events)
-        if len(events) < last_seq:
-            # The write-behind is behind; its backlog holds the rest. A delivery between the
-            # two reads moves events from the outbox to MongoDB, so read MongoDB once more.
-            pending = await self._hot.undelivered_events(session_id)
-            events = _merge(await self._warm.all_events(session_id), [*events, *pending])
-        return events
+    async def _add_full(self, session: Session, hot_events: list[TimelineEvent]) -> None:
+        """Fill `full_context` and `full_timeline` from MongoDB and the outbox's backlog.
+
+        The outbox is read first: the worker writes MongoDB before it deletes an entry, so
+        whatever left the outbox meanwhile is already in MongoDB when that is read next.
+        """
+        try:
+            backlog = await self._hot.undelivered(session.id)
+        except BackendUnavailable:
+            backlog = Undelivered(events=[], context=None)  # read-only: MongoDB is all there is
+        stored = await self._warm.context(session.id)
+        events = await self._warm.all_events(session.id)
+        newest = max(
+            (c for c in (stored, backlog.context) if c is not None),
+            key=lambda c: c.version,
+            default=None,
+        )
+        session.full_context = newest.value if newest else {}
+        session.full_timeline = _merge(events, [*backlog.events, *hot_events])
 
     def _check_events(self, events: list[NewEvent]) -> None:
         if not events:

@@ -140,7 +140,7 @@ class WriteBehindWorker:
             await self._park(entry_id, fields, f"undecodable entry: {exc}")
             return False
         try:
-            await self._warm.apply(entry.record, entry.events)
+            await self._warm.apply(entry.record, entry.events, entry.context)
         except BackendUnavailable:
             self._retry_own = True
             raise  # MongoDB is down: keep it pending, the run loop backs off

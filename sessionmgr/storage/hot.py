@@ -9,7 +9,7 @@ idempotency record, EXEC.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
@@ -27,14 +27,22 @@ from sessionmgr.domain.errors import (
     IdempotencyKeyReused,
     SessionNotFound,
 )
-from sessionmgr.domain.model import Participant, SessionRecord, SessionState, TimelineEvent
+from sessionmgr.domain.model import (
+    ContextUpdate,
+    Participant,
+    SessionRecord,
+    SessionState,
+    TimelineEvent,
+)
 from sessionmgr.services.ports import (
     CREATE_SCOPE,
     Change,
     Decide,
+    Flush,
     HotView,
     Idempotency,
     Replayed,
+    Undelivered,
 )
 from sessionmgr.settings import Settings
 
@@ -83,10 +91,12 @@ return {h, recent, ttls, stored}
 
 
 class OutboxEntry(msgspec.Struct, frozen=True):
-    """One write-behind delivery: the whole record at a version and the events it appended."""
+    """One write-behind delivery: the whole record at a version, the events it appended and,
+    when it changed, the new `full_context`."""
 
     record: SessionRecord
     events: list[TimelineEvent] = []
+    context: ContextUpdate | None = None
 
 
 _decode_outbox = msgspec.json.Decoder(OutboxEntry).decode
@@ -258,8 +268,8 @@ class RedisHotStore:
             pipe.set(lease_key(session_id, mad), b"1", px=self._lease_ms)
         for mad in change.leases_dropped:
             pipe.delete(lease_key(session_id, mad))
-        if change.fields or change.events:
-            entry = OutboxEntry(record=change.record, events=change.events)
+        if change.fields or change.events or change.context:
+            entry = OutboxEntry(record=change.record, events=change.events, context=change.context)
             pipe.xadd(OUTBOX_STREAM, {"sid": session_id, "entry": _encode(entry)})
 
     async def claim(self, scope: str, idem: Idempotency) -> Replayed | None:
@@ -303,9 +313,13 @@ class RedisHotStore:
     async def suspend(
         self,
         session_id: str,
-        flush: Callable[[SessionRecord, list[TimelineEvent]], Awaitable[Any]],
+        flush: Flush,
     ) -> SessionRecord | None:
-        """Flush the session to MongoDB, then drop its hot keys; start again if it changed."""
+        """Flush the session to MongoDB, then drop its hot keys; start again if it changed.
+
+        The flush carries what the outbox still holds for the session too, so MongoDB is
+        complete the moment the session is dormant, however far the write-behind lags.
+        """
         key, tl = hot_key(session_id), timeline_key(session_id)
         for _ in range(_RACE_RETRIES):
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -316,7 +330,9 @@ class RedisHotStore:
                 recent = await self._guard(pipe.lrange(tl, 0, -1))
                 record = decode_record(raw)
                 record.state = SessionState.DORMANT
-                await flush(record, [_decode_event(e) for e in recent])
+                backlog = await self.undelivered(session_id)
+                events = [*backlog.events, *(_decode_event(e) for e in recent)]
+                await flush(record, events, backlog.context)
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.delete(key, tl, *[lease_key(session_id, m) for m in record.participants])
                 try:
@@ -326,13 +342,14 @@ class RedisHotStore:
                 return record
         raise ConcurrencyConflict(session_id, await self._current_version(session_id))
 
-    async def undelivered_events(self, session_id: str) -> list[TimelineEvent]:
-        """Events of this session still in the outbox (not yet in MongoDB).
+    async def undelivered(self, session_id: str) -> Undelivered:
+        """What the outbox holds for this session: its events and newest `full_context`.
 
         The outbox holds only undelivered entries (the worker deletes what it delivered), so
         this scan is as long as the write-behind's backlog: short unless MongoDB lags.
         """
         events: list[TimelineEvent] = []
+        context: ContextUpdate | None = None
         start = "-"
         sid = session_id.encode()
         while True:
@@ -340,10 +357,14 @@ class RedisHotStore:
                 self._redis.xrange(OUTBOX_STREAM, min=start, max="+", count=_SCAN_BATCH)
             )
             for _, fields in batch:
-                if fields.get(b"sid") == sid:
-                    events += _decode_outbox(fields[b"entry"]).events
+                if fields.get(b"sid") != sid:
+                    continue
+                entry = _decode_outbox(fields[b"entry"])
+                events += entry.events
+                if entry.context and (context is None or entry.context.version > context.version):
+                    context = entry.context
             if len(batch) < _SCAN_BATCH:
-                return events
+                return Undelivered(events=events, context=context)
             start = "(" + batch[-1][0].decode()
 
     async def mark_deleted(self, session_id: str) -> None:

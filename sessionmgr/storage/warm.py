@@ -20,7 +20,7 @@ from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
 
 from sessionmgr.domain.errors import BackendUnavailable
-from sessionmgr.domain.model import SessionRecord, SessionState, TimelineEvent
+from sessionmgr.domain.model import ContextUpdate, SessionRecord, SessionState, TimelineEvent
 from sessionmgr.services.ports import Page
 from sessionmgr.settings import Settings
 
@@ -43,6 +43,7 @@ class SessionDocument(Document):
     work_in_progress: dict[str, Any] = {}
     context_summary: dict[str, Any] = {}
     full_context: dict[str, Any] = {}
+    context_version: int = 0
     timeline_seq: int = 0
     archive: dict[str, Any] | None = None
 
@@ -79,10 +80,12 @@ def _to_doc(record: SessionRecord) -> dict[str, Any]:
 
 
 def _from_doc(doc: dict[str, Any]) -> SessionRecord:
-    doc = dict(doc)
+    doc = {k: v for k, v in doc.items() if k not in _NOT_IN_RECORD}
     doc["id"] = doc.pop("_id")
-    doc.pop("archive", None)
     return msgspec.convert(doc, SessionRecord)
+
+
+_NOT_IN_RECORD = frozenset({"full_context", "context_version", "archive"})
 
 
 def _event_doc(session_id: str, event: TimelineEvent) -> dict[str, Any]:
@@ -110,7 +113,18 @@ class MongoWarmStore:
         await _guard(self._db.command("ping"))
 
     async def insert(self, record: SessionRecord) -> None:
-        await _guard(self._sessions.insert_one(_to_doc(record)))
+        doc = {**_to_doc(record), "full_context": {}, "context_version": 0}
+        await _guard(self._sessions.insert_one(doc))
+
+    async def context(self, session_id: str) -> ContextUpdate | None:
+        doc = await _guard(
+            self._sessions.find_one({"_id": session_id}, {"full_context": 1, "context_version": 1})
+        )
+        if doc is None:
+            return None
+        return ContextUpdate(
+            version=doc.get("context_version", 0), value=doc.get("full_context", {})
+        )
 
     async def get(self, session_id: str) -> SessionRecord | None:
         doc = await _guard(self._sessions.find_one({"_id": session_id}))
@@ -125,20 +139,35 @@ class MongoWarmStore:
         cursor = self._events.find({"session_id": session_id}).sort("seq", ASCENDING)
         return [_from_event_doc(d) for d in await _guard(cursor.to_list(None))]
 
-    async def apply(self, record: SessionRecord, events: list[TimelineEvent]) -> bool:
+    async def apply(
+        self,
+        record: SessionRecord,
+        events: list[TimelineEvent],
+        context: ContextUpdate | None = None,
+    ) -> bool:
         """Write-behind: store `record` unless MongoDB holds its version or a newer one.
 
-        Events are stored whatever the version (they are keyed by seq), unless the session
-        is gone. Returns False when the session no longer exists.
+        Events are stored whatever the version (they are keyed by seq), and `full_context`
+        unless a newer one is stored (it has its own version), so deliveries in any order
+        converge. Returns False when the session no longer exists.
         """
-        return await self._write(record, events, {"$lt": record.version})
+        return await self._write(record, events, context, {"$lt": record.version})
 
-    async def flush(self, record: SessionRecord, events: list[TimelineEvent]) -> bool:
+    async def flush(
+        self,
+        record: SessionRecord,
+        events: list[TimelineEvent],
+        context: ContextUpdate | None = None,
+    ) -> bool:
         """Suspend: like `apply`, but also replaces the same version (to record the state)."""
-        return await self._write(record, events, {"$lte": record.version})
+        return await self._write(record, events, context, {"$lte": record.version})
 
     async def _write(
-        self, record: SessionRecord, events: list[TimelineEvent], guard: dict[str, int]
+        self,
+        record: SessionRecord,
+        events: list[TimelineEvent],
+        context: ContextUpdate | None,
+        guard: dict[str, int],
     ) -> bool:
         doc = _to_doc(record)
         session_id = doc.pop("_id")
@@ -149,6 +178,13 @@ class MongoWarmStore:
             exists = await _guard(self._sessions.find_one({"_id": session_id}, {"_id": 1}))
             if exists is None:
                 return False
+        if context is not None:
+            await _guard(
+                self._sessions.update_one(
+                    {"_id": session_id, "context_version": {"$lt": context.version}},
+                    {"$set": {"full_context": context.value, "context_version": context.version}},
+                )
+            )
         if events:
             await self._insert_events(session_id, events)
             if await _guard(self._sessions.find_one({"_id": session_id}, {"_id": 1})) is None:

@@ -14,7 +14,13 @@ from litestar.testing import AsyncTestClient
 
 from sessionmgr.app import create_app
 from sessionmgr.container import build_container
-from sessionmgr.domain.model import SessionRecord, SessionState, TimelineEvent, utcnow
+from sessionmgr.domain.model import (
+    ContextUpdate,
+    SessionRecord,
+    SessionState,
+    TimelineEvent,
+    utcnow,
+)
 from sessionmgr.settings import load_settings
 from sessionmgr.storage.warm import MongoWarmStore, open_warm_store
 from tests.conftest import JWT_SECRET
@@ -78,7 +84,6 @@ def record(version: int = 1, **changes: object) -> SessionRecord:
         "participants": {},
         "work_in_progress": {"step": version},
         "context_summary": {"goal": "ship"},
-        "full_context": {"notes": ["a", "b"]},
         "timeline_seq": 0,
     }
     values.update(changes)
@@ -115,6 +120,19 @@ async def test_flush_records_the_state_at_the_same_version(warm: MongoWarmStore)
     await warm.apply(record(2, id=first.id), [])  # the write-behind's late copy of v2
     stored = await warm.get(first.id)
     assert stored is not None and stored.state is SessionState.DORMANT
+
+
+async def test_full_context_has_its_own_version_guard(warm: MongoWarmStore) -> None:
+    first = record()
+    await warm.insert(first)
+    assert await warm.context(first.id) == ContextUpdate(version=0, value={})
+    await warm.apply(record(3, id=first.id), [], ContextUpdate(version=3, value={"doc": 3}))
+    await warm.apply(record(4, id=first.id), [])  # a later change that left full_context alone
+    await warm.apply(record(2, id=first.id), [], ContextUpdate(version=2, value={"doc": 2}))
+    assert await warm.context(first.id) == ContextUpdate(version=3, value={"doc": 3})
+    stored = await warm.get(first.id)
+    assert stored is not None and stored.version == 4
+    assert await warm.context("0" * 32) is None
 
 
 async def test_events_are_stored_once_whatever_the_replays(warm: MongoWarmStore) -> None:

@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sessionmgr.domain.errors import BackendUnavailable
-from sessionmgr.domain.model import SessionRecord, TimelineEvent
+from sessionmgr.domain.model import ContextUpdate, SessionRecord, TimelineEvent
 from sessionmgr.services.write_behind import GROUP, WriteBehindWorker, running
 from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry, timeline_key
 from sessionmgr.storage.warm import MongoWarmStore
@@ -60,10 +60,15 @@ class FaultyWarm:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
-    async def apply(self, record: SessionRecord, events: list[TimelineEvent]) -> bool:
+    async def apply(
+        self,
+        record: SessionRecord,
+        events: list[TimelineEvent],
+        context: ContextUpdate | None = None,
+    ) -> bool:
         self.attempts[record.version] = self.attempts.get(record.version, 0) + 1
         self._before(record)
-        written = await self._real.apply(record, events)
+        written = await self._real.apply(record, events, context)
         self._after(record)
         return written
 
@@ -208,7 +213,7 @@ async def test_replaying_the_whole_outbox_changes_nothing(
 
     for replay in (entries, entries[::-1]):
         for entry in replay:
-            assert await manual_warm.apply(entry.record, entry.events)
+            assert await manual_warm.apply(entry.record, entry.events, entry.context)
         assert (await manual_warm.get(sid), await manual_warm.all_events(sid)) == snapshot
 
     # The same through the worker, as a redelivery of entries whose ack was lost would be.

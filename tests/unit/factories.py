@@ -71,7 +71,6 @@ class SessionRecordFactory(_Base, MsgspecFactory[SessionRecord]):
     timeline_seq = Use(random.randint, 0, 10_000)
     work_in_progress = Use(json_object)
     context_summary = Use(json_object)
-    full_context = Use(json_object)
 
 
 class TimelineEventFactory(_Base, MsgspecFactory[TimelineEvent]):

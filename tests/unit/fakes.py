@@ -27,8 +27,17 @@ from sessionmgr.domain.errors import (
     ConcurrencyConflict,
     SessionNotFound,
 )
-from sessionmgr.domain.model import SessionRecord, SessionState, TimelineEvent
-from sessionmgr.services.ports import Change, Decide, HotView, Idempotency, Page, Replayed
+from sessionmgr.domain.model import ContextUpdate, SessionRecord, SessionState, TimelineEvent
+from sessionmgr.services.ports import (
+    Change,
+    Decide,
+    Flush,
+    HotView,
+    Idempotency,
+    Page,
+    Replayed,
+    Undelivered,
+)
 from sessionmgr.services.sessions import Limits, SessionService
 from sessionmgr.storage.hot import (
     PENDING,
@@ -52,6 +61,7 @@ def _copy(record: SessionRecord) -> SessionRecord:
 class InMemoryWarmStore:
     sessions: dict[str, SessionRecord] = field(default_factory=dict)
     events: dict[str, dict[int, TimelineEvent]] = field(default_factory=dict)
+    contexts: dict[str, ContextUpdate] = field(default_factory=dict)
     down: bool = False
     """While True every call raises `BackendUnavailable("mongodb")`, as `MongoWarmStore` does."""
     apply_errors: dict[str, Exception] = field(default_factory=dict)
@@ -71,6 +81,11 @@ class InMemoryWarmStore:
         if record.id in self.sessions:
             raise AssertionError(f"duplicate _id {record.id}")
         self.sessions[record.id] = _copy(record)
+        self.contexts[record.id] = ContextUpdate(version=0, value={})
+
+    async def context(self, session_id: str) -> ContextUpdate | None:
+        self._reachable()
+        return self.contexts.get(session_id) if session_id in self.sessions else None
 
     async def get(self, session_id: str) -> SessionRecord | None:
         self._reachable()
@@ -86,21 +101,36 @@ class InMemoryWarmStore:
         stored = self.events.get(session_id, {})
         return [stored[seq] for seq in sorted(stored)]
 
-    async def apply(self, record: SessionRecord, events: list[TimelineEvent]) -> bool:
+    async def apply(
+        self,
+        record: SessionRecord,
+        events: list[TimelineEvent],
+        context: ContextUpdate | None = None,
+    ) -> bool:
         self._reachable()
         if record.id in self.apply_errors:
             raise self.apply_errors[record.id]
-        written = self._write(record, events, newer_only=True)
+        written = self._write(record, events, context, newer_only=True)
         if written:
             self.applied.append((record.id, record.version))
         return written
 
-    async def flush(self, record: SessionRecord, events: list[TimelineEvent]) -> bool:
+    async def flush(
+        self,
+        record: SessionRecord,
+        events: list[TimelineEvent],
+        context: ContextUpdate | None = None,
+    ) -> bool:
         self._reachable()
-        return self._write(record, events, newer_only=False)
+        return self._write(record, events, context, newer_only=False)
 
     def _write(
-        self, record: SessionRecord, events: list[TimelineEvent], *, newer_only: bool
+        self,
+        record: SessionRecord,
+        events: list[TimelineEvent],
+        context: ContextUpdate | None,
+        *,
+        newer_only: bool,
     ) -> bool:
         current = self.sessions.get(record.id)
         if current is None:
@@ -108,6 +138,8 @@ class InMemoryWarmStore:
         newer = record.version > current.version
         if newer or (not newer_only and record.version == current.version):
             self.sessions[record.id] = _copy(record)
+        if context is not None and context.version > self.contexts[record.id].version:
+            self.contexts[record.id] = context
         stored = self.events.setdefault(record.id, {})
         for event in events:
             stored.setdefault(event.seq, event)
@@ -123,6 +155,7 @@ class InMemoryWarmStore:
         self._reachable()
         self.sessions.pop(session_id, None)
         self.events.pop(session_id, None)
+        self.contexts.pop(session_id, None)
 
     async def list_for(
         self, principal_sub: str | None, state: SessionState | None, limit: int, after: str | None
@@ -276,8 +309,10 @@ class InMemoryHotStore:
             self.set_lease_left_ms(session_id, mad, self.lease_ttl_s * 1000)
         for mad in change.leases_dropped:
             self.leases.pop((session_id, mad), None)
-        if change.fields or change.events:
-            self.outbox.append(OutboxEntry(record=change.record, events=change.events))
+        if change.fields or change.events or change.context:
+            self.outbox.append(
+                OutboxEntry(record=change.record, events=change.events, context=change.context)
+            )
         self._touch(session_id)
 
     async def claim(self, scope: str, idem: Idempotency) -> Replayed | None:
@@ -303,9 +338,7 @@ class InMemoryHotStore:
         self.set_lease_left_ms(session_id, mad, self.lease_ttl_s * 1000)
         return self.lease_ttl_s * 1000
 
-    async def suspend(
-        self, session_id: str, flush: Callable[[SessionRecord, list[TimelineEvent]], Any]
-    ) -> SessionRecord | None:
+    async def suspend(self, session_id: str, flush: Flush) -> SessionRecord | None:
         for _ in range(8):
             self._reachable()
             watched = self._revision.get(session_id, 0)
@@ -314,16 +347,22 @@ class InMemoryHotStore:
                 return None
             record = view.record
             record.state = SessionState.DORMANT
-            await flush(record, view.recent)
+            backlog = await self.undelivered(session_id)
+            await flush(record, [*backlog.events, *view.recent], backlog.context)
             if self._revision.get(session_id, 0) != watched:
                 continue
             self._drop(session_id)
             return record
         raise ConcurrencyConflict(session_id, self._current_version(session_id))
 
-    async def undelivered_events(self, session_id: str) -> list[TimelineEvent]:
+    async def undelivered(self, session_id: str) -> Undelivered:
         self._reachable()
-        return [e for entry in self.outbox if entry.record.id == session_id for e in entry.events]
+        mine = [entry for entry in self.outbox if entry.record.id == session_id]
+        contexts = [entry.context for entry in mine if entry.context is not None]
+        return Undelivered(
+            events=[e for entry in mine for e in entry.events],
+            context=max(contexts, key=lambda c: c.version, default=None),
+        )
 
     async def mark_deleted(self, session_id: str) -> None:
         self._reachable()
@@ -370,7 +409,7 @@ class World:
         """Do what the write-behind worker does: carry every outbox entry to the warm store."""
         while self.hot.outbox:
             entry = self.hot.outbox.pop(0)
-            await self.warm.apply(entry.record, entry.events)
+            await self.warm.apply(entry.record, entry.events, entry.context)
 
 
 def world(limits: Limits | None = None) -> World:

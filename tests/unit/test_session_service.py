@@ -18,7 +18,7 @@ from sessionmgr.domain.errors import (
     PayloadTooLarge,
     SessionNotFound,
 )
-from sessionmgr.domain.model import NewEvent, Session, SessionState, utcnow
+from sessionmgr.domain.model import ContextUpdate, NewEvent, Session, SessionState, utcnow
 from sessionmgr.services.ports import Idempotency
 from sessionmgr.services.sessions import Limits
 from tests.unit.factories import NewEventFactory, json_object, principal
@@ -493,7 +493,8 @@ async def test_suspend_flushes_everything_to_warm_and_reads_back_dormant(w: Worl
     assert not w.hot.is_hot(created.id)
     assert created.id not in w.hot.timelines
     stored = w.warm.sessions[created.id]  # no write-behind ran: the flush carried it all
-    assert (stored.version, stored.state, stored.full_context) == (3, "dormant", {"doc": 1})
+    assert (stored.version, stored.state) == (3, "dormant")
+    assert w.warm.contexts[created.id] == ContextUpdate(version=2, value={"doc": 1})
     again = await w.service.get(ALICE, created.id, full=True)
     assert (again.state, again.version, again.work_in_progress) == ("dormant", 3, {"a": 1})
     assert again.full_context == {"doc": 1}
@@ -519,13 +520,13 @@ async def test_an_update_racing_a_suspend_is_never_dropped(w: World) -> None:
     real_flush = w.warm.flush
     raced: list[int] = []
 
-    async def flush_with_a_racing_update(record: Any, recent: Any) -> bool:
+    async def flush_with_a_racing_update(record: Any, recent: Any, context: Any) -> bool:
         if not raced:
             raced.append(1)
             await w.service.update(
                 ALICE, created.id, expected_version=1, patch={"work_in_progress": {"raced": True}}
             )
-        return await real_flush(record, recent)
+        return await real_flush(record, recent, context)
 
     w.warm.flush = flush_with_a_racing_update  # type: ignore[method-assign,assignment]
     suspended = await w.service.suspend(ALICE, created.id)
