@@ -1,8 +1,9 @@
 """The `sessionmgr` command line (DESIGN §8): `serve`, `dev`, `token` and `check`.
 
 Exit codes: 0 success, 1 a `check` failed, 2 bad usage or configuration (the message names
-the variable). Heavy modules are imported by the command that needs them, so `token` and
-`--version` answer at once.
+the variable); `dev` stopped by SIGINT/SIGTERM ends with 128 + the signal, after cleaning up.
+Heavy modules are imported by the command that needs them, so `token` and `--version` answer
+at once.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The `sessionmgr` command line: what an operator or developer sees and the exit codes."""
+"""The `sessionmgr` command line and its dev stack: what a developer or operator sees."""
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,9 @@ import jwt
 import pytest
 
 import sessionmgr
-from sessionmgr import cli
+from sessionmgr import cli, devstack
 from sessionmgr.api.auth import TokenVerifier
-from sessionmgr.devstack import free_port, redact_url
+from sessionmgr.devstack import DevStackError, RedisServer, free_port, redact_url
 from sessionmgr.settings import load_settings
 
 SECRET = "cli-test-secret-that-is-long-enough-0123456789"
@@ -182,3 +183,72 @@ def test_check_fails_without_a_way_to_verify_tokens(
 )
 def test_redact_url_hides_only_the_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+async def test_dev_defaults_to_in_memory_mongodb_and_a_fresh_secret_per_run() -> None:
+    settings = devstack.dev_settings({})
+
+    assert settings.mongodb_uri == "mongomock://"
+    assert settings.jwt_secret is not None
+    assert len(settings.jwt_secret) == 48
+    assert devstack.dev_settings({}).jwt_secret != settings.jwt_secret
+    token = devstack.dev_token(settings)
+    assert token is not None
+    principal = await TokenVerifier(settings).verify(f"Bearer {token}")
+    assert (principal.sub, principal.roles) == ("dev-user", frozenset())
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 12 * 3600
+
+
+def test_dev_uses_the_backends_and_secret_the_environment_names() -> None:
+    env = {
+        "SESSIONMGR_REDIS_URL": "redis://:hunter2@cache:6379/0",
+        "SESSIONMGR_MONGODB_URI": "mongodb://app:hunter2@db:27017/",
+        "SESSIONMGR_JWT_SECRET": SECRET,
+    }
+    settings = devstack.dev_settings(env)
+
+    text = devstack.banner("http://127.0.0.1:8080", settings, redis=None)
+
+    assert settings.jwt_secret == SECRET
+    assert "redis://:***@cache:6379/0  (from SESSIONMGR_REDIS_URL)" in text
+    assert "mongodb://app:***@db:27017/  (from SESSIONMGR_MONGODB_URI)" in text
+    assert "hunter2" not in text
+    assert "export TOKEN=" in text
+
+
+def test_dev_prints_no_token_when_an_issuer_signs_them() -> None:
+    settings = devstack.dev_settings({"SESSIONMGR_JWT_JWKS_URL": "https://idp.example/jwks"})
+
+    text = devstack.banner("http://127.0.0.1:8080", settings, redis=None)
+
+    assert settings.jwt_secret is None
+    assert "TOKEN" not in text
+    assert "from your issuer" in text
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8080"),
+        ("0.0.0.0", "http://127.0.0.1:8080"),
+        ("::", "http://[::1]:8080"),
+        ("::1", "http://[::1]:8080"),
+    ],
+)
+def test_banner_urls_reach_the_server_from_this_machine(host: str, url: str) -> None:
+    assert devstack.base_url(host, 8080) == url
+
+
+def test_redis_server_that_cannot_start_says_why() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = RedisServer(port=taken.getsockname()[1])
+        try:
+            with pytest.raises(DevStackError, match="did not answer on port"):
+                server.start()
+            assert server.process is None
+        finally:
+            server.cleanup()
+    assert not server.dir.exists()

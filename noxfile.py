@@ -1,0 +1,52 @@
+"""Developer and CI sessions: `nox -s tests`, `nox -s lint`, `nox -s typecheck`.
+
+No session pins a Python: each runs on the interpreter nox runs under (3.11 or newer), so a
+machine with one Python does not fail on the versions it lacks. Dependencies come from the
+dependency groups in pyproject.toml, read by nox itself so that any pip or uv works.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.needs_version = ">=2025.2.9"  # nox.project.dependency_groups
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests", "lint", "typecheck"]
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+
+
+def install_groups(session: nox.Session, *groups: str, project: bool = True) -> None:
+    packages = nox.project.dependency_groups(PYPROJECT, *groups)
+    session.install(*(("-e", ".") if project else ()), *packages)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite with coverage; needs redis-server on PATH (the fixtures start their own).
+
+    `nox -s tests -- -m mongodb` runs the real-MongoDB tests (Docker or
+    SESSIONMGR_TEST_MONGODB_URI); other arguments go to pytest as well.
+    """
+    install_groups(session, "tests")
+    session.run(
+        "pytest",
+        "--cov=sessionmgr",
+        "--cov-report=term-missing",
+        "--cov-fail-under=85",
+        *session.posargs,
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    install_groups(session, "lint", project=False)
+    session.run("ruff", "check", *session.posargs)
+    session.run("ruff", "format", "--check", *session.posargs)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    install_groups(session, "typecheck")
+    session.run("mypy", *session.posargs)
