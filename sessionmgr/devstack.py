@@ -1,9 +1,9 @@
 """`sessionmgr dev`: the whole service on one machine, with private backends that die with it.
 
-Redis is a private `redis-server` from PATH on a free port (unless `SESSIONMGR_REDIS_URL` is
-set), MongoDB the in-memory engine (unless `SESSIONMGR_MONGODB_URI` is set), and the JWT
-secret a random one for this run (unless `SESSIONMGR_JWT_SECRET` is set). `RedisServer` is
-also the test suite's Redis.
+Redis is a private `redis-server` from PATH on a free port, or an in-process fakeredis where
+there is none (unless `SESSIONMGR_REDIS_URL` is set); MongoDB the in-memory engine (unless
+`SESSIONMGR_MONGODB_URI` is set); the JWT secret a random one for this run (unless
+`SESSIONMGR_JWT_SECRET` is set). `RedisServer` is also the test suite's Redis.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -60,6 +61,8 @@ def _die_with_parent() -> None:
 
 class RedisServer:
     """A private redis-server on a free loopback port, keeping nothing on disk."""
+
+    description = "private redis-server, stops with dev"
 
     def __init__(self, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
@@ -131,6 +134,50 @@ class RedisServer:
         return " | ".join(lines[-3:]) or "empty log"
 
 
+class InProcessRedis:
+    """fakeredis serving RESP on a loopback port, for machines without redis-server.
+
+    Needs the `dev` extra (`pip install -e '.[dev]'`: fakeredis with Lua, which the hot
+    store's read script uses). Good for trying the API; use a real redis-server for anything
+    else, it is the only one the test suite proves correct.
+    """
+
+    description = "in-process fakeredis, stops with dev"
+
+    def __init__(self) -> None:
+        try:
+            from fakeredis import TcpFakeServer
+        except ImportError:
+            raise DevStackError(
+                "redis-server is not on PATH and fakeredis is not installed: install "
+                "redis-server (apt-get install redis-server, or brew install redis), or "
+                "pip install -e '.[dev]' for an in-process Redis, or set SESSIONMGR_REDIS_URL"
+            ) from None
+        self._server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> InProcessRedis:
+        self._thread.start()
+        return self
+
+    def cleanup(self) -> None:
+        if self._thread.is_alive():  # shutdown() waits for a serve loop that must be running
+            self._server.shutdown()
+        self._server.server_close()
+
+
+def private_redis() -> RedisServer | InProcessRedis:
+    """A private redis-server when one is on PATH, else an in-process Redis (DESIGN §7)."""
+    if shutil.which("redis-server"):
+        return RedisServer()
+    return InProcessRedis()
+
+
 def dev_settings(environ: Mapping[str, str]) -> Settings:
     """The environment's settings, with in-memory MongoDB and a random JWT secret as defaults."""
     overrides: dict[str, str] = {}
@@ -156,8 +203,10 @@ def dev_token(settings: Settings) -> str | None:
     )
 
 
-def banner(base_url: str, settings: Settings, redis: RedisServer | None) -> str:
-    redis_origin = "private redis-server, stops with dev" if redis else f"from {PREFIX}REDIS_URL"
+def banner(
+    base_url: str, settings: Settings, redis: RedisServer | InProcessRedis | None
+) -> str:
+    redis_origin = redis.description if redis else f"from {PREFIX}REDIS_URL"
     mongo_origin = (
         "in memory, gone when dev stops"
         if settings.mongodb_in_memory
@@ -236,11 +285,11 @@ def run(host: str, port: int, environ: Mapping[str, str] | None = None) -> None:
 
     env = os.environ if environ is None else environ
     settings = dev_settings(env)
-    redis: RedisServer | None = None
+    redis: RedisServer | InProcessRedis | None = None
     with _signals_exit():
         try:
             if not env.get(f"{PREFIX}REDIS_URL"):
-                redis = RedisServer().start()
+                redis = private_redis().start()
                 settings = msgspec.structs.replace(settings, redis_url=redis.url)
             app = create_app(build_container(settings))
             config = uvicorn.Config(

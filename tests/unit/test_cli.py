@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,12 +116,15 @@ def test_serve_runs_the_app_factory_behind_a_proxy(monkeypatch: pytest.MonkeyPat
 def test_dev_without_redis_server_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Neither redis-server nor the in-process fallback (the `dev` extra) is installed."""
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "fakeredis", None)  # import fails as if not installed
 
     assert cli.main(["dev", "--port", str(free_port())]) == 2
 
     err = capsys.readouterr().err
     assert "redis-server is not on PATH" in err
+    assert "pip install -e '.[dev]'" in err
     assert "apt-get install redis-server" in err
     assert "SESSIONMGR_REDIS_URL" in err
 
