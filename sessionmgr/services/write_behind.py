@@ -69,14 +69,18 @@ class WriteBehindWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set; finishes the entry in hand before returning."""
-        backoff = 0.1
+        backoff, group_ready = 0.1, False
         log.info("write-behind worker %s started", self.consumer)
         while not stop.is_set():
             try:
-                await self.ensure_group()
+                if not group_ready:
+                    await self.ensure_group()
+                    group_ready = True
                 await self.step()
                 backoff = 0.1
             except (BackendUnavailable, RedisError, OSError) as exc:
+                # A Redis that restarted empty has lost the group too: create it again.
+                group_ready = False
                 log.warning("write-behind paused %.1fs: %s", backoff, exc)
                 await self._pause(stop, backoff)
                 backoff = min(backoff * 2, 5.0)
