@@ -11,13 +11,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import sessionmgr
-from sessionmgr.settings import PREFIX, ConfigError, Settings, load_settings, require_jwt
+from sessionmgr.settings import (
+    PREFIX,
+    ConfigError,
+    Settings,
+    load_settings,
+    require_jwt,
+    unknown_variables,
+)
 
 CHECK_TIMEOUT_S = 3.0
 GRACEFUL_SHUTDOWN_S = 20  # inside Kubernetes' default 30 s termination grace period
@@ -96,6 +104,10 @@ def _serve(args: argparse.Namespace) -> int:
     require_jwt(settings)
     TokenVerifier(settings)  # a bad key or algorithm list fails here, not at the first request
     configure_logging(settings.log_level)
+    for name in unknown_variables():
+        logging.getLogger("sessionmgr").warning(
+            "%s is not a setting (a typo?); it is ignored", name
+        )
     uvicorn.run(
         "sessionmgr.app:create_app",
         factory=True,
@@ -129,7 +141,11 @@ def _token(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     if settings.jwt_secret is None:
-        raise ConfigError(f"{PREFIX}JWT_SECRET is not set: `token` signs with that secret")
+        raise ConfigError(
+            f"{PREFIX}JWT_SECRET is not set: `token` signs with that secret. For `sessionmgr "
+            "dev`, use the export line its banner prints, or start dev with your own "
+            f"{PREFIX}JWT_SECRET (32+ characters) and pass the same value here"
+        )
     roles = [r.strip() for r in args.roles.split(",") if r.strip()]
     print(
         issue_token(
@@ -148,6 +164,8 @@ def _token(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     settings = load_settings()
     print(f"{'ok':<4}  {'config':<8} {PREFIX}* variables are valid")
+    for name in unknown_variables():
+        print(f"{'warn':<4}  {'config':<8} {name} is not a setting (a typo?); it is ignored")
     return 0 if asyncio.run(_run_checks(settings)) else 1
 
 

@@ -203,9 +203,7 @@ def dev_token(settings: Settings) -> str | None:
     )
 
 
-def banner(
-    base_url: str, settings: Settings, redis: RedisServer | InProcessRedis | None
-) -> str:
+def banner(base_url: str, settings: Settings, redis: RedisServer | InProcessRedis | None) -> str:
     redis_origin = redis.description if redis else f"from {PREFIX}REDIS_URL"
     mongo_origin = (
         "in memory, gone when dev stops"
@@ -233,6 +231,10 @@ def banner(
         f"curl -s -X POST {base_url}/v1/sessions {auth} -H 'Content-Type: application/json' "
         """-d '{"work_in_progress":{"step":1}}'""",
         f"curl -s {base_url}/v1/sessions/<id> {auth}",
+        "",
+        "Tokens for other callers (a MAD, an admin), signed with this run's secret:",
+        f"{PREFIX}JWT_SECRET={settings.jwt_secret} sessionmgr token --sub mad:planner",
+        f"{PREFIX}JWT_SECRET={settings.jwt_secret} sessionmgr token --sub ops --roles admin",
     ]
     return "\n".join(lines)
 

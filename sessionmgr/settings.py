@@ -62,7 +62,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
 def _int(lo: int, hi: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
-        value = int(raw)
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"must be a whole number between {lo} and {hi}") from None
         if not lo <= value <= hi:
             raise ValueError(f"must be between {lo} and {hi}")
         return value
@@ -72,7 +75,10 @@ def _int(lo: int, hi: int) -> Callable[[str], int]:
 
 def _float(lo: float, hi: float) -> Callable[[str], float]:
     def parse(raw: str) -> float:
-        value = float(raw)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"must be a number between {lo} and {hi}") from None
         if not lo <= value <= hi:
             raise ValueError(f"must be between {lo} and {hi}")
         return value
@@ -151,8 +157,19 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     settings = Settings(**values)
     _check_jwt(settings)
     if settings.page_size_default > settings.page_size_max:
-        raise ConfigError(f"{PREFIX}PAGE_SIZE_DEFAULT must not exceed {PREFIX}PAGE_SIZE_MAX")
+        raise ConfigError(
+            f"{PREFIX}PAGE_SIZE_DEFAULT ({settings.page_size_default}) must not exceed "
+            f"{PREFIX}PAGE_SIZE_MAX ({settings.page_size_max}): lower the default or raise the max"
+        )
     return settings
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`SESSIONMGR_*` names that match no setting: most often a typo that silently does nothing."""
+    env = os.environ if environ is None else environ
+    known = {PREFIX + name.upper() for name in Settings.__struct_fields__}
+    known.add(PREFIX + "TEST_MONGODB_URI")  # read by the test suite, not the service
+    return sorted(k for k in env if k.startswith(PREFIX) and k not in known)
 
 
 def _check_jwt(s: Settings) -> None:

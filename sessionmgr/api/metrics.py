@@ -66,4 +66,6 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
 @get("/metrics", include_in_schema=True, tags=["operations"], cache=False)
 async def metrics_endpoint(state: State) -> Response[bytes]:
     """Prometheus text format."""
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # Litestar appends the charset itself; prometheus_client's constant already has one.
+    media_type = CONTENT_TYPE_LATEST.split("; charset=")[0]
+    return Response(generate_latest(state.metrics.registry), media_type=media_type)

@@ -13,6 +13,12 @@ class SessionNotFound(SessionError):
         self.session_id = session_id
 
 
+class ParticipantNotFound(SessionNotFound):
+    def __init__(self, session_id: str, mad_name: str) -> None:
+        SessionError.__init__(self, f"{mad_name} is not a participant of session {session_id}")
+        self.session_id = session_id
+
+
 class AccessDenied(SessionError):
     def __init__(self, reason: str = "you may not access this session") -> None:
         super().__init__(reason)

@@ -18,6 +18,7 @@ from sessionmgr.domain.errors import (
     BackendUnavailable,
     ConcurrencyConflict,
     InvalidInput,
+    ParticipantNotFound,
     SessionNotFound,
 )
 from sessionmgr.domain.model import (
@@ -293,7 +294,7 @@ class SessionService:
         # A participating MAD is in the ACL (`mad:<name>`), so the ordinary check admits it.
         view = await self._hot_view(principal, session_id)
         if mad_name not in view.record.participants:
-            raise SessionNotFound(f"{session_id}/participants/{mad_name}")
+            raise ParticipantNotFound(session_id, mad_name)
         ttl_ms = await self._hot.renew_lease(session_id, mad_name)
         return LeaseInfo(mad_name=mad_name, expires_at=utcnow() + timedelta(milliseconds=ttl_ms))
 

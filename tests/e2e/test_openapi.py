@@ -122,7 +122,7 @@ async def test_problem_answers_are_problem_json(
     api: AsyncTestClient[Any], schema: dict[str, Any], key: tuple[str, str]
 ):
     if key not in served_routes(api):
-        pytest.skip("not served by this build")
+        pytest.skip("archive (DESIGN §4) comes with the cold-tier issue; not served yet")
     responses = operation(schema, *key)["responses"]
     for code, response in responses.items():
         if code.isdigit() and int(code) >= 400:
@@ -144,7 +144,7 @@ async def test_mutations_document_the_idempotency_key(
     api: AsyncTestClient[Any], schema: dict[str, Any], key: tuple[str, str]
 ):
     if key not in served_routes(api):
-        pytest.skip("not served by this build")
+        pytest.skip("archive (DESIGN §4) comes with the cold-tier issue; not served yet")
     params = operation(schema, *key).get("parameters", [])
     headers = {p["name"].lower() for p in params if p.get("in") == "header"}
     assert "idempotency-key" in headers, f"{key_id(key)} parameters: {params}"

@@ -256,3 +256,17 @@ def test_redis_server_that_cannot_start_says_why() -> None:
         finally:
             server.cleanup()
     assert not server.dir.exists()
+
+
+def test_check_warns_about_a_misspelled_variable(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SESSIONMGR_REDIS_URL", redis_url)
+    monkeypatch.setenv("SESSIONMGR_MONGODB_URI", "mongomock://")
+    monkeypatch.setenv("SESSIONMGR_JWT_SECRET", SECRET)
+    monkeypatch.setenv("SESSIONMGR_LEASE_TIME", "5")
+
+    assert cli.main(["check"]) == 0
+
+    out = capsys.readouterr().out
+    assert "warn  config   SESSIONMGR_LEASE_TIME is not a setting" in out

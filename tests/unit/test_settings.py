@@ -10,6 +10,7 @@ from sessionmgr.settings import (
     effective_algorithms,
     load_settings,
     require_jwt,
+    unknown_variables,
 )
 
 SECRET = "s" * 32
@@ -166,3 +167,18 @@ def test_effective_algorithms() -> None:
     assert effective_algorithms(load_settings(env(jwt_public_key=PEM))) == ("RS256", "ES256")
     chosen = load_settings(env(jwt_secret=SECRET, jwt_algorithms="HS512"))
     assert effective_algorithms(chosen) == ("HS512",)
+
+
+def test_unknown_variables_names_the_typos_only() -> None:
+    environ = {
+        "SESSIONMGR_LEASE_TIME": "5",
+        "SESSIONMGR_LEASE_TTL_S": "5",
+        "SESSIONMGR_TEST_MONGODB_URI": "mongodb://x",
+        "OTHER": "1",
+    }
+    assert unknown_variables(environ) == ["SESSIONMGR_LEASE_TIME"]
+
+
+def test_a_number_that_is_not_one_says_what_it_must_be() -> None:
+    with pytest.raises(ConfigError, match=r"SESSIONMGR_LEASE_TTL_S.*whole number between 1 and"):
+        load_settings({"SESSIONMGR_LEASE_TTL_S": "abc"})
