@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -59,6 +59,7 @@ class Undelivered(msgspec.Struct, frozen=True):
     context: ContextUpdate | None
 
 
+Loader = Callable[[], Awaitable[tuple[SessionRecord, list[TimelineEvent]]]]
 Flush = Callable[[SessionRecord, list[TimelineEvent], "ContextUpdate | None"], Any]
 
 
@@ -68,7 +69,7 @@ class HotStore(Protocol):
     async def create(
         self, record: SessionRecord, idem: Idempotency | None, result: bytes
     ) -> None: ...
-    async def activate(self, record: SessionRecord, recent: list[TimelineEvent]) -> None: ...
+    async def activate(self, session_id: str, load: Loader) -> SessionRecord | None: ...
     async def transact(
         self, session_id: str, decide: Decide, idem: Idempotency | None, *, retry_on_race: bool
     ) -> Replayed | Change | None: ...

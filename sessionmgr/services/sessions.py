@@ -399,14 +399,15 @@ class SessionService:
 
     async def _activate(self, principal: Principal, session_id: str) -> None:
         """Load a dormant session back into Redis as `active` (after the access check)."""
-        record = await self._warm.get(session_id)
-        if record is None:
-            raise SessionNotFound(session_id)
-        rules.require_access(principal, record.owner_id, record.acl)
-        recent = await self._warm.recent_events(session_id, self._limits.recent_timeline)
-        record.state = SessionState.ACTIVE
-        await self._hot.activate(record, recent)
-        await self._warm.mark_state(session_id, record.version, SessionState.ACTIVE)
+
+        async def load() -> tuple[SessionRecord, list[TimelineEvent]]:
+            record = await self._warm_record(principal, session_id)
+            record.state = SessionState.ACTIVE
+            return record, await self._warm.recent_events(session_id, self._limits.recent_timeline)
+
+        loaded = await self._hot.activate(session_id, load)
+        if loaded is not None:
+            await self._warm.mark_state(session_id, loaded.version, SessionState.ACTIVE)
 
     async def _warm_record(self, principal: Principal, session_id: str) -> SessionRecord:
         record = await self._warm.get(session_id)

@@ -41,6 +41,7 @@ from sessionmgr.services.ports import (
     Flush,
     HotView,
     Idempotency,
+    Loader,
     Replayed,
     Undelivered,
 )
@@ -196,24 +197,33 @@ class RedisHotStore:
                 pipe.set(idem_key(CREATE_SCOPE, idem), idem_value(idem, result), ex=self._idem_ttl)
             await self._guard(pipe.execute(), outcome_unknown=True)
 
-    async def activate(self, record: SessionRecord, recent: list[TimelineEvent]) -> None:
-        """Load a dormant session into Redis unless it is there already or was deleted."""
-        key = hot_key(record.id)
+    async def activate(self, session_id: str, load: Loader) -> SessionRecord | None:
+        """Load a dormant session into Redis unless it is there already or was deleted.
+
+        `load` reads MongoDB only once the WATCH is set and the hash is known to be absent: a
+        suspend writes MongoDB before it deletes the hash, so whatever `load` reads then is
+        the newest state, and any activation or suspend racing this one fires the WATCH.
+        Returns the record loaded, or None when the session was (or became) hot meanwhile.
+        """
+        key, gone = hot_key(session_id), gone_key(session_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             try:
-                await self._guard(pipe.watch(key, gone_key(record.id)))
-                if await self._guard(pipe.exists(gone_key(record.id))):
-                    raise SessionNotFound(record.id)
+                await self._guard(pipe.watch(key, gone))
+                if await self._guard(pipe.exists(gone)):
+                    raise SessionNotFound(session_id)
                 if await self._guard(pipe.exists(key)):
-                    return
+                    return None
+                record, recent = await load()
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.hset(key, mapping=encode_record(record))  # type: ignore[arg-type]
-                pipe.delete(timeline_key(record.id))
+                pipe.delete(timeline_key(session_id))
                 if recent:
-                    pipe.rpush(timeline_key(record.id), *[_encode(e) for e in recent])
+                    pipe.rpush(timeline_key(session_id), *[_encode(e) for e in recent])
                 await self._guard(pipe.execute(), outcome_unknown=True)
             except WatchError:
-                log.debug("session %s activated concurrently", record.id)
+                log.debug("session %s activated concurrently", session_id)
+                return None
+            return record
 
     async def transact(
         self, session_id: str, decide: Decide, idem: Idempotency | None, *, retry_on_race: bool

@@ -34,6 +34,7 @@ from sessionmgr.services.ports import (
     Flush,
     HotView,
     Idempotency,
+    Loader,
     Page,
     Replayed,
     Undelivered,
@@ -253,15 +254,20 @@ class InMemoryHotStore:
             self.idempotency[_idem_key("create", idem)] = idem_value(idem, result)
         self._touch(record.id)
 
-    async def activate(self, record: SessionRecord, recent: list[TimelineEvent]) -> None:
+    async def activate(self, session_id: str, load: Loader) -> SessionRecord | None:
         self._reachable()
-        if record.id in self.gone:
-            raise SessionNotFound(record.id)
-        if record.id in self.hashes:
-            return
-        self.hashes[record.id] = _as_hash(encode_record(record))
-        self.timelines[record.id] = list(recent)
-        self._touch(record.id)
+        if session_id in self.gone:
+            raise SessionNotFound(session_id)
+        if session_id in self.hashes:
+            return None
+        watched = self._revision.get(session_id, 0)
+        record, recent = await load()
+        if self._revision.get(session_id, 0) != watched:
+            return None  # the WATCH fired: another activation or a suspend got there first
+        self.hashes[session_id] = _as_hash(encode_record(record))
+        self.timelines[session_id] = list(recent)
+        self._touch(session_id)
+        return record
 
     async def transact(
         self, session_id: str, decide: Decide, idem: Idempotency | None, *, retry_on_race: bool
