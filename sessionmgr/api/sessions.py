@@ -49,7 +49,7 @@ BODY = (400, 401, 403, 413, 415, 422, 503)
 
 def _sid(session_id: str) -> str:
     """Odd ids are simply sessions that do not exist: no backend is asked."""
-    if not SESSION_ID.match(session_id):
+    if not SESSION_ID.fullmatch(session_id):
         raise SessionNotFound(session_id[:64])
     return session_id
 
@@ -57,7 +57,7 @@ def _sid(session_id: str) -> str:
 def _idem(request: Req, key: str | None, body: Any = None) -> Idempotency | None:
     if key is None:
         return None
-    if not IDEMPOTENCY_KEY.match(key):
+    if not IDEMPOTENCY_KEY.fullmatch(key):
         raise InvalidInput(
             "Idempotency-Key must be 1-255 visible ASCII characters", "Idempotency-Key"
         )
@@ -95,7 +95,7 @@ def _with_etag(session: Session, status_code: int = 200, **headers: str) -> Resp
 def _if_match(value: str | None) -> int | None:
     if value is None:
         return None
-    match = ETAG.match(value.strip())
+    match = ETAG.fullmatch(value.strip())
     if match is None:
         raise InvalidInput('If-Match must be a version in quotes, like "3"', "If-Match")
     return int(match.group(1) or match.group(2))

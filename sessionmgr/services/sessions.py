@@ -444,7 +444,7 @@ class SessionService:
                 f"at most {self._limits.max_events_per_append} events per call", "events"
             )
         for i, event in enumerate(events):
-            if not KIND.match(event.kind):
+            if not KIND.fullmatch(event.kind):
                 raise InvalidInput(
                     "kind must be 1-64 characters of letters, digits and _.:/-", f"events[{i}].kind"
                 )
@@ -458,7 +458,7 @@ def _check_version(record: SessionRecord, expected: int) -> SessionRecord:
 
 
 def _check_mad(mad_name: str) -> None:
-    if not MAD_NAME.match(mad_name):
+    if not MAD_NAME.fullmatch(mad_name):
         raise InvalidInput(
             "mad_name must be 1-64 letters, digits or _.- and start with a letter or digit",
             "mad_name",

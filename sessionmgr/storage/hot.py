@@ -340,9 +340,12 @@ class RedisHotStore:
                 recent = await self._guard(pipe.lrange(tl, 0, -1))
                 record = decode_record(raw)
                 record.state = SessionState.DORMANT
-                backlog = await self.undelivered(session_id)
-                events = [*backlog.events, *(_decode_event(e) for e in recent)]
-                await flush(record, events, backlog.context)
+                # First what Redis holds (this fails fast while MongoDB is down), then the
+                # backlog, read on this same connection: a second one could starve the pool.
+                await flush(record, [_decode_event(e) for e in recent], None)
+                backlog = await self.undelivered(session_id, pipe)
+                if backlog.events or backlog.context:
+                    await flush(record, backlog.events, backlog.context)
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.delete(key, tl, *[lease_key(session_id, m) for m in record.participants])
                 try:
@@ -352,19 +355,22 @@ class RedisHotStore:
                 return record
         raise ConcurrencyConflict(session_id, await self._current_version(session_id))
 
-    async def undelivered(self, session_id: str) -> Undelivered:
+    async def undelivered(self, session_id: str, client: Any = None) -> Undelivered:
         """What the outbox holds for this session: its events and newest `full_context`.
 
         The outbox holds only undelivered entries (the worker deletes what it delivered), so
-        this scan is as long as the write-behind's backlog: short unless MongoDB lags.
+        this is one XLEN while the write-behind keeps up, and a scan of its backlog otherwise.
         """
+        client = client or self._redis
         events: list[TimelineEvent] = []
         context: ContextUpdate | None = None
+        if not await self._guard(client.xlen(OUTBOX_STREAM)):
+            return Undelivered(events=events, context=context)
         start = "-"
         sid = session_id.encode()
         while True:
             batch = await self._guard(
-                self._redis.xrange(OUTBOX_STREAM, min=start, max="+", count=_SCAN_BATCH)
+                client.xrange(OUTBOX_STREAM, min=start, max="+", count=_SCAN_BATCH)
             )
             for _, fields in batch:
                 if fields.get(b"sid") != sid:
