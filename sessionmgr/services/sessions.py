@@ -191,7 +191,9 @@ class SessionService:
             fields = frozenset(small) | {"version", "last_active"}
             return Change(record=new, fields=fields, context=context, result=_encode(session))
 
-        return await self._mutate(principal, session_id, decide, idem, Session, race_safe=False)
+        # Re-running after a WATCH abort re-checks expected_version, so a stale patch is a 409,
+        # never applied; and a retry that raced its own original finds its first answer.
+        return await self._mutate(principal, session_id, decide, idem, Session, race_safe=True)
 
     async def append(
         self,
@@ -225,10 +227,9 @@ class SessionService:
             fields = frozenset({"version", "timeline_seq", "last_active"})
             return Change(record=new, fields=fields, events=stamped, result=_encode(result))
 
-        # Without an expected version an append does not depend on what it read: re-run it.
-        return await self._mutate(
-            principal, session_id, decide, idem, AppendResult, race_safe=expected_version is None
-        )
+        # Re-running re-checks any expected_version; without one an append does not depend on
+        # what it read.
+        return await self._mutate(principal, session_id, decide, idem, AppendResult, race_safe=True)
 
     async def add_participant(
         self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
@@ -304,7 +305,7 @@ class SessionService:
         self, principal: Principal, session_id: str, idem: Idempotency | None = None
     ) -> Session:
         return await self._once(
-            session_id, idem, Session, lambda: self._suspend(principal, session_id)
+            principal, session_id, idem, Session, lambda: self._suspend(principal, session_id)
         )
 
     async def _suspend(self, principal: Principal, session_id: str) -> Session:
@@ -324,7 +325,7 @@ class SessionService:
             view = await self._hot_view(principal, session_id)
             return to_session(view.record, view.recent, view.lease_ttl_ms, utcnow())
 
-        return await self._once(session_id, idem, Session, run)
+        return await self._once(principal, session_id, idem, Session, run)
 
     async def delete(
         self, principal: Principal, session_id: str, idem: Idempotency | None = None
@@ -332,18 +333,12 @@ class SessionService:
         """Tombstone first, so no replica can bring the session back while it is removed."""
 
         async def run() -> None:
-            access = await self._hot.access_fields(session_id)
-            if access is None:
-                record = await self._warm.get(session_id)
-                if record is None:
-                    raise SessionNotFound(session_id)
-                access = (record.owner_id, record.acl)
-            rules.require_owner(principal, access[0])
+            await self._authorize(principal, session_id, owner_only=True)
             await self._hot.mark_deleted(session_id)
             await self._warm.delete(session_id)
             await self._hot.drop(session_id)
 
-        await self._once(session_id, idem, type(None), run)
+        await self._once(principal, session_id, idem, type(None), run, owner_only=True)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -371,11 +366,26 @@ class SessionService:
         raise ConcurrencyConflict(session_id, None)
 
     async def _once(
-        self, scope: str, idem: Idempotency | None, result_type: type[R], run: Callable[[], Any]
+        self,
+        principal: Principal,
+        session_id: str,
+        idem: Idempotency | None,
+        result_type: type[R],
+        run: Callable[[], Any],
+        *,
+        owner_only: bool = False,
     ) -> R:
-        """Run a naturally idempotent action, replaying its first answer for a repeated key."""
+        """Run a naturally idempotent action, replaying its first answer for a repeated key.
+
+        The caller's own earlier answer (the key is scoped to the caller) is replayed as is;
+        a new key is written only after the access check, never for a stranger.
+        """
         if idem is None:
             return await run()  # type: ignore[no-any-return]
+        scope = session_id
+        if replay := await self._hot.replay(scope, idem):
+            return msgspec.json.decode(replay.result, type=result_type)
+        await self._authorize(principal, session_id, owner_only=owner_only)
         if replay := await self._hot.claim(scope, idem):
             return msgspec.json.decode(replay.result, type=result_type)
         try:
@@ -386,6 +396,21 @@ class SessionService:
             raise
         await self._hot.remember(scope, idem, _encode(result))
         return result  # type: ignore[no-any-return]
+
+    async def _authorize(
+        self, principal: Principal, session_id: str, *, owner_only: bool = False
+    ) -> None:
+        """Decide access from `owner_id` and `acl` alone, wherever the session lives now."""
+        access = await self._hot.access_fields(session_id)
+        if access is None:
+            record = await self._warm.get(session_id)
+            if record is None:
+                raise SessionNotFound(session_id)
+            access = (record.owner_id, record.acl)
+        if owner_only:
+            rules.require_owner(principal, access[0])
+        else:
+            rules.require_access(principal, *access)
 
     async def _hot_view(self, principal: Principal, session_id: str) -> HotView:
         for _ in range(3):

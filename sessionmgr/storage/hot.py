@@ -297,6 +297,10 @@ class RedisHotStore:
             return None
         return replay_of(idem, await self._guard(self._redis.get(key)))
 
+    async def replay(self, scope: str, idem: Idempotency) -> Replayed | None:
+        """The first answer for this key, if there is one; writes nothing."""
+        return replay_of(idem, await self._guard(self._redis.get(idem_key(scope, idem))))
+
     async def release(self, scope: str, idem: Idempotency) -> None:
         """Give a claim back after a failure, unless an answer was stored meanwhile."""
         pending = idem_value(idem, PENDING)

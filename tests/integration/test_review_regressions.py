@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from sessionmgr.container import build_container
 from sessionmgr.settings import load_settings
+from sessionmgr.storage.hot import RedisHotStore
 from tests.conftest import JWT_SECRET
 from tests.integration.conftest import serving
-from tests.integration.session_api import append_events, create_session
+from tests.integration.session_api import append_events, create_session, keys_of
 
 Headers = dict[str, str]
 
@@ -54,3 +57,56 @@ async def test_a_trailing_newline_is_not_a_valid_name(
     assert answer.status_code == 422, answer.text
     got = await manual_api.get(f"/v1/sessions/{sid}%0A", headers=auth())
     assert got.status_code == 404
+
+
+async def test_a_retry_that_overlaps_its_original_gets_the_first_answer(
+    manual_api: httpx.AsyncClient, auth: Callable[..., Headers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The original stalls between its read and EXEC; its retry commits first. Both answer
+    200 with the same version: the update is applied once, and nobody sees a 409."""
+    h = {**auth(), "Idempotency-Key": "overlap-1"}
+    sid = (await create_session(manual_api, auth()))["id"]
+    real_read = RedisHotStore._read
+    paused, resume, calls = asyncio.Event(), asyncio.Event(), []
+
+    async def stalls_once(self: RedisHotStore, client: Any, session_id: str, idem: Any) -> Any:
+        result = await real_read(self, client, session_id, idem)
+        calls.append(session_id)
+        if len(calls) == 1:
+            paused.set()
+            await resume.wait()
+        return result
+
+    monkeypatch.setattr(RedisHotStore, "_read", stalls_once)
+    body = {"expected_version": 1, "patch": {"work_in_progress": {"n": 1}}}
+    original = asyncio.create_task(manual_api.patch(f"/v1/sessions/{sid}", json=body, headers=h))
+    await paused.wait()
+    retry = await manual_api.patch(f"/v1/sessions/{sid}", json=body, headers=h)
+    resume.set()
+    first = await original
+
+    assert (retry.status_code, first.status_code) == (200, 200), (retry.text, first.text)
+    assert retry.json()["version"] == first.json()["version"] == 2
+    got = await manual_api.get(f"/v1/sessions/{sid}", headers=auth())
+    assert got.json()["version"] == 2
+
+
+@pytest.mark.parametrize("action", ["suspend", "resume", "delete"])
+async def test_a_stranger_leaves_no_idempotency_record_behind(
+    manual_api: httpx.AsyncClient,
+    manual_redis: Redis,
+    auth: Callable[..., Headers],
+    action: str,
+) -> None:
+    sid = (await create_session(manual_api, auth("alice")))["id"]
+    before = await keys_of(manual_redis, sid)
+    headers = {**auth("mallory"), "Idempotency-Key": "k-1"}
+    if action == "delete":
+        answer = await manual_api.delete(f"/v1/sessions/{sid}", headers=headers)
+    else:
+        answer = await manual_api.post(f"/v1/sessions/{sid}/{action}", headers=headers)
+    assert answer.status_code == 403
+    assert await keys_of(manual_redis, sid) == before
+    missing = await manual_api.delete(f"/v1/sessions/{'0' * 32}", headers=headers)
+    assert missing.status_code == 404
+    assert not [k async for k in manual_redis.scan_iter(match="*00000000000000000000*")]

@@ -321,6 +321,10 @@ class InMemoryHotStore:
             )
         self._touch(session_id)
 
+    async def replay(self, scope: str, idem: Idempotency) -> Replayed | None:
+        self._reachable()
+        return replay_of(idem, self.idempotency.get(_idem_key(scope, idem)))
+
     async def claim(self, scope: str, idem: Idempotency) -> Replayed | None:
         self._reachable()
         key = _idem_key(scope, idem)
