@@ -9,6 +9,7 @@ idempotency record, EXEC.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -316,7 +317,10 @@ class RedisHotStore:
     def _index_idem(self, pipe: Any, scope: str, key: str) -> None:
         """Note a session's idempotency records, so that deleting the session deletes them."""
         if scope != CREATE_SCOPE:
-            pipe.sadd(idem_index_key(scope), key)
+            # Scored by expiry, trimmed as it grows: a busy session's index stays small.
+            now = time.time()
+            pipe.zadd(idem_index_key(scope), {key: now + self._idem_ttl})
+            pipe.zremrangebyscore(idem_index_key(scope), "-inf", now)
             pipe.expire(idem_index_key(scope), self._idem_ttl)
 
     async def renew_lease(self, session_id: str, mad: str) -> int:
@@ -397,7 +401,7 @@ class RedisHotStore:
         """Delete every key of the session but its tombstone: data, leases, idempotency records."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hget(hot_key(session_id), "participants")
-            pipe.smembers(idem_index_key(session_id))
+            pipe.zrange(idem_index_key(session_id), 0, -1)
             participants, idem_keys = await self._guard(pipe.execute())
         mads = list(_decode_participants(participants)) if participants else []
         await self._guard(

@@ -7,7 +7,6 @@ session never meets the 16 MB document limit and replays of an event are harmles
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Awaitable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -17,16 +16,16 @@ from beanie import Document, init_beanie
 from motor.motor_asyncio import AsyncIOMotorClient
 from pydantic import Field
 from pymongo import ASCENDING, DESCENDING, IndexModel
-from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, ConnectionFailure, ExecutionTimeout, WTimeoutError
 
 from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.domain.model import ContextUpdate, SessionRecord, SessionState, TimelineEvent
 from sessionmgr.services.ports import Page
 from sessionmgr.settings import Settings
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 DUPLICATE_KEY = 11000
+_TRANSIENT = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
 
 
 class SessionDocument(Document):
@@ -199,11 +198,8 @@ class MongoWarmStore:
             await _guard(
                 self._events.insert_many([_event_doc(session_id, e) for e in events], ordered=False)
             )
-        except BackendUnavailable as exc:
-            cause = exc.__cause__
-            if not isinstance(cause, BulkWriteError) or any(
-                err.get("code") != DUPLICATE_KEY for err in cause.details.get("writeErrors", [])
-            ):
+        except BulkWriteError as exc:
+            if any(err.get("code") != DUPLICATE_KEY for err in exc.details.get("writeErrors", [])):
                 raise
 
     async def mark_state(self, session_id: str, version: int, state: SessionState) -> None:
@@ -234,12 +230,12 @@ class MongoWarmStore:
 
 
 async def _guard(awaitable: Awaitable[T]) -> T:
+    """MongoDB out of reach or too slow becomes `BackendUnavailable` (retry later); any other
+    error is about the request itself and passes through, so the write-behind parks it
+    instead of retrying it forever."""
     try:
         return await awaitable
-    except (ConnectionFailure, OperationFailure) as exc:
-        raise BackendUnavailable("mongodb", type(exc).__name__) from exc
-    except PyMongoError as exc:
-        log.error("mongodb error: %s", exc)
+    except _TRANSIENT as exc:
         raise BackendUnavailable("mongodb", type(exc).__name__) from exc
 
 

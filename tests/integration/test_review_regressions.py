@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
+from pymongo.errors import WriteError
 from redis.asyncio import Redis
 
 from sessionmgr.container import build_container
+from sessionmgr.services.ports import Idempotency
 from sessionmgr.settings import load_settings
-from sessionmgr.storage.hot import RedisHotStore
+from sessionmgr.storage.hot import RedisHotStore, idem_index_key
+from sessionmgr.storage.warm import MongoWarmStore
 from tests.conftest import JWT_SECRET
 from tests.integration.conftest import serving
 from tests.integration.session_api import append_events, create_session, keys_of
+from tests.unit.factories import SessionRecordFactory
 
 Headers = dict[str, str]
 
@@ -110,3 +115,31 @@ async def test_a_stranger_leaves_no_idempotency_record_behind(
     missing = await manual_api.delete(f"/v1/sessions/{'0' * 32}", headers=headers)
     assert missing.status_code == 404
     assert not [k async for k in manual_redis.scan_iter(match="*00000000000000000000*")]
+
+
+async def test_the_idempotency_index_of_a_busy_session_is_trimmed(
+    manual_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hot = RedisHotStore(manual_redis, idempotency_ttl_s=60)
+    sid = "a" * 32
+    for n in range(3):
+        await hot.remember(sid, Idempotency(key_digest=f"d{n}", fingerprint="f"), b"null")
+    assert await manual_redis.zcard(idem_index_key(sid)) == 3
+    later = time.time() + 61
+    monkeypatch.setattr("sessionmgr.storage.hot.time.time", lambda: later)
+    await hot.remember(sid, Idempotency(key_digest="d9", fingerprint="f"), b"null")
+    assert await manual_redis.zcard(idem_index_key(sid)) == 1
+
+
+async def test_a_mongodb_error_about_the_data_is_not_an_outage(
+    manual_warm: MongoWarmStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage is retried; an error about the document is not, so the worker can park it."""
+
+    async def rejects(*_args: Any, **_kwargs: Any) -> Any:
+        raise WriteError("document is invalid", code=121)
+
+    monkeypatch.setattr(manual_warm._sessions, "update_one", rejects)
+    record = SessionRecordFactory.build()
+    with pytest.raises(WriteError):
+        await manual_warm.apply(record, [])
