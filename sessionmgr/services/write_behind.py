@@ -28,6 +28,8 @@ from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntr
 
 log = logging.getLogger(__name__)
 GROUP = "writebehind"
+DEPARTED_AFTER_MS = 3_600_000
+DEAD_LETTER_MAX = 100_000  # parked entries kept for an operator to inspect, oldest dropped
 _decode_entry = msgspec.json.Decoder(OutboxEntry).decode
 
 
@@ -119,7 +121,23 @@ class WriteBehindWorker:
                 log.info("claimed %d stale outbox entries", len(entries))
                 done += await self._deliver(entries)
             if start in (b"0-0", "0-0") or not entries:
+                await self.forget_departed()
                 return done
+
+    async def forget_departed(self) -> int:
+        """Remove consumers of replicas long gone: idle past `DEPARTED_AFTER_MS`, none pending.
+
+        Every replica start adds a consumer name; without this the group lists them forever.
+        """
+        removed = 0
+        for info in await self._redis.xinfo_consumers(OUTBOX_STREAM, GROUP):
+            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+            if name != self.consumer and not info["pending"] and info["idle"] > DEPARTED_AFTER_MS:
+                await self._redis.xgroup_delconsumer(OUTBOX_STREAM, GROUP, name)
+                removed += 1
+        if removed:
+            log.info("removed %d departed write-behind consumers", removed)
+        return removed
 
     async def _read(self, offset: str, block_ms: int | None) -> int:
         reply: Any = await self._redis.xreadgroup(
@@ -182,7 +200,7 @@ class WriteBehindWorker:
     async def _park(self, entry_id: bytes, fields: dict[bytes, bytes], error: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             dead: dict[Any, Any] = {**fields, b"error": error.encode(), b"id": entry_id}
-            pipe.xadd(DEAD_LETTER_STREAM, dead)
+            pipe.xadd(DEAD_LETTER_STREAM, dead, maxlen=DEAD_LETTER_MAX, approximate=True)
             pipe.xack(OUTBOX_STREAM, GROUP, entry_id)
             pipe.xdel(OUTBOX_STREAM, entry_id)
             await pipe.execute()

@@ -355,3 +355,17 @@ async def test_the_running_worker_catches_up_within_seconds_after_a_mongodb_outa
     assert stored is not None
     assert stored.version == latest
     await assert_converged(manual_redis, manual_warm, sid, latest)
+
+
+async def test_consumers_of_departed_replicas_are_forgotten(
+    manual_redis: Redis, manual_warm: MongoWarmStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone = worker(manual_redis, manual_warm, "gone")
+    await gone.ensure_group()
+    await gone.step(block_ms=10)  # registers the consumer, holds nothing
+    alive = worker(manual_redis, manual_warm, "alive")
+    monkeypatch.setattr("sessionmgr.services.write_behind.DEPARTED_AFTER_MS", 50)
+    await asyncio.sleep(0.1)
+    assert await alive.forget_departed() == 1
+    names = {c["name"] for c in await manual_redis.xinfo_consumers(OUTBOX_STREAM, GROUP)}
+    assert b"gone" not in names and "gone" not in names
