@@ -449,7 +449,9 @@ class SessionService:
         """
         try:
             backlog = await self._hot.undelivered(session.id)
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
+            if exc.backend != "redis":
+                raise
             backlog = Undelivered(events=[], context=None)  # read-only: MongoDB is all there is
         stored = await self._warm.context(session.id)
         events = await self._warm.all_events(session.id)

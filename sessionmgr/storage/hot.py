@@ -59,6 +59,7 @@ _FIELD_DECODERS: dict[bytes, msgspec.json.Decoder[Any]] = {
 _RACE_RETRIES = 8
 CLAIM_TTL_S = 60
 _SCAN_BATCH = 500
+SCAN_LIMIT = 20_000  # outbox entries; past this a full read or suspend answers 503
 PENDING = b"\x00pending"  # never a JSON answer
 _RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -372,8 +373,12 @@ class RedisHotStore:
         client = client or self._redis
         events: list[TimelineEvent] = []
         context: ContextUpdate | None = None
-        if not await self._guard(client.xlen(OUTBOX_STREAM)):
+        backlog = await self._guard(client.xlen(OUTBOX_STREAM))
+        if not backlog:
             return Undelivered(events=events, context=context)
+        if backlog > SCAN_LIMIT:
+            # MongoDB is down or far behind: a clear 503 beats a scan that takes seconds.
+            raise BackendUnavailable("mongodb", f"the write-behind is {backlog} entries behind", 5)
         start = "-"
         sid = session_id.encode()
         while True:

@@ -143,3 +143,16 @@ async def test_a_mongodb_error_about_the_data_is_not_an_outage(
     record = SessionRecordFactory.build()
     with pytest.raises(WriteError):
         await manual_warm.apply(record, [])
+
+
+async def test_a_full_read_answers_503_rather_than_scan_a_huge_backlog(
+    manual_api: httpx.AsyncClient, auth: Callable[..., Headers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid = (await create_session(manual_api, auth()))["id"]
+    await append_events(manual_api, auth(), sid, {"kind": "note"}, {"kind": "note"})
+    monkeypatch.setattr("sessionmgr.storage.hot.SCAN_LIMIT", 0)
+    answer = await manual_api.get(f"/v1/sessions/{sid}?include=full", headers=auth())
+    assert answer.status_code == 503
+    assert answer.json()["backend"] == "mongodb"
+    assert answer.headers["Retry-After"] == "5"
+    assert (await manual_api.get(f"/v1/sessions/{sid}", headers=auth())).status_code == 200
