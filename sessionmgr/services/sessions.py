@@ -193,7 +193,7 @@ class SessionService:
 
         # Re-running after a WATCH abort re-checks expected_version, so a stale patch is a 409,
         # never applied; and a retry that raced its own original finds its first answer.
-        return await self._mutate(principal, session_id, decide, idem, Session, race_safe=True)
+        return await self._mutate(principal, session_id, decide, idem, Session)
 
     async def append(
         self,
@@ -229,7 +229,7 @@ class SessionService:
 
         # Re-running re-checks any expected_version; without one an append does not depend on
         # what it read.
-        return await self._mutate(principal, session_id, decide, idem, AppendResult, race_safe=True)
+        return await self._mutate(principal, session_id, decide, idem, AppendResult)
 
     async def add_participant(
         self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
@@ -265,7 +265,7 @@ class SessionService:
             fields = frozenset({"version", "last_active", "participants", "acl"})
             return Change(record=new, fields=fields, leases_set=[mad_name], result=_encode(session))
 
-        return await self._mutate(principal, session_id, decide, idem, Session, race_safe=True)
+        return await self._mutate(principal, session_id, decide, idem, Session)
 
     async def remove_participant(
         self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
@@ -288,7 +288,7 @@ class SessionService:
             fields = frozenset({"version", "last_active", "participants", "acl"})
             return Change(record=new, fields=fields, leases_dropped=[mad_name], result=b"null")
 
-        await self._mutate(principal, session_id, decide, idem, type(None), race_safe=True)
+        await self._mutate(principal, session_id, decide, idem, type(None))
 
     async def renew_lease(self, principal: Principal, session_id: str, mad_name: str) -> LeaseInfo:
         _check_mad(mad_name)
@@ -349,20 +349,17 @@ class SessionService:
         decide: Callable[[HotView], Change],
         idem: Idempotency | None,
         result_type: type[R],
-        *,
-        race_safe: bool,
     ) -> R:
         def guarded(view: HotView) -> Change:
             rules.require_access(principal, view.record.owner_id, view.record.acl)
             return decide(view)
 
         for _ in range(3):
-            outcome = await self._hot.transact(session_id, guarded, idem, retry_on_race=race_safe)
+            outcome = await self._hot.transact(session_id, guarded, idem)
             if outcome is None:
                 await self._activate(principal, session_id)
                 continue
-            result = outcome.result
-            return msgspec.json.decode(result, type=result_type)
+            return msgspec.json.decode(outcome.result, type=result_type)
         raise ConcurrencyConflict(session_id, None)
 
     async def _once(

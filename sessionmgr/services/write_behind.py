@@ -215,10 +215,11 @@ class WriteBehindWorker:
             await pipe.execute()
 
     async def pending(self) -> int:
-        """Entries written but not yet in MongoDB (the outbox lag, in entries)."""
-        info = await self._redis.xpending(OUTBOX_STREAM, GROUP)
-        unread = await self._redis.xlen(OUTBOX_STREAM) - int(info["pending"])
-        return int(info["pending"]) + max(unread, 0)
+        """Entries written but not yet in MongoDB (the outbox lag, in entries).
+
+        The stream is exactly that: an entry leaves it (XACK + XDEL) once MongoDB has it.
+        """
+        return int(await self._redis.xlen(OUTBOX_STREAM))
 
 
 @contextlib.asynccontextmanager

@@ -228,16 +228,16 @@ class RedisHotStore:
             return record
 
     async def transact(
-        self, session_id: str, decide: Decide, idem: Idempotency | None, *, retry_on_race: bool
+        self, session_id: str, decide: Decide, idem: Idempotency | None
     ) -> Replayed | Change | None:
         """Run `decide` on the current state and write its change atomically, or raise.
 
         Returns None when the session is not hot, a `Replayed` answer for a repeated
-        Idempotency-Key, or the `Change` that was committed. A concurrent writer between
-        WATCH and EXEC is a `ConcurrencyConflict` unless `retry_on_race` (commutative changes).
+        Idempotency-Key, or the `Change` that was committed. A concurrent writer between WATCH
+        and EXEC makes it run `decide` again on the new state: every decision re-checks the
+        expected version, so a stale change is a `ConcurrencyConflict`, never applied.
         """
-        attempts = _RACE_RETRIES if retry_on_race else 1
-        for _ in range(attempts):
+        for _ in range(_RACE_RETRIES):
             try:
                 return await self._transact_once(session_id, decide, idem)
             except WatchError:
@@ -263,9 +263,9 @@ class RedisHotStore:
             pipe.multi()  # type: ignore[no-untyped-call]
             self._queue_change(pipe, session_id, change)
             if idem is not None:
-                key = idem_key(session_id, idem)
-                pipe.set(key, idem_value(idem, change.result), ex=self._idem_ttl)
-                self._index_idem(pipe, session_id, key)
+                record_key = idem_key(session_id, idem)
+                pipe.set(record_key, idem_value(idem, change.result), ex=self._idem_ttl)
+                self._index_idem(pipe, session_id, record_key)
             await self._guard(pipe.execute(), outcome_unknown=True)
             return change
 
@@ -343,15 +343,14 @@ class RedisHotStore:
         for _ in range(_RACE_RETRIES):
             async with self._redis.pipeline(transaction=True) as pipe:
                 await self._guard(pipe.watch(key, tl))
-                raw = await self._guard(pipe.hgetall(key))
-                if not raw:
+                view, _ = await self._read(pipe, session_id, None)
+                if view is None:
                     return None
-                recent = await self._guard(pipe.lrange(tl, 0, -1))
-                record = decode_record(raw)
+                record = view.record
                 record.state = SessionState.DORMANT
                 # First what Redis holds (this fails fast while MongoDB is down), then the
                 # backlog, read on this same connection: a second one could starve the pool.
-                await flush(record, [_decode_event(e) for e in recent], None)
+                await flush(record, view.recent, None)
                 backlog = await self.undelivered(session_id, pipe)
                 if backlog.events or backlog.context:
                     await flush(record, backlog.events, backlog.context)
@@ -398,9 +397,6 @@ class RedisHotStore:
 
     async def mark_deleted(self, session_id: str) -> None:
         await self._guard(self._redis.set(gone_key(session_id), b"1", ex=self._deleted_ttl))
-
-    async def is_deleted(self, session_id: str) -> bool:
-        return bool(await self._guard(self._redis.exists(gone_key(session_id))))
 
     async def drop(self, session_id: str) -> None:
         """Delete every key of the session but its tombstone: data, leases, idempotency records."""

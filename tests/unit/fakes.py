@@ -270,9 +270,9 @@ class InMemoryHotStore:
         return record
 
     async def transact(
-        self, session_id: str, decide: Decide, idem: Idempotency | None, *, retry_on_race: bool
+        self, session_id: str, decide: Decide, idem: Idempotency | None
     ) -> Replayed | Change | None:
-        for _ in range(8 if retry_on_race else 1):
+        for _ in range(8):
             try:
                 return await self._transact_once(session_id, decide, idem)
             except _WatchFired:
@@ -377,10 +377,6 @@ class InMemoryHotStore:
     async def mark_deleted(self, session_id: str) -> None:
         self._reachable()
         self.gone.add(session_id)
-
-    async def is_deleted(self, session_id: str) -> bool:
-        self._reachable()
-        return session_id in self.gone
 
     async def drop(self, session_id: str) -> None:
         self._reachable()

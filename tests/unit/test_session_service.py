@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
+import msgspec
 import pytest
 
 from sessionmgr.domain.errors import (
@@ -148,7 +149,8 @@ async def test_get_full_adds_the_full_context_and_timeline(w: World) -> None:
 
     plain = await w.service.get(ALICE, created.id)
     full = await w.service.get(ALICE, created.id, full=True)
-    assert plain.full_context is plain.full_timeline is not None  # both UNSET
+    assert plain.full_context is msgspec.UNSET
+    assert plain.full_timeline is msgspec.UNSET
     assert "full_context" not in _encoded_keys(plain)
     assert full.full_context == {"doc": "long"}
     assert isinstance(full.full_timeline, list)
