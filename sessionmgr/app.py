@@ -11,7 +11,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 import sessionmgr
 from sessionmgr.api.health import HealthController
-from sessionmgr.api.metrics import HttpMetrics, metrics_endpoint, metrics_middleware
+from sessionmgr.api.metrics import metrics_endpoint, metrics_middleware
 from sessionmgr.api.problems import EXCEPTION_HANDLERS
 from sessionmgr.api.security import PUBLIC_PATHS, BearerAuthMiddleware
 from sessionmgr.api.sessions import SessionController
@@ -27,7 +27,7 @@ def create_app(container: Container | None = None) -> Litestar:
     return Litestar(
         route_handlers=[SessionController, HealthController, metrics_endpoint],
         lifespan=[Lifespan(container)],
-        state=State({"container": container, "metrics": HttpMetrics()}),
+        state=State({"container": container, "metrics": container.metrics()}),
         middleware=[
             metrics_middleware,
             DefineMiddleware(BearerAuthMiddleware, exclude=PUBLIC_PATHS),

@@ -8,6 +8,7 @@ from dependency_injector import containers, providers
 from redis.asyncio import Redis
 
 from sessionmgr.api.auth import TokenVerifier
+from sessionmgr.metrics import Metrics
 from sessionmgr.services.ports import WarmStore
 from sessionmgr.services.sessions import Limits, SessionService
 from sessionmgr.services.write_behind import WriteBehindWorker, running
@@ -69,6 +70,7 @@ def limits_from(settings: Settings) -> Limits:
 class Container(containers.DeclarativeContainer):
     settings = providers.Singleton(load_settings)
     run_write_behind = providers.Object(True)
+    metrics = providers.Singleton(Metrics)
 
     redis = providers.Resource(open_redis, settings)
     worker_redis = providers.Resource(

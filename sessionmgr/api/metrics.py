@@ -1,4 +1,4 @@
-"""Prometheus metrics: request rate, errors and latency per route, on `/metrics`."""
+"""`/metrics` and the middleware that counts every request (families in sessionmgr.metrics)."""
 
 from __future__ import annotations
 
@@ -8,33 +8,9 @@ from litestar import Response, get
 from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-
-class HttpMetrics:
-    """Request metrics in their own registry, so each app (and test) starts from zero."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        self.requests = Counter(
-            "sessionmgr_http_requests",
-            "HTTP requests answered, by route template, method and status.",
-            ["route", "method", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "sessionmgr_http_request_duration_seconds",
-            "Time to answer an HTTP request, by route template and method.",
-            ["route", "method"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=self.registry,
-        )
+from sessionmgr.metrics import Metrics
 
 
 def metrics_middleware(app: ASGIApp) -> ASGIApp:
@@ -54,11 +30,11 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, capture)
         finally:
-            metrics: HttpMetrics = scope["litestar_app"].state.metrics
+            metrics: Metrics = scope["litestar_app"].state.metrics
             route = scope.get("path_template") or "unmatched"
             method = scope["method"]
-            metrics.requests.labels(route, method, str(status)).inc()
-            metrics.latency.labels(route, method).observe(time.perf_counter() - started)
+            metrics.http_requests.labels(route, method, str(status)).inc()
+            metrics.http_latency.labels(route, method).observe(time.perf_counter() - started)
 
     return middleware
 

@@ -1,0 +1,155 @@
+"""Every Prometheus metric sessionmgr exports, in one registry per process (or per test).
+
+This module is the contract that `config/` (dashboard, alert rules) and the README rely on:
+rename a family here and they must change with it. Counters appear on `/metrics` with the
+`_total` suffix that prometheus-client adds (`sessionmgr_http_requests_total`).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_SLOW = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class BreakerState(IntEnum):
+    """The value of `sessionmgr_circuit_breaker_state`."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+class Metrics:
+    """The metric families; each app (and each test) gets its own registry, starting at zero."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+
+        # HTTP, per route template.
+        self.http_requests = Counter(
+            "sessionmgr_http_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_latency = Histogram(
+            "sessionmgr_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template and method.",
+            ["route", "method"],
+            buckets=_FAST,
+            registry=r,
+        )
+
+        # Reads, by the tier that answered them: hot (Redis), warm (MongoDB), cold (S3).
+        self.retrievals = Counter(
+            "sessionmgr_retrievals",
+            "Session reads, by the tier that answered (hot, warm, cold).",
+            ["tier"],
+            registry=r,
+        )
+        self.retrieval_latency = Histogram(
+            "sessionmgr_retrieval_duration_seconds",
+            "Time to read a session, by the tier that answered.",
+            ["tier"],
+            buckets=_FAST,
+            registry=r,
+        )
+
+        # The optimistic write path and leases.
+        self.version_conflicts = Counter(
+            "sessionmgr_version_conflicts",
+            "Writes refused with 409 because the session moved on, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.lease_operations = Counter(
+            "sessionmgr_lease_operations",
+            "Participant lease operations (join, renew, leave).",
+            ["operation"],
+            registry=r,
+        )
+
+        # The write-behind outbox (Redis stream -> MongoDB).
+        self.outbox_pending = Gauge(
+            "sessionmgr_outbox_pending",
+            "Outbox entries not yet written to MongoDB.",
+            registry=r,
+        )
+        self.outbox_lag = Gauge(
+            "sessionmgr_outbox_lag_seconds",
+            "Age of the oldest outbox entry not yet written to MongoDB (0 when empty).",
+            registry=r,
+        )
+        self.outbox_dead_letters = Gauge(
+            "sessionmgr_outbox_dead_letters",
+            "Entries parked in the dead-letter stream after too many failed deliveries.",
+            registry=r,
+        )
+        self.write_behind_entries = Counter(
+            "sessionmgr_write_behind_entries",
+            "Outbox entries handled by the write-behind worker, by outcome "
+            "(applied, retried, parked).",
+            ["outcome"],
+            registry=r,
+        )
+
+        # Resilience.
+        self.breaker_state = Gauge(
+            "sessionmgr_circuit_breaker_state",
+            "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open.",
+            ["backend"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "sessionmgr_retries",
+            "Retries of transient backend errors, by backend and operation.",
+            ["backend", "operation"],
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            "sessionmgr_backend_errors",
+            "Requests answered 503 because a backend was unavailable, by backend.",
+            ["backend"],
+            registry=r,
+        )
+        self.read_only = Gauge(
+            "sessionmgr_read_only",
+            "1 while Redis is unreachable and the service answers reads only.",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "sessionmgr_rate_limited_requests",
+            "Requests refused with 429 by the per-principal rate limit.",
+            registry=r,
+        )
+
+        # The cold tier.
+        self.archives = Counter(
+            "sessionmgr_archives",
+            "Sessions archived to S3, by outcome (ok, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.archive_latency = Histogram(
+            "sessionmgr_archive_duration_seconds",
+            "Time to archive one session to S3.",
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.rehydrations = Counter(
+            "sessionmgr_rehydrations",
+            "Archived sessions restored from S3 to MongoDB, by outcome (ok, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.rehydrate_latency = Histogram(
+            "sessionmgr_rehydrate_duration_seconds",
+            "Time to restore one archived session from S3.",
+            buckets=_SLOW,
+            registry=r,
+        )
