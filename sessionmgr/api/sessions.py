@@ -15,6 +15,7 @@ from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
 
 from sessionmgr.api.bridge import provide
 from sessionmgr.api.problems import responses
+from sessionmgr.api.ratelimit import rate_limit
 from sessionmgr.api.schemas import AppendBody, CreateSessionBody, ParticipantBody, PatchBody
 from sessionmgr.domain.errors import InvalidInput, SessionNotFound, VersionRequired
 from sessionmgr.domain.model import Principal, Session, SessionState
@@ -43,8 +44,8 @@ IfMatch = Annotated[
     str | None,
     HeaderParameter(name="If-Match", required=False, description='The expected version, as "<n>".'),
 ]
-READ = (400, 401, 403, 404, 503)
-BODY = (400, 401, 403, 413, 415, 422, 503)
+READ = (400, 401, 403, 404, 429, 503)
+BODY = (400, 401, 403, 413, 415, 422, 429, 503)
 
 
 def _sid(session_id: str) -> str:
@@ -105,6 +106,7 @@ class SessionController(Controller):
     path = "/v1/sessions"
     tags = ["sessions"]
     security = [{"bearer": []}]
+    guards = [rate_limit]
     dependencies = {"sessions": provide("sessions")}
 
     @post("/", status_code=201, responses=responses(*BODY))
@@ -126,7 +128,7 @@ class SessionController(Controller):
         )
         return _with_etag(session, 201, Location=f"/v1/sessions/{session.id}")
 
-    @get("/", responses=responses(400, 401, 422, 503))
+    @get("/", responses=responses(400, 401, 422, 429, 503))
     async def list_sessions(
         self,
         request: Req,

@@ -20,7 +20,7 @@ PROBLEM_JSON = "application/problem+json"
 SID = "/v1/sessions/{session_id}"
 
 # DESIGN §4: (method, path) -> the statuses a caller can meet there.
-V1_COMMON = {401, 503}
+V1_COMMON = {401, 429, 503}  # 429: the per-principal rate limit
 PER_SESSION = {403, 404}
 BODY = {400, 413, 422}
 IDEMPOTENT = {422}  # Idempotency-Key reused with another request
