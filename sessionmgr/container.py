@@ -8,8 +8,10 @@ from dependency_injector import containers, providers
 from redis.asyncio import Redis
 
 from sessionmgr.api.auth import TokenVerifier
+from sessionmgr.api.ratelimit import RateLimiter
 from sessionmgr.metrics import Metrics
 from sessionmgr.services.ports import WarmStore
+from sessionmgr.services.resilience import Breakers, Guarded, RetryPolicy
 from sessionmgr.services.sessions import Limits, SessionService
 from sessionmgr.services.write_behind import WriteBehindWorker, running
 from sessionmgr.settings import Settings, load_settings
@@ -39,7 +41,7 @@ async def open_verifier(settings: Settings) -> AsyncIterator[TokenVerifier]:
 
 
 async def run_worker(
-    redis: Redis, warm: WarmStore, settings: Settings, enabled: bool
+    redis: Redis, warm: WarmStore, settings: Settings, enabled: bool, metrics: Metrics
 ) -> AsyncIterator[WriteBehindWorker | None]:
     if not enabled:
         yield None
@@ -51,9 +53,14 @@ async def run_worker(
         block_ms=WORKER_BLOCK_MS,
         claim_idle_ms=settings.outbox_claim_idle_ms,
         max_deliveries=settings.outbox_max_deliveries,
+        metrics=metrics,
     )
     async with running(worker):
         yield worker
+
+
+def retry_policy_from(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(attempts=settings.retry_attempts, timeout_s=settings.retry_timeout_s)
 
 
 def limits_from(settings: Settings) -> Limits:
@@ -86,9 +93,32 @@ class Container(containers.DeclarativeContainer):
         lease_ttl_s=settings.provided.lease_ttl_s,
         idempotency_ttl_s=settings.provided.idempotency_ttl_s,
     )
+    # The service, the health probes and the write-behind reach the backends through their
+    # breakers; `hot` and `warm` stay the bare adapters (tests inspect the stores through them).
+    breakers = providers.Singleton(
+        Breakers,
+        metrics,
+        fail_max=settings.provided.breaker_failures,
+        reset_s=settings.provided.breaker_reset_s,
+    )
+    retry_policy = providers.Singleton(retry_policy_from, settings)
+    guarded_hot = providers.Singleton(
+        Guarded, hot, breakers.provided["redis"], retry_policy, metrics
+    )
+    guarded_warm = providers.Singleton(
+        Guarded, warm, breakers.provided["mongodb"], retry_policy, metrics
+    )
+    rate_limiter = providers.Singleton(
+        RateLimiter,
+        settings.provided.rate_limit_per_s,
+        settings.provided.rate_limit_burst,
+        metrics,
+    )
     limits = providers.Singleton(limits_from, settings)
-    sessions = providers.Singleton(SessionService, hot, warm, limits)
-    write_behind = providers.Resource(run_worker, worker_redis, warm, settings, run_write_behind)
+    sessions = providers.Singleton(SessionService, guarded_hot, guarded_warm, limits)
+    write_behind = providers.Resource(
+        run_worker, worker_redis, guarded_warm, settings, run_write_behind, metrics
+    )
 
 
 def build_container(settings: Settings | None = None, *, write_behind: bool = True) -> Container:

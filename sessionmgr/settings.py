@@ -49,6 +49,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     outbox_claim_idle_ms: int = 30_000
     outbox_max_deliveries: int = 5
     outbox_batch: int = 100
+    breaker_failures: int = 5
+    breaker_reset_s: float = 5.0
+    retry_attempts: int = 3
+    retry_timeout_s: float = 1.5
+    rate_limit_per_s: float = 50.0
+    rate_limit_burst: int = 100
+    shutdown_grace_s: int = 20
     log_level: str = "INFO"
 
     @property
@@ -136,6 +143,13 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "outbox_claim_idle_ms": _int(1000, 3_600_000),
     "outbox_max_deliveries": _int(1, 1000),
     "outbox_batch": _int(1, 10_000),
+    "breaker_failures": _int(1, 1000),
+    "breaker_reset_s": _float(0.1, 600),
+    "retry_attempts": _int(1, 10),
+    "retry_timeout_s": _float(0.1, 10),
+    "rate_limit_per_s": _float(0, 100_000),
+    "rate_limit_burst": _int(1, 1_000_000),
+    "shutdown_grace_s": _int(1, 600),
     "log_level": _level,
 }
 

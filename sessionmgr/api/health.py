@@ -26,6 +26,7 @@ class Readiness(msgspec.Struct):
 
     status: str
     backends: dict[str, BackendState]
+    read_only: bool = False
 
 
 async def _check(store: Any) -> BackendState:
@@ -37,16 +38,20 @@ async def _check(store: Any) -> BackendState:
 
 
 async def readiness(state: State) -> tuple[int, Readiness]:
-    hot = await resolve(state.container.hot)
-    warm = await resolve(state.container.warm)
+    # Through the breakers: an open one answers at once, and a due one takes this as its trial.
+    hot = await resolve(state.container.guarded_hot)
+    warm = await resolve(state.container.guarded_warm)
     redis, mongodb = await asyncio.gather(_check(hot), _check(warm))
+    read_only = redis.status != "up"
     backends = {"redis": redis, "mongodb": mongodb}
     down = [name for name, check in backends.items() if check.status != "up"]
     if len(down) == len(backends):
-        return 503, Readiness(status="unavailable", backends=backends)
+        return 503, Readiness(status="unavailable", backends=backends, read_only=read_only)
     # One backend down still serves part of the traffic (reads from MongoDB, or active
     # sessions from Redis); failing readiness would pull every replica out at once.
-    return 200, Readiness(status="degraded" if down else "ok", backends=backends)
+    return 200, Readiness(
+        status="degraded" if down else "ok", backends=backends, read_only=read_only
+    )
 
 
 UNAVAILABLE = {

@@ -20,6 +20,7 @@ from sessionmgr.domain.errors import (
     IdempotencyKeyReused,
     InvalidInput,
     PayloadTooLarge,
+    RateLimited,
     SessionError,
     SessionNotFound,
     VersionRequired,
@@ -53,6 +54,7 @@ _STATUS: list[tuple[type[SessionError], int, str]] = [
     (IdempotencyKeyReused, 422, "idempotency-key-reused"),
     (InvalidInput, 422, "invalid-input"),
     (VersionRequired, 428, "version-required"),
+    (RateLimited, 429, "rate-limited"),
     (BackendUnavailable, 503, "backend-unavailable"),
 ]
 _TITLES = {
@@ -100,9 +102,14 @@ def domain_error(request: Request[Any, Any, Any], exc: SessionError) -> Response
         problem.field = exc.field
     elif isinstance(exc, AuthenticationFailed):
         headers["WWW-Authenticate"] = 'Bearer realm="sessionmgr"'
+    elif isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, BackendUnavailable):
         problem.backend = exc.backend
         headers["Retry-After"] = str(exc.retry_after_s)
+        metrics = request.app.state.get("metrics")  # absent in a bare app (unit tests)
+        if metrics is not None:
+            metrics.backend_errors.labels(exc.backend).inc()
         log.warning(
             "%s %s answered 503: %s (%r)",
             request.method,

@@ -63,19 +63,49 @@ class IdempotencyKeyInFlight(SessionError):
 
 
 class BackendUnavailable(SessionError):
-    """A backend failed or its answer was lost; the caller may retry (with its Idempotency-Key)."""
+    """A backend failed or its answer was lost; the caller may retry (with its Idempotency-Key).
 
-    def __init__(self, backend: str, detail: str = "", retry_after_s: int = 1) -> None:
+    `retryable` says whether sessionmgr itself may try again at once: false when a write may
+    have been applied and nothing (no idempotency record) would make a second try harmless.
+    """
+
+    def __init__(
+        self, backend: str, detail: str = "", retry_after_s: int = 1, *, retryable: bool = True
+    ) -> None:
         super().__init__(f"{backend} is unavailable{': ' + detail if detail else ''}")
         self.backend = backend
         self.retry_after_s = retry_after_s
+        self.retryable = retryable
 
 
-class ReadOnlyMode(BackendUnavailable):
-    def __init__(self, retry_after_s: int = 2) -> None:
+class CircuitOpen(BackendUnavailable):
+    """The backend's circuit breaker is open: the call failed fast, the backend was not asked."""
+
+    def __init__(self, backend: str, retry_after_s: int = 1) -> None:
         super().__init__(
-            "redis", "sessionmgr is read-only until Redis answers again", retry_after_s
+            backend, "failing fast after repeated errors", retry_after_s, retryable=False
         )
+
+
+class ReadOnlyMode(CircuitOpen):
+    """Redis' breaker is open: reads come from MongoDB, writes wait until Redis answers."""
+
+    def __init__(self, retry_after_s: int = 2) -> None:
+        BackendUnavailable.__init__(
+            self,
+            "redis",
+            "sessionmgr is read-only until Redis answers again",
+            retry_after_s,
+            retryable=False,
+        )
+
+
+class RateLimited(SessionError):
+    """The caller spent its request budget (HTTP 429); it may try again after `retry_after_s`."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"too many requests; try again in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
 
 
 class AuthenticationFailed(SessionError):

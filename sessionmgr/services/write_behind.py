@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from sessionmgr.domain.errors import BackendUnavailable
+from sessionmgr.metrics import Metrics
 from sessionmgr.services.ports import WarmStore
 from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry
 
@@ -48,8 +49,11 @@ class WriteBehindWorker:
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
+        metrics: Metrics | None = None,
     ) -> None:
         self._redis = redis
+        self._metrics = metrics
+        self._stop = asyncio.Event()
         self._warm = warm
         self.consumer = consumer or consumer_name()
         self._batch = batch
@@ -72,9 +76,11 @@ class WriteBehindWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set; finishes the entry in hand before returning."""
         backoff, group_ready = 0.1, False
+        self._stop = stop
         log.info("write-behind worker %s started", self.consumer)
         while not stop.is_set():
             try:
+                await self.export_backlog()
                 if not group_ready:
                     await self.ensure_group()
                     group_ready = True
@@ -151,6 +157,8 @@ class WriteBehindWorker:
     async def _deliver(self, entries: list[Any]) -> int:
         done = 0
         for entry_id, fields in entries:
+            if self._stop.is_set():
+                break  # shutting down: the rest stay pending for another replica to claim
             if await self._deliver_one(entry_id, fields):
                 done += 1
         return done
@@ -220,6 +228,17 @@ class WriteBehindWorker:
         The stream is exactly that: an entry leaves it (XACK + XDEL) once MongoDB has it.
         """
         return int(await self._redis.xlen(OUTBOX_STREAM))
+
+    async def export_backlog(self) -> None:
+        """Set the outbox gauges: entries not in MongoDB yet, and the age of the oldest."""
+        if self._metrics is None:
+            return
+        pending = await self.pending()
+        oldest: Any = await self._redis.xrange(OUTBOX_STREAM, count=1) if pending else []
+        # A stream id starts with its entry's creation time in milliseconds.
+        lag_s = time.time() - int(oldest[0][0].split(b"-")[0]) / 1000 if oldest else 0.0
+        self._metrics.outbox_pending.set(pending)
+        self._metrics.outbox_lag.set(max(0.0, lag_s))
 
 
 @contextlib.asynccontextmanager

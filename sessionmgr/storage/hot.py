@@ -221,7 +221,8 @@ class RedisHotStore:
                 pipe.delete(timeline_key(session_id))
                 if recent:
                     pipe.rpush(timeline_key(session_id), *[_encode(e) for e in recent])
-                await self._guard(pipe.execute(), outcome_unknown=True)
+                # Safe to run again: the WATCHed hash shows whether this one was applied.
+                await self._guard(pipe.execute(), outcome_unknown=True, replayable=True)
             except WatchError:
                 log.debug("session %s activated concurrently", session_id)
                 return None
@@ -266,7 +267,8 @@ class RedisHotStore:
                 record_key = idem_key(session_id, idem)
                 pipe.set(record_key, idem_value(idem, change.result), ex=self._idem_ttl)
                 self._index_idem(pipe, session_id, record_key)
-            await self._guard(pipe.execute(), outcome_unknown=True)
+            # With an idempotency record in the MULTI a re-run finds the first answer.
+            await self._guard(pipe.execute(), outcome_unknown=True, replayable=idem is not None)
             return change
 
     def _queue_change(self, pipe: Any, session_id: str, change: Change) -> None:
@@ -294,7 +296,8 @@ class RedisHotStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(key, idem_value(idem, PENDING), nx=True, ex=CLAIM_TTL_S)
             self._index_idem(pipe, scope, key)
-            claimed = (await self._guard(pipe.execute()))[0]
+            # Not replayable: a re-run would find its own claim and call it in flight.
+            claimed = (await self._guard(pipe.execute(), outcome_unknown=True))[0]
         if claimed:
             return None
         return replay_of(idem, await self._guard(self._redis.get(key)))
@@ -357,7 +360,7 @@ class RedisHotStore:
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.delete(key, tl, *[lease_key(session_id, m) for m in record.participants])
                 try:
-                    await self._guard(pipe.execute(), outcome_unknown=True)
+                    await self._guard(pipe.execute(), outcome_unknown=True, replayable=True)
                 except WatchError:
                     continue
                 return record
@@ -377,7 +380,9 @@ class RedisHotStore:
             return Undelivered(events=events, context=context)
         if backlog > SCAN_LIMIT:
             # MongoDB is down or far behind: a clear 503 beats a scan that takes seconds.
-            raise BackendUnavailable("mongodb", f"the write-behind is {backlog} entries behind", 5)
+            raise BackendUnavailable(
+                "mongodb", f"the write-behind is {backlog} entries behind", 5, retryable=False
+            )
         start = "-"
         sid = session_id.encode()
         while True:
@@ -420,13 +425,20 @@ class RedisHotStore:
         return int(raw) if raw is not None else None
 
     @staticmethod
-    async def _guard(awaitable: Awaitable[Any], *, outcome_unknown: bool = False) -> Any:
-        """Turn a connection failure into `BackendUnavailable`; a WatchError passes through."""
+    async def _guard(
+        awaitable: Awaitable[Any], *, outcome_unknown: bool = False, replayable: bool = False
+    ) -> Any:
+        """Turn a connection failure into `BackendUnavailable`; a WatchError passes through.
+
+        A write whose reply was lost may have been applied: it is `retryable` only when
+        running it again cannot apply it twice (`replayable`).
+        """
         try:
             return await awaitable
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             detail = "the outcome of the write is unknown" if outcome_unknown else "not reachable"
-            raise BackendUnavailable("redis", detail) from exc
+            retryable = replayable or not outcome_unknown
+            raise BackendUnavailable("redis", detail, retryable=retryable) from exc
 
 
 def idem_value(idem: Idempotency, result: bytes) -> bytes:

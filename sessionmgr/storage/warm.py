@@ -113,7 +113,8 @@ class MongoWarmStore:
 
     async def insert(self, record: SessionRecord) -> None:
         doc = {**_to_doc(record), "full_context": {}, "context_version": 0}
-        await _guard(self._sessions.insert_one(doc))
+        # Not retried here: a lost reply may hide a stored document (pymongo retries once).
+        await _guard(self._sessions.insert_one(doc), retryable=False)
 
     async def context(self, session_id: str) -> ContextUpdate | None:
         doc = await _guard(
@@ -229,14 +230,14 @@ class MongoWarmStore:
         return Page(items=items, next_cursor=items[-1].id if len(docs) > limit else None)
 
 
-async def _guard(awaitable: Awaitable[T]) -> T:
+async def _guard(awaitable: Awaitable[T], *, retryable: bool = True) -> T:
     """MongoDB out of reach or too slow becomes `BackendUnavailable` (retry later); any other
     error is about the request itself and passes through, so the write-behind parks it
     instead of retrying it forever."""
     try:
         return await awaitable
     except _TRANSIENT as exc:
-        raise BackendUnavailable("mongodb", type(exc).__name__) from exc
+        raise BackendUnavailable("mongodb", type(exc).__name__, retryable=retryable) from exc
 
 
 def mongo_client(settings: Settings) -> Any:

@@ -3,7 +3,9 @@
 A lost EXEC reply is simulated in redis-py itself: the transaction runs on the real
 redis-server, then the caller sees `ConnectionError`, as it would if the connection dropped
 after Redis executed EXEC and before its reply arrived. The outcome is then unknown to the
-service (503); the client's retry with the same key must find the write done, exactly once.
+service; its own retries (stamina, `SESSIONMGR_RETRY_ATTEMPTS`, 3 in tests) re-run the
+transaction, which finds the idempotency record and answers as the first run would have.
+Without a key the outcome stays unknown: 503, not retried, applied at most once.
 """
 
 from __future__ import annotations
@@ -102,15 +104,9 @@ async def test_a_lost_update_reply_is_answered_by_the_retry_with_the_same_key(
     keyed = {**owner, "Idempotency-Key": "patch-once-1"}
     lost_replies.arm(writes_outbox)
 
-    first = await manual_api.patch(f"/v1/sessions/{sid}", json=body, headers=keyed)
-
-    assert lost_replies.dropped == 1
-    assert_redis_unavailable(first)
-    record = await hot_record(manual_redis, sid)
-    assert record is not None
-    assert record.version == 2, "the EXEC did run on Redis"
-
     retry = await manual_api.patch(f"/v1/sessions/{sid}", json=body, headers=keyed)
+
+    assert lost_replies.dropped == 1, "the service's retry replayed without a second EXEC"
     assert retry.status_code == 200, retry.text
     assert retry.json()["version"] == 2
     assert retry.json()["work_in_progress"] == {"n": 1}
@@ -133,6 +129,29 @@ async def test_a_lost_update_reply_is_answered_by_the_retry_with_the_same_key(
     assert (await get_session(manual_api, owner, sid))["version"] == 2
 
 
+async def test_a_lost_reply_without_a_key_is_a_503_and_applied_once(
+    manual_api: httpx.AsyncClient,
+    auth: Callable[..., Headers],
+    manual_redis: Any,
+    lost_replies: LostReplies,
+) -> None:
+    owner = auth()
+    sid = (await create_session(manual_api, owner))["id"]
+    lost_replies.arm(writes_outbox)
+
+    first = await manual_api.post(
+        f"/v1/sessions/{sid}/timeline", json={"events": [{"kind": "a"}]}, headers=owner
+    )
+
+    assert_redis_unavailable(first)
+    assert "outcome of the write is unknown" in first.json()["detail"]
+    assert lost_replies.dropped == 1, "an unknown outcome without a key is never retried"
+    record = await hot_record(manual_redis, sid)
+    assert record is not None
+    assert record.version == 2, "the EXEC did run on Redis, once"
+    assert await manual_redis.llen(timeline_key(sid)) == 1
+
+
 async def test_a_lost_append_reply_is_answered_by_the_retry_with_the_same_key(
     manual_api: httpx.AsyncClient,
     auth: Callable[..., Headers],
@@ -148,7 +167,8 @@ async def test_a_lost_append_reply_is_answered_by_the_retry_with_the_same_key(
     first = await manual_api.post(f"/v1/sessions/{sid}/timeline", json=body, headers=keyed)
 
     assert lost_replies.dropped == 1
-    assert_redis_unavailable(first)
+    assert first.status_code == 200, "the service's own retry found the first answer"
+    assert first.json() == {"version": 2, "appended": 2, "first_seq": 1, "last_seq": 2}
     retry = await manual_api.post(f"/v1/sessions/{sid}/timeline", json=body, headers=keyed)
     assert retry.status_code == 200, retry.text
     assert retry.json() == {"version": 2, "appended": 2, "first_seq": 1, "last_seq": 2}

@@ -1,0 +1,237 @@
+"""Circuit breakers and retries for the backends (DESIGN §6), in one replaceable module.
+
+`Breaker` runs aiobreaker 1.2 and handles its known quirks:
+
+- time: aiobreaker stamps `opened_at` with the deprecated `datetime.utcnow()` and compares it
+  with local `datetime.now()`. Here the open period is timed on a monotonic clock of our own;
+  aiobreaker's `open()` is overridden so it never reads a clock, and an open breaker never
+  hands a call to aiobreaker (whose open state reads `utcnow()`). No local time, no
+  DeprecationWarning, whatever `TZ` says.
+- half-open: aiobreaker lets every concurrent call through as a trial. Here exactly one trial
+  runs; the others fail fast until its verdict.
+- failures: only `BackendUnavailable` of the breaker's own backend counts; a 404, 409 or 422
+  means the backend answered.
+
+`Guarded` puts a store behind its backend's breaker and retries, with stamina, what the store
+marked `retryable`: transient errors of reads and of writes a retry cannot apply twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import msgspec
+import stamina
+from aiobreaker import CircuitBreaker, CircuitBreakerError, CircuitBreakerListener
+from aiobreaker.state import CircuitBreakerState
+
+from sessionmgr.domain.errors import BackendUnavailable, CircuitOpen, ReadOnlyMode
+from sessionmgr.metrics import BreakerState, Metrics
+
+T = TypeVar("T")
+BACKENDS = ("redis", "mongodb", "s3")
+_STATES = {
+    CircuitBreakerState.CLOSED: BreakerState.CLOSED,
+    CircuitBreakerState.HALF_OPEN: BreakerState.HALF_OPEN,
+    CircuitBreakerState.OPEN: BreakerState.OPEN,
+}
+
+
+class _ClocklessBreaker(CircuitBreaker):  # type: ignore[misc]
+    """aiobreaker without its clock: `Breaker` decides when the open period is over."""
+
+    def open(self) -> None:
+        self._state_storage.opened_at = None  # aiobreaker's open state skips its check on None
+        self.state = self._state_storage.state = CircuitBreakerState.OPEN
+
+    @property
+    def opens_at(self) -> None:
+        return None
+
+
+class _Transitions(CircuitBreakerListener):  # type: ignore[misc]
+    def __init__(self, breaker: Breaker) -> None:
+        self._breaker = breaker
+
+    def state_change(self, cb: Any, old: Any, new: Any) -> None:
+        self._breaker._changed(_STATES[new.state])
+
+
+class Breaker:
+    """One backend's circuit breaker: opens after `fail_max` consecutive unavailability
+    errors, fails fast for `reset_s`, then lets one trial call decide."""
+
+    def __init__(
+        self,
+        backend: str,
+        *,
+        fail_max: int = 5,
+        reset_s: float = 5.0,
+        on_change: Callable[[str, BreakerState], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.reset_s = reset_s
+        self._on_change = on_change
+        self._clock = clock
+        self._opened_at = 0.0
+        self._trial_running = False
+        self._cb = _ClocklessBreaker(
+            fail_max=fail_max,
+            timeout_duration=timedelta(seconds=reset_s),
+            exclude=[self._not_ours],
+            listeners=[_Transitions(self)],
+            name=backend,
+        )
+        self._changed(BreakerState.CLOSED)
+
+    @property
+    def state(self) -> BreakerState:
+        return _STATES[self._cb.current_state]
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run `fn` unless the breaker is open; raises `CircuitOpen` when it fails fast."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return await self._through(fn)
+        if state is BreakerState.OPEN:
+            left = self._opened_at + self.reset_s - self._clock()
+            if left > 0:
+                raise self._fail_fast(left)
+            self._cb.half_open()
+        if self._trial_running:
+            raise self._fail_fast(self.reset_s)
+        self._trial_running = True
+        try:
+            return await self._through(fn)
+        finally:
+            # A cancelled trial has no verdict: the breaker stays half-open for the next call.
+            self._trial_running = False
+
+    async def _through(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await self._cb.call_async(fn)  # type: ignore[no-any-return]
+        except CircuitBreakerError as exc:
+            # aiobreaker wraps the failure that tripped it; the caller wants that failure.
+            cause = exc.__cause__
+            if isinstance(cause, BaseException):
+                raise cause from cause.__cause__
+            raise self._fail_fast(self.reset_s) from None
+
+    def _fail_fast(self, left_s: float) -> CircuitOpen:
+        retry_after = max(1, math.ceil(left_s))
+        return (
+            ReadOnlyMode(retry_after)
+            if self.backend == "redis"
+            else CircuitOpen(self.backend, retry_after)
+        )
+
+    def _not_ours(self, exc: BaseException) -> bool:
+        return not (isinstance(exc, BackendUnavailable) and exc.backend == self.backend)
+
+    def _changed(self, state: BreakerState) -> None:
+        if state is BreakerState.OPEN:
+            self._opened_at = self._clock()
+        if self._on_change is not None:
+            self._on_change(self.backend, state)
+
+
+class Breakers:
+    """A breaker per backend, each exporting its state (and Redis' the read-only flag)."""
+
+    def __init__(self, metrics: Metrics, *, fail_max: int = 5, reset_s: float = 5.0) -> None:
+        self._metrics = metrics
+        self._by_backend = {
+            name: Breaker(name, fail_max=fail_max, reset_s=reset_s, on_change=self._export)
+            for name in BACKENDS
+        }
+
+    def __getitem__(self, backend: str) -> Breaker:
+        return self._by_backend[backend]
+
+    @property
+    def read_only(self) -> bool:
+        return self["redis"].state is not BreakerState.CLOSED
+
+    def _export(self, backend: str, state: BreakerState) -> None:
+        self._metrics.breaker_state.labels(backend).set(state)
+        if backend == "redis":
+            self._metrics.read_only.set(0 if state is BreakerState.CLOSED else 1)
+
+
+class RetryPolicy(msgspec.Struct, frozen=True):
+    """Bounded retries for the request path: a few attempts, jittered, within `timeout_s`."""
+
+    attempts: int = 3
+    timeout_s: float = 1.5
+    wait_initial_s: float = 0.05
+    wait_max_s: float = 0.4
+    wait_jitter_s: float = 0.1
+
+
+class Guarded:
+    """A store whose coroutine methods run through `breaker`, retried under `policy`.
+
+    Only errors the store marked `retryable` are retried, never one raised by an open breaker,
+    and never a 409: whatever is not `BackendUnavailable` passes through at once.
+    `no_retry` names methods tried once (a health probe must say what it saw).
+    """
+
+    def __init__(
+        self,
+        target: object,
+        breaker: Breaker,
+        policy: RetryPolicy,
+        metrics: Metrics,
+        *,
+        no_retry: frozenset[str] = frozenset({"ping"}),
+    ) -> None:
+        self._target = target
+        self._breaker = breaker
+        self._policy = policy
+        self._metrics = metrics
+        self._no_retry = no_retry
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        @functools.wraps(attr)
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            return await self.call(name, functools.partial(attr, *args, **kwargs))
+
+        return guarded
+
+    async def call(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
+        if operation in self._no_retry:
+            return await self._breaker.call(fn)
+        p = self._policy
+        async for attempt in stamina.retry_context(
+            on=self._transient,
+            attempts=p.attempts,
+            timeout=p.timeout_s,
+            wait_initial=p.wait_initial_s,
+            wait_max=p.wait_max_s,
+            wait_jitter=p.wait_jitter_s,
+        ):
+            with attempt:
+                if attempt.num > 1:
+                    self._metrics.retries.labels(self._breaker.backend, operation).inc()
+                return await self._breaker.call(fn)
+        raise AssertionError("stamina ends with an answer or the last error")  # pragma: no cover
+
+    def _transient(self, exc: Exception) -> bool:
+        """Retry this backend's own transient errors; another backend's were retried by its
+        own guard (a MongoDB error inside a Redis transaction is not Redis' to retry)."""
+        return (
+            isinstance(exc, BackendUnavailable)
+            and exc.retryable
+            and exc.backend == self._breaker.backend
+        )
