@@ -28,7 +28,6 @@ from sessionmgr.settings import (
 )
 
 CHECK_TIMEOUT_S = 3.0
-GRACEFUL_SHUTDOWN_S = 20  # inside Kubernetes' default 30 s termination grace period
 MAX_REASON_CHARS = 300
 
 
@@ -119,7 +118,9 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,  # the metrics middleware and our JSON logs cover requests
         log_config=None,  # keep the JSON logging configured above
         server_header=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # SIGTERM: stop accepting, finish requests in flight for up to this long, then the
+        # lifespan stops the write-behind after its current entry and closes the clients.
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 0
 

@@ -96,6 +96,13 @@ def test_overrides_win_over_the_environment() -> None:
         ("jwt_algorithms", " , "),
         ("log_level", "LOUD"),
         ("log_level", "TRACE"),
+        ("breaker_failures", "0"),
+        ("breaker_reset_s", "soon"),
+        ("retry_attempts", "11"),
+        ("retry_timeout_s", "0"),
+        ("rate_limit_per_s", "-1"),
+        ("rate_limit_burst", "0"),
+        ("shutdown_grace_s", "0"),
     ],
 )
 def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
@@ -182,3 +189,21 @@ def test_unknown_variables_names_the_typos_only() -> None:
 def test_a_number_that_is_not_one_says_what_it_must_be() -> None:
     with pytest.raises(ConfigError, match=r"SESSIONMGR_LEASE_TTL_S.*whole number between 1 and"):
         load_settings({"SESSIONMGR_LEASE_TTL_S": "abc"})
+
+
+def test_resilience_settings_are_read() -> None:
+    settings = load_settings(
+        env(
+            breaker_failures="3",
+            breaker_reset_s="0.5",
+            retry_attempts="2",
+            retry_timeout_s="1",
+            rate_limit_per_s="0",
+            rate_limit_burst="7",
+            shutdown_grace_s="5",
+        )
+    )
+    assert (settings.breaker_failures, settings.breaker_reset_s) == (3, 0.5)
+    assert (settings.retry_attempts, settings.retry_timeout_s) == (2, 1.0)
+    assert (settings.rate_limit_per_s, settings.rate_limit_burst) == (0.0, 7)
+    assert settings.shutdown_grace_s == 5
