@@ -101,6 +101,7 @@ def test_serve_runs_the_app_factory_behind_a_proxy(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: calls.append((app, kw)))
     monkeypatch.setattr("sessionmgr.telemetry.configure_logging", lambda level: None)
     monkeypatch.setenv("SESSIONMGR_JWT_SECRET", SECRET)
+    monkeypatch.setenv("SESSIONMGR_SHUTDOWN_GRACE_S", "7")
 
     assert cli.main(["serve", "--port", "9000", "--workers", "2"]) == 0
 
@@ -110,7 +111,7 @@ def test_serve_runs_the_app_factory_behind_a_proxy(monkeypatch: pytest.MonkeyPat
     assert (options["port"], options["workers"], options["host"]) == (9000, 2, "0.0.0.0")
     assert options["proxy_headers"] is True
     assert options["lifespan"] == "on"
-    assert options["timeout_graceful_shutdown"] == cli.GRACEFUL_SHUTDOWN_S
+    assert options["timeout_graceful_shutdown"] == 7
 
 
 def test_dev_without_redis_server_says_what_to_install(
