@@ -1,0 +1,168 @@
+"""Fault injection on real servers: a Redis that can be killed, frozen and restarted, and a
+TCP proxy that loses a reply after the server executed the command."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from sessionmgr.devstack import free_port
+
+START_TIMEOUT_S = 10.0
+
+
+class DurableRedis:
+    """A redis-server on a fixed port with `appendfsync always`: what it acknowledged survives
+    SIGKILL, and a restart comes back on the same port with the same data."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not on PATH")
+        self.binary = binary
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="sessionmgr-faults-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> DurableRedis:
+        self.process = subprocess.Popen(  # noqa: S603 (fixed argv, no shell)
+            [
+                *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "yes", "--appendfsync", "always"),
+                *("--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._answers_ping():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on {self.port}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final save; only what the AOF already holds survives."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.process = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open (the kernel accepts them), nothing is answered."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def cleanup(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGCONT)
+            self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+class ReplyDropper:
+    """A TCP proxy in front of Redis. Armed, it forwards the next transaction (a chunk holding
+    EXEC) to the server, throws away whatever the server answers on that connection, and
+    then closes it: the client cannot know whether its write was applied."""
+
+    LINGER_S = 0.1  # long enough for the server to execute and answer the whole chunk
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.armed = 0
+        self.dropped = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def arm(self, times: int = 1) -> None:
+        self.armed = times
+
+    async def start(self) -> ReplyDropper:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            client_w.close()
+            self._tasks.discard(task)
+            return
+        lost = asyncio.Event()
+        try:
+            await asyncio.gather(
+                self._upward(client_r, server_w, lost), self._downward(server_r, client_w, lost)
+            )
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for writer in (client_w, server_w):
+                writer.close()
+            self._tasks.discard(task)
+
+    async def _upward(
+        self, client: asyncio.StreamReader, server: asyncio.StreamWriter, lost: asyncio.Event
+    ) -> None:
+        while data := await client.read(65536):
+            if self.armed and b"\r\nEXEC\r\n" in data:
+                self.armed -= 1
+                lost.set()
+            server.write(data)
+            await server.drain()
+            if lost.is_set():
+                await asyncio.sleep(self.LINGER_S)
+                self.dropped += 1
+                raise ConnectionResetError("reply dropped by the fault proxy")
+        server.close()
+
+    async def _downward(
+        self, server: asyncio.StreamReader, client: asyncio.StreamWriter, lost: asyncio.Event
+    ) -> None:
+        while data := await server.read(65536):
+            if lost.is_set():
+                continue  # the reply is lost on the way back
+            client.write(data)
+            await client.drain()
+        client.close()
