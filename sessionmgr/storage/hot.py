@@ -435,10 +435,23 @@ class RedisHotStore:
         """
         try:
             return await awaitable
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            detail = "the outcome of the write is unknown" if outcome_unknown else "not reachable"
-            retryable = replayable or not outcome_unknown
-            raise BackendUnavailable("redis", detail, retryable=retryable) from exc
+        except WatchError as exc:
+            # redis-py reports a connection lost while WATCHing as a WatchError: that is no
+            # concurrent writer, and re-deciding after a lost EXEC reply could apply it twice.
+            lost = exc.__context__
+            if not isinstance(lost, _CONNECTION_ERRORS):
+                raise
+            raise _unavailable(outcome_unknown, replayable) from lost
+        except _CONNECTION_ERRORS as exc:
+            raise _unavailable(outcome_unknown, replayable) from exc
+
+
+_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _unavailable(outcome_unknown: bool, replayable: bool) -> BackendUnavailable:
+    detail = "the outcome of the write is unknown" if outcome_unknown else "not reachable"
+    return BackendUnavailable("redis", detail, retryable=replayable or not outcome_unknown)
 
 
 def idem_value(idem: Idempotency, result: bytes) -> bytes:

@@ -37,7 +37,7 @@ class DurableRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> DurableRedis:
-        self.process = subprocess.Popen(  # noqa: S603 (fixed argv, no shell)
+        self.process = subprocess.Popen(  # fixed argv, no shell
             [
                 *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
                 *("--save", "", "--appendonly", "yes", "--appendfsync", "always"),
