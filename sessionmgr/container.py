@@ -11,7 +11,7 @@ from sessionmgr.api.auth import TokenVerifier
 from sessionmgr.api.ratelimit import RateLimiter
 from sessionmgr.metrics import Metrics
 from sessionmgr.services.ports import WarmStore
-from sessionmgr.services.resilience import Breakers, Guarded, RetryPolicy
+from sessionmgr.services.resilience import Breakers, Guarded, RetryPolicy, probing
 from sessionmgr.services.sessions import Limits, SessionService
 from sessionmgr.services.write_behind import WriteBehindWorker, running
 from sessionmgr.settings import Settings, load_settings
@@ -57,6 +57,11 @@ async def run_worker(
     )
     async with running(worker):
         yield worker
+
+
+async def run_probe(hot: object, warm: object, breakers: Breakers) -> AsyncIterator[None]:
+    async with probing({"redis": hot, "mongodb": warm}, breakers):
+        yield
 
 
 def retry_policy_from(settings: Settings) -> RetryPolicy:
@@ -108,6 +113,7 @@ class Container(containers.DeclarativeContainer):
     guarded_warm = providers.Singleton(
         Guarded, warm, breakers.provided["mongodb"], retry_policy, metrics
     )
+    probe = providers.Resource(run_probe, guarded_hot, guarded_warm, breakers)
     rate_limiter = providers.Singleton(
         RateLimiter,
         settings.provided.rate_limit_per_s,

@@ -18,11 +18,14 @@ marked `retryable`: transient errors of reads and of writes a retry cannot apply
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import inspect
+import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -34,6 +37,7 @@ from aiobreaker.state import CircuitBreakerState
 from sessionmgr.domain.errors import BackendUnavailable, CircuitOpen, ReadOnlyMode
 from sessionmgr.metrics import BreakerState, Metrics
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 BACKENDS = ("redis", "mongodb", "s3")
 _STATES = {
@@ -89,11 +93,15 @@ class Breaker:
             listeners=[_Transitions(self)],
             name=backend,
         )
-        self._changed(BreakerState.CLOSED)
 
     @property
     def state(self) -> BreakerState:
         return _STATES[self._cb.current_state]
+
+    @property
+    def trial_due(self) -> bool:
+        """Open, and its period is over: the next call will be the trial."""
+        return self.state is BreakerState.OPEN and self._clock() >= self._opened_at + self.reset_s
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run `fn` unless the breaker is open; raises `CircuitOpen` when it fails fast."""
@@ -147,6 +155,9 @@ class Breakers:
 
     def __init__(self, metrics: Metrics, *, fail_max: int = 5, reset_s: float = 5.0) -> None:
         self._metrics = metrics
+        for name in BACKENDS:
+            metrics.breaker_state.labels(name).set(BreakerState.CLOSED)
+        metrics.read_only.set(0)
         self._by_backend = {
             name: Breaker(name, fail_max=fail_max, reset_s=reset_s, on_change=self._export)
             for name in BACKENDS
@@ -160,6 +171,10 @@ class Breakers:
         return self["redis"].state is not BreakerState.CLOSED
 
     def _export(self, backend: str, state: BreakerState) -> None:
+        if state is BreakerState.OPEN:
+            log.warning("%s circuit breaker opened: failing fast for a while", backend)
+        elif state is BreakerState.CLOSED:
+            log.info("%s circuit breaker closed: %s answers again", backend, backend)
         self._metrics.breaker_state.labels(backend).set(state)
         if backend == "redis":
             self._metrics.read_only.set(0 if state is BreakerState.CLOSED else 1)
@@ -235,3 +250,25 @@ class Guarded:
             and exc.retryable
             and exc.backend == self._breaker.backend
         )
+
+
+@contextlib.asynccontextmanager
+async def probing(stores: dict[str, Any], breakers: Breakers) -> AsyncIterator[None]:
+    """While the app runs, ping each backend whose breaker is due for a trial, so that
+    read-only mode ends (and its metric says so) even when no request comes by."""
+
+    async def probe() -> None:
+        while True:
+            await asyncio.sleep(min(b.reset_s for b in map(breakers.__getitem__, stores)) / 2)
+            for name, store in stores.items():
+                if breakers[name].trial_due:
+                    with contextlib.suppress(BackendUnavailable):
+                        await store.ping()
+
+    task = asyncio.create_task(probe(), name="backend-probe")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
