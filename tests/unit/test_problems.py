@@ -20,6 +20,7 @@ from sessionmgr.domain.errors import (
     IdempotencyKeyReused,
     InvalidInput,
     PayloadTooLarge,
+    RateLimited,
     ReadOnlyMode,
     SessionError,
     SessionNotFound,
@@ -38,6 +39,7 @@ ERRORS: dict[str, SessionError] = {
     "version-required": VersionRequired(),
     "mongodb-down": BackendUnavailable("mongodb", "ServerSelectionTimeoutError", 3),
     "read-only": ReadOnlyMode(),
+    "rate-limited": RateLimited(4),
 }
 
 
@@ -90,6 +92,7 @@ def problem_of(client: TestClient[Litestar], name: str) -> tuple[Any, dict[str, 
         ("version-required", 428, "version-required"),
         ("mongodb-down", 503, "backend-unavailable"),
         ("read-only", 503, "backend-unavailable"),
+        ("rate-limited", 429, "rate-limited"),
     ],
 )
 def test_each_domain_error_has_its_status_and_problem_body(
@@ -121,6 +124,12 @@ def test_unavailable_names_the_backend_and_when_to_retry(client: TestClient[Lite
     response, body = problem_of(client, "read-only")
     assert body["backend"] == "redis"
     assert response.headers["retry-after"] == "2"
+
+
+def test_rate_limited_says_when_to_retry(client: TestClient[Litestar]) -> None:
+    response, body = problem_of(client, "rate-limited")
+    assert response.headers["retry-after"] == "4"
+    assert "backend" not in body
 
 
 def test_unauthenticated_asks_for_a_bearer_token(client: TestClient[Litestar]) -> None:
