@@ -205,8 +205,22 @@ def far_from_utc() -> Iterator[None]:
     time.tzset()
 
 
+class NoClock:
+    """Stands in for `datetime` inside aiobreaker: any clock read fails the test."""
+
+    @staticmethod
+    def utcnow() -> None:
+        raise AssertionError("aiobreaker read datetime.utcnow()")
+
+    @staticmethod
+    def now() -> None:
+        raise AssertionError("aiobreaker read the local time")
+
+
 @pytest.mark.usefixtures("far_from_utc")
-async def test_no_local_time_and_no_utcnow_warning() -> None:
+async def test_no_local_time_and_no_utcnow_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("aiobreaker.state.datetime", NoClock)
+    monkeypatch.setattr("aiobreaker.circuitbreaker.datetime", NoClock)
     breaker, backend = Breaker("redis", fail_max=1, reset_s=0.2), Backend()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # datetime.utcnow() would raise DeprecationWarning
