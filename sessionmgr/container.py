@@ -9,10 +9,12 @@ from redis.asyncio import Redis
 
 from sessionmgr.api.auth import TokenVerifier
 from sessionmgr.metrics import Metrics
+from sessionmgr.services.archive import Archivist
 from sessionmgr.services.ports import WarmStore
 from sessionmgr.services.sessions import Limits, SessionService
 from sessionmgr.services.write_behind import WriteBehindWorker, running
 from sessionmgr.settings import Settings, load_settings
+from sessionmgr.storage.cold import open_archive_store
 from sessionmgr.storage.hot import RedisHotStore, redis_client
 from sessionmgr.storage.warm import open_warm_store
 
@@ -78,6 +80,7 @@ class Container(containers.DeclarativeContainer):
     )
     warm = providers.Resource(open_warm_store, settings)
     verifier = providers.Resource(open_verifier, settings)
+    cold = providers.Resource(open_archive_store, settings)
 
     hot = providers.Singleton(
         RedisHotStore,
@@ -87,7 +90,8 @@ class Container(containers.DeclarativeContainer):
         idempotency_ttl_s=settings.provided.idempotency_ttl_s,
     )
     limits = providers.Singleton(limits_from, settings)
-    sessions = providers.Singleton(SessionService, hot, warm, limits)
+    archivist = providers.Singleton(Archivist, hot, warm, cold, metrics)
+    sessions = providers.Singleton(SessionService, hot, warm, limits, archivist)
     write_behind = providers.Resource(run_worker, worker_redis, warm, settings, run_write_behind)
 
 
