@@ -291,7 +291,8 @@ async def test_concurrent_reads_rehydrate_once(
         return await real_get(key)
 
     monkeypatch.setattr(cold, "get", slow_get)
-    answers = await asyncio.gather(*(api.get(f"/v1/sessions/{sid}", headers=owner) for _ in range(8)))
+    reads_at_once = (api.get(f"/v1/sessions/{sid}", headers=owner) for _ in range(8))
+    answers = await asyncio.gather(*reads_at_once)
     assert [a.status_code for a in answers] == [200] * 8
     assert len({a.text for a in answers}) == 1
     assert answers[0].json()["version"] == before["version"]
