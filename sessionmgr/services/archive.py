@@ -111,21 +111,22 @@ class Archivist:
         holds it, `ConcurrencyConflict` when it changed while being uploaded.
         """
         started = time.perf_counter()
-        outcome = "error"
+        token = await self._hot.fence(session_id, FENCE_TTL_S)
+        if token is None:
+            raise SessionIsHot(session_id)
         try:
-            token = await self._hot.fence(session_id, FENCE_TTL_S)
-            if token is None:
-                outcome = "active"
-                raise SessionIsHot(session_id)
-            try:
-                stub = await self._archive_fenced(session_id, started + FENCE_BUDGET_S)
-            finally:
-                await self._hot.unfence(session_id, token)
-            outcome = "ok"
-            return stub
+            done = await self._archive_fenced(session_id, started + FENCE_BUDGET_S)
+        except (ConcurrencyConflict, SessionNotFound):
+            raise  # not a failure: the session moved on or went away
+        except Exception:
+            self._metrics.archives.labels("error").inc()
+            raise
         finally:
-            self._metrics.archives.labels(outcome).inc()
+            await self._hot.unfence(session_id, token)
+        if done.by_us:
+            self._metrics.archives.labels("ok").inc()
             self._metrics.archive_latency.observe(time.perf_counter() - started)
+        return done
 
     async def _archive_fenced(self, session_id: str, deadline: float) -> Archived:
         stored = await self._warm.stored(session_id)

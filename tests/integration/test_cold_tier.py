@@ -567,3 +567,34 @@ async def test_an_archive_failure_in_the_sweep_is_reported_and_counted(
     assert result.failed == [session["id"]]
     assert any("FAILED" in line and session["id"] in line for line in lines), lines
     assert (await get_session(api, owner, session["id"]))["state"] == "dormant"
+
+
+async def test_metrics_count_archives_and_rehydrations(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    cold: S3ArchiveStore,
+    app_container: Container,
+    owner: Headers,
+) -> None:
+    registry = app_container.metrics().registry
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    good = await dormant_session(api, redis, owner, events=3)
+    bad = await dormant_session(api, redis, owner, events=3)
+    assert (await archive(api, owner, good["id"])).status_code == 200
+    assert (await archive(api, owner, good["id"])).status_code == 200  # nothing to do
+    key = (await archive(api, owner, bad["id"])).json()["archive"]["key"]
+    await cold.delete(key)
+    assert (await api.get(f"/v1/sessions/{good['id']}", headers=owner)).status_code == 200
+    assert (await api.get(f"/v1/sessions/{bad['id']}", headers=owner)).status_code == 503
+
+    assert sample("sessionmgr_archives_total", outcome="ok") == 2
+    assert sample("sessionmgr_archive_duration_seconds_count") == 2
+    assert sample("sessionmgr_rehydrations_total", outcome="ok") == 1
+    assert sample("sessionmgr_rehydrations_total", outcome="error") == 1
+    assert sample("sessionmgr_rehydrate_duration_seconds_count") == 2
+    assert sample("sessionmgr_retrievals_total", tier="cold") == 1
+    response = await api.get("/metrics")
+    assert 'sessionmgr_archives_total{outcome="ok"} 2.0' in response.text
