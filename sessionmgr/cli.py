@@ -215,6 +215,12 @@ async def _run_checks(settings: Settings) -> bool:
             mongodb_timeout_s,
             lambda: _ping_mongodb(settings),
         ),
+        (
+            "s3",
+            f"{redact_url(settings.s3_endpoint_url or 'AWS')} bucket {settings.s3_bucket}",
+            CHECK_TIMEOUT_S * 2,  # two attempts of the client's own timeout at most
+            lambda: _ping_s3(settings),
+        ),
     ]
     all_ok = True
     for name, target, timeout_s, probe in checks:
@@ -253,6 +259,7 @@ def _jwt_source(settings: Settings) -> str:
 
 def _import_backends() -> None:
     import sessionmgr.api.auth
+    import sessionmgr.storage.cold
     import sessionmgr.storage.hot
     import sessionmgr.storage.warm  # noqa: F401
 
@@ -347,3 +354,15 @@ async def _sweep(settings: Settings, args: argparse.Namespace) -> int:
         print(f"failed: {' '.join(result.failed)}", flush=True)
         return 1
     return 0
+
+
+async def _ping_s3(settings: Settings) -> str | None:
+    from sessionmgr.storage.cold import open_archive_store
+
+    resource = open_archive_store(settings)
+    store = await anext(resource)
+    try:
+        await store.ping()
+    finally:
+        await resource.aclose()
+    return "bucket reachable"

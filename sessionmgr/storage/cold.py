@@ -7,7 +7,7 @@ Credentials come from the standard AWS chain (`AWS_*` variables, profiles, roles
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
 import aioboto3
@@ -36,7 +36,10 @@ class S3ArchiveStore:
         return self._bucket
 
     async def ping(self) -> None:
-        await _guard(self._s3.head_bucket(Bucket=self._bucket))
+        try:
+            await _guard(self._s3.head_bucket(Bucket=self._bucket))
+        except _NotFound:
+            raise BackendUnavailable("s3", f"bucket {self._bucket} does not exist") from None
 
     async def put(self, key: str, body: bytes) -> None:
         await _guard(
@@ -103,7 +106,7 @@ def s3_client_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-async def open_archive_store(settings: Settings) -> AsyncIterator[S3ArchiveStore]:
+async def open_archive_store(settings: Settings) -> AsyncGenerator[S3ArchiveStore, None]:
     """Container resource: one S3 client for the process, closed at shutdown."""
     session = aioboto3.Session()
     async with session.client("s3", **s3_client_options(settings)) as client:
