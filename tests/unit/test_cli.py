@@ -308,3 +308,17 @@ def test_check_warns_about_a_misspelled_variable(
 
     out = capsys.readouterr().out
     assert "warn  config   SESSIONMGR_LEASE_TIME is not a setting" in out
+
+
+def test_dev_uses_an_s3_the_environment_names() -> None:
+    env = {"SESSIONMGR_S3_ENDPOINT_URL": "https://s3.internal:9000"}
+    settings = devstack.dev_settings(env)
+
+    text = devstack.banner("http://127.0.0.1:8080", settings, redis=None)
+
+    assert devstack.s3_configured(env)
+    assert not devstack.s3_configured({})
+    assert (
+        "s3       https://s3.internal:9000 bucket sessionmgr-archive  (from the environment)"
+        in (text)
+    )
