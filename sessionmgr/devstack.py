@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ from types import FrameType
 
 import msgspec
 import uvicorn
+from dependency_injector import providers
 
 from sessionmgr.api.auth import issue_token
 from sessionmgr.settings import PREFIX, Settings, effective_algorithms, load_settings
@@ -227,6 +229,10 @@ class InProcessS3:
             self.port = 0
 
 
+def moto_installed() -> bool:
+    return importlib.util.find_spec("moto") is not None
+
+
 def dev_aws_credentials(environ: MutableMapping[str, str]) -> None:
     """Credentials for the in-process S3 where none are set, and no probe of cloud metadata."""
     environ.setdefault("AWS_ACCESS_KEY_ID", DEV_AWS_KEY)
@@ -275,10 +281,14 @@ def banner(
     settings: Settings,
     redis: RedisServer | InProcessRedis | None,
     s3: InProcessS3 | None = None,
+    *,
+    s3_off: bool = False,
 ) -> str:
     redis_origin = redis.description if redis else f"from {PREFIX}REDIS_URL"
     s3_origin = s3.description if s3 else "from the environment"
-    s3_target = settings.s3_endpoint_url or "AWS"
+    s3_target = f"{settings.s3_endpoint_url or 'AWS'} bucket {settings.s3_bucket}"
+    if s3_off:
+        s3_target, s3_origin = "off", "archiving answers 503; pip install -e '.[dev]' for S3"
     mongo_origin = (
         "in memory, gone when dev stops"
         if settings.mongodb_in_memory
@@ -288,7 +298,7 @@ def banner(
         f"sessionmgr dev is up on {base_url}  (Ctrl-C stops it)",
         f"  redis    {redact_url(settings.redis_url)}  ({redis_origin})",
         f"  mongodb  {redact_url(settings.mongodb_uri)}  ({mongo_origin})",
-        f"  s3       {s3_target} bucket {settings.s3_bucket}  ({s3_origin})",
+        f"  s3       {s3_target}  ({s3_origin})",
         f"  api      {base_url}/schema  (OpenAPI: {base_url}/schema/openapi.json)",
         f"  health   {base_url}/health",
         "",
@@ -364,16 +374,23 @@ def run(host: str, port: int, environ: Mapping[str, str] | None = None) -> None:
     settings = dev_settings(env)
     redis: RedisServer | InProcessRedis | None = None
     s3: InProcessS3 | None = None
+    s3_off = False
     with _signals_exit():
         try:
             if not env.get(f"{PREFIX}REDIS_URL"):
                 redis = private_redis().start()
                 settings = msgspec.structs.replace(settings, redis_url=redis.url)
+            container = build_container(settings)
             if not s3_configured(env):
-                s3 = InProcessS3(settings.s3_bucket, settings.s3_region).start()
-                dev_aws_credentials(os.environ)
-                settings = msgspec.structs.replace(settings, s3_endpoint_url=s3.url)
-            app = create_app(build_container(settings))
+                if moto_installed():
+                    s3 = InProcessS3(settings.s3_bucket, settings.s3_region).start()
+                    dev_aws_credentials(os.environ)
+                    settings = msgspec.structs.replace(settings, s3_endpoint_url=s3.url)
+                    container = build_container(settings)
+                else:  # no S3 at all: archiving answers 503, everything else works
+                    container.archivist.override(providers.Object(None))
+                    s3_off = True
+            app = create_app(container)
             config = uvicorn.Config(
                 app,
                 host=host,
@@ -384,7 +401,7 @@ def run(host: str, port: int, environ: Mapping[str, str] | None = None) -> None:
                 server_header=False,
                 timeout_graceful_shutdown=5,
             )
-            text = banner(base_url(host, port), settings, redis, s3)
+            text = banner(base_url(host, port), settings, redis, s3, s3_off=s3_off)
             _DevServer(config, text).run()
         finally:
             if redis is not None:

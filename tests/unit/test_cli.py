@@ -322,3 +322,8 @@ def test_dev_uses_an_s3_the_environment_names() -> None:
         "s3       https://s3.internal:9000 bucket sessionmgr-archive  (from the environment)"
         in (text)
     )
+
+
+def test_dev_without_moto_says_archiving_is_off() -> None:
+    text = devstack.banner("http://127.0.0.1:8080", devstack.dev_settings({}), None, s3_off=True)
+    assert "s3       off  (archiving answers 503; pip install -e '.[dev]' for S3)" in text
