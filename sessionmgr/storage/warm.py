@@ -281,8 +281,14 @@ class MongoWarmStore:
         )
 
     async def insert_events(self, session_id: str, events: list[TimelineEvent]) -> None:
-        if events:
-            await self._insert_events(session_id, events)
+        """Insert the events not stored yet (a restore usually finds all or none of them)."""
+        if not events:
+            return
+        cursor = self._events.find({"session_id": session_id}, {"seq": 1, "_id": 0})
+        present = {d["seq"] for d in await _guard(cursor.to_list(None))}
+        missing = [e for e in events if e.seq not in present]
+        if missing:
+            await self._insert_events(session_id, missing)
 
     async def restore(self, archive: SessionArchive, ref: ArchiveRef) -> bool:
         """Put the full document back in place of its stub; False if the stub is gone.
