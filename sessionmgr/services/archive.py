@@ -17,12 +17,13 @@ after a rehydration (the next archive overwrites it; deleting the session delete
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
 import msgspec
@@ -51,6 +52,7 @@ FENCE_TTL_S = 300
 FENCE_BUDGET_S = FENCE_TTL_S / 3
 """An archive past this stops before its next write: its fence must outlive every write."""
 
+DELETE_FENCE_TTL_S = 60
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(SessionArchive).decode
 
@@ -266,11 +268,19 @@ class Archivist:
 
     # -- delete and sweep --------------------------------------------------------------------
 
-    async def forget(self, session_id: str) -> None:
-        """Delete the S3 copy of a session (before its MongoDB document goes)."""
-        stored = await self._warm.stored(session_id)
-        if stored is not None and stored.cold_key:
-            await self._cold.delete(stored.cold_key)
+    @contextlib.asynccontextmanager
+    async def deleting(self, session_id: str) -> AsyncIterator[None]:
+        """Delete the S3 copy of a session, then hold off archivers while the caller deletes
+        the rest: an archive racing the delete could otherwise leave an orphan copy in S3."""
+        token = await self._hot.fence(session_id, DELETE_FENCE_TTL_S)  # None: hot, no archiver
+        try:
+            stored = await self._warm.stored(session_id)
+            if stored is not None and stored.cold_key:
+                await self._cold.delete(stored.cold_key)
+            yield
+        finally:
+            if token is not None:
+                await self._hot.unfence(session_id, token)
 
     async def candidates(self, older_than: timedelta, limit: int) -> list[str]:
         return await self._warm.archive_candidates(utcnow() - older_than, limit)

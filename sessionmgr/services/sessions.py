@@ -8,6 +8,7 @@ import binascii
 import contextlib
 import re
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -344,10 +345,10 @@ class SessionService:
 
         async def run() -> None:
             await self._authorize(principal, session_id, owner_only=True)
-            await self._hot.mark_deleted(session_id)
-            if self._archivist is not None:
-                await self._archivist.forget(session_id)  # S3 first: no orphan copy of its data
-            await self._warm.delete(session_id)
+            cold = self._archivist.deleting(session_id) if self._archivist else nullcontext()
+            async with cold:  # S3 first: no copy of its data outlives the session
+                await self._hot.mark_deleted(session_id)
+                await self._warm.delete(session_id)
             await self._hot.drop(session_id)
 
         await self._once(principal, session_id, idem, type(None), run, owner_only=True)

@@ -229,6 +229,51 @@ async def test_delete_removes_the_s3_copy(
     assert (await api.get(f"/v1/sessions/{before['id']}", headers=owner)).status_code == 404
 
 
+async def test_a_delete_that_cannot_reach_s3_changes_nothing(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    cold: S3ArchiveStore,
+    owner: Headers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = await dormant_session(api, redis, owner)
+    sid = before["id"]
+    assert (await archive(api, owner, sid)).status_code == 200
+
+    async def s3_down(key: str) -> None:
+        raise BackendUnavailable("s3", "EndpointConnectionError")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cold, "delete", s3_down)
+        r = await api.delete(f"/v1/sessions/{sid}", headers=owner)
+        assert r.status_code == 503, r.text
+        assert r.json()["backend"] == "s3"
+    same_session(await get_session(api, owner, sid, full=True), before)
+    updated = await patch_session(api, owner, sid, before["version"], work_in_progress={})
+    assert updated["state"] == "active", "no tombstone was left behind"
+    assert (await api.delete(f"/v1/sessions/{sid}", headers=owner)).status_code == 204
+
+
+async def test_a_session_being_archived_is_not_deleted_under_it(
+    api: httpx.AsyncClient, redis: Redis, app_container: Container, owner: Headers
+) -> None:
+    before = await dormant_session(api, redis, owner)
+    hot = await resolve(app_container.hot)
+    token = await hot.fence(before["id"], 30)  # an archiver elsewhere holds it
+    assert token is not None
+    r = await api.delete(f"/v1/sessions/{before['id']}", headers=owner)
+    assert r.status_code == 503, r.text
+    assert "being archived" in r.json()["detail"]
+    r = await api.patch(
+        f"/v1/sessions/{before['id']}",
+        json={"expected_version": before["version"], "patch": {"work_in_progress": {}}},
+        headers=owner,
+    )
+    assert r.status_code == 503, "no replica loads a session an archiver holds"
+    await hot.unfence(before["id"], token)
+    assert (await api.delete(f"/v1/sessions/{before['id']}", headers=owner)).status_code == 204
+
+
 # -- access is decided on the stub, before S3 ------------------------------------------------
 
 
