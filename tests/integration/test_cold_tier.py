@@ -643,3 +643,44 @@ async def test_metrics_count_archives_and_rehydrations(
     assert sample("sessionmgr_retrievals_total", tier="cold") == 1
     response = await api.get("/metrics")
     assert 'sessionmgr_archives_total{outcome="ok"} 2.0' in response.text
+
+
+@pytest.mark.parametrize("step", ["upload", "stub write"])
+async def test_an_archive_cancelled_mid_step_releases_the_session(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    warm: MongoWarmStore,
+    cold: S3ArchiveStore,
+    app_container: Container,
+    owner: Headers,
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+) -> None:
+    """A task cancelled while it waits on S3 or MongoDB (a shutdown, a client gone)."""
+    before = await dormant_session(api, redis, owner, events=40)
+    sid = before["id"]
+    reached, never = asyncio.Event(), asyncio.Event()
+
+    async def hang(*args: Any) -> Any:
+        reached.set()
+        await never.wait()
+
+    target, name = (cold, "put") if step == "upload" else (warm, "to_stub")
+    archivist: Archivist = await resolve(app_container.archivist)
+    with monkeypatch.context() as patch:
+        patch.setattr(target, name, hang)
+        running = asyncio.create_task(archivist.archive(sid))
+        await asyncio.wait_for(reached.wait(), 5)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+
+    # The fence went with it: the session can be written at once, and archived again later.
+    updated = await patch_session(api, owner, sid, before["version"], work_in_progress={"w": 1})
+    assert updated["state"] == "active"
+    r = await archive(api, owner, sid)
+    assert r.status_code == 200, r.text
+    await assert_only_stub(warm, sid)
+    after = await get_session(api, owner, sid, full=True)
+    assert after["full_timeline"] == before["full_timeline"]
+    assert after["work_in_progress"] == {"w": 1}
