@@ -3,6 +3,7 @@ and the app."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from litestar.testing import AsyncTestClient
 from sessionmgr.api.auth import issue_token
 from sessionmgr.app import create_app
 from sessionmgr.container import Container, build_container
+from sessionmgr.devstack import dev_aws_credentials
 from sessionmgr.settings import Settings, load_settings
 from tests.support.redis_server import RedisServer
 from tests.support.s3_server import S3_BUCKET, S3Server, start_s3
@@ -33,6 +35,13 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _local_aws_credentials() -> None:
+    """Test credentials for every test, and no probe of a cloud metadata endpoint: an S3
+    client built by a test without `s3_server` must fail here, not reach out."""
+    dev_aws_credentials(os.environ)
 
 
 @pytest.fixture(scope="session")
