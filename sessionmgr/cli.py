@@ -1,7 +1,8 @@
-"""The `sessionmgr` command line (DESIGN §8): `serve`, `dev`, `token` and `check`.
+"""The `sessionmgr` command line (DESIGN §8): `serve`, `dev`, `token`, `check`, `archive-sweep`.
 
-Exit codes: 0 success, 1 a `check` failed, 2 bad usage or configuration (the message names
-the variable); `dev` stopped by SIGINT/SIGTERM ends with 128 + the signal, after cleaning up.
+Exit codes: 0 success, 1 a `check` failed or a session could not be archived, 2 bad usage or
+configuration (the message names the variable); `dev` stopped by SIGINT/SIGTERM ends with
+128 + the signal, after cleaning up.
 Heavy modules are imported by the command that needs them, so `token` and `--version` answer
 at once.
 """
@@ -10,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import logging
+import re
 import sys
+import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
 import sessionmgr
@@ -29,6 +34,9 @@ from sessionmgr.settings import (
 
 CHECK_TIMEOUT_S = 3.0
 MAX_REASON_CHARS = 300
+SWEEP_LIMIT = 1000
+_SPAN = re.compile(r"^(\d{1,6})([dhm])$")
+_SPAN_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,6 +61,13 @@ def _positive(raw: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{raw} is not a positive integer")
     return value
+
+
+def _span(raw: str) -> timedelta:
+    match = _SPAN.fullmatch(raw.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a duration like 30d, 12h or 90m")
+    return timedelta(**{_SPAN_UNITS[match.group(2)]: int(match.group(1))})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +105,21 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate the configuration and reach each backend")
     check.set_defaults(handler=_check)
+
+    sweep = commands.add_parser(
+        "archive-sweep", help="archive sessions at rest for longer than --older-than to S3"
+    )
+    sweep.add_argument(
+        "--older-than", type=_span, required=True, help="idle time, e.g. 30d, 12h or 90m"
+    )
+    sweep.add_argument("--dry-run", action="store_true", help="list the sessions, change nothing")
+    sweep.add_argument(
+        "--limit",
+        type=_positive,
+        default=SWEEP_LIMIT,
+        help=f"at most this many sessions in this run (default {SWEEP_LIMIT})",
+    )
+    sweep.set_defaults(handler=_archive_sweep)
     return parser
 
 
@@ -186,6 +216,12 @@ async def _run_checks(settings: Settings) -> bool:
             mongodb_timeout_s,
             lambda: _ping_mongodb(settings),
         ),
+        (
+            "s3",
+            f"{redact_url(settings.s3_endpoint_url or 'AWS')} bucket {settings.s3_bucket}",
+            CHECK_TIMEOUT_S * 2,  # two attempts of the client's own timeout at most
+            lambda: _ping_s3(settings),
+        ),
     ]
     all_ok = True
     for name, target, timeout_s, probe in checks:
@@ -224,6 +260,7 @@ def _jwt_source(settings: Settings) -> str:
 
 def _import_backends() -> None:
     import sessionmgr.api.auth
+    import sessionmgr.storage.cold
     import sessionmgr.storage.hot
     import sessionmgr.storage.warm  # noqa: F401
 
@@ -273,3 +310,60 @@ async def _ping_mongodb(settings: Settings) -> str | None:
     if settings.mongodb_in_memory:
         return "in-memory engine"
     return f"database {settings.mongodb_db}"
+
+
+def _archive_sweep(args: argparse.Namespace) -> int:
+    from sessionmgr.telemetry import configure_logging
+
+    settings = load_settings()
+    configure_logging("WARNING" if settings.log_level in ("DEBUG", "INFO") else settings.log_level)
+    return asyncio.run(_sweep(settings, args))
+
+
+async def _sweep(settings: Settings, args: argparse.Namespace) -> int:
+    from sessionmgr.api.bridge import resolve
+    from sessionmgr.container import build_container
+    from sessionmgr.domain.errors import BackendUnavailable
+    from sessionmgr.services.archive import sweep
+
+    started = time.monotonic()
+    container = build_container(settings, write_behind=False)
+    try:
+        archivist = await resolve(container.archivist)
+        result = await sweep(
+            archivist,
+            args.older_than,
+            limit=args.limit,
+            dry_run=args.dry_run,
+            report=lambda line: print(line, flush=True),
+        )
+    except BackendUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        closing = container.shutdown_resources()
+        if inspect.isawaitable(closing):
+            await closing
+    took = f"{time.monotonic() - started:.1f} s"
+    if args.dry_run:
+        print(f"dry run: {result.selected} session(s) would be archived; nothing changed ({took})")
+        return 0
+    summary = f"done: {result.archived} archived, {result.skipped} skipped"
+    summary += f", {len(result.failed)} failed in {took}"
+    print(summary, flush=True)
+    if result.failed:
+        print(f"failed: {' '.join(result.failed)}", flush=True)
+        return 1
+    return 0
+
+
+async def _ping_s3(settings: Settings) -> str | None:
+    from sessionmgr.storage.cold import open_archive_store
+
+    resource = open_archive_store(settings)
+    store = await anext(resource)
+    try:
+        await store.ping()
+    finally:
+        await resource.aclose()
+    return "bucket reachable"

@@ -10,11 +10,13 @@ from redis.asyncio import Redis
 from sessionmgr.api.auth import TokenVerifier
 from sessionmgr.api.ratelimit import RateLimiter
 from sessionmgr.metrics import Metrics
+from sessionmgr.services.archive import Archivist
 from sessionmgr.services.ports import WarmStore
 from sessionmgr.services.resilience import Breakers, Guarded, RetryPolicy, probing
 from sessionmgr.services.sessions import Limits, SessionService
 from sessionmgr.services.write_behind import WriteBehindWorker, running
 from sessionmgr.settings import Settings, load_settings
+from sessionmgr.storage.cold import open_archive_store
 from sessionmgr.storage.hot import RedisHotStore, redis_client
 from sessionmgr.storage.warm import open_warm_store
 
@@ -90,6 +92,7 @@ class Container(containers.DeclarativeContainer):
     )
     warm = providers.Resource(open_warm_store, settings)
     verifier = providers.Resource(open_verifier, settings)
+    cold = providers.Resource(open_archive_store, settings)
 
     hot = providers.Singleton(
         RedisHotStore,
@@ -121,7 +124,11 @@ class Container(containers.DeclarativeContainer):
         metrics,
     )
     limits = providers.Singleton(limits_from, settings)
-    sessions = providers.Singleton(SessionService, guarded_hot, guarded_warm, limits)
+    guarded_cold = providers.Singleton(
+        Guarded, cold, breakers.provided["s3"], retry_policy, metrics
+    )
+    archivist = providers.Singleton(Archivist, guarded_hot, guarded_warm, guarded_cold, metrics)
+    sessions = providers.Singleton(SessionService, guarded_hot, guarded_warm, limits, archivist)
     write_behind = providers.Resource(
         run_worker, worker_redis, guarded_warm, settings, run_write_behind, metrics
     )

@@ -2,14 +2,17 @@
 
 Redis is a private `redis-server` from PATH on a free port, or an in-process fakeredis where
 there is none (unless `SESSIONMGR_REDIS_URL` is set); MongoDB the in-memory engine (unless
-`SESSIONMGR_MONGODB_URI` is set); the JWT secret a random one for this run (unless
-`SESSIONMGR_JWT_SECRET` is set). `RedisServer` is also the test suite's Redis.
+`SESSIONMGR_MONGODB_URI` is set); S3 an in-process moto server (unless `SESSIONMGR_S3_ENDPOINT_URL`
+or `SESSIONMGR_S3_BUCKET` is set); the JWT secret a random one for this run (unless
+`SESSIONMGR_JWT_SECRET` is set). `RedisServer` and `InProcessS3` are also the test suite's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
+import logging
 import os
 import re
 import secrets
@@ -21,17 +24,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from types import FrameType
 
 import msgspec
 import uvicorn
+from dependency_injector import providers
 
 from sessionmgr.api.auth import issue_token
 from sessionmgr.settings import PREFIX, Settings, effective_algorithms, load_settings
 
 DEV_SUB = "dev-user"
+DEV_AWS_KEY = "sessionmgr-dev"
 DEV_TOKEN_TTL_S = 12 * 3600
 REDIS_START_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1
@@ -171,6 +176,74 @@ class InProcessRedis:
         self._server.server_close()
 
 
+class InProcessS3:
+    """An S3 endpoint (moto's server) on a free loopback port, in a thread of this process.
+
+    Needs the `dev` extra (`pip install -e '.[dev]'`). Objects live in memory and go when the
+    process ends; the bucket is created at start. Also the test suite's S3.
+    """
+
+    description = "in-process S3 (moto), gone when dev stops"
+
+    def __init__(self, bucket: str, region: str = "us-east-1") -> None:
+        try:
+            from moto.server import ThreadedMotoServer
+        except ImportError:
+            raise DevStackError(
+                "moto is not installed: install the dev extra (pip install -e '.[dev]') or set "
+                f"{PREFIX}S3_ENDPOINT_URL to an S3 endpoint you run"
+            ) from None
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+        self.bucket = bucket
+        self.region = region
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> InProcessS3:
+        import boto3
+
+        self._server.start()
+        self.port = int(self._server.get_host_and_port()[1])
+        # moto takes any credentials; these never leave this machine.
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=self.region,
+            aws_access_key_id=DEV_AWS_KEY,
+            aws_secret_access_key=DEV_AWS_KEY,
+        )
+        options = {}
+        if self.region != "us-east-1":
+            options["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        client.create_bucket(Bucket=self.bucket, **options)
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.port:
+            self._server.stop()
+            self.port = 0
+
+
+def moto_installed() -> bool:
+    return importlib.util.find_spec("moto") is not None
+
+
+def dev_aws_credentials(environ: MutableMapping[str, str]) -> None:
+    """Credentials for the in-process S3 where none are set, and no probe of cloud metadata."""
+    environ.setdefault("AWS_ACCESS_KEY_ID", DEV_AWS_KEY)
+    environ.setdefault("AWS_SECRET_ACCESS_KEY", DEV_AWS_KEY)
+    environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def s3_configured(environ: Mapping[str, str]) -> bool:
+    return bool(environ.get(f"{PREFIX}S3_ENDPOINT_URL") or environ.get(f"{PREFIX}S3_BUCKET"))
+
+
 def private_redis() -> RedisServer | InProcessRedis:
     """A private redis-server when one is on PATH, else an in-process Redis (DESIGN §7)."""
     if shutil.which("redis-server"):
@@ -203,8 +276,19 @@ def dev_token(settings: Settings) -> str | None:
     )
 
 
-def banner(base_url: str, settings: Settings, redis: RedisServer | InProcessRedis | None) -> str:
+def banner(
+    base_url: str,
+    settings: Settings,
+    redis: RedisServer | InProcessRedis | None,
+    s3: InProcessS3 | None = None,
+    *,
+    s3_off: bool = False,
+) -> str:
     redis_origin = redis.description if redis else f"from {PREFIX}REDIS_URL"
+    s3_origin = s3.description if s3 else "from the environment"
+    s3_target = f"{settings.s3_endpoint_url or 'AWS'} bucket {settings.s3_bucket}"
+    if s3_off:
+        s3_target, s3_origin = "off", "archiving answers 503; pip install -e '.[dev]' for S3"
     mongo_origin = (
         "in memory, gone when dev stops"
         if settings.mongodb_in_memory
@@ -214,6 +298,7 @@ def banner(base_url: str, settings: Settings, redis: RedisServer | InProcessRedi
         f"sessionmgr dev is up on {base_url}  (Ctrl-C stops it)",
         f"  redis    {redact_url(settings.redis_url)}  ({redis_origin})",
         f"  mongodb  {redact_url(settings.mongodb_uri)}  ({mongo_origin})",
+        f"  s3       {s3_target}  ({s3_origin})",
         f"  api      {base_url}/schema  (OpenAPI: {base_url}/schema/openapi.json)",
         f"  health   {base_url}/health",
         "",
@@ -288,12 +373,24 @@ def run(host: str, port: int, environ: Mapping[str, str] | None = None) -> None:
     env = os.environ if environ is None else environ
     settings = dev_settings(env)
     redis: RedisServer | InProcessRedis | None = None
+    s3: InProcessS3 | None = None
+    s3_off = False
     with _signals_exit():
         try:
             if not env.get(f"{PREFIX}REDIS_URL"):
                 redis = private_redis().start()
                 settings = msgspec.structs.replace(settings, redis_url=redis.url)
-            app = create_app(build_container(settings))
+            container = build_container(settings)
+            if not s3_configured(env):
+                if moto_installed():
+                    s3 = InProcessS3(settings.s3_bucket, settings.s3_region).start()
+                    dev_aws_credentials(os.environ)
+                    settings = msgspec.structs.replace(settings, s3_endpoint_url=s3.url)
+                    container = build_container(settings)
+                else:  # no S3 at all: archiving answers 503, everything else works
+                    container.archivist.override(providers.Object(None))
+                    s3_off = True
+            app = create_app(container)
             config = uvicorn.Config(
                 app,
                 host=host,
@@ -304,8 +401,10 @@ def run(host: str, port: int, environ: Mapping[str, str] | None = None) -> None:
                 server_header=False,
                 timeout_graceful_shutdown=5,
             )
-            text = banner(base_url(host, port), settings, redis)
+            text = banner(base_url(host, port), settings, redis, s3, s3_off=s3_off)
             _DevServer(config, text).run()
         finally:
             if redis is not None:
                 redis.cleanup()
+            if s3 is not None:
+                s3.stop()

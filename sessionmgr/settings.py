@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ PREFIX = "SESSIONMGR_"
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "PS256"})
 LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
+S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 class ConfigError(ValueError):
@@ -31,6 +33,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     s3_ca_bundle: str | None = None
+    s3_timeout_s: float = 5.0
     jwt_secret: str | None = None
     jwt_public_key: str | None = None
     jwt_jwks_url: str | None = None
@@ -122,13 +125,28 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _bucket(raw: str) -> str:
+    if not S3_BUCKET.fullmatch(raw) or ".." in raw:
+        raise ValueError("must be an S3 bucket name: 3-63 lowercase letters, digits, '.' or '-'")
+    return raw
+
+
+def _existing_file(raw: str) -> str:
+    if not os.path.isfile(raw):
+        raise ValueError("no such file")
+    return raw
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_url": _url(("redis://", "rediss://", "unix://")),
     "redis_socket_timeout_s": _float(0.05, 30),
     "redis_pool_size": _int(1, 10_000),
     "mongodb_uri": _url(("mongodb://", "mongodb+srv://", "mongomock://")),
     "mongodb_timeout_ms": _int(100, 60_000),
+    "s3_bucket": _bucket,
     "s3_endpoint_url": _url(("http://", "https://")),
+    "s3_ca_bundle": _existing_file,
+    "s3_timeout_s": _float(0.1, 60),
     "jwt_jwks_url": _url(("https://", "http://")),
     "jwt_algorithms": _algorithms,
     "jwt_leeway_s": _int(0, 60),

@@ -1,7 +1,9 @@
-"""Fixtures shared by every test layer: a real redis-server, settings, tokens and the app."""
+"""Fixtures shared by every test layer: a real redis-server, an S3 endpoint, settings, tokens
+and the app."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -13,8 +15,10 @@ from litestar.testing import AsyncTestClient
 from sessionmgr.api.auth import issue_token
 from sessionmgr.app import create_app
 from sessionmgr.container import Container, build_container
+from sessionmgr.devstack import dev_aws_credentials
 from sessionmgr.settings import Settings, load_settings
 from tests.support.redis_server import RedisServer
+from tests.support.s3_server import S3_BUCKET, S3Server, start_s3
 
 JWT_SECRET = "test-secret-that-is-long-enough-0123456789"
 
@@ -33,6 +37,21 @@ def redis_server() -> Iterator[RedisServer]:
     server.cleanup()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _local_aws_credentials() -> None:
+    """Test credentials for every test, and no probe of a cloud metadata endpoint: an S3
+    client built by a test without `s3_server` must fail here, not reach out."""
+    dev_aws_credentials(os.environ)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server on a free port, reached over HTTP by the real aioboto3 client."""
+    server = start_s3()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     if redis_server.process is None:  # a test stopped it
@@ -44,11 +63,13 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture
-def settings(redis_url: str) -> Settings:
+def settings(redis_url: str, s3_server: S3Server) -> Settings:
     return load_settings(
         {},
         redis_url=redis_url,
         mongodb_uri="mongomock://",
+        s3_endpoint_url=s3_server.url,
+        s3_bucket=S3_BUCKET,
         jwt_secret=JWT_SECRET,
         outbox_claim_idle_ms=1000,
         rate_limit_per_s=0,  # load tests run as one principal; tests of the limit turn it on

@@ -267,6 +267,21 @@ class SessionController(Controller):
         )
         return _with_etag(session)
 
+    @post("/{session_id:str}/archive", status_code=200, responses=responses(*READ, 409, 422))
+    async def archive_session(
+        self,
+        request: Req,
+        sessions: Sessions,
+        session_id: SessionId,
+        idempotency_key: IdemHeader = None,
+    ) -> Response[Session]:
+        """Move the session to S3, leaving a stub (owner or admin); an active one is suspended
+        first. A later read brings it back."""
+        session = await sessions.archive(
+            request.user, _sid(session_id), _idem(request, idempotency_key)
+        )
+        return _with_etag(session)
+
     @delete("/{session_id:str}", responses=responses(*READ, 422))
     async def delete_session(
         self,

@@ -110,3 +110,28 @@ class RateLimited(SessionError):
 
 class AuthenticationFailed(SessionError):
     """No token, or a token that does not verify (HTTP 401)."""
+
+
+class ArchiveInProgress(BackendUnavailable):
+    """The session is being archived right now; a retry in a moment finds it in S3 or back."""
+
+    def __init__(self, session_id: str) -> None:
+        SessionError.__init__(self, f"session {session_id} is being archived; retry shortly")
+        self.backend = "s3"
+        self.retry_after_s = 1
+        self.retryable = False  # the fence was already waited on; the client retries later
+        self.session_id = session_id
+
+
+class ArchiveUnreadable(BackendUnavailable):
+    """The S3 copy of an archived session is missing or fails its checksum; MongoDB keeps the
+    stub untouched, so the session comes back once the object does (from a backup, say)."""
+
+    def __init__(self, session_id: str, reason: str) -> None:
+        SessionError.__init__(
+            self, f"s3 holds no readable archive of session {session_id}: {reason}"
+        )
+        self.backend = "s3"
+        self.retry_after_s = 60
+        self.retryable = False  # the same bytes come back on a retry
+        self.session_id = session_id

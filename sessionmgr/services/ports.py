@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, Protocol
 
 import msgspec
 
-from sessionmgr.domain.model import ContextUpdate, SessionRecord, SessionState, TimelineEvent
+from sessionmgr.domain.model import (
+    ArchiveRef,
+    ContextUpdate,
+    SessionRecord,
+    SessionState,
+    TimelineEvent,
+)
 
 
 class HotView(msgspec.Struct, kw_only=True):
@@ -82,6 +89,8 @@ class HotStore(Protocol):
     async def undelivered(self, session_id: str) -> Undelivered: ...
     async def mark_deleted(self, session_id: str) -> None: ...
     async def drop(self, session_id: str) -> None: ...
+    async def fence(self, session_id: str, ttl_s: int) -> str | None: ...
+    async def unfence(self, session_id: str, token: str) -> None: ...
     async def ping(self) -> None: ...
 
 
@@ -113,4 +122,53 @@ class WarmStore(Protocol):
     async def list_for(
         self, principal_sub: str | None, state: SessionState | None, limit: int, after: str | None
     ) -> Page: ...
+    async def ping(self) -> None: ...
+
+
+# -- the cold tier -----------------------------------------------------------------------------
+
+
+class SessionArchive(msgspec.Struct, kw_only=True):
+    """The whole MongoDB record of a session, as one S3 object holds it (gzipped JSON)."""
+
+    format: int = 1
+    record: SessionRecord
+    context: ContextUpdate
+    events: list[TimelineEvent]
+
+
+class StoredSession(msgspec.Struct, kw_only=True):
+    """A session document as MongoDB holds it: full, or a stub whose body is in S3.
+
+    `purge_pending` marks a stub whose events may still be in MongoDB (an archive stopped
+    between its stub write and its events delete); `cold_key` names the S3 object that holds,
+    or once held, a copy, so deleting the session deletes that too.
+    """
+
+    record: SessionRecord
+    archive: ArchiveRef | None = None
+    purge_pending: bool = False
+    cold_key: str | None = None
+
+
+class WarmArchive(Protocol):
+    """What archiving needs of MongoDB; every replacing write is conditional."""
+
+    async def stored(self, session_id: str) -> StoredSession | None: ...
+    async def export(self, session_id: str) -> SessionArchive | None: ...
+    async def to_stub(self, record: SessionRecord, ref: ArchiveRef) -> bool: ...
+    async def purge_events(self, session_id: str) -> None: ...
+    async def purged(self, session_id: str, ref: ArchiveRef) -> None: ...
+    async def insert_events(self, session_id: str, events: list[TimelineEvent]) -> None: ...
+    async def restore(self, archive: SessionArchive, ref: ArchiveRef) -> bool: ...
+    async def archive_candidates(self, idle_since: datetime, limit: int) -> list[str]: ...
+
+
+class ArchiveStore(Protocol):
+    """S3 (or anything speaking its API): whole objects by key."""
+
+    async def put(self, key: str, body: bytes) -> None: ...
+    async def get(self, key: str) -> bytes | None: ...
+    async def size(self, key: str) -> int | None: ...
+    async def delete(self, key: str) -> None: ...
     async def ping(self) -> None: ...

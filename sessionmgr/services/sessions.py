@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
 import re
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -15,6 +17,7 @@ import msgspec
 from sessionmgr.domain import rules
 from sessionmgr.domain.errors import (
     AccessDenied,
+    ArchiveInProgress,
     BackendUnavailable,
     ConcurrencyConflict,
     InvalidInput,
@@ -34,6 +37,7 @@ from sessionmgr.domain.model import (
     new_session_id,
     utcnow,
 )
+from sessionmgr.services.archive import Archivist, SessionIsHot
 from sessionmgr.services.ports import (
     CREATE_SCOPE,
     Change,
@@ -67,10 +71,17 @@ class Limits(msgspec.Struct, frozen=True):
 
 
 class SessionService:
-    def __init__(self, hot: HotStore, warm: WarmStore, limits: Limits) -> None:
+    def __init__(
+        self,
+        hot: HotStore,
+        warm: WarmStore,
+        limits: Limits,
+        archivist: Archivist | None = None,
+    ) -> None:
         self._hot = hot
         self._warm = warm
         self._limits = limits
+        self._archivist = archivist
 
     # -- create and read -------------------------------------------------------------------
 
@@ -334,11 +345,35 @@ class SessionService:
 
         async def run() -> None:
             await self._authorize(principal, session_id, owner_only=True)
-            await self._hot.mark_deleted(session_id)
-            await self._warm.delete(session_id)
+            cold = self._archivist.deleting(session_id) if self._archivist else nullcontext()
+            async with cold:  # S3 first: no copy of its data outlives the session
+                await self._hot.mark_deleted(session_id)
+                await self._warm.delete(session_id)
             await self._hot.drop(session_id)
 
         await self._once(principal, session_id, idem, type(None), run, owner_only=True)
+
+    async def archive(
+        self, principal: Principal, session_id: str, idem: Idempotency | None = None
+    ) -> Session:
+        """Move a session's body to S3, leaving a stub in MongoDB; an active one is suspended."""
+
+        async def run() -> Session:
+            await self._authorize(principal, session_id, owner_only=True)
+            for _ in range(3):
+                try:
+                    done = await self._cold().archive(session_id)
+                except SessionIsHot:
+                    await self._suspend(principal, session_id)
+                    continue
+                except ConcurrencyConflict:
+                    continue  # it changed while we uploaded: take the new version
+                session = to_session(done.stub.record, [], {}, utcnow())
+                session.archive = done.stub.archive
+                return session
+            raise ConcurrencyConflict(session_id, None)
+
+        return await self._once(principal, session_id, idem, Session, run, owner_only=True)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -427,7 +462,14 @@ class SessionService:
             record.state = SessionState.ACTIVE
             return record, await self._warm.recent_events(session_id, self._limits.recent_timeline)
 
-        loaded = await self._hot.activate(session_id, load)
+        for wait_s in (0.05, 0.1, 0.2, 0.4, 0.8, None):
+            try:
+                loaded = await self._hot.activate(session_id, load)
+                break
+            except ArchiveInProgress:
+                if wait_s is None:
+                    raise
+                await asyncio.sleep(wait_s)  # an archive holds it for a moment
         if loaded is not None:
             await self._warm.mark_state(session_id, loaded.version, SessionState.ACTIVE)
 
@@ -436,7 +478,14 @@ class SessionService:
         if record is None:
             raise SessionNotFound(session_id)
         rules.require_access(principal, record.owner_id, record.acl)
+        if record.state is SessionState.ARCHIVED:
+            record = await self._cold().rehydrate(session_id)  # only after the access check
         return record
+
+    def _cold(self) -> Archivist:
+        if self._archivist is None:
+            raise BackendUnavailable("s3", "no archive store is configured")
+        return self._archivist
 
     async def _add_full(self, session: Session, hot_events: list[TimelineEvent]) -> None:
         """Fill `full_context` and `full_timeline` from MongoDB and the outbox's backlog.

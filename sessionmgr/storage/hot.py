@@ -9,6 +9,7 @@ idempotency record, EXEC.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -22,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from sessionmgr.domain.errors import (
+    ArchiveInProgress,
     BackendUnavailable,
     ConcurrencyConflict,
     IdempotencyKeyInFlight,
@@ -103,6 +105,11 @@ class OutboxEntry(msgspec.Struct, frozen=True):
 
 
 _decode_outbox = msgspec.json.Decoder(OutboxEntry).decode
+
+
+def fence_key(session_id: str) -> str:
+    """Held while the session is archived: no replica may load it into Redis meanwhile."""
+    return f"session_archiving:{{{session_id}}}"
 
 
 def hot_key(session_id: str) -> str:
@@ -207,12 +214,14 @@ class RedisHotStore:
         the newest state, and any activation or suspend racing this one fires the WATCH.
         Returns the record loaded, or None when the session was (or became) hot meanwhile.
         """
-        key, gone = hot_key(session_id), gone_key(session_id)
+        key, gone, fence = hot_key(session_id), gone_key(session_id), fence_key(session_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             try:
-                await self._guard(pipe.watch(key, gone))
+                await self._guard(pipe.watch(key, gone, fence))
                 if await self._guard(pipe.exists(gone)):
                     raise SessionNotFound(session_id)
+                if await self._guard(pipe.exists(fence)):
+                    raise ArchiveInProgress(session_id)
                 if await self._guard(pipe.exists(key)):
                     return None
                 record, recent = await load()
@@ -419,6 +428,28 @@ class RedisHotStore:
                 *idem_keys,
             )
         )
+
+    async def fence(self, session_id: str, ttl_s: int) -> str | None:
+        """Take the archive fence of a session that is not hot; None when it is hot.
+
+        Raises `ArchiveInProgress` while another archive holds it. An activation watches the
+        fence, so once this returns a token no replica can load the session until `unfence`
+        (or the TTL, which bounds a crashed archiver's hold).
+        """
+        token = secrets.token_hex(16)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(fence_key(session_id), token, nx=True, ex=ttl_s)
+            pipe.exists(hot_key(session_id))
+            taken, hot = await self._guard(pipe.execute())
+        if not taken:
+            raise ArchiveInProgress(session_id)
+        if hot:
+            await self.unfence(session_id, token)
+            return None
+        return token
+
+    async def unfence(self, session_id: str, token: str) -> None:
+        await self._guard(self._redis.eval(_RELEASE_SCRIPT, 1, fence_key(session_id), token))
 
     async def _current_version(self, session_id: str) -> int | None:
         raw = await self._guard(self._redis.hget(hot_key(session_id), "version"))

@@ -19,8 +19,14 @@ from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.errors import BulkWriteError, ConnectionFailure, ExecutionTimeout, WTimeoutError
 
 from sessionmgr.domain.errors import BackendUnavailable
-from sessionmgr.domain.model import ContextUpdate, SessionRecord, SessionState, TimelineEvent
-from sessionmgr.services.ports import Page
+from sessionmgr.domain.model import (
+    ArchiveRef,
+    ContextUpdate,
+    SessionRecord,
+    SessionState,
+    TimelineEvent,
+)
+from sessionmgr.services.ports import Page, SessionArchive, StoredSession
 from sessionmgr.settings import Settings
 
 T = TypeVar("T")
@@ -45,6 +51,8 @@ class SessionDocument(Document):
     context_version: int = 0
     timeline_seq: int = 0
     archive: dict[str, Any] | None = None
+    purge_pending: bool = False
+    cold_key: str | None = None
 
     class Settings:
         name = "sessions"
@@ -84,7 +92,9 @@ def _from_doc(doc: dict[str, Any]) -> SessionRecord:
     return msgspec.convert(doc, SessionRecord)
 
 
-_NOT_IN_RECORD = frozenset({"full_context", "context_version", "archive"})
+_NOT_IN_RECORD = frozenset(
+    {"full_context", "context_version", "archive", "purge_pending", "cold_key"}
+)
 
 
 def _event_doc(session_id: str, event: TimelineEvent) -> dict[str, Any]:
@@ -175,9 +185,11 @@ class MongoWarmStore:
             self._sessions.update_one({"_id": session_id, "version": guard}, {"$set": doc})
         )
         if result.matched_count == 0:
-            exists = await _guard(self._sessions.find_one({"_id": session_id}, {"_id": 1}))
+            exists = await _guard(self._sessions.find_one({"_id": session_id}, {"archive": 1}))
             if exists is None:
                 return False
+            if exists.get("archive") is not None:
+                return True  # a late replay: the archive already holds all of it
         if context is not None:
             await _guard(
                 self._sessions.update_one(
@@ -206,13 +218,119 @@ class MongoWarmStore:
     async def mark_state(self, session_id: str, version: int, state: SessionState) -> None:
         await _guard(
             self._sessions.update_one(
-                {"_id": session_id, "version": version}, {"$set": {"state": state.value}}
+                {"_id": session_id, "version": version, "archive": None},
+                {"$set": {"state": state.value}},
             )
         )
 
     async def delete(self, session_id: str) -> None:
         await _guard(self._sessions.delete_one({"_id": session_id}))
         await _guard(self._events.delete_many({"session_id": session_id}))
+
+    # -- the cold tier's side of MongoDB ---------------------------------------------------------
+
+    async def stored(self, session_id: str) -> StoredSession | None:
+        doc = await _guard(self._sessions.find_one({"_id": session_id}))
+        if doc is None:
+            return None
+        archive = doc.get("archive")
+        return StoredSession(
+            record=_from_doc(doc),
+            archive=msgspec.convert(archive, ArchiveRef) if archive else None,
+            purge_pending=bool(doc.get("purge_pending")),
+            cold_key=doc.get("cold_key"),
+        )
+
+    async def export(self, session_id: str) -> SessionArchive | None:
+        """The full record of a session that is not archived: document, context, events."""
+        doc = await _guard(self._sessions.find_one({"_id": session_id, "archive": None}))
+        if doc is None:
+            return None
+        context = ContextUpdate(
+            version=doc.get("context_version", 0), value=doc.get("full_context", {})
+        )
+        events = await self.all_events(session_id)
+        return SessionArchive(record=_from_doc(doc), context=context, events=events)
+
+    async def to_stub(self, record: SessionRecord, ref: ArchiveRef) -> bool:
+        """Replace the full document by a stub, unless it moved past `record.version`."""
+        stub = {
+            **_to_doc(record),
+            "state": SessionState.ARCHIVED.value,
+            "participants": {},
+            "work_in_progress": {},
+            "context_summary": {},
+            "archive": msgspec.to_builtins(ref, builtin_types=(datetime,)),
+            "purge_pending": True,
+            "cold_key": ref.key,
+        }
+        result = await _guard(
+            self._sessions.replace_one(
+                {"_id": record.id, "version": record.version, "archive": None}, stub
+            )
+        )
+        return bool(result.matched_count)
+
+    async def purge_events(self, session_id: str) -> None:
+        await _guard(self._events.delete_many({"session_id": session_id}))
+
+    async def purged(self, session_id: str, ref: ArchiveRef) -> None:
+        await _guard(
+            self._sessions.update_one(
+                {"_id": session_id, "archive.sha256": ref.sha256}, {"$unset": {"purge_pending": ""}}
+            )
+        )
+
+    async def insert_events(self, session_id: str, events: list[TimelineEvent]) -> None:
+        """Insert the events not stored yet (a restore usually finds all or none of them)."""
+        if not events:
+            return
+        cursor = self._events.find({"session_id": session_id}, {"seq": 1, "_id": 0})
+        present = {d["seq"] for d in await _guard(cursor.to_list(None))}
+        missing = [e for e in events if e.seq not in present]
+        if missing:
+            await self._insert_events(session_id, missing)
+
+    async def restore(self, archive: SessionArchive, ref: ArchiveRef) -> bool:
+        """Put the full document back in place of its stub; False if the stub is gone.
+
+        Events go in before the document (so a restored document is never short of them) and
+        again after it: an archive finishing its events delete meanwhile cannot leave a
+        restored session without its timeline.
+        """
+        record = archive.record
+        await self.insert_events(record.id, archive.events)
+        doc = {
+            **_to_doc(record),
+            "full_context": archive.context.value,
+            "context_version": archive.context.version,
+            "cold_key": ref.key,
+        }
+        stub = {
+            "_id": record.id,
+            "state": SessionState.ARCHIVED.value,
+            "version": record.version,
+            "archive.sha256": ref.sha256,
+        }
+        result = await _guard(self._sessions.replace_one(stub, doc))
+        current = await _guard(self._sessions.find_one({"_id": record.id}, {"archive": 1}))
+        if current is None:  # deleted meanwhile: leave no orphan events
+            await self.purge_events(record.id)
+            return False
+        if result.matched_count:
+            await self.insert_events(record.id, archive.events)
+        return current.get("archive") is None
+
+    async def archive_candidates(self, idle_since: datetime, limit: int) -> list[str]:
+        """Sessions at rest since before `idle_since`, and stubs an archive left unfinished."""
+        query = {
+            "$or": [
+                {"state": {"$in": ["dormant", "active"]}, "last_active": {"$lt": idle_since}},
+                {"state": "archived", "purge_pending": True},
+            ]
+        }
+        cursor = self._sessions.find(query, {"_id": 1}).sort("last_active", ASCENDING)
+        return [d["_id"] for d in await _guard(cursor.limit(limit).to_list(limit))]
 
     async def list_for(
         self, principal_sub: str | None, state: SessionState | None, limit: int, after: str | None

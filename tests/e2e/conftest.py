@@ -24,12 +24,13 @@ from sessionmgr.settings import Settings, load_settings
 from sessionmgr.storage.hot import hot_key
 from tests.conftest import JWT_SECRET
 from tests.support.redis_server import RedisServer
+from tests.support.s3_server import S3_BUCKET, S3Server
 
 PROBLEM_JSON = "application/problem+json"
 
 
 @pytest.fixture(scope="module")
-def e2e_settings(redis_server: RedisServer) -> Settings:
+def e2e_settings(redis_server: RedisServer, s3_server: S3Server) -> Settings:
     if redis_server.process is None:  # another test stopped it
         redis_server.start()
     with redis_sync.Redis.from_url(redis_server.url) as r:
@@ -38,6 +39,8 @@ def e2e_settings(redis_server: RedisServer) -> Settings:
         {},
         redis_url=redis_server.url,
         mongodb_uri="mongomock://",
+        s3_endpoint_url=s3_server.url,
+        s3_bucket=S3_BUCKET,
         jwt_secret=JWT_SECRET,
         outbox_claim_idle_ms=1000,
     )

@@ -39,6 +39,7 @@ SESSION_ROUTES: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "remove_participant": ("DELETE", "/v1/sessions/{sid}/participants/{mad}", None),
     "suspend": ("POST", "/v1/sessions/{sid}/suspend", None),
     "resume": ("POST", "/v1/sessions/{sid}/resume", None),
+    "archive": ("POST", "/v1/sessions/{sid}/archive", None),
     "delete": ("DELETE", "/v1/sessions/{sid}", None),
 }
 
@@ -717,7 +718,7 @@ async def test_idempotency_key_with_the_same_body_returns_the_first_answer(
     assert await app_api.list_all(cast.owner) == mine
 
 
-@pytest.mark.parametrize("route", ["suspend", "resume", "remove_participant", "delete"])
+@pytest.mark.parametrize("route", ["suspend", "resume", "archive", "remove_participant", "delete"])
 async def test_idempotency_key_repeat_without_body_returns_the_first_answer(
     app_api: Api, cast: Cast, target: dict[str, Any], route: str
 ):
@@ -735,7 +736,7 @@ BAD_KEYS_HEADER = {"empty": "", "space": "a b", "too_long": "k" * 256, "non_asci
 
 
 @pytest.mark.parametrize("value", BAD_KEYS_HEADER.values(), ids=BAD_KEYS_HEADER.keys())
-@pytest.mark.parametrize("route", ["create", "patch", "suspend"])
+@pytest.mark.parametrize("route", ["create", "patch", "suspend", "archive"])
 async def test_bad_idempotency_key_is_422(
     app_api: Api, cast: Cast, target: dict[str, Any], route: str, value: str
 ):

@@ -102,6 +102,14 @@ def test_dev_serves_with_the_printed_token_and_stops_its_redis(
     assert fetched.status_code == 200, fetched.text
     assert fetched.json()["owner_id"] == "dev-user"
     assert fetched.json()["work_in_progress"] == {"step": 1}
+    assert re.search(r"s3 +http://127\.0\.0\.1:\d+ bucket sessionmgr-archive  \(in-process", banner)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=10) as http:
+        archived = http.post(f"{created.headers['Location']}/archive")
+        assert archived.status_code == 200, archived.text
+        assert archived.json()["state"] == "archived"
+        back = http.get(created.headers["Location"])
+    assert back.status_code == 200, back.text
+    assert (back.json()["state"], back.json()["work_in_progress"]) == ("dormant", {"step": 1})
 
     process.send_signal(signal.SIGTERM)
 

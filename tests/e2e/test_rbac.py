@@ -67,6 +67,7 @@ ROUTES = [
     Route("remove_participant", "DELETE", "/v1/sessions/{sid}/participants/{other}", None, 204),
     Route("suspend", "POST", "/v1/sessions/{sid}/suspend", None, 200),
     Route("resume", "POST", "/v1/sessions/{sid}/resume", None, 200, dormant_first=True),
+    Route("archive", "POST", "/v1/sessions/{sid}/archive", None, 200, owner_only=True),
     Route("delete", "DELETE", "/v1/sessions/{sid}", None, 204, owner_only=True),
 ]
 PER_SESSION = [r for r in ROUTES if r.per_session]
@@ -156,6 +157,13 @@ async def check_effect(
     elif route.name == "suspend":
         assert r.json()["state"] == "dormant"
         assert after["state"] == "dormant"
+    elif route.name == "archive":
+        assert (r.json()["state"], r.json()["version"]) == ("archived", before["version"])
+        assert r.json()["archive"]["key"].endswith(f"/{sid}.json.gz")
+        # `after` was a read: it brought the session back, whole.
+        assert (after["state"], after["version"]) == ("dormant", before["version"])
+        for name in ("work_in_progress", "context_summary", "acl", "full_timeline"):
+            assert after[name] == before[name], name
     elif route.name == "resume":
         assert r.json()["state"] == "active"
         assert after["state"] == "active"

@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
 from sessionmgr.app import create_app
 from sessionmgr.container import build_container
 from sessionmgr.domain.model import (
+    ArchiveRef,
     ContextUpdate,
     SessionRecord,
     SessionState,
@@ -229,3 +231,122 @@ async def test_http_lifecycle_on_a_real_mongodb(
         assert (again.json()["state"], again.json()["version"]) == ("active", 3)
         assert (await client.delete(f"/v1/sessions/{sid}", headers=auth())).status_code == 204
         assert (await client.get(f"/v1/sessions/{sid}", headers=auth())).status_code == 404
+
+
+# -- the cold tier's side of MongoDB (archive and rehydrate) ---------------------------------
+
+
+def archive_ref(session_id: str) -> ArchiveRef:
+    return ArchiveRef(
+        key=f"sessions/2026/11/{session_id}.json.gz",
+        sha256="ab" * 32,
+        size=10,
+        archived_at=utcnow(),
+    )
+
+
+async def test_stub_replaces_the_document_only_at_its_version(warm: MongoWarmStore) -> None:
+    original = record(version=3, timeline_seq=2, state=SessionState.DORMANT)
+    await warm.insert(original)
+    await warm.apply(original, [event(1), event(2)], ContextUpdate(version=3, value={"c": 1}))
+    exported = await warm.export(original.id)
+    assert exported is not None
+    assert (exported.record, [e.seq for e in exported.events]) == (original, [1, 2])
+    assert exported.context == ContextUpdate(version=3, value={"c": 1})
+    ref = archive_ref(original.id)
+
+    stale = msgspec.structs.replace(original, version=2)
+    assert await warm.to_stub(stale, ref) is False
+    assert await warm.to_stub(original, ref) is True
+    assert await warm.to_stub(original, ref) is False, "a stub is never stubbed again"
+
+    stored = await warm.stored(original.id)
+    assert stored is not None
+    assert (stored.record.state, stored.archive, stored.purge_pending) == (
+        SessionState.ARCHIVED,
+        ref,
+        True,
+    )
+    assert (stored.record.owner_id, stored.record.acl) == (original.owner_id, original.acl)
+    assert await warm.export(original.id) is None
+    await warm.purge_events(original.id)
+    await warm.purged(original.id, ref)
+    assert (await warm.stored(original.id)).purge_pending is False  # type: ignore[union-attr]
+    assert await warm.all_events(original.id) == []
+    assert await warm.archive_candidates(utcnow() + timedelta(days=1), 10) == []
+
+
+async def test_restore_puts_back_every_field_and_event_once(warm: MongoWarmStore) -> None:
+    original = record(version=4, timeline_seq=3, state=SessionState.DORMANT)
+    await warm.insert(original)
+    events = [event(1), event(2), event(3)]
+    await warm.apply(original, events, ContextUpdate(version=4, value={"big": "x" * 100}))
+    exported = await warm.export(original.id)
+    assert exported is not None
+    ref = archive_ref(original.id)
+    assert await warm.to_stub(original, ref)
+    await warm.insert_events(original.id, events[:1])  # left over by an interrupted delete
+
+    assert await warm.restore(exported, ref) is True
+    assert await warm.restore(exported, ref) is True, "a second restore finds it done"
+
+    assert await warm.get(original.id) == original
+    assert await warm.all_events(original.id) == events
+    assert await warm.context(original.id) == ContextUpdate(version=4, value={"big": "x" * 100})
+    stored = await warm.stored(original.id)
+    assert stored is not None and stored.archive is None and stored.cold_key == ref.key
+    # A write-behind replay meant for the stub's time changes nothing now either.
+    assert await warm.apply(original, events) is True
+    assert await warm.all_events(original.id) == events
+
+
+async def test_a_late_replay_leaves_a_stub_alone(warm: MongoWarmStore) -> None:
+    original = record(version=2, timeline_seq=1, state=SessionState.DORMANT)
+    await warm.insert(original)
+    await warm.apply(original, [event(1)])
+    assert await warm.to_stub(original, archive_ref(original.id))
+    await warm.purge_events(original.id)
+    assert await warm.apply(original, [event(1)], ContextUpdate(version=2, value={"c": 1}))
+    await warm.mark_state(original.id, 2, SessionState.ACTIVE)
+    stored = await warm.stored(original.id)
+    assert stored is not None and stored.record.state is SessionState.ARCHIVED
+    assert await warm.all_events(original.id) == []
+    assert await warm.context(original.id) == ContextUpdate(version=0, value={})
+
+
+@pytest.mark.mongodb
+async def test_http_archive_and_rehydrate_on_a_real_mongodb(
+    real_mongodb_uri: str, redis_url: str, s3_server: Any, auth: Any
+) -> None:
+    """create → events → suspend → archive (stub only) → get (whole again) → update."""
+    from tests.support.s3_server import S3_BUCKET
+
+    settings = load_settings(
+        {},
+        redis_url=redis_url,
+        mongodb_uri=real_mongodb_uri,
+        mongodb_db=f"t{secrets.token_hex(4)}",
+        s3_endpoint_url=s3_server.url,
+        s3_bucket=S3_BUCKET,
+        jwt_secret=JWT_SECRET,
+    )
+    async with AsyncTestClient(app=create_app(build_container(settings))) as client:
+        sid = (await client.post("/v1/sessions", json={}, headers=auth())).json()["id"]
+        events = {"events": [{"kind": "note", "data": {"n": i}} for i in range(50)]}
+        r = await client.post(f"/v1/sessions/{sid}/timeline", json=events, headers=auth())
+        assert r.status_code == 200, r.text
+        assert (await client.post(f"/v1/sessions/{sid}/suspend", headers=auth())).status_code == 200
+        before = (await client.get(f"/v1/sessions/{sid}?include=full", headers=auth())).json()
+        archived = await client.post(f"/v1/sessions/{sid}/archive", headers=auth())
+        assert archived.status_code == 200, archived.text
+        assert archived.json()["state"] == "archived"
+        listed = await client.get("/v1/sessions?state=archived", headers=auth())
+        assert [s["id"] for s in listed.json()["items"]] == [sid]
+        after = (await client.get(f"/v1/sessions/{sid}?include=full", headers=auth())).json()
+        assert after["state"] == "dormant"
+        for name in ("version", "full_timeline", "full_context", "work_in_progress"):
+            assert after[name] == before[name], name
+        body = {"expected_version": before["version"], "patch": {"work_in_progress": {"s": 1}}}
+        again = await client.patch(f"/v1/sessions/{sid}", json=body, headers=auth())
+        assert (again.json()["state"], again.json()["version"]) == ("active", before["version"] + 1)
+        assert (await client.delete(f"/v1/sessions/{sid}", headers=auth())).status_code == 204

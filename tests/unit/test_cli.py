@@ -16,6 +16,7 @@ from sessionmgr import cli, devstack
 from sessionmgr.api.auth import TokenVerifier
 from sessionmgr.devstack import DevStackError, RedisServer, free_port, redact_url
 from sessionmgr.settings import load_settings
+from tests.support.s3_server import S3_BUCKET, S3Server
 
 SECRET = "cli-test-secret-that-is-long-enough-0123456789"
 
@@ -130,8 +131,19 @@ def test_dev_without_redis_server_says_what_to_install(
     assert "SESSIONMGR_REDIS_URL" in err
 
 
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """`check` reaches S3 too: the tests' moto server, never a cloud endpoint."""
+    monkeypatch.setenv("SESSIONMGR_S3_ENDPOINT_URL", s3_server.url)
+    monkeypatch.setenv("SESSIONMGR_S3_BUCKET", S3_BUCKET)
+    return s3_server
+
+
 def test_check_passes_when_every_backend_answers(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    redis_url: str,
+    s3_env: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("SESSIONMGR_REDIS_URL", redis_url)
     monkeypatch.setenv("SESSIONMGR_MONGODB_URI", "mongomock://")
@@ -145,12 +157,32 @@ def test_check_passes_when_every_backend_answers(
         ["ok", "jwt"],
         ["ok", "redis"],
         ["ok", "mongodb"],
+        ["ok", "s3"],
     ]
     assert redis_url in lines[2]
+    assert f"{s3_env.url} bucket {S3_BUCKET}  bucket reachable" in lines[4]
+
+
+def test_check_fails_on_a_missing_bucket(
+    redis_url: str,
+    s3_env: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SESSIONMGR_REDIS_URL", redis_url)
+    monkeypatch.setenv("SESSIONMGR_MONGODB_URI", "mongomock://")
+    monkeypatch.setenv("SESSIONMGR_JWT_SECRET", SECRET)
+    monkeypatch.setenv("SESSIONMGR_S3_BUCKET", "no-such-bucket")
+
+    assert cli.main(["check"]) == 1
+
+    out = capsys.readouterr().out
+    assert "FAIL  s3" in out
+    assert "bucket no-such-bucket does not exist" in out
 
 
 def test_check_fails_on_an_unreachable_redis_without_showing_its_password(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("SESSIONMGR_REDIS_URL", f"redis://app:s3cret@127.0.0.1:{free_port()}/0")
     monkeypatch.setenv("SESSIONMGR_MONGODB_URI", "mongomock://")
@@ -167,7 +199,10 @@ def test_check_fails_on_an_unreachable_redis_without_showing_its_password(
 
 
 def test_check_fails_without_a_way_to_verify_tokens(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    redis_url: str,
+    s3_env: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("SESSIONMGR_REDIS_URL", redis_url)
     monkeypatch.setenv("SESSIONMGR_MONGODB_URI", "mongomock://")
@@ -260,7 +295,10 @@ def test_redis_server_that_cannot_start_says_why() -> None:
 
 
 def test_check_warns_about_a_misspelled_variable(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    redis_url: str,
+    s3_env: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("SESSIONMGR_REDIS_URL", redis_url)
     monkeypatch.setenv("SESSIONMGR_MONGODB_URI", "mongomock://")
@@ -271,3 +309,22 @@ def test_check_warns_about_a_misspelled_variable(
 
     out = capsys.readouterr().out
     assert "warn  config   SESSIONMGR_LEASE_TIME is not a setting" in out
+
+
+def test_dev_uses_an_s3_the_environment_names() -> None:
+    env = {"SESSIONMGR_S3_ENDPOINT_URL": "https://s3.internal:9000"}
+    settings = devstack.dev_settings(env)
+
+    text = devstack.banner("http://127.0.0.1:8080", settings, redis=None)
+
+    assert devstack.s3_configured(env)
+    assert not devstack.s3_configured({})
+    assert (
+        "s3       https://s3.internal:9000 bucket sessionmgr-archive  (from the environment)"
+        in (text)
+    )
+
+
+def test_dev_without_moto_says_archiving_is_off() -> None:
+    text = devstack.banner("http://127.0.0.1:8080", devstack.dev_settings({}), None, s3_off=True)
+    assert "s3       off  (archiving answers 503; pip install -e '.[dev]' for S3)" in text

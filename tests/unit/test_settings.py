@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from sessionmgr.settings import (
@@ -80,6 +82,12 @@ def test_overrides_win_over_the_environment() -> None:
         ("redis_url", "localhost:6379"),
         ("mongodb_uri", "postgres://db"),
         ("s3_endpoint_url", "ftp://s3"),
+        ("s3_bucket", "Archive_Bucket"),
+        ("s3_bucket", "ab"),
+        ("s3_bucket", "a..b"),
+        ("s3_ca_bundle", "/no/such/ca.pem"),
+        ("s3_timeout_s", "0"),
+        ("s3_timeout_s", "61"),
         ("jwt_jwks_url", "file:///etc/jwks.json"),
         ("lease_ttl_s", "abc"),
         ("lease_ttl_s", "0"),
@@ -207,3 +215,26 @@ def test_resilience_settings_are_read() -> None:
     assert (settings.retry_attempts, settings.retry_timeout_s) == (2, 1.0)
     assert (settings.rate_limit_per_s, settings.rate_limit_burst) == (0.0, 7)
     assert settings.shutdown_grace_s == 5
+
+
+def test_s3_settings_are_read(tmp_path: Any) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = load_settings(
+        env(
+            s3_bucket="team.archive-1",
+            s3_endpoint_url="https://s3.internal:9000",
+            s3_region="eu-central-1",
+            s3_ca_bundle=str(ca),
+            s3_timeout_s="2.5",
+        )
+    )
+    assert (settings.s3_bucket, settings.s3_endpoint_url) == (
+        "team.archive-1",
+        "https://s3.internal:9000",
+    )
+    assert (settings.s3_region, settings.s3_ca_bundle, settings.s3_timeout_s) == (
+        "eu-central-1",
+        str(ca),
+        2.5,
+    )
