@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from dependency_injector import containers, providers
+from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
 from sessionmgr.api.auth import TokenVerifier
@@ -14,7 +15,9 @@ from sessionmgr.services.sessions import Limits, SessionService
 from sessionmgr.services.write_behind import WriteBehindWorker, running
 from sessionmgr.settings import Settings, load_settings
 from sessionmgr.storage.hot import RedisHotStore, redis_client
+from sessionmgr.storage.traced import traced
 from sessionmgr.storage.warm import open_warm_store
+from sessionmgr.telemetry import open_tracing, tracer_of
 
 # XREADGROUP blocks this long; the worker's client waits a little longer for the reply.
 WORKER_BLOCK_MS = 1000
@@ -39,7 +42,12 @@ async def open_verifier(settings: Settings) -> AsyncIterator[TokenVerifier]:
 
 
 async def run_worker(
-    redis: Redis, warm: WarmStore, settings: Settings, enabled: bool
+    redis: Redis,
+    warm: WarmStore,
+    settings: Settings,
+    enabled: bool,
+    metrics: Metrics | None = None,
+    tracer: Tracer | None = None,
 ) -> AsyncIterator[WriteBehindWorker | None]:
     if not enabled:
         yield None
@@ -51,6 +59,8 @@ async def run_worker(
         block_ms=WORKER_BLOCK_MS,
         claim_idle_ms=settings.outbox_claim_idle_ms,
         max_deliveries=settings.outbox_max_deliveries,
+        metrics=metrics,
+        tracer=tracer,
     )
     async with running(worker):
         yield worker
@@ -71,6 +81,8 @@ class Container(containers.DeclarativeContainer):
     settings = providers.Singleton(load_settings)
     run_write_behind = providers.Object(True)
     metrics = providers.Singleton(Metrics)
+    tracer_provider = providers.Resource(open_tracing)
+    tracer = providers.Singleton(tracer_of, tracer_provider)
 
     redis = providers.Resource(open_redis, settings)
     worker_redis = providers.Resource(
@@ -86,9 +98,14 @@ class Container(containers.DeclarativeContainer):
         lease_ttl_s=settings.provided.lease_ttl_s,
         idempotency_ttl_s=settings.provided.idempotency_ttl_s,
     )
+    # Services and the worker see the stores through a span per call; health checks do not.
+    traced_hot = providers.Singleton(traced, hot, tracer, "redis")
+    traced_warm = providers.Singleton(traced, warm, tracer, "mongodb")
     limits = providers.Singleton(limits_from, settings)
-    sessions = providers.Singleton(SessionService, hot, warm, limits)
-    write_behind = providers.Resource(run_worker, worker_redis, warm, settings, run_write_behind)
+    sessions = providers.Singleton(SessionService, traced_hot, traced_warm, limits)
+    write_behind = providers.Resource(
+        run_worker, worker_redis, traced_warm, settings, run_write_behind, metrics, tracer
+    )
 
 
 def build_container(settings: Settings | None = None, *, write_behind: bool = True) -> Container:

@@ -19,10 +19,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+from opentelemetry import context, trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from sessionmgr.domain.errors import BackendUnavailable
+from sessionmgr.metrics import Metrics
 from sessionmgr.services.ports import WarmStore
 from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry
 
@@ -48,6 +50,8 @@ class WriteBehindWorker:
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
+        metrics: Metrics | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._redis = redis
         self._warm = warm
@@ -61,6 +65,8 @@ class WriteBehindWorker:
         self._retry_own = True  # a restarted consumer may hold entries from before
         self.delivered = 0
         self.parked = 0
+        self._metrics = metrics or Metrics()
+        self._tracer = tracer or trace.NoOpTracer()
 
     async def ensure_group(self) -> None:
         try:
@@ -122,6 +128,7 @@ class WriteBehindWorker:
                 done += await self._deliver(entries)
             if start in (b"0-0", "0-0") or not entries:
                 await self.forget_departed()
+                await self._count_dead_letters()
                 return done
 
     async def forget_departed(self) -> int:
@@ -149,10 +156,18 @@ class WriteBehindWorker:
         return await self._deliver(entries)
 
     async def _deliver(self, entries: list[Any]) -> int:
+        if not entries:
+            return 0
         done = 0
-        for entry_id, fields in entries:
-            if await self._deliver_one(entry_id, fields):
-                done += 1
+        # A trace of its own per batch (not a child of whatever started the worker).
+        with self._tracer.start_as_current_span(
+            "write-behind deliver",
+            context=context.Context(),
+            attributes={"sessionmgr.outbox_entries": len(entries)},
+        ):
+            for entry_id, fields in entries:
+                if await self._deliver_one(entry_id, fields):
+                    done += 1
         return done
 
     async def _deliver_one(self, entry_id: bytes, fields: dict[bytes, bytes]) -> bool:
@@ -165,12 +180,14 @@ class WriteBehindWorker:
             await self._warm.apply(entry.record, entry.events, entry.context)
         except BackendUnavailable:
             self._retry_own = True
+            self._metrics.write_behind_entries.labels("retried").inc()
             raise  # MongoDB is down: keep it pending, the run loop backs off
         except Exception as exc:
             return await self._failed(entry_id, fields, entry, exc)
         await self._ack(entry_id)
         self._failures.pop(entry_id, None)
         self.delivered += 1
+        self._metrics.write_behind_entries.labels("applied").inc()
         return True
 
     async def _failed(
@@ -189,6 +206,8 @@ class WriteBehindWorker:
         )
         if max(count, delivered) >= self._max_deliveries:
             await self._park(entry_id, fields, repr(exc))
+        else:
+            self._metrics.write_behind_entries.labels("retried").inc()
         return False
 
     async def _times_delivered(self, entry_id: bytes) -> int:
@@ -203,10 +222,17 @@ class WriteBehindWorker:
             pipe.xadd(DEAD_LETTER_STREAM, dead, maxlen=DEAD_LETTER_MAX, approximate=True)
             pipe.xack(OUTBOX_STREAM, GROUP, entry_id)
             pipe.xdel(OUTBOX_STREAM, entry_id)
-            await pipe.execute()
+            pipe.xlen(DEAD_LETTER_STREAM)
+            *_, dead_letters = await pipe.execute()
         self._failures.pop(entry_id, None)
         self.parked += 1
+        self._metrics.write_behind_entries.labels("parked").inc()
+        self._metrics.outbox_dead_letters.set(dead_letters)
         log.error("outbox entry %s parked on %s: %s", entry_id.decode(), DEAD_LETTER_STREAM, error)
+
+    async def _count_dead_letters(self) -> None:
+        """The dead-letter stream is shared by every replica and trimmed by operators."""
+        self._metrics.outbox_dead_letters.set(await self._redis.xlen(DEAD_LETTER_STREAM))
 
     async def _ack(self, entry_id: bytes) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
