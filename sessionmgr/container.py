@@ -102,7 +102,7 @@ class Container(containers.DeclarativeContainer):
     traced_hot = providers.Singleton(traced, hot, tracer, "redis")
     traced_warm = providers.Singleton(traced, warm, tracer, "mongodb")
     limits = providers.Singleton(limits_from, settings)
-    sessions = providers.Singleton(SessionService, traced_hot, traced_warm, limits)
+    sessions = providers.Singleton(SessionService, traced_hot, traced_warm, limits, metrics)
     write_behind = providers.Resource(
         run_worker, worker_redis, traced_warm, settings, run_write_behind, metrics, tracer
     )

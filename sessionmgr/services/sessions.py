@@ -6,6 +6,7 @@ import base64
 import binascii
 import contextlib
 import re
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ from sessionmgr.domain.model import (
     new_session_id,
     utcnow,
 )
+from sessionmgr.metrics import Metrics
 from sessionmgr.services.ports import (
     CREATE_SCOPE,
     Change,
@@ -67,10 +69,13 @@ class Limits(msgspec.Struct, frozen=True):
 
 
 class SessionService:
-    def __init__(self, hot: HotStore, warm: WarmStore, limits: Limits) -> None:
+    def __init__(
+        self, hot: HotStore, warm: WarmStore, limits: Limits, metrics: Metrics | None = None
+    ) -> None:
         self._hot = hot
         self._warm = warm
         self._limits = limits
+        self._metrics = metrics or Metrics()
 
     # -- create and read -------------------------------------------------------------------
 
@@ -126,6 +131,7 @@ class SessionService:
         return session
 
     async def get(self, principal: Principal, session_id: str, *, full: bool = False) -> Session:
+        started = time.perf_counter()
         try:
             view = await self._hot.load(session_id)
         except BackendUnavailable:
@@ -135,13 +141,19 @@ class SessionService:
             session = to_session(view.record, view.recent, view.lease_ttl_ms, utcnow())
             if full:
                 await self._add_full(session, view.recent)
+            self._retrieved("hot", started)
             return session
         record = await self._warm_record(principal, session_id)
         recent = await self._warm.recent_events(session_id, self._limits.recent_timeline)
         session = to_session(record, recent, {}, utcnow(), state=_resting(record.state))
         if full:
             await self._add_full(session, [])
+        self._retrieved("warm", started)
         return session
+
+    def _retrieved(self, tier: str, started: float) -> None:
+        self._metrics.retrievals.labels(tier).inc()
+        self._metrics.retrieval_latency.labels(tier).observe(time.perf_counter() - started)
 
     async def list_sessions(
         self,
@@ -193,7 +205,7 @@ class SessionService:
 
         # Re-running after a WATCH abort re-checks expected_version, so a stale patch is a 409,
         # never applied; and a retry that raced its own original finds its first answer.
-        return await self._mutate(principal, session_id, decide, idem, Session)
+        return await self._mutate(principal, session_id, decide, idem, Session, "update")
 
     async def append(
         self,
@@ -229,7 +241,7 @@ class SessionService:
 
         # Re-running re-checks any expected_version; without one an append does not depend on
         # what it read.
-        return await self._mutate(principal, session_id, decide, idem, AppendResult)
+        return await self._mutate(principal, session_id, decide, idem, AppendResult, "append")
 
     async def add_participant(
         self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
@@ -265,7 +277,9 @@ class SessionService:
             fields = frozenset({"version", "last_active", "participants", "acl"})
             return Change(record=new, fields=fields, leases_set=[mad_name], result=_encode(session))
 
-        return await self._mutate(principal, session_id, decide, idem, Session)
+        session = await self._mutate(principal, session_id, decide, idem, Session, "join")
+        self._metrics.lease_operations.labels("join").inc()
+        return session
 
     async def remove_participant(
         self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
@@ -288,7 +302,8 @@ class SessionService:
             fields = frozenset({"version", "last_active", "participants", "acl"})
             return Change(record=new, fields=fields, leases_dropped=[mad_name], result=b"null")
 
-        await self._mutate(principal, session_id, decide, idem, type(None))
+        await self._mutate(principal, session_id, decide, idem, type(None), "leave")
+        self._metrics.lease_operations.labels("leave").inc()
 
     async def renew_lease(self, principal: Principal, session_id: str, mad_name: str) -> LeaseInfo:
         _check_mad(mad_name)
@@ -297,6 +312,7 @@ class SessionService:
         if mad_name not in view.record.participants:
             raise ParticipantNotFound(session_id, mad_name)
         ttl_ms = await self._hot.renew_lease(session_id, mad_name)
+        self._metrics.lease_operations.labels("renew").inc()
         return LeaseInfo(mad_name=mad_name, expires_at=utcnow() + timedelta(milliseconds=ttl_ms))
 
     # -- moving between tiers ----------------------------------------------------------------
@@ -349,17 +365,23 @@ class SessionService:
         decide: Callable[[HotView], Change],
         idem: Idempotency | None,
         result_type: type[R],
+        operation: str,
     ) -> R:
         def guarded(view: HotView) -> Change:
             rules.require_access(principal, view.record.owner_id, view.record.acl)
             return decide(view)
 
-        for _ in range(3):
-            outcome = await self._hot.transact(session_id, guarded, idem)
-            if outcome is None:
-                await self._activate(principal, session_id)
-                continue
-            return msgspec.json.decode(outcome.result, type=result_type)
+        try:
+            for _ in range(3):
+                outcome = await self._hot.transact(session_id, guarded, idem)
+                if outcome is None:
+                    await self._activate(principal, session_id)
+                    continue
+                return msgspec.json.decode(outcome.result, type=result_type)
+        except ConcurrencyConflict:
+            self._metrics.version_conflicts.labels(operation).inc()
+            raise
+        self._metrics.version_conflicts.labels(operation).inc()
         raise ConcurrencyConflict(session_id, None)
 
     async def _once(
