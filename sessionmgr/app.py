@@ -25,8 +25,10 @@ def create_app(container: Container | None = None) -> Litestar:
     container = container or build_container()
     settings = container.settings()
     configure_logging(settings.log_level)
+    # With a metrics port, /metrics is served there only (sessionmgr.api.metrics.serve_metrics).
+    metrics_route = [metrics_endpoint] if settings.metrics_port is None else []
     return Litestar(
-        route_handlers=[SessionController, HealthController, metrics_endpoint],
+        route_handlers=[SessionController, HealthController, *metrics_route],
         lifespan=[Lifespan(container)],
         state=State(
             {"container": container, "metrics": container.metrics(), "tracer": container.tracer()}

@@ -9,6 +9,7 @@ from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
 from sessionmgr.api.auth import TokenVerifier
+from sessionmgr.api.metrics import serve_metrics
 from sessionmgr.metrics import Metrics
 from sessionmgr.services.ports import WarmStore
 from sessionmgr.services.sessions import Limits, SessionService
@@ -81,6 +82,7 @@ class Container(containers.DeclarativeContainer):
     settings = providers.Singleton(load_settings)
     run_write_behind = providers.Object(True)
     metrics = providers.Singleton(Metrics)
+    metrics_listener = providers.Resource(serve_metrics, settings, metrics)
     tracer_provider = providers.Resource(open_tracing)
     tracer = providers.Singleton(tracer_of, tracer_provider)
 

@@ -50,6 +50,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     outbox_max_deliveries: int = 5
     outbox_batch: int = 100
     log_level: str = "INFO"
+    # Serve /metrics on this port instead of the API's (keeps it off the public Service).
+    metrics_port: int | None = None
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -137,6 +139,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "outbox_max_deliveries": _int(1, 1000),
     "outbox_batch": _int(1, 10_000),
     "log_level": _level,
+    "metrics_port": _int(1, 65_535),
 }
 
 
