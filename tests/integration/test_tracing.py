@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +19,7 @@ from redis.asyncio import Redis
 from sessionmgr.container import Container, build_container
 from sessionmgr.settings import Settings
 from sessionmgr.storage.warm import MongoWarmStore
+from sessionmgr.telemetry import JsonFormatter
 from tests.integration.session_api import create_session, eventually, get_session
 from tests.support.redis_server import RedisServer
 
@@ -237,3 +241,42 @@ async def test_write_behind_batches_are_root_spans_with_mongodb_children(
         c.name == "mongodb apply" and c.attributes and c.attributes["sessionmgr.session_id"] == sid
         for c in applies
     )
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+
+async def test_the_503_log_line_carries_the_requests_trace_id(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    exporter: InMemorySpanExporter,
+    redis_server: RedisServer,
+):
+    sid = (await create_session(api, auth()))["id"]
+    exporter.clear()
+    redis_server.stop()
+    handler = _Lines()
+    logging.getLogger().addHandler(handler)
+    try:
+        r = await api.patch(
+            f"/v1/sessions/{sid}",
+            json={"expected_version": 1, "patch": {"work_in_progress": {"a": 1}}},
+            headers=auth(),
+        )
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert r.status_code == 503
+
+    root = request_span(exporter.get_finished_spans(), f"PATCH {ROUTE}")
+    assert root.context is not None
+    assert root.status.status_code is StatusCode.ERROR
+    [line] = [entry for entry in handler.lines if "answered 503" in entry["msg"]]
+    assert line["trace_id"] == format(root.context.trace_id, "032x")
+    assert line["session_id"] == sid
