@@ -15,6 +15,7 @@ from sessionmgr.api.metrics import metrics_endpoint, metrics_middleware
 from sessionmgr.api.problems import EXCEPTION_HANDLERS
 from sessionmgr.api.security import PUBLIC_PATHS, BearerAuthMiddleware
 from sessionmgr.api.sessions import SessionController
+from sessionmgr.api.tracing import tracing_middleware
 from sessionmgr.container import Container, build_container
 from sessionmgr.telemetry import configure_logging
 
@@ -24,12 +25,17 @@ def create_app(container: Container | None = None) -> Litestar:
     container = container or build_container()
     settings = container.settings()
     configure_logging(settings.log_level)
+    # With a metrics port, /metrics is served there only (sessionmgr.api.metrics.serve_metrics).
+    metrics_route = [metrics_endpoint] if settings.metrics_port is None else []
     return Litestar(
-        route_handlers=[SessionController, HealthController, metrics_endpoint],
+        route_handlers=[SessionController, HealthController, *metrics_route],
         lifespan=[Lifespan(container)],
-        state=State({"container": container, "metrics": container.metrics()}),
+        state=State(
+            {"container": container, "metrics": container.metrics(), "tracer": container.tracer()}
+        ),
         middleware=[
             metrics_middleware,
+            tracing_middleware,
             DefineMiddleware(BearerAuthMiddleware, exclude=PUBLIC_PATHS),
         ],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -127,11 +127,17 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from sessionmgr.api.auth import TokenVerifier
-    from sessionmgr.telemetry import configure_logging
+    from sessionmgr.telemetry import configure_logging, trace_exporters
 
     settings = load_settings()
     require_jwt(settings)
     TokenVerifier(settings)  # a bad key or algorithm list fails here, not at the first request
+    trace_exporters()  # so does an OTEL_* exporter sessionmgr cannot use
+    if settings.metrics_port is not None and args.workers > 1:
+        raise ConfigError(
+            f"{PREFIX}METRICS_PORT needs --workers 1: each worker process keeps its own "
+            "metrics, and only one of them could listen on the port (scale with replicas)"
+        )
     configure_logging(settings.log_level)
     for name in unknown_variables():
         logging.getLogger("sessionmgr").warning(

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from dependency_injector import containers, providers
+from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
 from sessionmgr.api.auth import TokenVerifier
+from sessionmgr.api.metrics import serve_metrics
 from sessionmgr.api.ratelimit import RateLimiter
 from sessionmgr.metrics import Metrics
 from sessionmgr.services.archive import Archivist
@@ -18,7 +20,9 @@ from sessionmgr.services.write_behind import WriteBehindWorker, running
 from sessionmgr.settings import Settings, load_settings
 from sessionmgr.storage.cold import open_archive_store
 from sessionmgr.storage.hot import RedisHotStore, redis_client
+from sessionmgr.storage.traced import traced
 from sessionmgr.storage.warm import open_warm_store
+from sessionmgr.telemetry import open_tracing, tracer_of
 
 # XREADGROUP blocks this long; the worker's client waits a little longer for the reply.
 WORKER_BLOCK_MS = 1000
@@ -43,7 +47,12 @@ async def open_verifier(settings: Settings) -> AsyncIterator[TokenVerifier]:
 
 
 async def run_worker(
-    redis: Redis, warm: WarmStore, settings: Settings, enabled: bool, metrics: Metrics
+    redis: Redis,
+    warm: WarmStore,
+    settings: Settings,
+    enabled: bool,
+    metrics: Metrics | None = None,
+    tracer: Tracer | None = None,
 ) -> AsyncIterator[WriteBehindWorker | None]:
     if not enabled:
         yield None
@@ -56,6 +65,7 @@ async def run_worker(
         claim_idle_ms=settings.outbox_claim_idle_ms,
         max_deliveries=settings.outbox_max_deliveries,
         metrics=metrics,
+        tracer=tracer,
     )
     async with running(worker):
         yield worker
@@ -85,6 +95,9 @@ class Container(containers.DeclarativeContainer):
     settings = providers.Singleton(load_settings)
     run_write_behind = providers.Object(True)
     metrics = providers.Singleton(Metrics)
+    metrics_listener = providers.Resource(serve_metrics, settings, metrics)
+    tracer_provider = providers.Resource(open_tracing)
+    tracer = providers.Singleton(tracer_of, tracer_provider)
 
     redis = providers.Resource(open_redis, settings)
     worker_redis = providers.Resource(
@@ -127,10 +140,17 @@ class Container(containers.DeclarativeContainer):
     guarded_cold = providers.Singleton(
         Guarded, cold, breakers.provided["s3"], retry_policy, metrics
     )
-    archivist = providers.Singleton(Archivist, guarded_hot, guarded_warm, guarded_cold, metrics)
-    sessions = providers.Singleton(SessionService, guarded_hot, guarded_warm, limits, archivist)
+    # Services and the worker see the guarded stores through a span per call (retries and
+    # fail-fast included); the health probes use the guarded stores and make no spans.
+    traced_hot = providers.Singleton(traced, guarded_hot, tracer, "redis")
+    traced_warm = providers.Singleton(traced, guarded_warm, tracer, "mongodb")
+    traced_cold = providers.Singleton(traced, guarded_cold, tracer, "s3")
+    archivist = providers.Singleton(Archivist, traced_hot, traced_warm, traced_cold, metrics)
+    sessions = providers.Singleton(
+        SessionService, traced_hot, traced_warm, limits, archivist, metrics
+    )
     write_behind = providers.Resource(
-        run_worker, worker_redis, guarded_warm, settings, run_write_behind, metrics
+        run_worker, worker_redis, traced_warm, settings, run_write_behind, metrics, tracer
     )
 
 

@@ -60,6 +60,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     rate_limit_burst: int = 100
     shutdown_grace_s: int = 20
     log_level: str = "INFO"
+    # Serve /metrics on this port instead of the API's (keeps it off the public Service).
+    metrics_port: int | None = None
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -169,6 +171,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "rate_limit_burst": _int(1, 1_000_000),
     "shutdown_grace_s": _int(1, 600),
     "log_level": _level,
+    "metrics_port": _int(1, 65_535),
 }
 
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
 
 from litestar import Response, get
 from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 
 from sessionmgr.metrics import Metrics
+from sessionmgr.settings import Settings
+
+log = logging.getLogger(__name__)
+METRICS_HOST = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod's address
 
 
 def metrics_middleware(app: ASGIApp) -> ASGIApp:
@@ -45,3 +51,24 @@ async def metrics_endpoint(state: State) -> Response[bytes]:
     # Litestar appends the charset itself; prometheus_client's constant already has one.
     media_type = CONTENT_TYPE_LATEST.split("; charset=")[0]
     return Response(generate_latest(state.metrics.registry), media_type=media_type)
+
+
+def serve_metrics(settings: Settings, metrics: Metrics) -> Iterator[int | None]:
+    """With `SESSIONMGR_METRICS_PORT` set, serve the registry on that port for the app's life.
+
+    prometheus_client's own server, on a thread: it shares nothing with the API's event loop,
+    so a scrape still answers while the API is busy. Yields the port, or None when unset.
+    """
+    if settings.metrics_port is None:
+        yield None
+        return
+    server, thread = start_http_server(
+        settings.metrics_port, addr=METRICS_HOST, registry=metrics.registry
+    )
+    log.info("metrics on port %d", server.server_port)
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

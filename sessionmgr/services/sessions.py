@@ -7,6 +7,7 @@ import base64
 import binascii
 import contextlib
 import re
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import timedelta
@@ -37,6 +38,7 @@ from sessionmgr.domain.model import (
     new_session_id,
     utcnow,
 )
+from sessionmgr.metrics import Metrics
 from sessionmgr.services.archive import Archivist, SessionIsHot
 from sessionmgr.services.ports import (
     CREATE_SCOPE,
@@ -77,11 +79,13 @@ class SessionService:
         warm: WarmStore,
         limits: Limits,
         archivist: Archivist | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._hot = hot
         self._warm = warm
         self._limits = limits
         self._archivist = archivist
+        self._metrics = metrics or Metrics()
 
     # -- create and read -------------------------------------------------------------------
 
@@ -137,6 +141,7 @@ class SessionService:
         return session
 
     async def get(self, principal: Principal, session_id: str, *, full: bool = False) -> Session:
+        started = time.perf_counter()
         try:
             view = await self._hot.load(session_id)
         except BackendUnavailable:
@@ -146,13 +151,20 @@ class SessionService:
             session = to_session(view.record, view.recent, view.lease_ttl_ms, utcnow())
             if full:
                 await self._add_full(session, view.recent)
+            self._retrieved("hot", started)
             return session
-        record = await self._warm_record(principal, session_id)
+        record, rehydrated = await self._warm_record(principal, session_id)
         recent = await self._warm.recent_events(session_id, self._limits.recent_timeline)
         session = to_session(record, recent, {}, utcnow(), state=_resting(record.state))
         if full:
             await self._add_full(session, [])
+        if not rehydrated:  # a rehydration counts itself as a cold retrieval
+            self._retrieved("warm", started)
         return session
+
+    def _retrieved(self, tier: str, started: float) -> None:
+        self._metrics.retrievals.labels(tier).inc()
+        self._metrics.retrieval_latency.labels(tier).observe(time.perf_counter() - started)
 
     async def list_sessions(
         self,
@@ -204,7 +216,7 @@ class SessionService:
 
         # Re-running after a WATCH abort re-checks expected_version, so a stale patch is a 409,
         # never applied; and a retry that raced its own original finds its first answer.
-        return await self._mutate(principal, session_id, decide, idem, Session)
+        return await self._mutate(principal, session_id, decide, idem, Session, "update")
 
     async def append(
         self,
@@ -240,7 +252,7 @@ class SessionService:
 
         # Re-running re-checks any expected_version; without one an append does not depend on
         # what it read.
-        return await self._mutate(principal, session_id, decide, idem, AppendResult)
+        return await self._mutate(principal, session_id, decide, idem, AppendResult, "append")
 
     async def add_participant(
         self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
@@ -276,7 +288,9 @@ class SessionService:
             fields = frozenset({"version", "last_active", "participants", "acl"})
             return Change(record=new, fields=fields, leases_set=[mad_name], result=_encode(session))
 
-        return await self._mutate(principal, session_id, decide, idem, Session)
+        session = await self._mutate(principal, session_id, decide, idem, Session, "join")
+        self._metrics.lease_operations.labels("join").inc()
+        return session
 
     async def remove_participant(
         self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
@@ -299,7 +313,8 @@ class SessionService:
             fields = frozenset({"version", "last_active", "participants", "acl"})
             return Change(record=new, fields=fields, leases_dropped=[mad_name], result=b"null")
 
-        await self._mutate(principal, session_id, decide, idem, type(None))
+        await self._mutate(principal, session_id, decide, idem, type(None), "leave")
+        self._metrics.lease_operations.labels("leave").inc()
 
     async def renew_lease(self, principal: Principal, session_id: str, mad_name: str) -> LeaseInfo:
         _check_mad(mad_name)
@@ -308,6 +323,7 @@ class SessionService:
         if mad_name not in view.record.participants:
             raise ParticipantNotFound(session_id, mad_name)
         ttl_ms = await self._hot.renew_lease(session_id, mad_name)
+        self._metrics.lease_operations.labels("renew").inc()
         return LeaseInfo(mad_name=mad_name, expires_at=utcnow() + timedelta(milliseconds=ttl_ms))
 
     # -- moving between tiers ----------------------------------------------------------------
@@ -384,17 +400,23 @@ class SessionService:
         decide: Callable[[HotView], Change],
         idem: Idempotency | None,
         result_type: type[R],
+        operation: str,
     ) -> R:
         def guarded(view: HotView) -> Change:
             rules.require_access(principal, view.record.owner_id, view.record.acl)
             return decide(view)
 
-        for _ in range(3):
-            outcome = await self._hot.transact(session_id, guarded, idem)
-            if outcome is None:
-                await self._activate(principal, session_id)
-                continue
-            return msgspec.json.decode(outcome.result, type=result_type)
+        try:
+            for _ in range(3):
+                outcome = await self._hot.transact(session_id, guarded, idem)
+                if outcome is None:
+                    await self._activate(principal, session_id)
+                    continue
+                return msgspec.json.decode(outcome.result, type=result_type)
+        except ConcurrencyConflict:
+            self._metrics.version_conflicts.labels(operation).inc()
+            raise
+        self._metrics.version_conflicts.labels(operation).inc()
         raise ConcurrencyConflict(session_id, None)
 
     async def _once(
@@ -458,7 +480,7 @@ class SessionService:
         """Load a dormant session back into Redis as `active` (after the access check)."""
 
         async def load() -> tuple[SessionRecord, list[TimelineEvent]]:
-            record = await self._warm_record(principal, session_id)
+            record, _ = await self._warm_record(principal, session_id)
             record.state = SessionState.ACTIVE
             return record, await self._warm.recent_events(session_id, self._limits.recent_timeline)
 
@@ -473,14 +495,18 @@ class SessionService:
         if loaded is not None:
             await self._warm.mark_state(session_id, loaded.version, SessionState.ACTIVE)
 
-    async def _warm_record(self, principal: Principal, session_id: str) -> SessionRecord:
+    async def _warm_record(
+        self, principal: Principal, session_id: str
+    ) -> tuple[SessionRecord, bool]:
+        """The MongoDB record after the access check, and whether S3 had to give it back."""
         record = await self._warm.get(session_id)
         if record is None:
             raise SessionNotFound(session_id)
         rules.require_access(principal, record.owner_id, record.acl)
         if record.state is SessionState.ARCHIVED:
             record = await self._cold().rehydrate(session_id)  # only after the access check
-        return record
+            return record, True
+        return record, False
 
     def _cold(self) -> Archivist:
         if self._archivist is None:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+from opentelemetry import context, trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
@@ -50,9 +51,9 @@ class WriteBehindWorker:
         claim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
         metrics: Metrics | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._redis = redis
-        self._metrics = metrics
         self._stop = asyncio.Event()
         self._warm = warm
         self.consumer = consumer or consumer_name()
@@ -65,6 +66,8 @@ class WriteBehindWorker:
         self._retry_own = True  # a restarted consumer may hold entries from before
         self.delivered = 0
         self.parked = 0
+        self._metrics = metrics or Metrics()
+        self._tracer = tracer or trace.NoOpTracer()
 
     async def ensure_group(self) -> None:
         try:
@@ -128,6 +131,7 @@ class WriteBehindWorker:
                 done += await self._deliver(entries)
             if start in (b"0-0", "0-0") or not entries:
                 await self.forget_departed()
+                await self._count_dead_letters()
                 return done
 
     async def forget_departed(self) -> int:
@@ -155,12 +159,20 @@ class WriteBehindWorker:
         return await self._deliver(entries)
 
     async def _deliver(self, entries: list[Any]) -> int:
+        if not entries:
+            return 0
         done = 0
-        for entry_id, fields in entries:
-            if self._stop.is_set():
-                break  # shutting down: the rest stay pending for another replica to claim
-            if await self._deliver_one(entry_id, fields):
-                done += 1
+        # A trace of its own per batch (not a child of whatever started the worker).
+        with self._tracer.start_as_current_span(
+            "write-behind deliver",
+            context=context.Context(),
+            attributes={"sessionmgr.outbox_entries": len(entries)},
+        ):
+            for entry_id, fields in entries:
+                if self._stop.is_set():
+                    break  # shutting down: the rest stay pending for another replica to claim
+                if await self._deliver_one(entry_id, fields):
+                    done += 1
         return done
 
     async def _deliver_one(self, entry_id: bytes, fields: dict[bytes, bytes]) -> bool:
@@ -173,12 +185,14 @@ class WriteBehindWorker:
             await self._warm.apply(entry.record, entry.events, entry.context)
         except BackendUnavailable:
             self._retry_own = True
+            self._metrics.write_behind_entries.labels("retried").inc()
             raise  # MongoDB is down: keep it pending, the run loop backs off
         except Exception as exc:
             return await self._failed(entry_id, fields, entry, exc)
         await self._ack(entry_id)
         self._failures.pop(entry_id, None)
         self.delivered += 1
+        self._metrics.write_behind_entries.labels("applied").inc()
         return True
 
     async def _failed(
@@ -197,6 +211,8 @@ class WriteBehindWorker:
         )
         if max(count, delivered) >= self._max_deliveries:
             await self._park(entry_id, fields, repr(exc))
+        else:
+            self._metrics.write_behind_entries.labels("retried").inc()
         return False
 
     async def _times_delivered(self, entry_id: bytes) -> int:
@@ -211,10 +227,17 @@ class WriteBehindWorker:
             pipe.xadd(DEAD_LETTER_STREAM, dead, maxlen=DEAD_LETTER_MAX, approximate=True)
             pipe.xack(OUTBOX_STREAM, GROUP, entry_id)
             pipe.xdel(OUTBOX_STREAM, entry_id)
-            await pipe.execute()
+            pipe.xlen(DEAD_LETTER_STREAM)
+            *_, dead_letters = await pipe.execute()
         self._failures.pop(entry_id, None)
         self.parked += 1
+        self._metrics.write_behind_entries.labels("parked").inc()
+        self._metrics.outbox_dead_letters.set(dead_letters)
         log.error("outbox entry %s parked on %s: %s", entry_id.decode(), DEAD_LETTER_STREAM, error)
+
+    async def _count_dead_letters(self) -> None:
+        """The dead-letter stream is shared by every replica and trimmed by operators."""
+        self._metrics.outbox_dead_letters.set(await self._redis.xlen(DEAD_LETTER_STREAM))
 
     async def _ack(self, entry_id: bytes) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -231,8 +254,6 @@ class WriteBehindWorker:
 
     async def export_backlog(self) -> None:
         """Set the outbox gauges: entries not in MongoDB yet, and the age of the oldest."""
-        if self._metrics is None:
-            return
         pending = await self.pending()
         oldest: Any = await self._redis.xrange(OUTBOX_STREAM, count=1) if pending else []
         # A stream id starts with its entry's creation time in milliseconds.

@@ -1,0 +1,71 @@
+"""A server span per request, named by route template, continuing the caller's `traceparent`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from opentelemetry import propagate
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+
+from sessionmgr.storage.traced import SESSION_ID
+
+# Kubernetes probes and Prometheus scrapes every few seconds would bury the real traces.
+UNTRACED_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
+
+
+class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
+    def get(self, carrier: list[tuple[bytes, bytes]], key: str) -> list[str] | None:
+        wanted = key.lower().encode()
+        values = [v.decode("latin-1") for k, v in carrier if k.lower() == wanted]
+        return values or None
+
+    def keys(self, carrier: list[tuple[bytes, bytes]]) -> list[str]:
+        return [k.decode("latin-1") for k, _ in carrier]
+
+
+_HEADERS = _HeaderGetter()
+
+
+def _headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+    return list(scope["headers"])
+
+
+def tracing_middleware(app: ASGIApp) -> ASGIApp:
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP or scope["path"] in UNTRACED_PATHS:
+            await app(scope, receive, send)
+            return
+        tracer: Tracer = scope["litestar_app"].state.tracer
+        route = scope.get("path_template") or "unmatched"
+        attributes: dict[str, Any] = {
+            "http.request.method": scope["method"],
+            "http.route": route,
+            "url.path": scope["path"],
+        }
+        if session_id := scope.get("path_params", {}).get("session_id"):
+            attributes[SESSION_ID] = str(session_id)
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        with tracer.start_as_current_span(
+            f"{scope['method']} {route}",
+            context=propagate.extract(_headers(scope), getter=_HEADERS),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        ) as span:
+            try:
+                await app(scope, receive, capture)
+            finally:
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:  # a 4xx is the client's error, not the server's
+                    span.set_status(Status(StatusCode.ERROR))
+
+    return middleware
