@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,15 @@ PENDING_SETTINGS = frozenset({"SESSIONMGR_METRICS_PORT"})
 Obj = dict[str, Any]
 
 
+def which(tool: str) -> str | None:
+    """A tool on PATH, or installed beside this interpreter (the `tests` group's wheels)."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), sysconfig.get_path("scripts")])
+    return shutil.which(tool, path=path)
+
+
 def _render(target: Path) -> list[Obj]:
-    kubectl = shutil.which("kubectl")
-    kustomize = shutil.which("kustomize")
+    kubectl = which("kubectl")
+    kustomize = which("kustomize")
     if kubectl:
         cmd = [kubectl, "kustomize", str(target)]
     elif kustomize:
