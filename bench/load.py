@@ -18,6 +18,7 @@ from bench.stack import pinned, require_tool
 
 LUA_DIR = Path(__file__).resolve().parent / "wrk"
 SEED_CONCURRENCY = 16
+SEED_RETRIES = 5
 T = TypeVar("T")
 
 
@@ -80,7 +81,15 @@ async def post_each(base_url: str, token: str, ids: Sequence[str], action: str) 
     """POST /v1/sessions/<id>/<action> for each id (suspend, archive); returns the statuses."""
 
     async def one(client: httpx.AsyncClient, sid: str) -> int:
-        return (await client.post(f"/v1/sessions/{sid}/{action}")).status_code
+        # A suspend can fail with 500/503 while the service's loop is busy (see the report);
+        # seeding retries, and the retries are printed, not hidden.
+        for attempt in range(SEED_RETRIES):
+            status = (await client.post(f"/v1/sessions/{sid}/{action}")).status_code
+            if status < 500:
+                return status
+            print(f"  {action} {sid}: {status}, retry {attempt + 1}", flush=True)
+            await asyncio.sleep(0.5 * (attempt + 1))
+        return status
 
     async with _client(base_url, token, 4) as client:
         return await _bounded(4, [one(client, sid) for sid in ids])

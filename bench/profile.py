@@ -3,7 +3,7 @@
 Each runs one replica under `py-spy record` (launched by py-spy: attaching to a running pid
 is refused on some kernels), drives it with wrk, stops it, and writes to bench/profiles/:
 `<name>.txt`, the functions and packages ranked by their share of samples, and
-`<name>.collapsed`, the collapsed stacks for any flame-graph tool.
+`<name>.collapsed.gz`, the collapsed stacks for any flame-graph tool.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import gzip
 import os
 import re
 import secrets
@@ -28,6 +29,7 @@ from bench.stack import REPO, require_tool, running_stack
 
 PROFILES = REPO / "bench" / "profiles"
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]*)(?::\d+)?\)$")
+EVENT_LOOP = "run_forever (asyncio/base_events.py"
 AREAS = [
     ("sessionmgr", "sessionmgr/"),
     ("litestar", "litestar/"),
@@ -61,8 +63,8 @@ def summarize(collapsed: str, top: int = 25) -> str:
     areas: collections.Counter[str] = collections.Counter()
     for line in collapsed.splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
+        if not stack or not count_text.isdigit() or EVENT_LOOP not in stack:
+            continue  # start-up (imports) and shutdown are not the load
         count = int(count_text)
         total += count
         frames = [_short(f) for f in stack.split(";")]
@@ -102,6 +104,12 @@ async def profile_one(name: str, part: Part, seconds: float, rate: int) -> str:
         secret = secrets.token_urlsafe(32)
         token = issue_token(secret, "bench-user", ttl_s=3600)
         env = stack.service_env(secret, "mongomock://", "sessionmgr-bench")
+        # Seed through a replica that is not profiled, then stop it: the profile then holds
+        # the load alone, and the profiled replica serves the seeded sessions from Redis.
+        seeder, port = stack.start_replica(f"{name}-seeder", env, "0")
+        ids = await load.seed(f"http://127.0.0.1:{port}", token, 1000)
+        await load.drain_outbox(stack.redis_url)
+        stack.stop(seeder)
         raw = Path(tmp) / f"{name}.collapsed"
         wrap = [
             py_spy,
@@ -115,7 +123,6 @@ async def profile_one(name: str, part: Part, seconds: float, rate: int) -> str:
             "--",
         ]
         spy, port = stack.start_replica(f"{name}-profiled", env, "0", wrap=wrap)
-        ids = await load.seed(f"http://127.0.0.1:{port}", token, 1000)
         part = Part(part.op, part.script, part.connections, load.write_ids(Path(tmp) / "ids", ids))
         await load.run_wrk(part, [port], token, seconds, 1, "1", Path(tmp) / "wrk.json")
         # Stop the service, not py-spy: py-spy writes its file when its target exits.
@@ -126,7 +133,8 @@ async def profile_one(name: str, part: Part, seconds: float, rate: int) -> str:
         stack.stop(spy)
         text = raw.read_text() if raw.exists() else ""
     PROFILES.mkdir(parents=True, exist_ok=True)
-    (PROFILES / f"{name}.collapsed").write_text(text)
+    with gzip.open(PROFILES / f"{name}.collapsed.gz", "wt") as f:
+        f.write(text)
     summary = summarize(text)
     (PROFILES / f"{name}.txt").write_text(summary)
     return summary

@@ -199,13 +199,34 @@ class Stack:
         }
 
     def start_replica(
-        self, name: str, env: Mapping[str, str], cpus: str | None, wrap: Sequence[str] = ()
+        self,
+        name: str,
+        env: Mapping[str, str],
+        cpus: str | None,
+        wrap: Sequence[str] = (),
+        *,
+        write_behind: bool = True,
     ) -> tuple[Proc, int]:
+        """`sessionmgr serve`, or bench/serve.py without the worker when `write_behind` is off."""
         port = free_port()
-        argv = [*wrap, str(BIN / "sessionmgr"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+        where = ["--host", "127.0.0.1", "--port", str(port)]
+        if write_behind:
+            argv = [*wrap, str(BIN / "sessionmgr"), "serve", *where]
+        else:
+            argv = [*wrap, sys.executable, "-m", "bench.serve", "--no-write-behind", *where]
         proc = self.spawn(name, argv, cpus, env)
         self.wait_until(proc, f"http://127.0.0.1:{port}/health/live", timeout_s=60)
         return proc, port
+
+    def start_worker(self, env: Mapping[str, str], cpus: str | None) -> Proc:
+        """The write-behind worker alone (bench/serve.py --worker-only)."""
+        proc = self.spawn(
+            "write-behind", [sys.executable, "-m", "bench.serve", "--worker-only"], cpus, env
+        )
+        time.sleep(2)
+        if proc.popen.poll() is not None:
+            raise StackError(f"the write-behind worker exited:\n{proc.log_tail()}")
+        return proc
 
     def start_baseline(
         self, name: str, module: str, env: Mapping[str, str], cpus: str | None, ready_path: str

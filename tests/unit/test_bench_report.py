@@ -120,9 +120,10 @@ def test_before_and_after_table_pairs_the_same_scenarios() -> None:
 
 def test_profile_summary_ranks_functions_and_packages() -> None:
     collapsed = (
-        "run (asyncio/base_events.py:1);handle (site-packages/litestar/app.py:5);"
+        "run_forever (asyncio/base_events.py:1);handle (site-packages/litestar/app.py:5);"
         "decode (site-packages/jwt/api_jwt.py:9) 30\n"
-        "run (asyncio/base_events.py:1);handle (site-packages/litestar/app.py:5) 10\n"
+        "run_forever (asyncio/base_events.py:1);handle (site-packages/litestar/app.py:5) 10\n"
+        "<module> (sessionmgr/cli.py:1);_find_and_load (<frozen importlib._bootstrap>:1) 50\n"
     )
 
     text = summarize(collapsed)
