@@ -58,8 +58,9 @@ def scenario_rows(results: dict[str, Any]) -> list[str]:
         memory = ", ".join(f"{m['rss_mb']:.0f} ({m['hwm_mb']:.0f})" for m in s["memory"])
         other = sum(x.get("other", 0) for x in parts)
         wb_cpu = s.get("write_behind_cpu_ms_per_request")
-        wb = "in service" if s["target"].startswith("sessionmgr") else "-"
-        if wb_cpu is not None:
+        ours = s["target"].startswith("sessionmgr")
+        wb = "in service" if ours else "-"
+        if wb_cpu is not None and ours:
             wb = f"{wb_cpu:.3f}"
         rows.append(
             f"| {s['name']} | {s['target']} | {s['replicas']} | {s['connections']} "
@@ -99,7 +100,7 @@ def mixed_rows(results: dict[str, Any]) -> list[str]:
 
 def ratio_rows(results: dict[str, Any]) -> list[str]:
     rows = [
-        "| comparison | throughput ratio | CPU per request ratio | p99 ratio |",
+        "| comparison | throughput ratio | capacity ratio (1 / CPU per request) | p99 ratio |",
         "|---|---:|---:|---:|",
     ]
     pairs = [
@@ -115,7 +116,7 @@ def ratio_rows(results: dict[str, Any]) -> list[str]:
         rows.append(
             f"| {name}: sessionmgr / {theirs} (target {goal}) "
             f"| **{a['throughput'] / b['throughput']:.2f}x** "
-            f"| {a['cpu_ms_per_request'] / b['cpu_ms_per_request']:.2f}x "
+            f"| **{b['cpu_ms_per_request'] / a['cpu_ms_per_request']:.2f}x** "
             f"| {p(pa, 'p99') / p(pb, 'p99'):.2f}x |"  # type: ignore[operator]
         )
     one, many = find(results, "mixed", "sessionmgr"), None
@@ -124,7 +125,7 @@ def ratio_rows(results: dict[str, Any]) -> list[str]:
         rows.append(
             f"| mixed: {many['target']} / one replica (hot path parts only) "
             f"| {many['throughput'] / one['throughput']:.2f}x "
-            f"| {many['cpu_ms_per_request'] / one['cpu_ms_per_request']:.2f}x | - |"
+            f"| {one['cpu_ms_per_request'] / many['cpu_ms_per_request']:.2f}x | - |"
         )
     return rows
 
@@ -167,6 +168,11 @@ def target_rows(results: dict[str, Any]) -> list[str]:
                 f"| hot GET throughput vs {theirs} | ≥ {goal}x | {r:.2f}x "
                 f"| {'yes' if r >= goal else '**no**'} |"
             )
+            r = b["cpu_ms_per_request"] / a["cpu_ms_per_request"]
+            rows.append(
+                f"| hot GET capacity (1 / CPU per request) vs {theirs} | ≥ {goal}x | {r:.2f}x "
+                f"| {'yes' if r >= goal else '**no**'} |"
+            )
     return rows
 
 
@@ -206,13 +212,17 @@ def plots(results: dict[str, Any], prefix: str) -> list[str]:
         labels.append(f"{s['name']}\n{s['target']}")
         rps.append(s["throughput"])
         colors.append(palette.get(s["target"], "#2f855a"))
-    fig, ax = plt.subplots(figsize=(11, 4.8))
-    ax.bar(range(len(rps)), rps, color=colors)
-    ax.set_xticks(range(len(rps)), labels, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("requests per second")
-    ax.set_title("Throughput per scenario (one replica unless x3)")
-    for i, v in enumerate(rps):
-        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    cpu = [s["cpu_ms_per_request"] for s in results["scenarios"]]
+    fig, (ax, ax_cpu) = plt.subplots(2, 1, figsize=(11, 8), sharex=True)
+    for axis, values, unit, title in (
+        (ax, rps, "{:.0f}", "Throughput per scenario, req/s (one replica unless x3)"),
+        (ax_cpu, cpu, "{:.2f}", "Service CPU per request, ms (the steadier figure here)"),
+    ):
+        axis.bar(range(len(values)), values, color=colors)
+        axis.set_title(title)
+        for i, v in enumerate(values):
+            axis.text(i, v, unit.format(v), ha="center", va="bottom", fontsize=7)
+    ax_cpu.set_xticks(range(len(rps)), labels, rotation=45, ha="right", fontsize=8)
     fig.tight_layout()
     throughput = DOCS / f"{prefix}-throughput.png"
     fig.savefig(throughput, dpi=110)
@@ -332,6 +342,17 @@ def render(results: dict[str, Any], before: dict[str, Any] | None, images: list[
         "Warm reads are measured alone and not in the mix: with the in-memory MongoDB below, "
         "a warm read is a synchronous scan inside the service's event loop that stalls every "
         "other request, so in the mix it would measure mongomock, not sessionmgr.",
+        "- Write-behind: "
+        + (
+            "in a process of its own (`bench/serve.py --worker-only`, its CPU in its own "
+            "column), the replicas serve without it (`--no-write-behind`); see below why. "
+            "That worker has an in-memory MongoDB of its own, which holds none of the sessions: "
+            "it reads, decodes and acknowledges every entry and writes nothing, so its column "
+            "is the Redis side of the write-behind only. "
+            "`--write-behind inprocess` runs `sessionmgr serve` as shipped."
+            if plan.get("write_behind", "inprocess") == "separate"
+            else "in each replica's process, as `sessionmgr serve` runs it."
+        ),
         "- Order: warm GET first, create last. The in-memory MongoDB scans its collections, so "
         "every session and event the other scenarios add slows the warm reads and the "
         "write-behind a little.",
