@@ -76,8 +76,14 @@ def summarize(collapsed: str, top: int = 25) -> str:
         return "no samples\n"
     out = [f"samples: {total}", "", "self share by package (innermost frame):"]
     out += [f"  {100 * n / total:5.1f} %  {name}" for name, n in areas.most_common()]
-    out += ["", f"top {top} functions by total share (on the stack):"]
-    out += [f"  {100 * n / total:5.1f} %  {name}" for name, n in inclusive.most_common(top)]
+    # Frames nearly every sample passes through (the loop, the server) say nothing: left out.
+    ranked = [(name, n) for name, n in inclusive.most_common() if n < 0.95 * total][:top]
+    out += [
+        "",
+        f"top {top} functions by total share (on the stack; the loop and server frames "
+        "in every sample left out):",
+    ]
+    out += [f"  {100 * n / total:5.1f} %  {name}" for name, n in ranked]
     out += ["", f"top {top} functions by self share:"]
     out += [f"  {100 * n / total:5.1f} %  {name}" for name, n in own.most_common(top)]
     return "\n".join(out) + "\n"

@@ -262,7 +262,8 @@ def machine_rows(m: dict[str, Any]) -> list[str]:
     return [
         "| | |",
         "|---|---|",
-        f"| CPU | {m['cpu']}, {m['cpus']} cores (max {m['mhz']} MHz) |",
+        f"| CPU | {m['cpu']}, {m['cpus']} cores"
+        + (f" (max {m['mhz']} MHz) |" if m["mhz"] not in ("?", "", None) else " |"),
         f"| memory | {m['memory_gib']} GiB |",
         f"| kernel | {m['kernel']} |",
         f"| Python | {m['python']} (uvicorn {'with' if m['uvicorn_fast_path'] else 'without'} "
@@ -284,7 +285,7 @@ def profile_section() -> list[str]:
                 f"#### {title} (py-spy, `bench/profiles/{name}.txt`)",
                 "",
                 "```text",
-                *summary.read_text().splitlines()[:32],
+                *summary.read_text().splitlines(),
                 "```",
                 "",
             ]
@@ -322,11 +323,12 @@ def render(results: dict[str, Any], before: dict[str, Any] | None, images: list[
         f"{plan['seconds']:g} s measured. Latency percentiles come from wrk's `done()` hook "
         "(closed loop: a connection sends its next request when the last one is answered).",
         f"- Pinning: the service under test on CPU {plan['server_cpus']}, Redis, moto and wrk on "
-        f"CPU {plan['support_cpus']} (`taskset`), so the load generator does not take the "
-        "service's core; the 3-replica run lets the replicas use both cores.",
+        f"CPU {str(plan['support_cpus']).removesuffix('-1')} (`taskset`), so the load "
+        "generator does not take the service's core; the 3-replica run lets the replicas use "
+        "both cores.",
         "- CPU per request: utime + stime of the service processes (`/proc/<pid>/stat`) over "
-        "the measured window, divided by the requests answered. It includes the service's "
-        "background work in that window (the write-behind worker carrying updates to MongoDB). "
+        "the measured window, divided by the requests answered, so it includes the service's "
+        "background work in that window (the write-behind, when it runs in the service). "
         "Redis' CPU per request is shown apart. Memory: VmRSS at the end of the scenario, VmHWM "
         "(peak) in brackets, per replica.",
         "- Conflicts: 409 answers over PATCHes. Each wrk thread remembers the last version it "

@@ -540,7 +540,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         connections=args.connections,
         replicas=args.replicas,
         server_cpus="0" if pin else None,
-        support_cpus=f"1-{cpus - 1}" if pin else None,
+        support_cpus=(f"1-{cpus - 1}" if cpus > 2 else "1") if pin else None,
         only={s.strip() for s in args.only.split(",") if s.strip()},
         write_behind=args.write_behind,
     )

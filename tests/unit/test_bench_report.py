@@ -134,4 +134,4 @@ def test_profile_summary_ranks_functions_and_packages() -> None:
 
     assert "samples: 40" in text
     assert " 75.0 %  PyJWT + cryptography" in text
-    assert "100.0 %  handle (litestar/app.py)" in text
+    assert "handle (litestar/app.py)" not in text.split("self share")[0]  # in every sample
