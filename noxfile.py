@@ -50,3 +50,15 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     install_groups(session, "typecheck")
     session.run("mypy", *session.posargs)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """The benchmark of issue 6 (never in CI): stack on loopback, wrk load, docs/benchmarks.md.
+
+    Needs redis-server, wrk and taskset on PATH (apt-get install redis-server wrk). Arguments
+    go to `python -m bench.run`: `nox -s bench -- --quick` is a smoke run, `--profile` adds
+    py-spy profiles of the hot GET and the update under bench/profiles/.
+    """
+    install_groups(session, "bench")
+    session.run("python", "-m", "bench.run", *session.posargs)

@@ -1,0 +1,593 @@
+"""`python -m bench.run`: start the stack, seed it, run every scenario, write the results.
+
+Results go to bench/results/<label>.json, then bench/report.py turns them into
+docs/benchmarks.md and its plots. `--quick` is a smoke run (seconds, not minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench import load
+from bench.load import Part
+from bench.stack import REPO, Proc, Stack, StackError, require_tool, running_stack
+
+RESULTS = REPO / "bench" / "results"
+OWNER = "bench-user"
+BUCKET = "sessionmgr-bench"
+
+
+@dataclass
+class Plan:
+    seconds: float
+    warmup: float
+    sessions: int
+    warm_sessions: int
+    cold_sessions: int
+    connections: int
+    replicas: int
+    server_cpus: str | None
+    support_cpus: str | None
+    write_behind: str = "separate"
+    only: set[str] = field(default_factory=set)
+
+    def wants(self, name: str) -> bool:
+        return not self.only or name in self.only
+
+
+@dataclass
+class Env:
+    stack: Stack
+    token: str
+    secret: str
+    service_env: dict[str, str]
+    ids: dict[str, Path]
+    cold_ids: list[str]
+    cold_skip: str | None
+    tmp: Path
+
+
+def machine() -> dict[str, Any]:
+    def run(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, check=False).stdout.strip()
+        except OSError:
+            return ""
+
+    lscpu = {
+        k.strip(): v.strip()
+        for k, _, v in (line.partition(":") for line in run("lscpu").splitlines())
+    }
+    mem_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+    packages = [
+        "sessionmgr",
+        "litestar",
+        "msgspec",
+        "redis",
+        "uvicorn",
+        "fastapi",
+        "pydantic",
+        "pyjwt",
+        "mongomock-motor",
+        "moto",
+    ]
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "-"
+    uvloop = any(_importable(m) for m in ("uvloop", "httptools"))
+    return {
+        "cpu": lscpu.get("Model name", platform.processor()),
+        "cpus": os.cpu_count(),
+        "mhz": lscpu.get("CPU max MHz") or lscpu.get("CPU MHz", "?"),
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "redis": run("redis-server", "--version").split(" v=")[-1].split()[0],
+        "wrk": run("wrk", "-v").splitlines()[0] if run("wrk", "-v") else "?",
+        "packages": versions,
+        "uvicorn_fast_path": uvloop,
+        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def create_bucket(endpoint: str) -> None:
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench-secret",
+    )
+    s3.create_bucket(Bucket=BUCKET)
+
+
+async def scenario(
+    env: Env,
+    plan: Plan,
+    name: str,
+    target: str,
+    servers: Sequence[Proc],
+    ports: Sequence[int],
+    parts: Sequence[Part],
+    *,
+    threads: int = 1,
+    probe: Awaitable[dict[str, Any]] | None = None,
+    note: str = "",
+) -> dict[str, Any]:
+    """Warm up, then measure: every part at once (one wrk each), CPU and memory around it."""
+    print(f"  {name} ({target}, {len(ports)} replica(s)) ...", flush=True)
+    if plan.warmup > 0:
+        await asyncio.gather(
+            *(
+                load.run_wrk(
+                    p,
+                    ports,
+                    env.token,
+                    plan.warmup,
+                    threads,
+                    plan.support_cpus,
+                    env.tmp / f"warmup-{i}.json",
+                )
+                for i, p in enumerate(parts)
+            )
+        )
+    redis = next(p for p in env.stack.procs if p.name == "redis")
+    worker = next((p for p in env.stack.procs if p.name == "write-behind"), None)
+    cpu_before = [s.cpu_s() for s in servers]
+    redis_before = redis.cpu_s()
+    worker_before = worker.cpu_s() if worker else 0.0
+    started = time.monotonic()
+    jobs: list[Awaitable[dict[str, Any]]] = [
+        load.run_wrk(
+            p,
+            ports,
+            env.token,
+            plan.seconds,
+            threads,
+            plan.support_cpus,
+            env.tmp / f"{name}-{i}.json".replace(" ", "_"),
+        )
+        for i, p in enumerate(parts)
+    ]
+    if probe is not None:
+        jobs.append(probe)
+    results = await asyncio.gather(*jobs)
+    wall = time.monotonic() - started
+    cpu = [s.cpu_s() - b for s, b in zip(servers, cpu_before, strict=True)]
+    requests = sum(r["requests"] for r in results)
+    memory = [s.memory_mb() for s in servers]
+    result = {
+        "name": name,
+        "target": target,
+        "replicas": len(ports),
+        "connections": sum(p.connections for p in parts) + (1 if probe else 0),
+        "wall_s": round(wall, 2),
+        "parts": results,
+        "requests": requests,
+        "throughput": requests / wall,
+        "server_cpu_s": sum(cpu),
+        "cpu_ms_per_request": sum(cpu) * 1000 / requests if requests else None,
+        "redis_cpu_ms_per_request": (redis.cpu_s() - redis_before) * 1000 / requests
+        if requests
+        else None,
+        "write_behind_cpu_ms_per_request": (worker.cpu_s() - worker_before) * 1000 / requests
+        if worker and requests
+        else None,
+        "memory": memory,
+        "note": note,
+    }
+    for r in results:
+        r["throughput"] = r["requests"] / (r["duration_us"] / 1e6) if r["duration_us"] else 0
+    ok = sum(r.get("ok", 0) for r in results)
+    other = sum(r.get("other", 0) for r in results)
+    print(
+        f"    {result['throughput']:.0f} req/s, "
+        f"{result['cpu_ms_per_request'] or 0:.2f} ms CPU/req, ok {ok}, other {other}",
+        flush=True,
+    )
+    return result
+
+
+async def prepare(stack: Stack, plan: Plan, tmp: Path) -> tuple[Env, Proc, int]:
+    from sessionmgr.api.auth import issue_token
+
+    stack.start_redis()
+    stack.start_s3()
+    create_bucket(f"http://127.0.0.1:{stack.s3_port}")
+    secret = secrets.token_urlsafe(32)
+    token = issue_token(secret, OWNER, ttl_s=12 * 3600)
+    mongodb = os.environ.get("SESSIONMGR_TEST_MONGODB_URI") or "mongomock://"
+    service_env = stack.service_env(secret, mongodb, BUCKET)
+    in_process = plan.write_behind == "inprocess"
+    if not in_process:
+        stack.start_worker(service_env, plan.support_cpus)
+    replica, port = stack.start_replica(
+        "sessionmgr-0", service_env, plan.server_cpus, write_behind=in_process
+    )
+    base = f"http://127.0.0.1:{port}"
+    print(
+        f"seeding {plan.sessions} active, {plan.warm_sessions} dormant and "
+        f"{plan.cold_sessions} archived sessions ...",
+        flush=True,
+    )
+    hot = await load.seed(base, token, plan.sessions)
+    warm = await load.seed(base, token, plan.warm_sessions)
+    cold = await load.seed(base, token, plan.cold_sessions)
+    # Suspending scans the outbox backlog of the write-behind: let it drain first (see the
+    # report: with a long backlog, concurrent suspends time out).
+    left = await load.drain_outbox(stack.redis_url)
+    if left:
+        raise StackError(f"the write-behind did not drain the outbox ({left} entries left)")
+    for sid, status in zip(
+        warm + cold, await load.post_each(base, token, warm + cold, "suspend"), strict=True
+    ):
+        if status != 200:
+            raise StackError(f"suspend of {sid} answered {status}")
+    statuses = await load.post_each(base, token, cold, "archive")
+    cold_skip = None
+    if any(s != 200 for s in statuses):
+        seen = sorted(set(statuses))
+        cold_skip = (
+            f"POST /v1/sessions/{{id}}/archive answered {seen}, not 200: this build has "
+            "no cold tier yet, so the cold GET is not measured"
+        )
+        print(f"  skip cold: {cold_skip}", flush=True)
+    ids = {
+        "hot": load.write_ids(tmp / "hot.ids", hot),
+        "warm": load.write_ids(tmp / "warm.ids", warm),
+    }
+    env = Env(stack, token, secret, service_env, ids, cold, cold_skip, tmp)
+    return env, replica, port
+
+
+async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "plan": plan.__dict__ | {"only": sorted(plan.only)},
+        "scenarios": [],
+    }
+    with running_stack(plan.server_cpus, plan.support_cpus) as stack:
+        env, replica, port = await prepare(stack, plan, tmp)
+        out["mongodb"] = "real" if os.environ.get("SESSIONMGR_TEST_MONGODB_URI") else "mongomock"
+        out["cold_skip"] = env.cold_skip
+        scenarios: list[dict[str, Any]] = out["scenarios"]
+        c = plan.connections
+        hot, warm = env.ids["hot"], env.ids["warm"]
+        one = ([replica], [port])
+        redis_env = {"BENCH_REDIS_URL": stack.redis_url, "BENCH_JWT_SECRET": env.secret}
+
+        # Warm reads first: mongomock scans its collections, which later scenarios grow.
+        if plan.wants("warm"):
+            scenarios.append(
+                await scenario(
+                    env,
+                    plan,
+                    "warm GET",
+                    "sessionmgr",
+                    *one,
+                    [Part("GET warm", "get.lua", c, warm)],
+                )
+            )
+        if plan.wants("get"):
+            scenarios.append(
+                await scenario(
+                    env, plan, "hot GET", "sessionmgr", *one, [Part("GET hot", "get.lua", c, hot)]
+                )
+            )
+            floor, fport = stack.start_baseline(
+                "floor", "bench.baselines.floor:app", redis_env, plan.server_cpus, "/floor/none"
+            )
+            scenarios.append(
+                await scenario(
+                    env,
+                    plan,
+                    "hot GET",
+                    "floor (Litestar + HGETALL)",
+                    [floor],
+                    [fport],
+                    [Part("GET hot", "get.lua", c, hot, path="/floor/")],
+                )
+            )
+            stack.stop(floor)
+        fast = None
+        if plan.wants("get") or plan.wants("update"):
+            fast, fastport = stack.start_baseline(
+                "fastapi",
+                "bench.baselines.fastapi_app:app",
+                redis_env,
+                plan.server_cpus,
+                "/v1/sessions/none",
+            )
+        if plan.wants("get") and fast:
+            scenarios.append(
+                await scenario(
+                    env,
+                    plan,
+                    "hot GET",
+                    "FastAPI + pydantic",
+                    [fast],
+                    [fastport],
+                    [Part("GET hot", "get.lua", c, hot)],
+                )
+            )
+        if plan.wants("update"):
+            scenarios.append(
+                await scenario(
+                    env, plan, "update", "sessionmgr", *one, [Part("PATCH", "update.lua", c, hot)]
+                )
+            )
+            if fast:
+                scenarios.append(
+                    await scenario(
+                        env,
+                        plan,
+                        "update",
+                        "FastAPI + pydantic",
+                        [fast],
+                        [fastport],
+                        [Part("PATCH", "update.lua", c, hot)],
+                    )
+                )
+        if fast:
+            stack.stop(fast)
+        if plan.wants("append"):
+            scenarios.append(
+                await scenario(
+                    env,
+                    plan,
+                    "timeline append",
+                    "sessionmgr",
+                    *one,
+                    [Part("POST timeline", "append.lua", c, hot)],
+                )
+            )
+        half = len(env.cold_ids) // 2
+        if plan.wants("cold") and not env.cold_skip:
+            probe = load.cold_probe(f"http://127.0.0.1:{port}", env.token, env.cold_ids[:half], 8)
+            scenarios.append(
+                await scenario(
+                    env,
+                    plan,
+                    "cold GET",
+                    "sessionmgr",
+                    *one,
+                    [],
+                    probe=probe,
+                    note="each archived session read once",
+                )
+            )
+        if plan.wants("mixed"):
+            get_c = c - 14
+            parts = [
+                Part("GET hot", "get.lua", get_c, hot),
+                Part("PATCH", "update.lua", 10, hot),
+                Part("POST timeline", "append.lua", 3, hot),
+                Part("POST create", "create.lua", 1),
+            ]
+            probe = None
+            if not env.cold_skip:
+                probe = load.cold_probe(
+                    f"http://127.0.0.1:{port}",
+                    env.token,
+                    env.cold_ids[half : half + half // 2],
+                    1,
+                    pace_s=0.05,
+                )
+            saturated = await scenario(
+                env,
+                plan,
+                "mixed",
+                "sessionmgr",
+                *one,
+                parts,
+                probe=probe,
+                note="closed loop: as fast as the replica answers",
+            )
+            scenarios.append(saturated)
+            # The same mix at half the load the replica sustained: latency at a given load,
+            # not the queue that a saturated closed loop builds (Little's law).
+            delay = max(1, round(1000 * c / (saturated["throughput"] * 0.5)))
+            paced = [dataclasses.replace(x, delay_ms=delay) for x in parts]
+            probe = None
+            if not env.cold_skip:
+                probe = load.cold_probe(
+                    f"http://127.0.0.1:{port}",
+                    env.token,
+                    env.cold_ids[half + half // 2 :],
+                    1,
+                    pace_s=0.05,
+                )
+            scenarios.append(
+                await scenario(
+                    env,
+                    plan,
+                    "mixed (50 % load)",
+                    "sessionmgr",
+                    *one,
+                    paced,
+                    probe=probe,
+                    note=f"each connection waits 0-{2 * delay} ms between requests",
+                )
+            )
+        if plan.wants("replicas") and plan.replicas > 1:
+            scenarios.append(await replicas(env, plan, stack, replica, port))
+        # Last: each create adds a session to the in-memory MongoDB, which slows its scans.
+        if plan.wants("create"):
+            scenarios.append(
+                await scenario(
+                    env, plan, "create", "sessionmgr", *one, [Part("POST create", "create.lua", c)]
+                )
+            )
+    out["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    return out
+
+
+async def replicas(env: Env, plan: Plan, stack: Stack, first: Proc, port: int) -> dict[str, Any]:
+    """The mixed hot path on N replicas: one wrk thread per replica, no load balancer."""
+    spread = "0,1" if plan.server_cpus else None
+    if spread:
+        subprocess.run(
+            ["taskset", "-a", "-p", "-c", spread, str(first.pid)], check=True, capture_output=True
+        )
+    servers, ports = [first], [port]
+    for i in range(1, plan.replicas):
+        proc, p = stack.start_replica(
+            f"sessionmgr-{i}",
+            env.service_env,
+            spread,
+            write_behind=plan.write_behind == "inprocess",
+        )
+        servers.append(proc)
+        ports.append(p)
+    c, hot = plan.connections, env.ids["hot"]
+    parts = [
+        Part("GET hot", "get.lua", c - 13, hot),
+        Part("PATCH", "update.lua", 10, hot),
+        Part("POST timeline", "append.lua", 3, hot),
+    ]
+    note = "hot path only (GET, PATCH, append of active sessions); replicas float over both cores"
+    if env.stack and not os.environ.get("SESSIONMGR_TEST_MONGODB_URI"):
+        note += "; each replica has its own in-memory MongoDB (no shared warm tier here)"
+    return await scenario(
+        env,
+        plan,
+        "mixed",
+        f"sessionmgr x{plan.replicas}",
+        servers,
+        ports,
+        parts,
+        threads=plan.replicas,
+        note=note,
+    )
+
+
+def parse(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 2 s scenarios, few sessions"
+    )
+    parser.add_argument("--seconds", type=float, default=12.0, help="measured seconds per scenario")
+    parser.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per scenario")
+    parser.add_argument("--sessions", type=int, default=1000, help="active sessions to seed")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the service to CPU 0 and Redis + wrk to CPU 1",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated: get,update,append,create,warm,cold,mixed,replicas",
+    )
+    parser.add_argument(
+        "--write-behind",
+        choices=["separate", "inprocess"],
+        default="separate",
+        help="separate (default): the write-behind in a process of its own, so mongomock's scans "
+        "do not stall the API; inprocess: as `sessionmgr serve` runs it",
+    )
+    parser.add_argument("--label", default="latest", help="results file bench/results/<label>.json")
+    parser.add_argument("--no-report", action="store_true", help="skip docs/benchmarks.md")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="then profile the hot GET and update with py-spy (bench/profiles/)",
+    )
+    args = parser.parse_args(argv)
+    cpus = os.cpu_count() or 1
+    pin = not args.no_pin and cpus >= 2
+    plan = Plan(
+        seconds=2.0 if args.quick else args.seconds,
+        warmup=1.0 if args.quick else args.warmup,
+        sessions=100 if args.quick else args.sessions,
+        warm_sessions=20 if args.quick else 200,
+        cold_sessions=20 if args.quick else 200,
+        connections=args.connections,
+        replicas=args.replicas,
+        server_cpus="0" if pin else None,
+        support_cpus=(f"1-{cpus - 1}" if cpus > 2 else "1") if pin else None,
+        only={s.strip() for s in args.only.split(",") if s.strip()},
+        write_behind=args.write_behind,
+    )
+    return plan, args
+
+
+def preflight() -> None:
+    require_tool("wrk", "wrk (apt-get install wrk)")
+    require_tool("redis-server", "redis-server (apt-get install redis-server)")
+    require_tool("taskset", "util-linux")
+    require_tool("moto_server", "moto[server] (the bench dependency group)")
+    for module in ("fastapi", "pydantic", "matplotlib", "httpx", "boto3"):
+        if not _importable(module):
+            raise StackError(f"{module} is missing: install the bench dependency group")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    plan, args = parse(argv)
+    try:
+        preflight()
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        try:
+            results = asyncio.run(run(plan, Path(tmp)))
+        except StackError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    results["label"] = args.label
+    results["quick"] = args.quick
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{args.label}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"results: {path.relative_to(REPO)}")
+    if args.profile:
+        from bench import profile
+
+        profile.main(["--seconds", "2" if args.quick else "10"])
+    if not args.no_report:
+        from bench import report
+
+        report.main([str(path)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

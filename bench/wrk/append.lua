@@ -1,0 +1,17 @@
+-- POST /v1/sessions/<random id>/timeline: one event, no expected_version.
+local common = dofile(os.getenv("BENCH_LUA_DIR") .. "/common.lua")
+local headers
+local body = '{"events":[{"kind":"note","data":{"text":"benchmark event","n":1}}]}'
+
+function init(args)
+  common.init()
+  headers = common.headers({ ["Content-Type"] = "application/json" })
+end
+
+function request()
+  return wrk.format("POST", "/v1/sessions/" .. common.random_id() .. "/timeline", headers, body)
+end
+
+function response(status, hdrs, body)
+  common.track(status, body)
+end
