@@ -6,20 +6,25 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from sessionmgr.container import build_container
+from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.domain.model import ContextUpdate, SessionRecord, TimelineEvent
-from sessionmgr.storage.hot import OUTBOX_STREAM
+from sessionmgr.settings import Settings
+from sessionmgr.storage.hot import OUTBOX_STREAM, RedisHotStore
 from sessionmgr.storage.warm import MongoWarmStore
+from tests.integration.conftest import serving
 from tests.integration.session_api import create_session, eventually, get_session
 
 Headers = Callable[..., dict[str, str]]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 SESSION = "/v1/sessions/{session_id}"
 
-# Wired by the resilience and cold-tier work: here only their presence is checked.
+# Each of these shows its values in the second test below; the first checks they are exposed.
 EXPOSED_ELSEWHERE = [
     "sessionmgr_outbox_pending",
     "sessionmgr_outbox_lag_seconds",
@@ -134,3 +139,82 @@ async def test_metrics_start_at_zero_for_each_app(api: httpx.AsyncClient):
     _, samples = await scrape(api)
     assert value(samples, "sessionmgr_retrievals_total", tier="hot") is None
     assert value(samples, "sessionmgr_outbox_dead_letters") == 0
+
+
+class FlakyRedisLoads:
+    """RedisHotStore.load that fails as an unreachable Redis does while `down` is set."""
+
+    def __init__(self) -> None:
+        self.down, self.calls = False, 0
+
+    def patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real = RedisHotStore.load
+
+        async def load(store: RedisHotStore, session_id: str) -> Any:
+            if self.down:
+                self.calls += 1
+                raise BackendUnavailable("redis", "connection refused (injected)")
+            return await real(store, session_id)
+
+        monkeypatch.setattr(RedisHotStore, "load", load)
+
+
+@pytest.fixture
+def outage_settings(settings: Settings) -> Settings:
+    return msgspec.structs.replace(
+        settings,
+        breaker_failures=2,
+        breaker_reset_s=600,  # stays open for the rest of the test
+        rate_limit_per_s=0.001,  # no refill within the test
+        rate_limit_burst=12,
+    )
+
+
+async def test_the_scrape_shows_breakers_retries_limits_and_the_cold_tier(
+    outage_settings: Settings, auth: Headers, monkeypatch: pytest.MonkeyPatch
+):
+    flaky = FlakyRedisLoads()
+    flaky.patch(monkeypatch)
+    async with serving(build_container(outage_settings)) as api:
+        h = auth("carol")
+        sid = (await create_session(api, h))["id"]  # 1 request of carol's 12
+        await call(api, "POST", f"/v1/sessions/{sid}/archive", 200, headers=h)  # 2
+        await get_session(api, h, sid)  # 3: rehydrated from S3, a cold retrieval
+
+        flaky.down = True
+        # The first read's load is tried 3 times (tests/conftest.py: stamina's test mode): the
+        # try and the first retry fail and open Redis' breaker (2 failures), the second retry
+        # fails fast, as do the next reads, without asking Redis. MongoDB answers them all.
+        for _ in range(3):  # 4-6
+            await get_session(api, h, sid)
+        patch = {"expected_version": 1, "patch": {"work_in_progress": {"x": 1}}}
+        r = await api.patch(f"/v1/sessions/{sid}", json=patch, headers=h)  # 7: read-only
+        assert r.status_code == 503, r.text
+        for _ in range(5):  # 8-12
+            await api.get(f"/v1/sessions/{sid}", headers=h)
+        r = await api.get(f"/v1/sessions/{sid}", headers=h)  # 13: over the burst
+        assert r.status_code == 429, r.text
+        assert int(r.headers["Retry-After"]) >= 1
+
+        _, samples = await scrape(api)
+
+    assert flaky.calls == 2  # then the open breaker failed fast
+    assert value(samples, "sessionmgr_retries_total", backend="redis", operation="load") == 2
+    assert value(samples, "sessionmgr_circuit_breaker_state", backend="redis") == 2  # open
+    assert value(samples, "sessionmgr_circuit_breaker_state", backend="mongodb") == 0
+    assert value(samples, "sessionmgr_circuit_breaker_state", backend="s3") == 0
+    assert value(samples, "sessionmgr_read_only") == 1
+    assert value(samples, "sessionmgr_backend_errors_total", backend="redis") == 1  # the PATCH
+    assert value(samples, "sessionmgr_rate_limited_requests_total") == 1
+
+    assert value(samples, "sessionmgr_archives_total", outcome="ok") == 1
+    assert value(samples, "sessionmgr_archive_duration_seconds_count") == 1
+    assert value(samples, "sessionmgr_rehydrations_total", outcome="ok") == 1
+    assert value(samples, "sessionmgr_rehydrate_duration_seconds_count") == 1
+    assert value(samples, "sessionmgr_retrievals_total", tier="cold") == 1
+    # Every read after the rehydration came from MongoDB (Redis was "down"; the session was
+    # never reactivated), the rehydrating one is counted as cold only.
+    assert value(samples, "sessionmgr_retrievals_total", tier="warm") == 8
+    assert value(samples, "sessionmgr_retrievals_total", tier="hot") is None
+    assert value(samples, "sessionmgr_outbox_pending") == 0
+    assert value(samples, "sessionmgr_outbox_lag_seconds") == 0
