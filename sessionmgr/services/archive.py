@@ -124,11 +124,24 @@ class Archivist:
             self._metrics.archives.labels("error").inc()
             raise
         finally:
-            await self._hot.unfence(session_id, token)
+            await self._release(session_id, token)
         if done.by_us:
             self._metrics.archives.labels("ok").inc()
             self._metrics.archive_latency.observe(time.perf_counter() - started)
         return done
+
+    async def _release(self, session_id: str, token: str) -> None:
+        """Drop the fence; a failure is logged, never put over the archive's own outcome (the
+        fence's TTL releases it in the end)."""
+        try:
+            await self._hot.unfence(session_id, token)
+        except BackendUnavailable as exc:
+            log.warning(
+                "could not release the archive fence of session %s (%s); it expires by itself",
+                session_id,
+                exc,
+                extra={"session_id": session_id},
+            )
 
     async def _archive_fenced(self, session_id: str, deadline: float) -> Archived:
         stored = await self._warm.stored(session_id)
@@ -280,7 +293,7 @@ class Archivist:
             yield
         finally:
             if token is not None:
-                await self._hot.unfence(session_id, token)
+                await self._release(session_id, token)
 
     async def candidates(self, older_than: timedelta, limit: int) -> list[str]:
         return await self._warm.archive_candidates(utcnow() - older_than, limit)

@@ -8,6 +8,7 @@ idempotency record, EXEC.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -437,10 +438,18 @@ class RedisHotStore:
         (or the TTL, which bounds a crashed archiver's hold).
         """
         token = secrets.token_hex(16)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(fence_key(session_id), token, nx=True, ex=ttl_s)
-            pipe.exists(hot_key(session_id))
-            taken, hot = await self._guard(pipe.execute())
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(fence_key(session_id), token, nx=True, ex=ttl_s)
+                pipe.exists(hot_key(session_id))
+                taken, hot = await self._guard(pipe.execute(), outcome_unknown=True)
+        except BackendUnavailable:
+            # The SET may have been applied with its reply lost: a retry would find this very
+            # fence and take it for another archiver's. Release it if it is ours (best effort;
+            # the TTL bounds it otherwise) and let the caller run the archive again.
+            with contextlib.suppress(BackendUnavailable):
+                await self.unfence(session_id, token)
+            raise
         if not taken:
             raise ArchiveInProgress(session_id)
         if hot:

@@ -269,7 +269,19 @@ class MongoWarmStore:
                 {"_id": record.id, "version": record.version, "archive": None}, stub
             )
         )
-        return bool(result.matched_count)
+        if result.matched_count:
+            return True
+        # Nothing matched: the session moved on, or this very stub is there already (a retry
+        # after a lost reply). Only the second is a success.
+        current = await _guard(
+            self._sessions.find_one({"_id": record.id}, {"archive.sha256": 1, "version": 1})
+        )
+        archive = (current or {}).get("archive") or {}
+        return bool(
+            current
+            and current.get("version") == record.version
+            and archive.get("sha256") == ref.sha256
+        )
 
     async def purge_events(self, session_id: str) -> None:
         await _guard(self._events.delete_many({"session_id": session_id}))
