@@ -65,8 +65,10 @@ def _positive(raw: str) -> int:
 
 def _span(raw: str) -> timedelta:
     match = _SPAN.fullmatch(raw.strip())
-    if match is None or int(match.group(1)) == 0:
+    if match is None:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a duration like 30d, 12h or 90m")
+    if int(match.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} is zero: give at least 1m (idle longer than)")
     return timedelta(**{_SPAN_UNITS[match.group(2)]: int(match.group(1))})
 
 

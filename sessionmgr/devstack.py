@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -318,10 +319,22 @@ def banner(
         f"curl -s {base_url}/v1/sessions/<id> {auth}",
         "",
         "Tokens for other callers (a MAD, an admin), signed with this run's secret:",
-        f"{PREFIX}JWT_SECRET={settings.jwt_secret} sessionmgr token --sub mad:planner",
-        f"{PREFIX}JWT_SECRET={settings.jwt_secret} sessionmgr token --sub ops --roles admin",
+        f"{PREFIX}JWT_SECRET={settings.jwt_secret} {self_command()} token --sub mad:planner",
+        f"{PREFIX}JWT_SECRET={settings.jwt_secret} {self_command()} token --sub ops --roles admin",
     ]
     return "\n".join(lines)
+
+
+def self_command() -> str:
+    """How a shell in this directory runs this very `sessionmgr` (an unactivated venv's, say)."""
+    argv0 = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(argv0) != "sessionmgr" or not os.access(argv0, os.X_OK):
+        return f"{shlex.quote(sys.executable)} -m sessionmgr"
+    on_path = shutil.which("sessionmgr")
+    if on_path and os.path.samefile(on_path, argv0):
+        return "sessionmgr"
+    relative = os.path.relpath(argv0)
+    return shlex.quote(relative if not relative.startswith("..") else argv0)
 
 
 def base_url(host: str, port: int) -> str:

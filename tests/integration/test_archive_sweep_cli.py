@@ -131,9 +131,17 @@ def test_a_failed_archive_is_named_and_fails_the_run(
     assert asyncio.run(_states(ids)) == ["dormant"]
 
 
-@pytest.mark.parametrize("span", ["30", "0d", "1w", "-3h", "d"])
+@pytest.mark.parametrize("span", ["30", "1w", "-3h", "d"])
 def test_a_bad_duration_is_a_usage_error(
     environment: Any, span: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert cli.main(["archive-sweep", f"--older-than={span}"]) == 2
     assert "30d, 12h or 90m" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("span", ["0d", "0m"])
+def test_a_zero_duration_says_so(
+    environment: Any, span: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["archive-sweep", f"--older-than={span}"]) == 2
+    assert "is zero: give at least 1m" in capsys.readouterr().err

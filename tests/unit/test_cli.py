@@ -328,3 +328,24 @@ def test_dev_uses_an_s3_the_environment_names() -> None:
 def test_dev_without_moto_says_archiving_is_off() -> None:
     text = devstack.banner("http://127.0.0.1:8080", devstack.dev_settings({}), None, s3_off=True)
     assert "s3       off  (archiving answers 503; pip install -e '.[dev]' for S3)" in text
+
+
+def test_the_banner_names_the_sessionmgr_that_runs(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unactivated venv's sessionmgr is not on PATH: the banner's token lines must still
+    run as printed from the directory dev was started in."""
+    exe = tmp_path / ".venv" / "bin" / "sessionmgr"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sys, "argv", [str(exe), "dev"])
+    assert devstack.self_command() == ".venv/bin/sessionmgr"
+
+    monkeypatch.setenv("PATH", str(exe.parent))
+    assert devstack.self_command() == "sessionmgr"
+
+    monkeypatch.setattr(sys, "argv", ["-m"])  # python -m sessionmgr dev
+    assert devstack.self_command().endswith(" -m sessionmgr")
