@@ -484,6 +484,9 @@ class SessionService:
             record.state = SessionState.ACTIVE
             return record, await self._warm.recent_events(session_id, self._limits.recent_timeline)
 
+        # An archived session comes back from S3 first (seconds, at worst), outside the WATCH:
+        # a pooled Redis connection is then held only for a quick MongoDB read.
+        await self._warm_record(principal, session_id)
         for wait_s in (0.05, 0.1, 0.2, 0.4, 0.8, None):
             try:
                 loaded = await self._hot.activate(session_id, load)
