@@ -67,7 +67,12 @@ class BackendUnavailable(SessionError):
 
     `retryable` says whether sessionmgr itself may try again at once: false when a write may
     have been applied and nothing (no idempotency record) would make a second try harmless.
+    `outage` says whether it counts toward the backend's circuit breaker: false when the
+    backend answered but refused this one request (an S3 object it will not serve), which
+    says nothing about the other sessions.
     """
+
+    outage = True
 
     def __init__(
         self, backend: str, detail: str = "", retry_after_s: int = 1, *, retryable: bool = True

@@ -141,7 +141,9 @@ class Breaker:
         )
 
     def _not_ours(self, exc: BaseException) -> bool:
-        return not (isinstance(exc, BackendUnavailable) and exc.backend == self.backend)
+        return not (
+            isinstance(exc, BackendUnavailable) and exc.backend == self.backend and exc.outage
+        )
 
     def _changed(self, state: BreakerState) -> None:
         if state is BreakerState.OPEN:

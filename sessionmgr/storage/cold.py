@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
 import aioboto3
+import aiohttp
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -19,6 +20,13 @@ from sessionmgr.settings import Settings
 
 T = TypeVar("T")
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+# 4xx answers that still mean "S3 is struggling, try again": everything else in 4xx is S3
+# refusing this one request (AccessDenied, InvalidObjectState for an object moved to Glacier,
+# a KMS key it may not use), which must not open the breaker for every other session.
+_REFUSED = frozenset({"AccessDenied", "InvalidObjectState", "KMS.AccessDeniedException"})
+_TRANSIENT_4XX = frozenset(
+    {"RequestTimeout", "RequestTimeTooSkewed", "SlowDown", "Throttling", "ThrottlingException"}
+)
 # Not `Content-Encoding: gzip`: an HTTP client could then unzip it on the way and the
 # checksum, taken over the stored bytes, would no longer match.
 CONTENT_TYPE = "application/gzip"
@@ -85,8 +93,15 @@ async def _guard(awaitable: Awaitable[T]) -> T:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in _MISSING:
             raise _NotFound(code) from exc
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        refused = code in _REFUSED or (400 <= status < 500 and status != 429)
+        if refused and code not in _TRANSIENT_4XX:
+            error = BackendUnavailable("s3", f"{code or status} (refused)", 60, retryable=False)
+            error.outage = False
+            raise error from exc
         raise BackendUnavailable("s3", code or "error") from exc
-    except (BotoCoreError, TimeoutError, OSError) as exc:
+    except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+        # aiohttp's errors (a body cut short: ClientPayloadError) reach us unwrapped.
         raise BackendUnavailable("s3", type(exc).__name__) from exc
 
 

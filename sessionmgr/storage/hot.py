@@ -19,9 +19,16 @@ import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    ExecAbortError,
+    MasterDownError,
+    ReadOnlyError,
+    TryAgainError,
+    WatchError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 
 from sessionmgr.domain.errors import (
     ArchiveInProgress,
@@ -486,7 +493,18 @@ class RedisHotStore:
             raise _unavailable(outcome_unknown, replayable) from exc
 
 
-_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# Unreachable, or reachable but unable to serve writes for now (a replica after a Sentinel
+# failover answers READONLY; MASTERDOWN, TRYAGAIN, CLUSTERDOWN while a master is elected).
+_CONNECTION_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ReadOnlyError,
+    ExecAbortError,
+    MasterDownError,
+    TryAgainError,
+    ClusterDownError,
+)
 
 
 def _unavailable(outcome_unknown: bool, replayable: bool) -> BackendUnavailable:
