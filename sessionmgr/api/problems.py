@@ -128,9 +128,11 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
             problem = _problem(
                 422, "invalid-input", "the request does not match the schema", request
             )
-            problem.errors = exc.extra if isinstance(exc.extra, list) else [exc.extra]
+            errors = exc.extra if isinstance(exc.extra, list) else [exc.extra]
+            problem.errors = [_public_names(e) for e in errors]
             return problem_response(problem)
-        return problem_response(_problem(400, "malformed", exc.detail, request))
+        detail = f"the body is not valid JSON: {exc.detail}"
+        return problem_response(_problem(400, "malformed", detail, request))
     slug = {
         400: "malformed",
         404: "not-found",
@@ -138,7 +140,21 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
         413: "too-large",
         415: "unsupported-media-type",
     }.get(exc.status_code, "http-error")
-    return problem_response(_problem(exc.status_code, slug, exc.detail, request), exc.headers)
+    detail = exc.detail
+    if exc.status_code == 400 and request.method in {"POST", "PATCH", "PUT"}:
+        detail = f"the body is not valid JSON: {detail}"  # the decoder's words alone are terse
+    return problem_response(_problem(exc.status_code, slug, detail, request), exc.headers)
+
+
+# Litestar names a parameter by its Python name and the whole body `data`; a client knows
+# them as the query parameter and the body.
+_PUBLIC_NAMES = {"state_filter": "state", "data": "body"}
+
+
+def _public_names(error: Any) -> Any:
+    if isinstance(error, dict) and error.get("key") in _PUBLIC_NAMES:
+        return {**error, "key": _PUBLIC_NAMES[error["key"]]}
+    return error
 
 
 def undecodable_body(request: Request[Any, Any, Any], exc: ValueError) -> Response[Problem]:

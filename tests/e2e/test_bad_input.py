@@ -769,3 +769,27 @@ async def test_wrong_method_is_405_problem(
     )
     assert_problem(r, 405)
     await assert_unchanged(app_api, cast, target, method)
+
+
+# -- problems name what the client sent, not our Python names -------------------------------
+
+
+async def test_a_bad_query_parameter_is_named_as_sent(app_api: Api, cast: Cast):
+    r = await app_api.client.get("/v1/sessions?state=sleepy", headers=app_api.h(cast.owner))
+    problem = assert_problem(r, 422)
+    assert [e.get("key") for e in problem["errors"]] == ["state"], problem
+
+
+async def test_an_unknown_top_level_field_names_the_body(app_api: Api, cast: Cast):
+    r = await app_api.client.post("/v1/sessions", json={"foo": 1}, headers=app_api.h(cast.owner))
+    problem = assert_problem(r, 422)
+    assert "data" not in {e.get("key") for e in problem["errors"]}, problem
+
+
+async def test_truncated_json_says_it_is_not_json(app_api: Api, cast: Cast):
+    r = await app_api.client.post(
+        "/v1/sessions",
+        content=b'{"work_in_progress": {',
+        headers={**app_api.h(cast.owner), "Content-Type": "application/json"},
+    )
+    assert "not valid JSON" in assert_problem(r, 400)["detail"]
