@@ -8,6 +8,7 @@ idempotency record, EXEC.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
@@ -19,8 +20,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 
 from sessionmgr.domain.errors import (
     ArchiveInProgress,
@@ -93,6 +94,18 @@ for i = 1, #h, 2 do
 end
 return {h, recent, ttls, stored}
 """
+_READ_SHA = hashlib.sha1(_READ_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+
+
+async def _run_read_script(client: Any, keys: list[str], lease_prefix: str) -> Any:
+    """EVALSHA: the script's digest travels, not its text. Redis forgets scripts on restart
+    or SCRIPT FLUSH; then the one EVAL that answers NOSCRIPT sends it (and caches it again).
+    Not redis-py's `register_script`: on a WATCHing pipeline it would make EXEC check the
+    script first, one more round trip for every update."""
+    try:
+        return await client.evalsha(_READ_SHA, len(keys), *keys, lease_prefix)
+    except NoScriptError:
+        return await client.eval(_READ_SCRIPT, len(keys), *keys, lease_prefix)
 
 
 class OutboxEntry(msgspec.Struct, frozen=True):
@@ -179,7 +192,7 @@ class RedisHotStore:
         if idem is not None:
             keys.append(idem_key(session_id, idem))
         raw, recent, ttls, stored = await self._guard(
-            client.eval(_READ_SCRIPT, len(keys), *keys, lease_key(session_id, ""))
+            _run_read_script(client, keys, lease_key(session_id, ""))
         )
         if not raw:
             return None, stored
