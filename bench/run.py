@@ -45,6 +45,7 @@ class Plan:
     support_cpus: str | None
     write_behind: str = "separate"
     only: set[str] = field(default_factory=set)
+    cold_in_mix: bool = True
 
     def wants(self, name: str) -> bool:
         return not self.only or name in self.only
@@ -398,7 +399,7 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                 Part("POST create", "create.lua", 1),
             ]
             probe = None
-            if not env.cold_skip:
+            if not env.cold_skip and plan.cold_in_mix:
                 probe = load.cold_probe(
                     f"http://127.0.0.1:{port}",
                     env.token,
@@ -422,7 +423,7 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
             delay = max(1, round(1000 * c / (saturated["throughput"] * 0.5)))
             paced = [dataclasses.replace(x, delay_ms=delay) for x in parts]
             probe = None
-            if not env.cold_skip:
+            if not env.cold_skip and plan.cold_in_mix:
                 probe = load.cold_probe(
                     f"http://127.0.0.1:{port}",
                     env.token,
@@ -521,6 +522,12 @@ def parse(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         help="separate (default): the write-behind in a process of its own, so mongomock's scans "
         "do not stall the API; inprocess: as `sessionmgr serve` runs it",
     )
+    parser.add_argument(
+        "--no-cold-in-mix",
+        action="store_true",
+        help="leave the cold GETs out of the mixed workload (they rehydrate into the in-memory "
+        "MongoDB, whose scans stall the replica's loop)",
+    )
     parser.add_argument("--label", default="latest", help="results file bench/results/<label>.json")
     parser.add_argument("--no-report", action="store_true", help="skip docs/benchmarks.md")
     parser.add_argument(
@@ -543,6 +550,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         support_cpus=(f"1-{cpus - 1}" if cpus > 2 else "1") if pin else None,
         only={s.strip() for s in args.only.split(",") if s.strip()},
         write_behind=args.write_behind,
+        cold_in_mix=not args.no_cold_in_mix,
     )
     return plan, args
 

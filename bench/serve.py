@@ -16,14 +16,13 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from sessionmgr.cli import GRACEFUL_SHUTDOWN_S
-
 
 def serve(host: str, port: int, write_behind: bool) -> None:
     import uvicorn
 
     from sessionmgr.app import create_app
     from sessionmgr.container import build_container
+    from sessionmgr.settings import load_settings
 
     uvicorn.run(
         lambda: create_app(build_container(write_behind=write_behind)),
@@ -35,7 +34,7 @@ def serve(host: str, port: int, write_behind: bool) -> None:
         access_log=False,
         log_config=None,
         server_header=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        timeout_graceful_shutdown=load_settings().shutdown_grace_s,
     )
 
 

@@ -193,6 +193,8 @@ class Stack:
             "SESSIONMGR_S3_BUCKET": bucket,
             "SESSIONMGR_JWT_SECRET": jwt_secret,
             "SESSIONMGR_LOG_LEVEL": "WARNING",
+            # One token drives every connection: a per-principal limit would measure itself.
+            "SESSIONMGR_RATE_LIMIT_PER_S": "0",
             "AWS_ACCESS_KEY_ID": "bench",
             "AWS_SECRET_ACCESS_KEY": "bench-secret",
             "AWS_DEFAULT_REGION": "us-east-1",

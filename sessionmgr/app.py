@@ -10,6 +10,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 import sessionmgr
+from sessionmgr.api.bridge import forget_at_shutdown, resolve_at_startup
 from sessionmgr.api.health import HealthController
 from sessionmgr.api.metrics import metrics_endpoint, metrics_middleware
 from sessionmgr.api.problems import EXCEPTION_HANDLERS
@@ -29,7 +30,9 @@ def create_app(container: Container | None = None) -> Litestar:
     metrics_route = [metrics_endpoint] if settings.metrics_port is None else []
     return Litestar(
         route_handlers=[SessionController, HealthController, *metrics_route],
-        lifespan=[Lifespan(container)],
+        lifespan=[Lifespan(container)],  # opens the resources before on_startup runs
+        on_startup=[resolve_at_startup],
+        on_shutdown=[forget_at_shutdown],
         state=State(
             {"container": container, "metrics": container.metrics(), "tracer": container.tracer()}
         ),

@@ -143,3 +143,11 @@ def open_tracing() -> Iterator[TracerProvider]:
 
 def tracer_of(provider: trace.TracerProvider) -> trace.Tracer:
     return provider.get_tracer(TRACER_NAME, sessionmgr.__version__)
+
+
+def records(tracer: trace.Tracer) -> bool:
+    """False when `tracer` can record no span: tracing off (the SDK's tracer that samples
+    nothing) or a no-op tracer. Then a span is pure cost, and callers skip it."""
+    if isinstance(tracer, trace.NoOpTracer):
+        return False
+    return getattr(tracer, "sampler", None) is not ALWAYS_OFF

@@ -7,7 +7,7 @@ import http.client
 import json
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 MAX_TOKEN_CHARS = 8192  # far above any real token; stops a huge header from costing a parse
 MAX_SUB_CHARS = 256
 MAX_JWKS_BYTES = 1_048_576
+TOKEN_CACHE_SIZE = 10_000  # verified tokens remembered; the map is emptied when it is full
+TOKEN_CACHE_TTL_S = 60.0  # a verified token is re-verified after this long, whatever its exp
 _EC_CURVES = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
 # Most specific first: InvalidSignatureError is a DecodeError, every one an InvalidTokenError.
@@ -92,6 +94,10 @@ class TokenVerifier:
         *,
         jwks_fetch_timeout_s: float = 2.0,
         jwks_min_refresh_s: float = 30.0,
+        cache_size: int = TOKEN_CACHE_SIZE,
+        cache_ttl_s: float = TOKEN_CACHE_TTL_S,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._algorithms = _check_algorithms(settings)
         self._audience = settings.jwt_audience
@@ -109,6 +115,13 @@ class TokenVerifier:
         self._jwks_attempts = 0  # bumped as each fetch ends, so lock waiters see one happened
         self._jwks_last_attempt = -float("inf")
         self._jwks_failed = False
+        # token -> (principal, exp, monotonic time the entry stops being trusted). Only tokens
+        # that verified are kept; a hit re-checks exp and skips PyJWT's parse and HMAC/RSA.
+        self._verified: dict[str, tuple[Principal, float, float]] = {}
+        self._cache_size = cache_size
+        self._cache_ttl = cache_ttl_s
+        self._clock = clock
+        self._monotonic = monotonic
 
     async def verify(self, authorization: str | None) -> Principal:
         """Check the bearer token in a raw Authorization header value; return its principal."""
@@ -118,6 +131,21 @@ class TokenVerifier:
         token = parts[1]
         if len(token) > MAX_TOKEN_CHARS:
             raise AuthenticationFailed("token is too long")
+        if (hit := self._verified.get(token)) is not None:
+            principal, exp, until = hit
+            if self._clock() >= exp + self._leeway:
+                del self._verified[token]
+                raise AuthenticationFailed("token expired")
+            if self._monotonic() < until:
+                return principal
+            del self._verified[token]  # trusted long enough: verify it again (keys may rotate)
+        principal, exp = await self._verify(token)
+        if len(self._verified) >= self._cache_size:
+            self._verified.clear()
+        self._verified[token] = (principal, exp, self._monotonic() + self._cache_ttl)
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
         key, algorithms = await self._key_for(token)
         try:
             claims = jwt.decode(
@@ -136,11 +164,12 @@ class TokenVerifier:
             raise AuthenticationFailed(reason) from None
         except (TypeError, ValueError):  # a key/algorithm mismatch deep in cryptography
             raise AuthenticationFailed("token is invalid") from None
-        return _principal(claims)
+        return _principal(claims), float(claims["exp"])
 
     async def aclose(self) -> None:
-        """Forget the cached signing keys; nothing else is held between calls."""
+        """Forget the cached signing keys and verified tokens."""
         self._jwks.clear()
+        self._verified.clear()
 
     async def _key_for(self, token: str) -> tuple[PublicKey | bytes, tuple[str, ...]]:
         if self._secret is not None:
@@ -183,6 +212,7 @@ class TokenVerifier:
                     asyncio.to_thread(self._fetch_jwks), self._fetch_timeout
                 )
                 self._jwks, self._jwks_failed = self._parse_jwks(raw), False
+                self._verified.clear()  # a key that left the set must stop verifying now
             except (OSError, TimeoutError, ValueError, TypeError, http.client.HTTPException):
                 self._jwks_failed = True  # keep the keys we have: they still verify
             finally:

@@ -1,12 +1,19 @@
-"""The container → Litestar bridge: controllers resolve their services from the container."""
+"""The container → Litestar bridge: what a request needs is taken from the container once.
+
+The container's resources open in the app's lifespan; right after, `resolve_at_startup` puts
+the objects every request uses (singletons: the session service, the token verifier, the rate
+limiter) in `app.state.resolved`, so a request neither calls a provider nor goes through
+Litestar's dependency injection to get them."""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
-from litestar.datastructures import State
-from litestar.di import Provide
+from litestar import Litestar
+from litestar.connection import ASGIConnection
+
+PER_REQUEST = ("sessions", "verifier", "rate_limiter")
 
 
 async def resolve(provider: Any) -> Any:
@@ -17,11 +24,16 @@ async def resolve(provider: Any) -> Any:
     return result
 
 
-def provide(name: str) -> Provide:
-    """A Litestar dependency that returns the container's `name` provider's object."""
+async def resolve_at_startup(app: Litestar) -> None:
+    """An `on_startup` hook: runs after the lifespan has opened the container's resources."""
+    container = app.state.container
+    app.state.resolved = {name: await resolve(getattr(container, name)) for name in PER_REQUEST}
 
-    async def dependency(state: State) -> Any:
-        return await resolve(getattr(state.container, name))
 
-    dependency.__name__ = f"provide_{name}"
-    return Provide(dependency)
+async def forget_at_shutdown(app: Litestar) -> None:
+    app.state.pop("resolved", None)
+
+
+def resolved(connection: ASGIConnection[Any, Any, Any, Any], name: str) -> Any:
+    """The container's `name` object, as taken at start-up."""
+    return connection.app.state.resolved[name]

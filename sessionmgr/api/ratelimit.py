@@ -17,7 +17,7 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 
-from sessionmgr.api.bridge import resolve
+from sessionmgr.api.bridge import resolved
 from sessionmgr.domain.errors import RateLimited
 from sessionmgr.metrics import Metrics
 
@@ -64,5 +64,5 @@ class RateLimiter:
 
 async def rate_limit(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Litestar guard: runs after authentication, so `connection.user` is the principal."""
-    limiter: RateLimiter = await resolve(connection.app.state.container.rate_limiter)
+    limiter: RateLimiter = resolved(connection, "rate_limiter")
     limiter.take(connection.user.sub)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from litestar.connection import ASGIConnection
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 
-from sessionmgr.api.bridge import resolve
+from sessionmgr.api.auth import TokenVerifier
+from sessionmgr.api.bridge import resolved
 
 PUBLIC_PATHS = ["^/health", "^/metrics", "^/schema"]
 
 
 class BearerAuthMiddleware(AbstractAuthenticationMiddleware):
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:  # type: ignore[type-arg]
-        verifier = await resolve(connection.app.state.container.verifier)
+        verifier: TokenVerifier = resolved(connection, "verifier")
         principal = await verifier.verify(connection.headers.get("authorization"))
         return AuthenticationResult(user=principal, auth=None)

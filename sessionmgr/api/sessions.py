@@ -8,12 +8,11 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post, put
-from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
 
-from sessionmgr.api.bridge import provide
+from sessionmgr.api.bridge import resolved
 from sessionmgr.api.problems import responses
 from sessionmgr.api.ratelimit import rate_limit
 from sessionmgr.api.schemas import AppendBody, CreateSessionBody, ParticipantBody, PatchBody
@@ -31,7 +30,6 @@ Req = Request[Principal, Any, Any]
 B = TypeVar("B", CreateSessionBody, PatchBody, AppendBody, ParticipantBody)
 SessionId = Annotated[str, PathParameter(description="The session id (32 hex characters).")]
 MadName = Annotated[str, PathParameter(description="The MAD's name, without the `mad:` prefix.")]
-Sessions = NamedDependency[SessionService]
 IdemHeader = Annotated[
     str | None,
     HeaderParameter(
@@ -93,6 +91,11 @@ def _with_etag(session: Session, status_code: int = 200, **headers: str) -> Resp
     )
 
 
+def _service(request: Req) -> SessionService:
+    service: SessionService = resolved(request, "sessions")
+    return service
+
+
 def _if_match(value: str | None) -> int | None:
     if value is None:
         return None
@@ -107,19 +110,17 @@ class SessionController(Controller):
     tags = ["sessions"]
     security = [{"bearer": []}]
     guards = [rate_limit]
-    dependencies = {"sessions": provide("sessions")}
 
     @post("/", status_code=201, responses=responses(*BODY))
     async def create_session(
         self,
         request: Req,
-        sessions: Sessions,
         data: JSONBody[CreateSessionBody],
         idempotency_key: IdemHeader = None,
     ) -> Response[Session]:
         """Create a session owned by the caller (or, for admin/service, by `owner_id`)."""
         data = await _strict(request, data)
-        session = await sessions.create(
+        session = await _service(request).create(
             request.user,
             owner_id=data.owner_id,
             work_in_progress=data.work_in_progress,
@@ -132,7 +133,6 @@ class SessionController(Controller):
     async def list_sessions(
         self,
         request: Req,
-        sessions: Sessions,
         state_filter: Annotated[SessionState | None, QueryParameter(name="state")] = None,
         limit: Annotated[
             int | None, QueryParameter(ge=1, description="Page size; larger values are capped.")
@@ -140,7 +140,7 @@ class SessionController(Controller):
         cursor: Annotated[str | None, QueryParameter(max_length=200)] = None,
     ) -> SessionPage:
         """The caller's sessions (owner or in the ACL; admin: all), oldest id first."""
-        return await sessions.list_sessions(
+        return await _service(request).list_sessions(
             request.user, state=state_filter, limit=limit, cursor=cursor
         )
 
@@ -148,7 +148,6 @@ class SessionController(Controller):
     async def get_session(
         self,
         request: Req,
-        sessions: Sessions,
         session_id: SessionId,
         include: Annotated[
             str | None, QueryParameter(description="`full` adds full_context and full_timeline")
@@ -156,14 +155,15 @@ class SessionController(Controller):
     ) -> Response[Session]:
         if include not in (None, "full"):
             raise InvalidInput("include accepts only 'full'", "include")
-        session = await sessions.get(request.user, _sid(session_id), full=include == "full")
+        session = await _service(request).get(
+            request.user, _sid(session_id), full=include == "full"
+        )
         return _with_etag(session)
 
     @patch("/{session_id:str}", responses=responses(*BODY, 404, 409, 428))
     async def update_session(
         self,
         request: Req,
-        sessions: Sessions,
         session_id: SessionId,
         data: JSONBody[PatchBody],
         if_match: IfMatch = None,
@@ -177,7 +177,7 @@ class SessionController(Controller):
             raise VersionRequired()
         if header_version is not None and data.expected_version not in (None, header_version):
             raise InvalidInput("expected_version and If-Match disagree", "expected_version")
-        session = await sessions.update(
+        session = await _service(request).update(
             request.user,
             _sid(session_id),
             expected_version=expected,
@@ -190,14 +190,13 @@ class SessionController(Controller):
     async def append_timeline(
         self,
         request: Req,
-        sessions: Sessions,
         session_id: SessionId,
         data: JSONBody[AppendBody],
         idempotency_key: IdemHeader = None,
     ) -> AppendResult:
         """Append events; the server assigns seq, at and actor."""
         data = await _strict(request, data)
-        return await sessions.append(
+        return await _service(request).append(
             request.user,
             _sid(session_id),
             data.events,
@@ -209,34 +208,32 @@ class SessionController(Controller):
     async def add_participant(
         self,
         request: Req,
-        sessions: Sessions,
         session_id: SessionId,
         data: JSONBody[ParticipantBody],
         idempotency_key: IdemHeader = None,
     ) -> Response[Session]:
         """Add a MAD: it joins the ACL and gets a lease it must renew."""
         data = await _strict(request, data)
-        session = await sessions.add_participant(
+        session = await _service(request).add_participant(
             request.user, _sid(session_id), data.mad_name, _idem(request, idempotency_key, data)
         )
         return _with_etag(session)
 
     @put("/{session_id:str}/participants/{mad_name:str}/lease", responses=responses(*READ, 422))
     async def renew_lease(
-        self, request: Req, sessions: Sessions, session_id: SessionId, mad_name: MadName
+        self, request: Req, session_id: SessionId, mad_name: MadName
     ) -> LeaseInfo:
-        return await sessions.renew_lease(request.user, _sid(session_id), mad_name)
+        return await _service(request).renew_lease(request.user, _sid(session_id), mad_name)
 
     @delete("/{session_id:str}/participants/{mad_name:str}", responses=responses(*READ, 409, 422))
     async def remove_participant(
         self,
         request: Req,
-        sessions: Sessions,
         session_id: SessionId,
         mad_name: MadName,
         idempotency_key: IdemHeader = None,
     ) -> None:
-        await sessions.remove_participant(
+        await _service(request).remove_participant(
             request.user, _sid(session_id), mad_name, _idem(request, idempotency_key)
         )
 
@@ -244,12 +241,11 @@ class SessionController(Controller):
     async def suspend_session(
         self,
         request: Req,
-        sessions: Sessions,
         session_id: SessionId,
         idempotency_key: IdemHeader = None,
     ) -> Response[Session]:
         """Flush to MongoDB and leave Redis; the session reads the same, now `dormant`."""
-        session = await sessions.suspend(
+        session = await _service(request).suspend(
             request.user, _sid(session_id), _idem(request, idempotency_key)
         )
         return _with_etag(session)
@@ -258,11 +254,10 @@ class SessionController(Controller):
     async def resume_session(
         self,
         request: Req,
-        sessions: Sessions,
         session_id: SessionId,
         idempotency_key: IdemHeader = None,
     ) -> Response[Session]:
-        session = await sessions.resume(
+        session = await _service(request).resume(
             request.user, _sid(session_id), _idem(request, idempotency_key)
         )
         return _with_etag(session)
@@ -271,13 +266,12 @@ class SessionController(Controller):
     async def archive_session(
         self,
         request: Req,
-        sessions: Sessions,
         session_id: SessionId,
         idempotency_key: IdemHeader = None,
     ) -> Response[Session]:
         """Move the session to S3, leaving a stub (owner or admin); an active one is suspended
         first. A later read brings it back."""
-        session = await sessions.archive(
+        session = await _service(request).archive(
             request.user, _sid(session_id), _idem(request, idempotency_key)
         )
         return _with_etag(session)
@@ -286,9 +280,10 @@ class SessionController(Controller):
     async def delete_session(
         self,
         request: Req,
-        sessions: Sessions,
         session_id: SessionId,
         idempotency_key: IdemHeader = None,
     ) -> None:
         """Remove the session from every tier (owner or admin)."""
-        await sessions.delete(request.user, _sid(session_id), _idem(request, idempotency_key))
+        await _service(request).delete(
+            request.user, _sid(session_id), _idem(request, idempotency_key)
+        )

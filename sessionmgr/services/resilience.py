@@ -219,28 +219,54 @@ class Guarded:
         attr = getattr(self._target, name)
         if not inspect.iscoroutinefunction(attr):
             return attr
+        target = self._target
 
         @functools.wraps(attr)
         async def guarded(*args: Any, **kwargs: Any) -> Any:
-            return await self.call(name, functools.partial(attr, *args, **kwargs))
+            # Looked up per call, so the target's own attribute is the one that runs.
+            return await self.call(name, functools.partial(getattr(target, name), *args, **kwargs))
 
+        self.__dict__[name] = guarded  # found directly from now on
         return guarded
 
     async def call(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
         if operation in self._no_retry:
             return await self._breaker.call(fn)
+        # The first attempt runs bare: stamina's machinery costs a request's worth of CPU on
+        # every call, and nearly every call succeeds. Only a transient error enters it.
+        started = time.monotonic()
+        try:
+            return await self._breaker.call(fn)
+        except BackendUnavailable as exc:
+            left_s = self._policy.timeout_s - (time.monotonic() - started)
+            if not self._transient(exc) or self._policy.attempts < 2 or left_s <= 0:
+                raise
+            first: BaseException | None = exc
+        return await self._retry(operation, fn, first, left_s)
+
+    async def _retry(
+        self,
+        operation: str,
+        fn: Callable[[], Awaitable[T]],
+        first: BaseException | None,
+        left_s: float,
+    ) -> T:
+        """The rest of the attempts, as if stamina had run the first one: its failure is
+        replayed as attempt 1, so the waits, hooks and the overall timeout are stamina's."""
         p = self._policy
         async for attempt in stamina.retry_context(
             on=self._transient,
             attempts=p.attempts,
-            timeout=p.timeout_s,
+            timeout=left_s,
             wait_initial=p.wait_initial_s,
             wait_max=p.wait_max_s,
             wait_jitter=p.wait_jitter_s,
         ):
             with attempt:
-                if attempt.num > 1:
-                    self._metrics.retries.labels(self._breaker.backend, operation).inc()
+                if first is not None:
+                    failed, first = first, None
+                    raise failed
+                self._metrics.retries.labels(self._breaker.backend, operation).inc()
                 return await self._breaker.call(fn)
         raise AssertionError("stamina ends with an answer or the last error")  # pragma: no cover
 

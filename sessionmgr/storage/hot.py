@@ -9,6 +9,7 @@ idempotency record, EXEC.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
@@ -23,6 +24,7 @@ from redis.exceptions import (
     ClusterDownError,
     ExecAbortError,
     MasterDownError,
+    NoScriptError,
     ReadOnlyError,
     TryAgainError,
     WatchError,
@@ -101,6 +103,18 @@ for i = 1, #h, 2 do
 end
 return {h, recent, ttls, stored}
 """
+_READ_SHA = hashlib.sha1(_READ_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+
+
+async def _run_read_script(client: Any, keys: list[str], lease_prefix: str) -> Any:
+    """EVALSHA: the script's digest travels, not its text. Redis forgets scripts on restart
+    or SCRIPT FLUSH; then the one EVAL that answers NOSCRIPT sends it (and caches it again).
+    Not redis-py's `register_script`: on a WATCHing pipeline it would make EXEC check the
+    script first, one more round trip for every update."""
+    try:
+        return await client.evalsha(_READ_SHA, len(keys), *keys, lease_prefix)
+    except NoScriptError:
+        return await client.eval(_READ_SCRIPT, len(keys), *keys, lease_prefix)
 
 
 class OutboxEntry(msgspec.Struct, frozen=True):
@@ -187,7 +201,7 @@ class RedisHotStore:
         if idem is not None:
             keys.append(idem_key(session_id, idem))
         raw, recent, ttls, stored = await self._guard(
-            client.eval(_READ_SCRIPT, len(keys), *keys, lease_key(session_id, ""))
+            _run_read_script(client, keys, lease_key(session_id, ""))
         )
         if not raw:
             return None, stored

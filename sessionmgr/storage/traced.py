@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from sessionmgr.domain.errors import BackendUnavailable, SessionError
 from sessionmgr.services.ports import CREATE_SCOPE
+from sessionmgr.telemetry import records
 
 T = TypeVar("T")
 SESSION_ID = "sessionmgr.session_id"
@@ -27,7 +28,12 @@ _Locate = Callable[[tuple[Any, ...], dict[str, Any]], str | None]
 
 
 def traced(store: T, tracer: Tracer, system: str) -> T:
-    """`store` with each public coroutine method in a span; other attributes pass through."""
+    """`store` with each public coroutine method in a span; other attributes pass through.
+
+    With tracing off (`tracer` records nothing) it is `store` itself: a span nobody records
+    would cost every call its creation and nothing else."""
+    if not records(tracer):
+        return store
     return cast(T, TracedStore(store, tracer, system))
 
 

@@ -9,7 +9,7 @@ real store writes (`encode_record` per field, so a `Change` writes only its `fie
 the timeline, honours idempotency records and the delete tombstone, and plays WATCH: every
 write to a session's keys bumps its revision, and a transaction or suspend that sees the
 revision move between its read and its commit aborts like an EXEC after a fired WATCH.
-`RedisHotStore` itself reads through a Lua script (EVAL), which fakeredis runs only with the
+`RedisHotStore` itself reads through a Lua script (EVALSHA), which fakeredis runs only with the
 optional `lupa` package, so the real adapter is left to the integration suite on redis-server.
 """
 

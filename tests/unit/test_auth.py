@@ -418,3 +418,111 @@ async def test_issued_token_expires() -> None:
 def test_issue_token_refuses_alg_none() -> None:
     with pytest.raises(ValueError):
         issue_token(SECRET, "mad:carol", algorithm="none")
+
+
+# The verified-token cache: a hit skips PyJWT, re-checks exp, and lives a bounded time.
+
+
+class _Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _counting_decode(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    decode = jwt.decode
+
+    def counted(token: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(token)
+        return decode(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counted)
+    return calls
+
+
+async def test_a_cached_token_skips_pyjwt(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting_decode(monkeypatch)
+    verifier = hs_verifier()
+    token = hs_token(claims())
+    first = await verifier.verify(f"Bearer {token}")
+    assert await verifier.verify(f"Bearer {token}") == first
+    assert await verifier.verify(f"bearer {token}") == first
+    assert calls == [token]
+
+
+async def test_an_expired_cached_token_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting_decode(monkeypatch)
+    now = time.time()
+    clock = _Clock(now)
+    verifier = TokenVerifier(settings(jwt_secret=SECRET, jwt_leeway_s="5"), clock=clock)
+    token = hs_token(claims(exp=int(now) + 30))
+    await verifier.verify(f"Bearer {token}")
+    clock.now = now + 34  # within the leeway: still good, still cached
+    await verifier.verify(f"Bearer {token}")
+    clock.now = int(now) + 30 + 5
+    await refused(verifier, token, "token expired")
+    assert calls == [token]
+
+
+async def test_a_tampered_token_is_verified_anew(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting_decode(monkeypatch)
+    verifier = hs_verifier()
+    token = hs_token(claims())
+    await verifier.verify(f"Bearer {token}")
+    head, payload, sig = token.split(".")
+    admin = b64url(json.dumps(claims(roles=["admin"])).encode())
+    for tampered in (f"{head}.{admin}.{sig}", f"{head}.{payload}.{sig[:-2]}AA"):
+        await refused(verifier, tampered, "signature is invalid")
+    assert calls == [token, f"{head}.{admin}.{sig}", f"{head}.{payload}.{sig[:-2]}AA"]
+
+
+async def test_a_failure_is_never_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting_decode(monkeypatch)
+    verifier = hs_verifier()
+    token = hs_token(claims(), secret="another-secret-that-is-long-enough-0123456789")
+    for _ in range(2):
+        await refused(verifier, token, "signature is invalid")
+    assert calls == [token, token]
+
+
+async def test_a_cached_token_is_verified_again_after_the_cache_ttl(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _counting_decode(monkeypatch)
+    ticks = _Clock(1000.0)
+    verifier = TokenVerifier(settings(jwt_secret=SECRET), cache_ttl_s=60, monotonic=ticks)
+    token = hs_token(claims())
+    await verifier.verify(f"Bearer {token}")
+    ticks.now += 59
+    await verifier.verify(f"Bearer {token}")
+    assert len(calls) == 1
+    ticks.now += 2
+    await verifier.verify(f"Bearer {token}")
+    assert len(calls) == 2
+
+
+async def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting_decode(monkeypatch)
+    verifier = TokenVerifier(settings(jwt_secret=SECRET), cache_size=2)
+    tokens = [hs_token(claims(sub=f"mad:{n}")) for n in range(3)]
+    for token in tokens:
+        await verifier.verify(f"Bearer {token}")
+    assert len(verifier._verified) <= 2
+    await verifier.verify(f"Bearer {tokens[2]}")  # the newest survived the clear
+    assert len(calls) == 3
+
+
+async def test_a_jwks_refresh_forgets_the_verified_tokens(
+    jwks_server: JwksServer, rsa_pair: KeyPair, rsa_pair2: KeyPair
+) -> None:
+    jwks_server.document = {"keys": [jwk(rsa_pair, "r1")]}
+    verifier = jwks_verifier(jwks_server, jwks_min_refresh_s=0)
+    old = signed(rsa_pair, "r1")
+    await verifier.verify(f"Bearer {old}")
+    # The IdP rotates r1 out; a token signed with the new key makes the verifier refetch.
+    jwks_server.document = {"keys": [jwk(rsa_pair2, "r2")]}
+    await verifier.verify(f"Bearer {signed(rsa_pair2, 'r2')}")
+    await refused(verifier, old, "signing key is unknown")
