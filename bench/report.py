@@ -304,9 +304,13 @@ def render(results: dict[str, Any], before: dict[str, Any] | None, images: list[
         "",
         f"This is the **{label}** run of {results['started_at']}"
         + (" (a `--quick` smoke run: too short to quote)" if results.get("quick") else "")
-        + ". The machine was **shared with other jobs** during the run (four other builds and "
-        "test suites on the same two cores), so every figure carries that noise; the load "
-        "average at start and end is in the table below.",
+        + ". "
+        + results.get(
+            "conditions",
+            "The machine was **shared with other jobs** during the run (four other builds and "
+            "test suites on the same two cores), so every figure carries that noise",
+        )
+        + "; the load average at start and end is in the table below.",
         "",
         "## Machine",
         "",
