@@ -18,7 +18,15 @@ from collections.abc import Sequence
 
 
 def serve(host: str, port: int, write_behind: bool) -> None:
+    import gc
+    import os
+
     import uvicorn
+
+    # A diagnosis switch (docs/benchmarks.md): the in-memory MongoDB keeps every session in
+    # this process, and a full collection of that heap stalls the loop for ~100 ms.
+    if os.environ.get("BENCH_NO_GC"):
+        gc.disable()
 
     from sessionmgr.app import create_app
     from sessionmgr.container import build_container
