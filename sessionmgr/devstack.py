@@ -69,6 +69,8 @@ class RedisServer:
     """A private redis-server on a free loopback port, keeping nothing on disk."""
 
     description = "private redis-server, stops with dev"
+    # Nothing on disk: a dev Redis lives as long as `sessionmgr dev`.
+    persistence: tuple[str, ...] = ("--save", "", "--appendonly", "no")
 
     def __init__(self, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
@@ -92,8 +94,8 @@ class RedisServer:
         self.process = subprocess.Popen(  # noqa: S603
             [
                 *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(self.dir)),
-                *("--logfile", str(self.dir / "redis.log")),
+                *self.persistence,
+                *("--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

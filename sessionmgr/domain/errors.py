@@ -75,9 +75,15 @@ class BackendUnavailable(SessionError):
     outage = True
 
     def __init__(
-        self, backend: str, detail: str = "", retry_after_s: int = 1, *, retryable: bool = True
+        self,
+        backend: str,
+        detail: str = "",
+        retry_after_s: int = 1,
+        *,
+        retryable: bool = True,
+        message: str | None = None,
     ) -> None:
-        super().__init__(f"{backend} is unavailable{': ' + detail if detail else ''}")
+        super().__init__(message or f"{backend} is unavailable{': ' + detail if detail else ''}")
         self.backend = backend
         self.retry_after_s = retry_after_s
         self.retryable = retryable
@@ -96,7 +102,7 @@ class ReadOnlyMode(CircuitOpen):
     """Redis' breaker is open: reads come from MongoDB, writes wait until Redis answers."""
 
     def __init__(self, retry_after_s: int = 2) -> None:
-        BackendUnavailable.__init__(
+        BackendUnavailable.__init__(  # not CircuitOpen's: its own detail
             self,
             "redis",
             "sessionmgr is read-only until Redis answers again",
@@ -121,10 +127,12 @@ class ArchiveInProgress(BackendUnavailable):
     """The session is being archived right now; a retry in a moment finds it in S3 or back."""
 
     def __init__(self, session_id: str) -> None:
-        SessionError.__init__(self, f"session {session_id} is being archived; retry shortly")
-        self.backend = "s3"
-        self.retry_after_s = 1
-        self.retryable = False  # the fence was already waited on; the client retries later
+        # Not retried in-process: the fence was already waited on; the client retries later.
+        super().__init__(
+            "s3",
+            retryable=False,
+            message=f"session {session_id} is being archived; retry shortly",
+        )
         self.session_id = session_id
 
 
@@ -133,10 +141,10 @@ class ArchiveUnreadable(BackendUnavailable):
     stub untouched, so the session comes back once the object does (from a backup, say)."""
 
     def __init__(self, session_id: str, reason: str) -> None:
-        SessionError.__init__(
-            self, f"s3 holds no readable archive of session {session_id}: {reason}"
+        super().__init__(  # not retried: the same bytes come back
+            "s3",
+            retry_after_s=60,
+            retryable=False,
+            message=f"s3 holds no readable archive of session {session_id}: {reason}",
         )
-        self.backend = "s3"
-        self.retry_after_s = 60
-        self.retryable = False  # the same bytes come back on a retry
         self.session_id = session_id

@@ -85,6 +85,12 @@ class _NotFound(Exception):
     pass
 
 
+class Refused(BackendUnavailable):
+    """S3 answered but will not serve this one object: no outage, the breaker stays closed."""
+
+    outage = False
+
+
 async def _guard(awaitable: Awaitable[T]) -> T:
     """A missing key is `_NotFound`; any other S3 failure is `BackendUnavailable("s3")`."""
     try:
@@ -96,9 +102,7 @@ async def _guard(awaitable: Awaitable[T]) -> T:
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         refused = code in _REFUSED or (400 <= status < 500 and status != 429)
         if refused and code not in _TRANSIENT_4XX:
-            error = BackendUnavailable("s3", f"{code or status} (refused)", 60, retryable=False)
-            error.outage = False
-            raise error from exc
+            raise Refused("s3", f"{code or status} (refused)", 60, retryable=False) from exc
         raise BackendUnavailable("s3", code or "error") from exc
     except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as exc:
         # aiohttp's errors (a body cut short: ClientPayloadError) reach us unwrapped.

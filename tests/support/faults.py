@@ -8,51 +8,15 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import tempfile
-import time
-from pathlib import Path
 
-from sessionmgr.devstack import free_port
-
-START_TIMEOUT_S = 10.0
+from sessionmgr.devstack import RedisServer
 
 
-class DurableRedis:
+class DurableRedis(RedisServer):
     """A redis-server on a fixed port with `appendfsync always`: what it acknowledged survives
-    SIGKILL, and a restart comes back on the same port with the same data."""
+    SIGKILL, and a restart (`start()` again) comes back on the same port with the same data."""
 
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not on PATH")
-        self.binary = binary
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="sessionmgr-faults-"))
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> DurableRedis:
-        self.process = subprocess.Popen(  # fixed argv, no shell
-            [
-                *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "yes", "--appendfsync", "always"),
-                *("--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._answers_ping():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on {self.port}")
+    persistence = ("--save", "", "--appendonly", "yes", "--appendfsync", "always")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no final save; only what the AOF already holds survives."""
@@ -76,14 +40,6 @@ class DurableRedis:
                 os.kill(self.process.pid, signal.SIGCONT)
             self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _answers_ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
 
 
 class ReplyDropper:
