@@ -17,7 +17,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -59,6 +59,7 @@ from sessionmgr.services.ports import (
     Undelivered,
 )
 from sessionmgr.settings import Settings
+from sessionmgr.storage.redis_pool import BoundedPool
 
 log = logging.getLogger(__name__)
 
@@ -553,7 +554,7 @@ def redis_client(settings: Settings, *, socket_timeout_s: float | None = None) -
     if settings.redis_url.startswith("rediss://") and settings.redis_ca_file:
         options["ssl_ca_certs"] = settings.redis_ca_file
     # A full pool makes a request wait briefly for a connection instead of failing at once.
-    pool = BlockingConnectionPool.from_url(
+    pool = BoundedPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_pool_size,
         timeout=max(1.0, settings.redis_socket_timeout_s * 4),
