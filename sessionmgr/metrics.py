@@ -8,10 +8,12 @@ rename a family here and they must change with it. Counters appear on `/metrics`
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_MAX_CACHED_LABEL_SETS = 10_000  # route x method x status; unknown methods are not bounded
 _SLOW = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -29,6 +31,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._retrieval_children: dict[str, tuple[Any, Any]] = {}
 
         # HTTP, per route template.
         self.http_requests = Counter(
@@ -153,3 +157,27 @@ class Metrics:
             buckets=_SLOW,
             registry=r,
         )
+
+    # The per-request calls: `labels()` takes a lock and builds a key each time, so the
+    # children of the label sets seen are kept (a bounded map; prometheus-client returns the
+    # same child for the same labels, and nothing here ever removes one).
+    def request_answered(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        children = self._http_children.get(key)
+        if children is None:
+            children = (
+                self.http_requests.labels(route, method, str(status)),
+                self.http_latency.labels(route, method),
+            )
+            if len(self._http_children) < _MAX_CACHED_LABEL_SETS:
+                self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def session_retrieved(self, tier: str, seconds: float) -> None:
+        children = self._retrieval_children.get(tier)
+        if children is None:
+            children = (self.retrievals.labels(tier), self.retrieval_latency.labels(tier))
+            self._retrieval_children[tier] = children  # three tiers
+        children[0].inc()
+        children[1].observe(seconds)

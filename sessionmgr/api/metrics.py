@@ -37,10 +37,12 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, capture)
         finally:
             metrics: Metrics = scope["litestar_app"].state.metrics
-            route = scope.get("path_template") or "unmatched"
-            method = scope["method"]
-            metrics.http_requests.labels(route, method, str(status)).inc()
-            metrics.http_latency.labels(route, method).observe(time.perf_counter() - started)
+            metrics.request_answered(
+                scope.get("path_template") or "unmatched",
+                scope["method"],
+                status,
+                time.perf_counter() - started,
+            )
 
     return middleware
 

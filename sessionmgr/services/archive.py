@@ -231,8 +231,7 @@ class Archivist:
             elapsed = time.perf_counter() - started
             self._metrics.rehydrate_latency.observe(elapsed)
             if outcome == "ok":
-                self._metrics.retrievals.labels("cold").inc()
-                self._metrics.retrieval_latency.labels("cold").observe(elapsed)
+                self._metrics.session_retrieved("cold", elapsed)
 
     async def _restore(self, session_id: str) -> SessionRecord:
         for _ in range(3):

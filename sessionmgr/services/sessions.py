@@ -163,8 +163,7 @@ class SessionService:
         return session
 
     def _retrieved(self, tier: str, started: float) -> None:
-        self._metrics.retrievals.labels(tier).inc()
-        self._metrics.retrieval_latency.labels(tier).observe(time.perf_counter() - started)
+        self._metrics.session_retrieved(tier, time.perf_counter() - started)
 
     async def list_sessions(
         self,
