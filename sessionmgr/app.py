@@ -9,7 +9,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 import sessionmgr
-from sessionmgr.api.bridge import forget_at_shutdown, resolve_at_startup
+from sessionmgr.api.bridge import forget_at_shutdown, freeze_startup_heap, resolve_at_startup
 from sessionmgr.api.health import HealthController
 from sessionmgr.api.metrics import metrics_endpoint, metrics_middleware
 from sessionmgr.api.problems import EXCEPTION_HANDLERS
@@ -30,7 +30,7 @@ def create_app(container: Container | None = None) -> Litestar:
     return Litestar(
         route_handlers=[SessionController, HealthController, *metrics_route],
         lifespan=[Lifespan(container)],  # opens the resources before on_startup runs
-        on_startup=[resolve_at_startup],
+        on_startup=[resolve_at_startup, freeze_startup_heap],
         on_shutdown=[forget_at_shutdown],
         state=State(
             {"container": container, "metrics": container.metrics(), "tracer": container.tracer()}

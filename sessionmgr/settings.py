@@ -62,6 +62,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     log_level: str = "INFO"
     # Serve /metrics on this port instead of the API's (keeps it off the public Service).
     metrics_port: int | None = None
+    # Move what start-up built out of the garbage collector's reach (sessionmgr.api.bridge).
+    gc_freeze: bool = True
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -123,6 +125,15 @@ def _level(raw: str) -> str:
     return raw.upper()
 
 
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _text(raw: str) -> str:
     return raw
 
@@ -172,6 +183,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "shutdown_grace_s": _int(1, 600),
     "log_level": _level,
     "metrics_port": _int(1, 65_535),
+    "gc_freeze": _bool,
 }
 
 

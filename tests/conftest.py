@@ -3,6 +3,7 @@ and the app."""
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -28,6 +29,13 @@ def _stamina_testing() -> Iterator[None]:
     stamina.set_testing(True, attempts=3)
     yield
     stamina.set_testing(False)
+
+
+@pytest.fixture(autouse=True)
+def _nothing_stays_frozen() -> Iterator[None]:
+    """An app started with `gc_freeze` on freezes the whole test process's heap: undo it."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +81,7 @@ def settings(redis_url: str, s3_server: S3Server) -> Settings:
         jwt_secret=JWT_SECRET,
         outbox_claim_idle_ms=1000,
         rate_limit_per_s=0,  # load tests run as one principal; tests of the limit turn it on
+        gc_freeze=False,  # hundreds of apps in one process; test_gc_freeze.py turns it on
     )
 
 

@@ -111,6 +111,7 @@ def test_overrides_win_over_the_environment() -> None:
         ("rate_limit_per_s", "-1"),
         ("rate_limit_burst", "0"),
         ("shutdown_grace_s", "0"),
+        ("gc_freeze", "maybe"),
     ],
 )
 def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
@@ -238,3 +239,12 @@ def test_s3_settings_are_read(tmp_path: Any) -> None:
         str(ca),
         2.5,
     )
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("false", False), ("0", False), ("Off", False), ("TRUE", True), ("1", True)],
+)
+def test_gc_freeze_reads_the_usual_spellings(raw: str, expected: bool) -> None:
+    assert load_settings(env(gc_freeze=raw)).gc_freeze is expected
+    assert load_settings(env()).gc_freeze is True
