@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -169,6 +170,26 @@ async def run_wrk(
     return result
 
 
+async def warm_probe(
+    base_url: str, token: str, ids: Sequence[str], seconds: float, pace_s: float
+) -> dict[str, Any]:
+    """For `seconds`, read dormant sessions one after another (a read leaves them dormant)."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    headers = {"Authorization": f"Bearer {token}"}
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as client:
+        for sid in itertools.cycle(ids):
+            if time.perf_counter() - started >= seconds:
+                break
+            t0 = time.perf_counter()
+            resp = await client.get(f"/v1/sessions/{sid}")
+            latencies.append(time.perf_counter() - t0)
+            statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+            await asyncio.sleep(pace_s)
+    return _probe_result("GET warm", 1, latencies, statuses, time.perf_counter() - started)
+
+
 async def cold_probe(
     base_url: str, token: str, ids: Sequence[str], concurrency: int, pace_s: float = 0.0
 ) -> dict[str, Any]:
@@ -191,10 +212,17 @@ async def cold_probe(
                     await asyncio.sleep(pace_s)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    return _probe_result(
+        "GET cold", concurrency, latencies, statuses, time.perf_counter() - started
+    )
+
+
+def _probe_result(
+    op: str, connections: int, latencies: list[float], statuses: dict[int, int], elapsed: float
+) -> dict[str, Any]:
     return {
-        "op": "GET cold",
-        "connections": concurrency,
+        "op": op,
+        "connections": connections,
         "requests": len(latencies),
         "duration_us": int(elapsed * 1e6),
         "ok": sum(n for s, n in statuses.items() if s < 300),

@@ -29,6 +29,9 @@ from bench.stack import REPO, Proc, Stack, StackError, require_tool, running_sta
 
 RESULTS = REPO / "bench" / "results"
 OWNER = "bench-user"
+# The mix's warm and cold readers pause this long between reads: a few reads of dormant and
+# archived sessions a second beside ~1 000 requests a second on active ones.
+READER_PACE_S = 0.25
 BUCKET = "sessionmgr-bench"
 
 
@@ -144,7 +147,7 @@ async def scenario(
     parts: Sequence[Part],
     *,
     threads: int = 1,
-    probe: Awaitable[dict[str, Any]] | None = None,
+    probes: Sequence[Awaitable[dict[str, Any]]] = (),
     note: str = "",
 ) -> dict[str, Any]:
     """Warm up, then measure: every part at once (one wrk each), CPU and memory around it."""
@@ -182,8 +185,7 @@ async def scenario(
         )
         for i, p in enumerate(parts)
     ]
-    if probe is not None:
-        jobs.append(probe)
+    jobs.extend(probes)
     results = await asyncio.gather(*jobs)
     wall = time.monotonic() - started
     cpu = [s.cpu_s() - b for s, b in zip(servers, cpu_before, strict=True)]
@@ -193,7 +195,7 @@ async def scenario(
         "name": name,
         "target": target,
         "replicas": len(ports),
-        "connections": sum(p.connections for p in parts) + (1 if probe else 0),
+        "connections": sum(p.connections for p in parts) + len(probes),
         "wall_s": round(wall, 2),
         "parts": results,
         "requests": requests,
@@ -386,7 +388,7 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                     "sessionmgr",
                     *one,
                     [],
-                    probe=probe,
+                    probes=[probe],
                     note="each archived session read once",
                 )
             )
@@ -398,15 +400,7 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                 Part("POST timeline", "append.lua", 3, hot),
                 Part("POST create", "create.lua", 1),
             ]
-            probe = None
-            if not env.cold_skip and plan.cold_in_mix:
-                probe = load.cold_probe(
-                    f"http://127.0.0.1:{port}",
-                    env.token,
-                    env.cold_ids[half : half + half // 2],
-                    1,
-                    pace_s=0.05,
-                )
+            base = f"http://127.0.0.1:{port}"
             saturated = await scenario(
                 env,
                 plan,
@@ -414,7 +408,7 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                 "sessionmgr",
                 *one,
                 parts,
-                probe=probe,
+                probes=readers(env, plan, base, env.cold_ids[half : half + half // 2]),
                 note="closed loop: as fast as the replica answers",
             )
             scenarios.append(saturated)
@@ -422,15 +416,6 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
             # not the queue that a saturated closed loop builds (Little's law).
             delay = max(1, round(1000 * c / (saturated["throughput"] * 0.5)))
             paced = [dataclasses.replace(x, delay_ms=delay) for x in parts]
-            probe = None
-            if not env.cold_skip and plan.cold_in_mix:
-                probe = load.cold_probe(
-                    f"http://127.0.0.1:{port}",
-                    env.token,
-                    env.cold_ids[half + half // 2 :],
-                    1,
-                    pace_s=0.05,
-                )
             scenarios.append(
                 await scenario(
                     env,
@@ -439,7 +424,7 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                     "sessionmgr",
                     *one,
                     paced,
-                    probe=probe,
+                    probes=readers(env, plan, base, env.cold_ids[half + half // 2 :]),
                     note=f"each connection waits 0-{2 * delay} ms between requests",
                 )
             )
@@ -454,6 +439,23 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
             )
     out["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     return out
+
+
+def readers(
+    env: Env, plan: Plan, base: str, cold_ids: Sequence[str]
+) -> list[Awaitable[dict[str, Any]]]:
+    """The mix's slow readers: one connection reading dormant sessions (warm GET) and one
+    reading archived ones (cold GET, each once), each pausing READER_PACE_S between reads."""
+    if not plan.cold_in_mix:
+        return []
+    found = [
+        load.warm_probe(
+            base, env.token, env.ids["warm"].read_text().split(), plan.seconds, READER_PACE_S
+        )
+    ]
+    if not env.cold_skip:
+        found.append(load.cold_probe(base, env.token, cold_ids, 1, pace_s=READER_PACE_S))
+    return found
 
 
 async def replicas(env: Env, plan: Plan, stack: Stack, first: Proc, port: int) -> dict[str, Any]:
@@ -525,8 +527,8 @@ def parse(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
     parser.add_argument(
         "--no-cold-in-mix",
         action="store_true",
-        help="leave the cold GETs out of the mixed workload (they rehydrate into the in-memory "
-        "MongoDB, whose scans stall the replica's loop)",
+        help="leave the warm and cold readers out of the mixed workload (both read the "
+        "in-memory MongoDB, whose scans run inside the replica's loop)",
     )
     parser.add_argument("--label", default="latest", help="results file bench/results/<label>.json")
     parser.add_argument("--no-report", action="store_true", help="skip docs/benchmarks.md")
@@ -555,6 +557,12 @@ def parse(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
     return plan, args
 
 
+def _cpus(spec: str) -> set[int]:
+    """A taskset CPU list ("1", "1-3") as a set."""
+    first, _, last = spec.partition("-")
+    return set(range(int(first), int(last or first) + 1))
+
+
 def preflight() -> None:
     require_tool("wrk", "wrk (apt-get install wrk)")
     require_tool("redis-server", "redis-server (apt-get install redis-server)")
@@ -574,6 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import tempfile
 
+    if plan.support_cpus:  # this process drives the probes: keep it off the service's core
+        os.sched_setaffinity(0, _cpus(plan.support_cpus))
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         try:
             results = asyncio.run(run(plan, Path(tmp)))
