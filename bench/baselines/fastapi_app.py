@@ -3,7 +3,10 @@
 Same JWT check (PyJWT, HS256, `exp` and `sub` required), same RBAC rule (owner, ACL or role
 admin), same Redis operations on the same keys as sessionmgr's hot tier: a pipelined HGETALL +
 LRANGE for a GET; WATCH, HGETALL, compare the version, MULTI, HSET + XADD, EXEC for a PATCH.
-pydantic models validate the body and shape the answer. Serve it with
+pydantic models validate the body and shape the answer. Its pool is redis-py's stock
+`BlockingConnectionPool`, what a peer built on stock redis-py has (sessionmgr's `BoundedPool`
+saves about 15 us per command, docs/benchmarks.md); its heap is frozen after start-up as
+sessionmgr's is. Serve it with
 `uvicorn bench.baselines.fastapi_app:app`, BENCH_REDIS_URL and BENCH_JWT_SECRET set.
 """
 
@@ -23,6 +26,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import WatchError
+
+from bench.baselines import freeze_after_startup
 
 POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "64"))
 OUTBOX = "bench_fastapi_outbox"  # not sessionmgr's stream: its write-behind must not see these
@@ -80,6 +85,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.redis = Redis(connection_pool=pool)
     app.state.secret = os.environ["BENCH_JWT_SECRET"]
+    freeze_after_startup()
     try:
         yield
     finally:

@@ -1,7 +1,9 @@
 """The floor: a bare Litestar route that does one HGETALL of a session's hash and returns it.
 
 No auth, no decoding of the stored fields, no timeline: what any Python ASGI service on this
-stack pays for one Redis round trip and a JSON answer. Serve it with
+stack pays for one Redis round trip and a JSON answer. It gets every process-level saving
+sessionmgr has (the same server, parser and pool, the heap frozen after start-up), so that it
+stays a floor. Serve it with
 `uvicorn bench.baselines.floor:app` and BENCH_REDIS_URL pointing at the seeded Redis.
 """
 
@@ -14,17 +16,21 @@ from contextlib import asynccontextmanager
 from litestar import Litestar, get
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
+
+from bench.baselines import freeze_after_startup
+from sessionmgr.storage.redis_pool import BoundedPool
 
 POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "64"))
 
 
 @asynccontextmanager
 async def redis_lifespan(app: Litestar) -> AsyncIterator[None]:
-    pool = BlockingConnectionPool.from_url(
+    pool = BoundedPool.from_url(
         os.environ["BENCH_REDIS_URL"], max_connections=POOL_SIZE, timeout=2.0
     )
     app.state.redis = Redis(connection_pool=pool, decode_responses=False)
+    freeze_after_startup()
     try:
         yield
     finally:
