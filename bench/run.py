@@ -428,6 +428,19 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                     note=f"each connection waits 0-{2 * delay} ms between requests",
                 )
             )
+            # The same again without the warm and cold readers: what the hot path holds when
+            # nothing else runs on the replica's loop (mongomock's reads run on it, see docs).
+            scenarios.append(
+                await scenario(
+                    env,
+                    plan,
+                    "mixed (50 % load, hot path only)",
+                    "sessionmgr",
+                    *one,
+                    paced,
+                    note="as above, without the warm and cold readers",
+                )
+            )
         if plan.wants("replicas") and plan.replicas > 1:
             scenarios.append(await replicas(env, plan, stack, replica, port))
         # Last: each create adds a session to the in-memory MongoDB, which slows its scans.
