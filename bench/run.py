@@ -195,7 +195,7 @@ async def scenario(
         "name": name,
         "target": target,
         "replicas": len(ports),
-        "connections": sum(p.connections for p in parts) + len(probes),
+        "connections": sum(r["connections"] for r in results),
         "wall_s": round(wall, 2),
         "parts": results,
         "requests": requests,
