@@ -23,6 +23,13 @@ class BoundedPool(ConnectionPool):
         super().__init__(**kwargs)
         self.timeout = timeout
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._in_maintenance = False
+
+    def set_in_maintenance(self, in_maintenance: bool) -> None:
+        """Called by redis-py around its MOVING handling (RESP3 maintenance notifications),
+        which rewrites the pool's lists under `self._lock`: meanwhile checkouts and releases
+        take that lock too, as `BlockingConnectionPool` does."""
+        self._in_maintenance = in_maintenance
 
     def _exhausted(self) -> bool:
         return (
@@ -31,9 +38,16 @@ class BoundedPool(ConnectionPool):
         )
 
     async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
-        if self._exhausted():
-            await self._wait()
-        connection = self.get_available_connection()  # type: ignore[no-untyped-call]  # a free one, or a new one
+        while True:
+            if self._exhausted():
+                await self._wait()
+            if not self._in_maintenance:
+                connection = self._take()
+                break
+            async with self._lock:  # redis-py is moving connections between the lists
+                if not self._exhausted():
+                    connection = self._take()
+                    break
         try:
             await self.ensure_connection(connection)
         except BaseException:
@@ -42,9 +56,23 @@ class BoundedPool(ConnectionPool):
         return connection
 
     async def release(self, connection: AbstractConnection) -> None:
+        try:
+            if connection.should_reconnect():  # type: ignore[no-untyped-call]
+                # Still counted in use while it disconnects: no caller opens one more meanwhile.
+                await connection.disconnect()
+        finally:  # even if this release is cancelled: the connection is never lost to the pool
+            if self._in_maintenance:
+                async with self._lock:
+                    self._put_back(connection)
+            else:
+                self._put_back(connection)
+
+    def _take(self) -> AbstractConnection:
+        connection: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call]
+        return connection  # a free one, or a new one
+
+    def _put_back(self, connection: AbstractConnection) -> None:
         self._in_use_connections.remove(connection)
-        if connection.should_reconnect():  # type: ignore[no-untyped-call]
-            await connection.disconnect()
         self._available_connections.append(connection)
         self._wake_one()
 

@@ -94,3 +94,59 @@ async def test_a_wake_up_for_a_caller_that_left_goes_to_the_next_one(pool: Bound
         await first
     for connection in (got, held[1]):
         await pool.release(connection)
+
+
+async def test_a_connection_that_reconnects_on_release_still_counts_until_it_is_back(
+    pool: BoundedPool,
+) -> None:
+    """Found in review: release() used to take it out of use before disconnecting it, so a
+    caller could open one more meanwhile and the pool handed out max + 1."""
+    first, second = await pool.get_connection(), await pool.get_connection()
+    first.mark_for_reconnect()
+    releasing = asyncio.create_task(pool.release(first))
+    await asyncio.sleep(0)  # the release is now disconnecting `first`
+    taker = asyncio.create_task(pool.get_connection())
+    await releasing
+    taken = await asyncio.wait_for(taker, 1)
+
+    assert taken is first
+    assert len(pool._in_use_connections) == 2
+    with pytest.raises(RedisConnectionError, match="No connection available"):
+        await pool.get_connection()
+    for connection in (taken, second):
+        await pool.release(connection)
+
+
+async def test_a_cancelled_release_still_returns_the_connection_and_wakes_a_waiter(
+    pool: BoundedPool,
+) -> None:
+    first, second = await pool.get_connection(), await pool.get_connection()
+    waiting = asyncio.create_task(pool.get_connection())
+    await asyncio.sleep(0.05)
+    first.mark_for_reconnect()
+    releasing = asyncio.create_task(pool.release(first))
+    await asyncio.sleep(0)
+    releasing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await releasing
+
+    got = await asyncio.wait_for(waiting, 1)
+    assert got is first
+    for connection in (got, second):
+        await pool.release(connection)
+
+
+async def test_during_redis_py_maintenance_a_checkout_waits_for_the_pool_lock(
+    pool: BoundedPool,
+) -> None:
+    """redis-py's MOVING handling rewrites the lists under the pool's lock, with the pool
+    told it is in maintenance: a checkout then waits for that lock."""
+    async with pool._lock:
+        pool.set_in_maintenance(True)
+        checkout = asyncio.create_task(pool.get_connection())
+        await asyncio.sleep(0.05)
+        assert not checkout.done()
+        pool.set_in_maintenance(False)
+    connection = await asyncio.wait_for(checkout, 1)
+    await pool.release(connection)
+    assert not pool._in_use_connections
