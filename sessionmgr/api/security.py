@@ -18,6 +18,8 @@ from sessionmgr.api.ratelimit import RateLimiter
 
 # Probes, scrapes and the API's own description are open; everything else needs a token.
 PUBLIC_PREFIXES = ("/health", "/metrics", "/schema")
+# Every connection that can reach a route (a websocket route, should one come, included).
+_AUTHENTICATED = frozenset({ScopeType.HTTP, ScopeType.WEBSOCKET})
 
 
 def _authorization(scope: Scope) -> str | None:
@@ -30,9 +32,9 @@ def _authorization(scope: Scope) -> str | None:
 def authentication_middleware(app: ASGIApp) -> ASGIApp:
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if (
-            scope["type"] != ScopeType.HTTP
+            scope["type"] not in _AUTHENTICATED
             or scope["path"].startswith(PUBLIC_PREFIXES)
-            or scope["method"] == "OPTIONS"  # Litestar answers it itself, with no data
+            or scope.get("method") == "OPTIONS"  # Litestar answers it itself, with no data
         ):
             await app(scope, receive, send)
             return
