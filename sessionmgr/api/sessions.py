@@ -8,6 +8,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import Controller, Litestar, Request, Response, delete, get, patch, post, put
+from litestar.enums import MediaType
 from litestar.exceptions import ClientException
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.response.base import ASGIResponse
@@ -104,15 +105,25 @@ class SessionResponse(Response[Session]):
 
     Every read and write of a session answers with one: msgspec encodes the struct straight
     to the body (the same bytes Litestar's serializer gives a Struct), and the headers are
-    written as the raw list ASGI takes. The handlers still declare `Response[Session]`, so the
-    OpenAPI schema is Litestar's own.
+    written as the raw list ASGI takes (the same headers, in another order). A response that
+    carries anything else (cookies, background tasks, another media type or encoders, from
+    the handler or its route) goes through Litestar's own path. The handlers still declare
+    `Response[Session]`, so the OpenAPI schema is Litestar's own.
     """
 
     def to_asgi_response(
         self, app: Litestar | None, request: Request[Any, Any, Any], **options: Any
     ) -> ASGIResponse:
-        if options.get("background") or options.get("cookies") or options.get("headers"):
-            return super().to_asgi_response(app, request, **options)  # route-level extras
+        if (
+            options.get("background")
+            or options.get("cookies")
+            or options.get("headers")
+            or self.background
+            or self.cookies
+            or self.response_type_encoders
+            or self.media_type not in (None, MediaType.JSON, "application/json")
+        ):
+            return super().to_asgi_response(app, request, **options)  # extras: Litestar's way
         body = msgspec.json.encode(self.content)
         headers = [
             (b"content-type", b"application/json"),

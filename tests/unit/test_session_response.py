@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from litestar import Response
+from litestar.background_tasks import BackgroundTask
+from litestar.datastructures import Cookie
 from litestar.serialization import encode_json
 from litestar.testing import RequestFactory
 
@@ -53,3 +55,27 @@ async def test_it_sends_litestars_bytes_and_headers_for_a_session() -> None:
     assert headers == generic_headers
     assert headers[b"etag"] == f'"{session.version}"'.encode()
     assert headers[b"content-length"] == str(len(body)).encode()
+
+
+async def test_anything_beyond_a_plain_json_answer_goes_through_litestar() -> None:
+    """Found in review: cookies, a background task or another media type on the response
+    itself were dropped by the fast path."""
+    session = to_session(SessionRecordFactory.build(), [], {}, datetime.now(UTC))
+    ran: list[bool] = []
+
+    async def note() -> None:
+        ran.append(True)
+
+    ours = SessionResponse(
+        session,
+        headers={"ETag": '"1"'},
+        cookies=[Cookie(key="k", value="v")],
+        media_type="application/vnd.x+json",
+        background=BackgroundTask(note),
+    )
+    _, headers, body = await _sent(ours)
+
+    assert headers[b"content-type"] == b"application/vnd.x+json"
+    assert headers[b"set-cookie"].startswith(b"k=v")
+    assert body == encode_json(session)
+    assert ran == [True]
