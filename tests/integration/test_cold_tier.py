@@ -14,6 +14,7 @@ import httpx
 import msgspec
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessionmgr.api.bridge import resolve
 from sessionmgr.container import Container, build_container
@@ -49,6 +50,13 @@ def owner(auth: Callable[..., Headers]) -> Headers:
     return auth("alice")
 
 
+async def _backlog(redis: Redis) -> int:
+    try:
+        return int(await redis.xlen(OUTBOX_STREAM))
+    except RedisTimeoutError:  # the loop was held past the socket timeout: look again
+        return -1
+
+
 async def dormant_session(
     api: httpx.AsyncClient, redis: Redis, owner: Headers, events: int = 30
 ) -> dict[str, Any]:
@@ -64,11 +72,15 @@ async def dormant_session(
     for start in range(0, events, 100):
         batch = range(start + 1, min(start + 100, events) + 1)
         await append_events(api, owner, sid, *({"kind": "note", "data": {"n": i}} for i in batch))
+    # The in-memory MongoDB's inserts are synchronous scans on this loop, and the write-behind
+    # delivering 1 000 events can hold it past Redis' 0.5 s socket timeout, which then fails
+    # the suspend's own Redis call (a 503, seen once under coverage). Let it catch up first.
+    await eventually(lambda: _backlog(redis), lambda n: n == 0, timeout_s=60)
     r = await api.post(f"/v1/sessions/{sid}/suspend", headers=owner)
     assert r.status_code == 200, r.text
     # The write-behind re-delivers what suspend flushed; let it finish, so what MongoDB holds
     # below is the archive's doing alone.
-    await eventually(lambda: redis.xlen(OUTBOX_STREAM), lambda n: n == 0)
+    await eventually(lambda: _backlog(redis), lambda n: n == 0, timeout_s=60)
     return await get_session(api, owner, sid, full=True)
 
 
@@ -159,7 +171,7 @@ async def test_a_long_session_goes_to_s3_and_comes_back_whole(
     assert (updated["state"], updated["version"]) == ("active", before["version"] + 1)
     r = await api.post(f"/v1/sessions/{sid}/suspend", headers=owner)
     assert r.status_code == 200, r.text
-    await eventually(lambda: redis.xlen(OUTBOX_STREAM), lambda n: n == 0)
+    await eventually(lambda: _backlog(redis), lambda n: n == 0, timeout_s=60)
     again = await archive(api, owner, sid)
     assert again.status_code == 200, again.text
     assert again.json()["version"] == before["version"] + 1
