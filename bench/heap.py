@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import os
 import sys
 import time
@@ -46,6 +47,7 @@ async def measure(sessions: int) -> None:
             gc_freeze=False,  # frozen by hand below, after the first figures
         )
         app = create_app(build_container(settings, write_behind=False))
+        logging.getLogger().setLevel(logging.WARNING)  # no line per request
         headers = {"Authorization": f"Bearer {issue_token(secret, 'bench-user')}"}
         transport = httpx.ASGITransport(app=app)
         async with app.lifespan(), httpx.AsyncClient(transport=transport, base_url="http://t") as c:

@@ -191,9 +191,15 @@ async def warm_probe(
 
 
 async def cold_probe(
-    base_url: str, token: str, ids: Sequence[str], concurrency: int, pace_s: float = 0.0
+    base_url: str,
+    token: str,
+    ids: Sequence[str],
+    concurrency: int,
+    pace_s: float = 0.0,
+    seconds: float | None = None,
 ) -> dict[str, Any]:
-    """Read each archived session once (a second read would no longer be cold)."""
+    """Read each archived session once (a second read would no longer be cold), stopping
+    after `seconds` when given (beside wrk, within its measured window)."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     headers = {"Authorization": f"Bearer {token}"}
@@ -202,7 +208,7 @@ async def cold_probe(
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as client:
 
         async def worker() -> None:
-            while queue:
+            while queue and (seconds is None or time.perf_counter() - started < seconds):
                 sid = queue.pop()
                 t0 = time.perf_counter()
                 resp = await client.get(f"/v1/sessions/{sid}")

@@ -1,0 +1,164 @@
+"""`python -m bench.micro`: CPU per request of the app called as ASGI in a loop, and of one
+Redis command through each connection pool, in one process, no HTTP server, no load tool.
+
+The steadier figure for a change to the hot path: no network stack, no wrk, no scheduler
+noise from other processes, only `time.process_time()` around N calls. `app` sends a hot GET
+and an update (PATCH) of one session straight to the Litestar app (a private redis-server,
+the in-memory MongoDB, tracing off); `pool` times HGETALL through redis-py's
+`BlockingConnectionPool`, its plain `ConnectionPool` and sessionmgr's `BoundedPool`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+SECRET = "bench-micro-secret-0123456789abcdef"
+
+
+async def per_call_us(fn: Callable[[], Awaitable[Any]], n: int) -> float:
+    for _ in range(min(2000, n)):  # warm-up
+        await fn()
+    started = time.process_time()
+    for _ in range(n):
+        await fn()
+    return (time.process_time() - started) / n * 1e6
+
+
+async def app_figures(redis_url: str, n: int) -> None:
+    from sessionmgr.api.auth import issue_token
+    from sessionmgr.app import create_app
+    from sessionmgr.container import build_container
+    from sessionmgr.devstack import dev_aws_credentials
+    from sessionmgr.settings import load_settings
+
+    dev_aws_credentials(os.environ)
+    settings = load_settings(
+        {},
+        redis_url=redis_url,
+        mongodb_uri="mongomock://",
+        jwt_secret=SECRET,
+        rate_limit_per_s=0,
+        s3_endpoint_url="http://127.0.0.1:9",  # configured, never called here
+        s3_bucket="bench-micro",
+    )
+    app = create_app(build_container(settings, write_behind=False))
+    logging.getLogger().setLevel(logging.WARNING)
+    auth = f"Bearer {issue_token(SECRET, 'bench-user')}".encode()
+    answer: dict[str, Any] = {}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            answer["body"] = message.get("body", b"")
+
+    async def call(method: str, path: str, body: bytes = b"") -> None:
+        headers = [(b"host", b"bench"), (b"authorization", auth)]
+        if body:
+            headers += [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+            ]
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 5555),
+            "server": ("127.0.0.1", 8080),
+            "state": {},
+        }
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await app(scope, receive, send)  # type: ignore[arg-type]
+
+    async with app.lifespan():
+        await call("POST", "/v1/sessions/", b'{"work_in_progress": {"step": 0}}')
+        assert answer["status"] == 201, answer
+        import msgspec
+
+        created = msgspec.json.decode(answer["body"])
+        path, version = f"/v1/sessions/{created['id']}", [created["version"]]
+
+        async def hot_get() -> None:
+            await call("GET", path)
+
+        async def update() -> None:
+            body = b'{"expected_version": %d, "patch": {"work_in_progress": {"step": %d}}}' % (
+                version[0],
+                version[0],
+            )
+            await call("PATCH", path, body)
+            version[0] += 1
+
+        for name, fn in (("hot GET", hot_get), ("update", update)):
+            us = await per_call_us(fn, n)
+            assert answer["status"] == 200, answer
+            print(f"{name}: {us:.1f} us of CPU per request (app only, in-process)")
+
+
+async def pool_figures(redis_url: str, n: int) -> None:
+    from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+
+    from sessionmgr.storage.redis_pool import BoundedPool
+
+    pools = (
+        (
+            "redis-py BlockingConnectionPool",
+            BlockingConnectionPool.from_url(redis_url, max_connections=64, timeout=1),
+        ),
+        ("redis-py ConnectionPool", ConnectionPool.from_url(redis_url, max_connections=64)),
+        ("sessionmgr BoundedPool", BoundedPool.from_url(redis_url, max_connections=64, timeout=1)),
+    )
+    for name, pool in pools:
+        client = Redis(connection_pool=pool)
+        await client.hset("bench-micro", mapping={"a": "1", "b": "2"})
+        us = await per_call_us(lambda client=client: client.hgetall("bench-micro"), n)
+        print(f"{name}: {us:.1f} us of CPU per HGETALL")
+        await client.aclose()
+
+
+async def measure(what: str, n: int) -> None:
+    from sessionmgr.devstack import RedisServer
+
+    redis = RedisServer().start()
+    try:
+        if what in ("app", "all"):
+            await app_figures(redis.url, n)
+        if what in ("pool", "all"):
+            await pool_figures(redis.url, n)
+    finally:
+        redis.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__)
+    parser.add_argument("what", choices=["app", "pool", "all"], nargs="?", default="all")
+    parser.add_argument("-n", type=int, default=20_000, help="calls per figure")
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.run(measure(args.what, args.n))
+    except ImportError:
+        asyncio.run(measure(args.what, args.n))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
