@@ -36,7 +36,7 @@ async def resolve_at_startup(app: Litestar) -> None:
 async def freeze_startup_heap(app: Litestar) -> None:
     """An `on_startup` hook, last: move what start-up built out of the collector's reach.
 
-    A replica starts with ~185 000 long-lived objects (the app, its routes and schemas, the
+    A replica starts with ~185 000-195 000 long-lived objects (the app, its routes and schemas, the
     modules, the AWS SDK's service models), and CPython's full collection walks all of them:
     about 100 ms in which no request is answered, several times a minute under load
     (docs/benchmarks.md). `gc.freeze()` puts them in the permanent generation, so a full
