@@ -119,7 +119,9 @@ def test_before_and_after_table_pairs_the_same_scenarios() -> None:
 
     text = report.render(after, RESULTS, [])
 
-    assert "| hot GET | sessionmgr | 3000 → 4500 (1.50x) | GET hot: 8.0 → 4.0 | 0.40 → 0.30 |" in text
+    assert (
+        "| hot GET | sessionmgr | 3000 → 4500 (1.50x) | GET hot: 8.0 → 4.0 | 0.40 → 0.30 |" in text
+    )
 
 
 def test_profile_summary_ranks_functions_and_packages() -> None:
