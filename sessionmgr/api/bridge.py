@@ -36,12 +36,13 @@ async def resolve_at_startup(app: Litestar) -> None:
 async def freeze_startup_heap(app: Litestar) -> None:
     """An `on_startup` hook, last: move what start-up built out of the collector's reach.
 
-    A replica starts with ~185 000-195 000 long-lived objects (the app, its routes and schemas, the
-    modules, the AWS SDK's service models), and CPython's full collection walks all of them:
-    about 100 ms in which no request is answered, several times a minute under load
-    (docs/benchmarks.md). `gc.freeze()` puts them in the permanent generation, so a full
-    collection walks only what the service allocated since. `SESSIONMGR_GC_FREEZE=false`
-    turns it off (the tests do: they build hundreds of apps in one process).
+    A replica starts with 185 000-195 000 long-lived objects (the app, its routes and schemas,
+    the modules, the AWS SDK's service models), and CPython's full collection walks all of
+    them: about 95 ms in which no request is answered (`python -m bench.heap`), and often
+    enough under load to cost a third of a hot GET's CPU (docs/benchmarks.md). `gc.freeze()`
+    puts them in the permanent generation, so a full collection walks only what the service
+    allocated since. `SESSIONMGR_GC_FREEZE=false` turns it off (the tests do: they build
+    hundreds of apps in one process).
     """
     if not app.state.container.settings().gc_freeze:
         return
