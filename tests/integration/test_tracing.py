@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import httpx
 import pytest
@@ -19,8 +16,8 @@ from redis.asyncio import Redis
 from sessionmgr.container import Container, build_container
 from sessionmgr.settings import Settings
 from sessionmgr.storage.warm import MongoWarmStore
-from sessionmgr.telemetry import JsonFormatter
 from tests.integration.session_api import create_session, eventually, get_session
+from tests.support.logs import captured_lines
 from tests.support.redis_server import RedisServer
 
 Headers = Callable[..., dict[str, str]]
@@ -243,16 +240,6 @@ async def test_write_behind_batches_are_root_spans_with_mongodb_children(
     )
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.setFormatter(JsonFormatter())
-        self.lines: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.loads(self.format(record)))
-
-
 async def test_the_503_log_line_carries_the_requests_trace_id(
     api: httpx.AsyncClient,
     auth: Headers,
@@ -262,16 +249,12 @@ async def test_the_503_log_line_carries_the_requests_trace_id(
     sid = (await create_session(api, auth()))["id"]
     exporter.clear()
     redis_server.stop()
-    handler = _Lines()
-    logging.getLogger().addHandler(handler)
-    try:
+    with captured_lines() as handler:
         r = await api.patch(
             f"/v1/sessions/{sid}",
             json={"expected_version": 1, "patch": {"work_in_progress": {"a": 1}}},
             headers=auth(),
         )
-    finally:
-        logging.getLogger().removeHandler(handler)
     assert r.status_code == 503
 
     root = request_span(exporter.get_finished_spans(), f"PATCH {ROUTE}")

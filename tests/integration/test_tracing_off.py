@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import httpx
 import pytest
@@ -13,29 +10,18 @@ import pytest
 from sessionmgr.api.bridge import resolve
 from sessionmgr.container import Container
 from sessionmgr.services.resilience import Guarded
-from sessionmgr.telemetry import JsonFormatter, records
+from sessionmgr.telemetry import records
 from tests.integration.session_api import create_session
+from tests.support.logs import JsonLines, captured_lines
 from tests.support.redis_server import RedisServer
 
 Headers = Callable[..., dict[str, str]]
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.setFormatter(JsonFormatter())
-        self.lines: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.loads(self.format(record)))
-
-
 @pytest.fixture
-def lines() -> Iterator[_Lines]:
-    handler = _Lines()
-    logging.getLogger().addHandler(handler)
-    yield handler
-    logging.getLogger().removeHandler(handler)
+def lines() -> Iterator[JsonLines]:
+    with captured_lines() as handler:
+        yield handler
 
 
 async def _a_503(api: httpx.AsyncClient, headers: dict[str, str], sid: str) -> None:
@@ -55,7 +41,7 @@ async def test_the_stores_are_not_wrapped_in_spans(
 
 
 async def test_a_503_log_line_has_a_fresh_trace_id_per_request(
-    api: httpx.AsyncClient, auth: Headers, redis_server: RedisServer, lines: _Lines
+    api: httpx.AsyncClient, auth: Headers, redis_server: RedisServer, lines: JsonLines
 ) -> None:
     sid = (await create_session(api, auth()))["id"]
     redis_server.stop()
@@ -69,7 +55,7 @@ async def test_a_503_log_line_has_a_fresh_trace_id_per_request(
 
 
 async def test_a_503_log_line_continues_the_callers_trace(
-    api: httpx.AsyncClient, auth: Headers, redis_server: RedisServer, lines: _Lines
+    api: httpx.AsyncClient, auth: Headers, redis_server: RedisServer, lines: JsonLines
 ) -> None:
     sid = (await create_session(api, auth()))["id"]
     redis_server.stop()
