@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -26,29 +24,14 @@ def _full_collection_ms() -> float:
 async def measure(sessions: int) -> None:
     import httpx
 
-    from sessionmgr.api.auth import issue_token
-    from sessionmgr.app import create_app
-    from sessionmgr.container import build_container
-    from sessionmgr.devstack import RedisServer, dev_aws_credentials
-    from sessionmgr.settings import load_settings
+    from bench.inprocess import bearer, build_app
+    from sessionmgr.devstack import RedisServer
 
-    dev_aws_credentials(os.environ)
-    secret = "bench-heap-secret-0123456789abcdef"
     redis = RedisServer().start()
     try:
-        settings = load_settings(
-            {},
-            redis_url=redis.url,
-            mongodb_uri="mongomock://",
-            jwt_secret=secret,
-            rate_limit_per_s=0,
-            s3_endpoint_url="http://127.0.0.1:9",  # configured, never called here
-            s3_bucket="bench-heap",
-            gc_freeze=False,  # frozen by hand below, after the first figures
-        )
-        app = create_app(build_container(settings, write_behind=False))
-        logging.getLogger().setLevel(logging.WARNING)  # no line per request
-        headers = {"Authorization": f"Bearer {issue_token(secret, 'bench-user')}"}
+        # Not frozen at start-up: frozen by hand below, after the first figures.
+        app = build_app(redis.url, gc_freeze=False)
+        headers = {"Authorization": bearer()}
         transport = httpx.ASGITransport(app=app)
         async with app.lifespan(), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             await c.get("/schema/openapi.json")

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
-
-SECRET = "bench-micro-secret-0123456789abcdef"
 
 
 async def per_call_us(fn: Callable[[], Awaitable[Any]], n: int) -> float:
@@ -32,25 +28,10 @@ async def per_call_us(fn: Callable[[], Awaitable[Any]], n: int) -> float:
 
 
 async def app_figures(redis_url: str, n: int) -> None:
-    from sessionmgr.api.auth import issue_token
-    from sessionmgr.app import create_app
-    from sessionmgr.container import build_container
-    from sessionmgr.devstack import dev_aws_credentials
-    from sessionmgr.settings import load_settings
+    from bench.inprocess import bearer, build_app
 
-    dev_aws_credentials(os.environ)
-    settings = load_settings(
-        {},
-        redis_url=redis_url,
-        mongodb_uri="mongomock://",
-        jwt_secret=SECRET,
-        rate_limit_per_s=0,
-        s3_endpoint_url="http://127.0.0.1:9",  # configured, never called here
-        s3_bucket="bench-micro",
-    )
-    app = create_app(build_container(settings, write_behind=False))
-    logging.getLogger().setLevel(logging.WARNING)
-    auth = f"Bearer {issue_token(SECRET, 'bench-user')}".encode()
+    app = build_app(redis_url)
+    auth = bearer().encode()
     answer: dict[str, Any] = {}
 
     async def send(message: dict[str, Any]) -> None:

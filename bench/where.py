@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import collections
 import cProfile
-import os
 import pstats
 import sys
 from collections.abc import Sequence
@@ -51,29 +50,14 @@ def shares(profile: cProfile.Profile) -> list[tuple[str, float]]:
 async def measure(sessions: int, reads: int) -> None:
     import httpx
 
+    from bench.inprocess import bearer, build_app
     from bench.load import drain_outbox
-    from sessionmgr.api.auth import issue_token
-    from sessionmgr.app import create_app
-    from sessionmgr.container import build_container
-    from sessionmgr.devstack import InProcessS3, RedisServer, dev_aws_credentials
-    from sessionmgr.settings import load_settings
+    from sessionmgr.devstack import InProcessS3, RedisServer
 
-    dev_aws_credentials(os.environ)
-    secret = "bench-where-secret-0123456789abcdef"
     redis, s3 = RedisServer().start(), InProcessS3("bench-where").start()
     try:
-        settings = load_settings(
-            {},
-            redis_url=redis.url,
-            mongodb_uri="mongomock://",
-            jwt_secret=secret,
-            rate_limit_per_s=0,
-            s3_endpoint_url=s3.url,
-            s3_bucket=s3.bucket,
-        )
-        app = create_app(build_container(settings, write_behind=True))
-        token = issue_token(secret, "bench-user", roles=("admin",))
-        headers = {"Authorization": f"Bearer {token}"}
+        app = build_app(redis.url, s3=s3, write_behind=True)
+        headers = {"Authorization": bearer(roles=("admin",))}
         transport = httpx.ASGITransport(app=app)
         async with (
             app.lifespan(),
