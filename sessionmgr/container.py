@@ -64,6 +64,8 @@ async def run_worker(
         block_ms=WORKER_BLOCK_MS,
         claim_idle_ms=settings.outbox_claim_idle_ms,
         max_deliveries=settings.outbox_max_deliveries,
+        park_after_s=settings.outbox_park_after_s,
+        backoff_max_s=settings.outbox_backoff_max_s,
         metrics=metrics,
         tracer=tracer,
     )

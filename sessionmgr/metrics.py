@@ -97,8 +97,19 @@ class Metrics:
         self.write_behind_entries = Counter(
             "sessionmgr_write_behind_entries",
             "Outbox entries handled by the write-behind worker, by outcome "
-            "(applied, retried, parked).",
+            "(applied, retried, parked, diverged).",
             ["outcome"],
+            registry=r,
+        )
+        self.write_behind_backoff = Gauge(
+            "sessionmgr_write_behind_backoff_seconds",
+            "How long the write-behind waits before its next try (0 while MongoDB takes writes).",
+            registry=r,
+        )
+        self.write_divergences = Counter(
+            "sessionmgr_write_divergences",
+            "Writes that reused a version or timeline seq MongoDB already held for another "
+            "write (Redis lost acknowledged writes); each is kept in session_conflicts.",
             registry=r,
         )
 

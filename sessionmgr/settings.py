@@ -64,6 +64,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     metrics_port: int | None = None
     # Move what start-up built out of the garbage collector's reach (sessionmgr.api.bridge).
     gc_freeze: bool = True
+    # The write-behind through a MongoDB outage: pauses grow to this, and an entry MongoDB
+    # refuses for its own content is parked only after this long and `outbox_max_deliveries`.
+    outbox_backoff_max_s: float = 10.0
+    outbox_park_after_s: float = 900.0
+    # Redis WAIT after each write: acknowledged means held by this many replicas (0: off).
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 500
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -184,6 +191,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _level,
     "metrics_port": _int(1, 65_535),
     "gc_freeze": _bool,
+    "outbox_backoff_max_s": _float(0.1, 600),
+    "outbox_park_after_s": _float(0, 7 * 86_400),
+    "redis_wait_replicas": _int(0, 16),
+    "redis_wait_timeout_ms": _int(1, 60_000),
 }
 
 

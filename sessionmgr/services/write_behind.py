@@ -2,8 +2,10 @@
 
 Every replica runs one, all in one consumer group. An entry is acknowledged (and deleted) only
 after MongoDB has it; entries a dead consumer left pending are claimed after
-`claim_idle_ms`; an entry that keeps failing for reasons other than MongoDB being down is
-parked on a dead-letter stream after `max_deliveries` attempts, with the error.
+`claim_idle_ms`. An outage (any error every entry would get now) never costs an entry
+anything: it stays pending and the worker backs off. Only an entry MongoDB refuses for its own
+content, `max_deliveries` times over at least `park_after_s` while others go through, is
+parked on a dead-letter stream that is never trimmed, with its last error.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import secrets
 import socket
 import time
@@ -27,16 +30,25 @@ from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.metrics import Metrics
 from sessionmgr.services.ports import WarmStore
 from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry
+from sessionmgr.storage.mongo_errors import describe
 
 log = logging.getLogger(__name__)
 GROUP = "writebehind"
 DEPARTED_AFTER_MS = 3_600_000
-DEAD_LETTER_MAX = 100_000  # parked entries kept for an operator to inspect, oldest dropped
 _decode_entry = msgspec.json.Decoder(OutboxEntry).decode
 
 
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class _Failure(msgspec.Struct):
+    """An entry MongoDB refused for its content: when it first failed, how often, why."""
+
+    first_at: float
+    attempts: int
+    error: str
+    next_at: float
 
 
 class WriteBehindWorker:
@@ -50,6 +62,9 @@ class WriteBehindWorker:
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
+        park_after_s: float = 900.0,
+        backoff_max_s: float = 10.0,
+        refused_retry_s: float = 1.0,
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
@@ -61,7 +76,11 @@ class WriteBehindWorker:
         self._block_ms = block_ms
         self._claim_idle_ms = claim_idle_ms
         self._max_deliveries = max_deliveries
-        self._failures: dict[bytes, int] = {}
+        self._park_after_s = park_after_s
+        self._backoff_max_s = backoff_max_s
+        self._refused_retry_s = refused_retry_s
+        self._failures: dict[bytes, _Failure] = {}
+        self._last_applied = 0.0  # monotonic time MongoDB last took an entry
         self._last_claim = 0.0
         self._retry_own = True  # a restarted consumer may hold entries from before
         self.delivered = 0
@@ -77,8 +96,13 @@ class WriteBehindWorker:
                 raise
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until `stop` is set; finishes the entry in hand before returning."""
-        backoff, group_ready = 0.1, False
+        """Deliver until `stop` is set; finishes the entry in hand before returning.
+
+        While a backend is out (MongoDB refusing every write, or Redis gone) nothing is given
+        up: the worker waits, twice as long each time up to `backoff_max_s`, with jitter so
+        that replicas do not retry in step, and every entry stays pending.
+        """
+        failures, group_ready = 0, False
         self._stop = stop
         log.info("write-behind worker %s started", self.consumer)
         while not stop.is_set():
@@ -88,19 +112,30 @@ class WriteBehindWorker:
                     await self.ensure_group()
                     group_ready = True
                 await self.step()
-                backoff = 0.1
+                if failures:
+                    log.info("write-behind resumed after %d failed tries", failures)
+                failures = 0
+                self._metrics.write_behind_backoff.set(0)
             except (BackendUnavailable, RedisError, OSError) as exc:
                 # A Redis that restarted empty has lost the group too: create it again.
                 group_ready = False
-                log.warning("write-behind paused %.1fs: %s", backoff, exc)
-                await self._pause(stop, backoff)
-                backoff = min(backoff * 2, 5.0)
+                failures += 1
+                wait = self.backoff(failures)
+                log.warning("write-behind paused %.1fs (try %d): %s", wait, failures, exc)
+                self._metrics.write_behind_backoff.set(wait)
+                await self._pause(stop, wait)
             except Exception:
                 # A bug must not stop delivery for good: log it loudly and keep going.
-                log.exception("write-behind step failed; retrying in %.1fs", backoff)
-                await self._pause(stop, backoff)
-                backoff = min(backoff * 2, 5.0)
+                failures += 1
+                wait = self.backoff(failures)
+                log.exception("write-behind step failed; retrying in %.1fs", wait)
+                await self._pause(stop, wait)
         log.info("write-behind worker %s stopped", self.consumer)
+
+    def backoff(self, failures: int) -> float:
+        """0.1 s, doubling per failed try, capped; "full jitter" over the upper half."""
+        ceiling = min(self._backoff_max_s, 0.1 * 2 ** min(failures - 1, 30))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - not a secret
 
     @staticmethod
     async def _pause(stop: asyncio.Event, seconds: float) -> None:
@@ -112,9 +147,34 @@ class WriteBehindWorker:
         done = 0
         if time.monotonic() - self._last_claim >= self._claim_idle_ms / 1000 / 2:
             done += await self.claim_stale()
-        if self._retry_own:
-            done += await self._read("0", block_ms=None)
+        if self._retry_own and self._retry_due():
+            done += await self._retry_pending()
         done += await self._read(">", block_ms=self._block_ms if block_ms is None else block_ms)
+        return done
+
+    def _retry_due(self) -> bool:
+        """Our pending entries are worth reading again: one failed for an outage (no schedule)
+        or the earliest scheduled retry of an entry MongoDB refused has come."""
+        if not self._failures:
+            return True
+        return min(f.next_at for f in self._failures.values()) <= time.monotonic()
+
+    async def _retry_pending(self) -> int:
+        """Read our whole pending list again, page by page, and deliver what is due."""
+        start, done, seen = "0", 0, 0
+        while True:
+            reply: Any = await self._redis.xreadgroup(
+                GROUP, self.consumer, {OUTBOX_STREAM: start}, count=self._batch
+            )
+            page = reply[0][1] if reply else []
+            seen += len(page)
+            done += await self._deliver(page)
+            if len(page) < self._batch:
+                break
+            start = page[-1][0]
+        if not seen:
+            self._retry_own = False
+            self._failures.clear()
         return done
 
     async def claim_stale(self) -> int:
@@ -153,10 +213,7 @@ class WriteBehindWorker:
         reply: Any = await self._redis.xreadgroup(
             GROUP, self.consumer, {OUTBOX_STREAM: offset}, count=self._batch, block=block_ms
         )
-        entries = [e for e in reply[0][1] if e[1]] if reply else []  # deleted ids have no body
-        if offset == "0" and not entries:
-            self._retry_own = False
-        return await self._deliver(entries)
+        return await self._deliver(reply[0][1] if reply else [])
 
     async def _deliver(self, entries: list[Any]) -> int:
         if not entries:
@@ -171,6 +228,12 @@ class WriteBehindWorker:
             for entry_id, fields in entries:
                 if self._stop.is_set():
                     break  # shutting down: the rest stay pending for another replica to claim
+                if not fields:  # deleted from the stream, still in our pending list
+                    await self._ack(entry_id)
+                    continue
+                failure = self._failures.get(entry_id)
+                if failure is not None and failure.next_at > time.monotonic():
+                    continue  # refused before; its next try is not due yet
                 if await self._deliver_one(entry_id, fields):
                     done += 1
         return done
@@ -179,52 +242,73 @@ class WriteBehindWorker:
         try:
             entry = _decode_entry(fields[b"entry"])
         except (KeyError, msgspec.DecodeError) as exc:
-            await self._park(entry_id, fields, f"undecodable entry: {exc}")
+            await self._park(entry_id, fields, f"undecodable entry: {exc}", attempts=1)
             return False
         try:
             await self._warm.apply(entry.record, entry.events, entry.context)
         except BackendUnavailable:
+            # An outage: every entry would fail the same way now. It stays pending, counts
+            # nothing against this entry, and the run loop backs off.
             self._retry_own = True
             self._metrics.write_behind_entries.labels("retried").inc()
-            raise  # MongoDB is down: keep it pending, the run loop backs off
+            raise
         except Exception as exc:
-            return await self._failed(entry_id, fields, entry, exc)
+            return await self._refused(entry_id, fields, entry, exc)
         await self._ack(entry_id)
         self._failures.pop(entry_id, None)
+        self._last_applied = time.monotonic()
         self.delivered += 1
         self._metrics.write_behind_entries.labels("applied").inc()
         return True
 
-    async def _failed(
+    async def _refused(
         self, entry_id: bytes, fields: dict[bytes, bytes], entry: OutboxEntry, exc: Exception
     ) -> bool:
+        """MongoDB refused this entry (not an outage). Retry it on a growing schedule; park it
+        only when it has failed `max_deliveries` times over at least `park_after_s` while
+        other entries went through: when every entry fails alike, MongoDB is what is wrong."""
         self._retry_own = True
-        count = self._failures.get(entry_id, 0) + 1
-        self._failures[entry_id] = count
-        delivered = await self._times_delivered(entry_id)
+        now = time.monotonic()
+        failure = self._failures.get(entry_id) or _Failure(
+            first_at=now, attempts=0, error="", next_at=now
+        )
+        failure.attempts += 1
+        failure.error = describe(exc)
+        failure.next_at = now + min(60.0, self._refused_retry_s * 2 ** (failure.attempts - 1))
+        self._failures[entry_id] = failure
+        others_applied = self._last_applied > failure.first_at
         log.error(
-            "write-behind of session %s v%d failed (attempt %d): %r",
+            "write-behind of session %s v%d refused by MongoDB (attempt %d): %s",
             entry.record.id,
             entry.record.version,
-            max(count, delivered),
-            exc,
+            failure.attempts,
+            failure.error,
+            extra={"session_id": entry.record.id},
         )
-        if max(count, delivered) >= self._max_deliveries:
-            await self._park(entry_id, fields, repr(exc))
+        if (
+            failure.attempts >= self._max_deliveries
+            and now - failure.first_at >= self._park_after_s
+            and others_applied
+        ):
+            await self._park(entry_id, fields, failure.error, attempts=failure.attempts)
         else:
             self._metrics.write_behind_entries.labels("retried").inc()
         return False
 
-    async def _times_delivered(self, entry_id: bytes) -> int:
-        pending = await self._redis.xpending_range(
-            OUTBOX_STREAM, GROUP, min=entry_id, max=entry_id, count=1
-        )
-        return int(pending[0]["times_delivered"]) if pending else 0
-
-    async def _park(self, entry_id: bytes, fields: dict[bytes, bytes], error: str) -> None:
+    async def _park(
+        self, entry_id: bytes, fields: dict[bytes, bytes], error: str, *, attempts: int
+    ) -> None:
+        """Move an entry to the dead-letter stream, which is never trimmed: it stays there,
+        with its last error, until an operator replays or drops it (`sessionmgr outbox`)."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            dead: dict[Any, Any] = {**fields, b"error": error.encode(), b"id": entry_id}
-            pipe.xadd(DEAD_LETTER_STREAM, dead, maxlen=DEAD_LETTER_MAX, approximate=True)
+            dead: dict[Any, Any] = {
+                **fields,
+                b"error": error.encode(),
+                b"id": entry_id,
+                b"attempts": str(attempts).encode(),
+                b"parked_at": str(int(time.time())).encode(),
+            }
+            pipe.xadd(DEAD_LETTER_STREAM, dead)
             pipe.xack(OUTBOX_STREAM, GROUP, entry_id)
             pipe.xdel(OUTBOX_STREAM, entry_id)
             pipe.xlen(DEAD_LETTER_STREAM)
@@ -236,7 +320,7 @@ class WriteBehindWorker:
         log.error("outbox entry %s parked on %s: %s", entry_id.decode(), DEAD_LETTER_STREAM, error)
 
     async def _count_dead_letters(self) -> None:
-        """The dead-letter stream is shared by every replica and trimmed by operators."""
+        """The dead-letter stream is shared by every replica; only an operator empties it."""
         self._metrics.outbox_dead_letters.set(await self._redis.xlen(DEAD_LETTER_STREAM))
 
     async def _ack(self, entry_id: bytes) -> None:

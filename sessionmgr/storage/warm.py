@@ -16,7 +16,13 @@ from beanie import Document, init_beanie
 from motor.motor_asyncio import AsyncIOMotorClient
 from pydantic import Field
 from pymongo import ASCENDING, DESCENDING, IndexModel
-from pymongo.errors import BulkWriteError, ConnectionFailure, ExecutionTimeout, WTimeoutError
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    ExecutionTimeout,
+    PyMongoError,
+    WTimeoutError,
+)
 
 from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.domain.model import (
@@ -28,6 +34,7 @@ from sessionmgr.domain.model import (
 )
 from sessionmgr.services.ports import Page, SessionArchive, StoredSession
 from sessionmgr.settings import Settings
+from sessionmgr.storage.mongo_errors import describe, is_outage
 
 T = TypeVar("T")
 DUPLICATE_KEY = 11000
@@ -361,13 +368,18 @@ class MongoWarmStore:
 
 
 async def _guard(awaitable: Awaitable[T], *, retryable: bool = True) -> T:
-    """MongoDB out of reach or too slow becomes `BackendUnavailable` (retry later); any other
-    error is about the request itself and passes through, so the write-behind parks it
-    instead of retrying it forever."""
+    """An error every write would get now (out of reach, too slow, an election, credentials,
+    write concern, disk or quota) becomes `BackendUnavailable`: the caller retries later and
+    the write-behind keeps its entry. Only an error about the request itself passes through.
+    Only reachability and time-outs are retried at once: a refused credential is not."""
     try:
         return await awaitable
     except _TRANSIENT as exc:
-        raise BackendUnavailable("mongodb", type(exc).__name__, retryable=retryable) from exc
+        raise BackendUnavailable("mongodb", describe(exc), retryable=retryable) from exc
+    except PyMongoError as exc:
+        if not is_outage(exc):
+            raise
+        raise BackendUnavailable("mongodb", describe(exc), retryable=False) from exc
 
 
 def mongo_client(settings: Settings) -> Any:

@@ -263,7 +263,7 @@ async def test_an_entry_that_keeps_failing_is_parked_after_max_deliveries(
             raise ValueError("a bug in this entry's write")
 
     faulty = FaultyWarm(manual_warm, before=bug_at_version_2)
-    w = worker(manual_redis, faulty, "W", max_deliveries=3)
+    w = worker(manual_redis, faulty, "W", max_deliveries=3, park_after_s=0, refused_retry_s=0)
     await w.ensure_group()
     poison_id = (await manual_redis.xrange(OUTBOX_STREAM, count=1))[0][0]
 

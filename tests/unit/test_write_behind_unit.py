@@ -161,13 +161,52 @@ async def test_the_run_loop_survives_an_unexpected_error(redis: Any, w: World) -
     assert len(calls) >= 1
 
 
+async def test_an_entry_is_never_parked_while_every_entry_fails_alike(redis: Any, w: World) -> None:
+    """MongoDB refusing every write the same way is an outage, whatever the error says."""
+    ids = []
+    for _ in range(3):
+        session_id, entries = await session_history(w)
+        w.warm.apply_errors[session_id] = ValueError("not authorized on sessionmgr")
+        ids.append(session_id)
+        await publish(redis, entries)
+    worker = worker_for(redis, w.warm, max_deliveries=2, park_after_s=0, refused_retry_s=0)
+    await worker.ensure_group()
+
+    for _ in range(10):
+        await worker.step()
+
+    assert worker.parked == 0
+    assert await redis.xlen(DEAD_LETTER_STREAM) == 0
+    assert await worker.pending() == 9
+    del w.warm.apply_errors[ids[0]], w.warm.apply_errors[ids[1]], w.warm.apply_errors[ids[2]]
+    await worker.step()
+    assert await worker.pending() == 0
+    assert all(w.warm.sessions[i].version == 4 for i in ids)
+
+
+async def test_a_refused_entry_is_not_parked_before_park_after(redis: Any, w: World) -> None:
+    bad_id, bad_entries = await session_history(w)
+    _, good_entries = await session_history(w)
+    w.warm.apply_errors[bad_id] = ValueError("document fails validation")
+    await publish(redis, bad_entries[:1])
+    await publish(redis, good_entries)
+    worker = worker_for(redis, w.warm, max_deliveries=2, park_after_s=3600, refused_retry_s=0)
+    await worker.ensure_group()
+
+    for _ in range(10):
+        await worker.step()
+
+    assert worker.parked == 0, "attempts must spread over park_after_s, not pile up in seconds"
+    assert await worker.pending() == 1
+
+
 async def test_a_failing_entry_is_parked_after_max_deliveries(redis: Any, w: World) -> None:
     bad_id, bad_entries = await session_history(w)
     good_id, good_entries = await session_history(w)
     w.warm.apply_errors[bad_id] = ValueError("document too large")
     [first_bad, *_] = await publish(redis, bad_entries[:1])
     await publish(redis, good_entries)
-    worker = worker_for(redis, w.warm, max_deliveries=3)
+    worker = worker_for(redis, w.warm, max_deliveries=3, park_after_s=0, refused_retry_s=0)
     await worker.ensure_group()
 
     await worker.step()
