@@ -1,4 +1,5 @@
-"""The `sessionmgr` command line (DESIGN §8): `serve`, `dev`, `token`, `check`, `archive-sweep`.
+"""The `sessionmgr` command line (DESIGN §8): `serve`, `dev`, `token`, `check`, `archive-sweep`,
+`outbox`.
 
 Exit codes: 0 success, 1 a `check` failed or a session could not be archived, 2 bad usage or
 configuration (the message names the variable); `dev` stopped by SIGINT/SIGTERM ends with
@@ -122,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"at most this many sessions in this run (default {SWEEP_LIMIT})",
     )
     sweep.set_defaults(handler=_archive_sweep)
+    _add_outbox_commands(commands)
     return parser
 
 
@@ -375,3 +377,83 @@ async def _ping_s3(settings: Settings) -> str | None:
     finally:
         await resource.aclose()
     return "bucket reachable"
+
+
+# -- outbox: what the write-behind holds, and its dead letters ----------------------------------
+
+
+def _add_outbox_commands(commands: Any) -> None:
+    outbox = commands.add_parser(
+        "outbox", help="the write-behind outbox: status, and replay or drop of dead letters"
+    )
+    actions = outbox.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
+    status = actions.add_parser("status", help="pending entries, consumers and dead letters")
+    status.add_argument("--json", action="store_true", help="one JSON document")
+    status.add_argument(
+        "--limit", type=_positive, default=100, help="dead letters listed (default 100)"
+    )
+    status.set_defaults(handler=_outbox)
+    replay = actions.add_parser("replay", help="put dead letters back into the outbox")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", action="append", help="a dead letter's id (repeatable)")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    replay.set_defaults(handler=_outbox)
+    drop = actions.add_parser("drop", help="delete one dead letter for good (logged)")
+    drop.add_argument("--id", required=True, help="the dead letter's id")
+    drop.set_defaults(handler=_outbox)
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    from sessionmgr.telemetry import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return asyncio.run(_run_outbox(settings, args))
+
+
+async def _run_outbox(settings: Settings, args: argparse.Namespace) -> int:
+    from sessionmgr.storage.hot import redis_client
+    from sessionmgr.storage.outbox import OutboxAdmin
+
+    client = redis_client(settings, socket_timeout_s=max(5.0, settings.redis_socket_timeout_s))
+    try:
+        admin = OutboxAdmin(client)
+        if args.outbox_command == "status":
+            status = await admin.status(limit=args.limit)
+            _print_outbox_status(status, as_json=args.json)
+            return 0
+        if args.outbox_command == "replay":
+            replayed = await admin.replay(None if args.all else args.id)
+            for letter in replayed:
+                print(f"replayed {letter.id} (session {letter.session_id} v{letter.version})")
+            missing = set(args.id or ()) - {letter.id for letter in replayed}
+            for entry_id in sorted(missing):
+                print(f"error: no dead letter {entry_id}", file=sys.stderr)
+            print(f"{len(replayed)} dead letter(s) back in the outbox", flush=True)
+            return 1 if missing else 0
+        dropped = await admin.drop(args.id)
+        if dropped is None:
+            print(f"error: no dead letter {args.id}", file=sys.stderr)
+            return 1
+        print(f"dropped {dropped.id} (session {dropped.session_id} v{dropped.version}) for good")
+        return 0
+    finally:
+        await client.aclose()
+
+
+def _print_outbox_status(status: Any, *, as_json: bool) -> None:
+    import msgspec
+
+    if as_json:
+        print(msgspec.json.encode(status).decode())
+        return
+    print(f"pending       {status.pending} entries, oldest {status.oldest_age_s:.1f} s old")
+    print(f"consumers     {len(status.consumers)}")
+    for c in status.consumers:
+        print(f"  {c.name:<40} pending {c.pending:<6} idle {c.idle_ms / 1000:.1f} s")
+    print(f"dead letters  {status.dead_letters}")
+    for d in status.dead:
+        print(f"  {d.id}  session {d.session_id} v{d.version}  attempts {d.attempts}")
+        print(f"      {d.error}")
+    if len(status.dead) < status.dead_letters:
+        print(f"  ... {status.dead_letters - len(status.dead)} more (--limit)")

@@ -148,3 +148,17 @@ class ArchiveUnreadable(BackendUnavailable):
             message=f"s3 holds no readable archive of session {session_id}: {reason}",
         )
         self.session_id = session_id
+
+
+class OutboxEntriesParked(SessionError):
+    """Writes of this session sit on the outbox's dead-letter stream, not in MongoDB: archiving
+    now would archive a session without them. An operator replays or drops them first."""
+
+    def __init__(self, session_id: str, parked: int) -> None:
+        super().__init__(
+            f"session {session_id} has {parked} write(s) parked on the outbox's dead-letter "
+            "stream; an operator must replay or drop them (`sessionmgr outbox status`) before "
+            "it can be archived"
+        )
+        self.session_id = session_id
+        self.parked = parked

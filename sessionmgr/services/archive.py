@@ -33,6 +33,7 @@ from sessionmgr.domain.errors import (
     ArchiveUnreadable,
     BackendUnavailable,
     ConcurrencyConflict,
+    OutboxEntriesParked,
     SessionNotFound,
 )
 from sessionmgr.domain.model import ArchiveRef, SessionRecord, SessionState, utcnow
@@ -153,6 +154,8 @@ class Archivist:
                 await self._purge(session_id, stored.archive, kept)
                 return Archived(stub=stored, by_us=True)
             return Archived(stub=stored, by_us=False)
+        if parked := await self._hot.parked(session_id):
+            raise OutboxEntriesParked(session_id, parked)
         archive = await self._warm.export(session_id)
         if archive is None:  # archived by a fence-less path meanwhile: not ours to redo
             raise ConcurrencyConflict(session_id, None)
@@ -357,7 +360,7 @@ async def sweep(
         except (SessionIsHot, ArchiveInProgress, ConcurrencyConflict, SessionNotFound) as exc:
             result.skipped += 1
             report(f"{step} skipped   {session_id}  ({_why_skipped(exc)})")
-        except BackendUnavailable as exc:
+        except (BackendUnavailable, OutboxEntriesParked) as exc:
             result.failed.append(session_id)
             report(f"{step} FAILED    {session_id}  {exc}")
         else:

@@ -31,9 +31,9 @@ from sessionmgr.metrics import Metrics
 from sessionmgr.services.ports import WarmStore
 from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry
 from sessionmgr.storage.mongo_errors import describe
+from sessionmgr.storage.outbox import GROUP
 
 log = logging.getLogger(__name__)
-GROUP = "writebehind"
 DEPARTED_AFTER_MS = 3_600_000
 _decode_entry = msgspec.json.Decoder(OutboxEntry).decode
 
@@ -134,7 +134,7 @@ class WriteBehindWorker:
 
     def backoff(self, failures: int) -> float:
         """0.1 s, doubling per failed try, capped; "full jitter" over the upper half."""
-        ceiling = min(self._backoff_max_s, 0.1 * 2 ** min(failures - 1, 30))
+        ceiling = min(self._backoff_max_s, 0.1 * 2.0 ** min(failures - 1, 30))
         return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - not a secret
 
     @staticmethod

@@ -432,6 +432,20 @@ class RedisHotStore:
                 return Undelivered(events=events, context=context)
             start = "(" + batch[-1][0].decode()
 
+    async def parked(self, session_id: str) -> int:
+        """How many of this session's writes sit on the dead-letter stream (usually empty)."""
+        if not await self._guard(self._redis.xlen(DEAD_LETTER_STREAM)):
+            return 0
+        sid, count, start = session_id.encode(), 0, "-"
+        while True:
+            batch = await self._guard(
+                self._redis.xrange(DEAD_LETTER_STREAM, min=start, max="+", count=_SCAN_BATCH)
+            )
+            count += sum(1 for _, fields in batch if fields.get(b"sid") == sid)
+            if len(batch) < _SCAN_BATCH:
+                return count
+            start = "(" + batch[-1][0].decode()
+
     async def mark_deleted(self, session_id: str) -> None:
         await self._guard(self._redis.set(gone_key(session_id), b"1", ex=self._deleted_ttl))
 

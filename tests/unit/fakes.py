@@ -188,6 +188,7 @@ class InMemoryHotStore:
     idempotency: dict[str, bytes] = field(default_factory=dict)
     gone: set[str] = field(default_factory=set)
     outbox: list[OutboxEntry] = field(default_factory=list)
+    dead_letters: list[OutboxEntry] = field(default_factory=list)
     down: bool = False
     """While True every call raises `BackendUnavailable("redis")`, as `RedisHotStore` does."""
     between_read_and_commit: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
@@ -373,6 +374,10 @@ class InMemoryHotStore:
             events=[e for entry in mine for e in entry.events],
             context=max(contexts, key=lambda c: c.version, default=None),
         )
+
+    async def parked(self, session_id: str) -> int:
+        self._reachable()
+        return sum(1 for entry in self.dead_letters if entry.record.id == session_id)
 
     async def mark_deleted(self, session_id: str) -> None:
         self._reachable()
