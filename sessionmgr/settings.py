@@ -66,7 +66,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     gc_freeze: bool = True
     # The write-behind through a MongoDB outage: pauses grow to this, and an entry MongoDB
     # refuses for its own content is parked only after this long and `outbox_max_deliveries`.
-    outbox_backoff_max_s: float = 10.0
+    outbox_backoff_max_s: float = 5.0
     outbox_park_after_s: float = 900.0
     # Redis WAIT after each write: acknowledged means held by this many replicas (0: off).
     redis_wait_replicas: int = 0

@@ -63,7 +63,7 @@ class WriteBehindWorker:
         claim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
         park_after_s: float = 900.0,
-        backoff_max_s: float = 10.0,
+        backoff_max_s: float = 5.0,
         refused_retry_s: float = 1.0,
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
