@@ -13,6 +13,7 @@ from sessionmgr.api.bridge import forget_at_shutdown, freeze_startup_heap, resol
 from sessionmgr.api.health import HealthController
 from sessionmgr.api.metrics import metrics_endpoint, metrics_middleware
 from sessionmgr.api.problems import EXCEPTION_HANDLERS
+from sessionmgr.api.replayed import replayed_middleware
 from sessionmgr.api.security import authentication_middleware
 from sessionmgr.api.sessions import SessionController
 from sessionmgr.api.tracing import tracing_middleware
@@ -39,6 +40,7 @@ def create_app(container: Container | None = None) -> Litestar:
             metrics_middleware,
             tracing_middleware,
             authentication_middleware,  # and the rate limit
+            replayed_middleware,
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,

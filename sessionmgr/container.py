@@ -90,6 +90,8 @@ def limits_from(settings: Settings) -> Limits:
         max_events_per_append=settings.max_events_per_append,
         page_size_default=settings.page_size_default,
         page_size_max=settings.page_size_max,
+        idempotency_max_answer_bytes=settings.idempotency_max_answer_bytes,
+        idempotency_max_keys_per_caller=settings.idempotency_max_keys_per_caller,
     )
 
 

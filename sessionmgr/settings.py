@@ -71,6 +71,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # Redis WAIT after each write: acknowledged means held by this many replicas (0: off).
     redis_wait_replicas: int = 0
     redis_wait_timeout_ms: int = 500
+    # An Idempotency-Key's record keeps answers up to this size whole; a larger one keeps a
+    # receipt (id, version) and a replay answers the session as it is then.
+    idempotency_max_answer_bytes: int = 16_384
+    idempotency_max_keys_per_caller: int = 10_000
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -195,6 +199,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "outbox_park_after_s": _float(0, 7 * 86_400),
     "redis_wait_replicas": _int(0, 16),
     "redis_wait_timeout_ms": _int(1, 60_000),
+    "idempotency_max_answer_bytes": _int(256, 16 * 1_048_576),
+    "idempotency_max_keys_per_caller": _int(1, 10_000_000),
 }
 
 

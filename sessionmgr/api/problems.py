@@ -24,6 +24,7 @@ from sessionmgr.domain.errors import (
     RateLimited,
     SessionError,
     SessionNotFound,
+    TooManyIdempotencyKeys,
     VersionRequired,
 )
 
@@ -57,6 +58,7 @@ _STATUS: list[tuple[type[SessionError], int, str]] = [
     (InvalidInput, 422, "invalid-input"),
     (VersionRequired, 428, "version-required"),
     (RateLimited, 429, "rate-limited"),
+    (TooManyIdempotencyKeys, 429, "quota-exceeded"),
     (BackendUnavailable, 503, "backend-unavailable"),
 ]
 _TITLES = {
@@ -104,7 +106,7 @@ def domain_error(request: Request[Any, Any, Any], exc: SessionError) -> Response
         problem.field = exc.field
     elif isinstance(exc, AuthenticationFailed):
         headers["WWW-Authenticate"] = 'Bearer realm="sessionmgr"'
-    elif isinstance(exc, RateLimited):
+    elif isinstance(exc, RateLimited | TooManyIdempotencyKeys):
         headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, BackendUnavailable):
         problem.backend = exc.backend

@@ -63,11 +63,21 @@ def _idem(request: Req, key: str | None, body: Any = None) -> Idempotency | None
             "Idempotency-Key must be 1-255 visible ASCII characters", "Idempotency-Key"
         )
     scope = hashlib.sha256(f"{request.user.sub}\x00{key}".encode()).hexdigest()
+    caller = hashlib.sha256(request.user.sub.encode()).hexdigest()[:32]
     payload = msgspec.json.encode(body) if body is not None else b""
+    # The preconditions are part of the request: the same key and body with another
+    # If-Match is another request (422), never the first one's answer.
+    preconditions = request.headers.get("if-match", "").encode("latin-1")
     fingerprint = hashlib.sha256(
-        request.method.encode() + b" " + request.url.path.encode() + b"\n" + payload
+        request.method.encode()
+        + b" "
+        + request.url.path.encode()
+        + b"\nif-match: "
+        + preconditions
+        + b"\n"
+        + payload
     ).hexdigest()
-    return Idempotency(key_digest=scope, fingerprint=fingerprint)
+    return Idempotency(key_digest=scope, fingerprint=fingerprint, caller=caller)
 
 
 async def _strict(request: Req, parsed: B) -> B:
@@ -271,9 +281,15 @@ class SessionController(Controller):
 
     @put("/{session_id:str}/participants/{mad_name:str}/lease", responses=responses(*READ, 422))
     async def renew_lease(
-        self, request: Req, session_id: SessionId, mad_name: MadName
+        self,
+        request: Req,
+        session_id: SessionId,
+        mad_name: MadName,
+        idempotency_key: IdemHeader = None,
     ) -> LeaseInfo:
-        return await _service(request).renew_lease(request.user, _sid(session_id), mad_name)
+        return await _service(request).renew_lease(
+            request.user, _sid(session_id), mad_name, _idem(request, idempotency_key)
+        )
 
     @delete("/{session_id:str}/participants/{mad_name:str}", responses=responses(*READ, 409, 422))
     async def remove_participant(

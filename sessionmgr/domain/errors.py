@@ -53,8 +53,8 @@ class PayloadTooLarge(SessionError):
 
 
 class IdempotencyKeyReused(SessionError):
-    def __init__(self) -> None:
-        super().__init__("this Idempotency-Key was already used with another request")
+    def __init__(self, reason: str = "this Idempotency-Key was already used with another request"):
+        super().__init__(reason)
 
 
 class IdempotencyKeyInFlight(SessionError):
@@ -162,3 +162,15 @@ class OutboxEntriesParked(SessionError):
         )
         self.session_id = session_id
         self.parked = parked
+
+
+class TooManyIdempotencyKeys(SessionError):
+    """The caller holds as many live Idempotency-Keys as it may (each keeps a record)."""
+
+    def __init__(self, cap: int, ttl_s: int) -> None:
+        super().__init__(
+            f"quota exceeded: at most {cap} Idempotency-Keys per caller within {ttl_s} s "
+            "(SESSIONMGR_IDEMPOTENCY_MAX_KEYS_PER_CALLER); reuse a key only for a retry"
+        )
+        self.cap = cap
+        self.retry_after_s = 60

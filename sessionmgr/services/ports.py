@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
@@ -42,13 +43,21 @@ class Change(msgspec.Struct, kw_only=True):
     leases_set: list[str] = msgspec.field(default_factory=list)
     leases_dropped: list[str] = msgspec.field(default_factory=list)
     result: bytes = b""
+    stored: bytes | None = None  # what the idempotency record keeps, when not `result`
 
 
 class Idempotency(msgspec.Struct, frozen=True):
-    """A client's Idempotency-Key, scoped to its principal, with the request's fingerprint."""
+    """A client's Idempotency-Key, scoped to its principal, with the request's fingerprint.
+
+    `caller` names the principal (a digest), for the cap on its live keys; `attempt` is this
+    request's own: a claim carries it, so an attempt that fails late can release only its
+    own claim, never that of a newer retry with the same key.
+    """
 
     key_digest: str
     fingerprint: str
+    caller: str = ""
+    attempt: str = msgspec.field(default_factory=lambda: secrets.token_hex(8))
 
 
 Decide = Callable[[HotView], Change | None]
@@ -56,7 +65,24 @@ CREATE_SCOPE = "create"  # idempotency scope of creates; every other scope is a 
 
 
 class Replayed(msgspec.Struct, frozen=True):
+    """The first answer to a key; a `receipt` (session id and version) stands in for an
+    answer too large to keep (`SESSIONMGR_IDEMPOTENCY_MAX_ANSWER_BYTES`)."""
+
     result: bytes
+
+    @property
+    def receipt(self) -> Receipt | None:
+        if not self.result.startswith(RECEIPT):
+            return None
+        return msgspec.json.decode(self.result[len(RECEIPT) :], type=Receipt)
+
+
+class Receipt(msgspec.Struct, frozen=True):
+    id: str
+    version: int
+
+
+RECEIPT = b"\x00receipt:"  # never the start of a JSON answer
 
 
 class Undelivered(msgspec.Struct, frozen=True):
@@ -82,12 +108,14 @@ class HotStore(Protocol):
     ) -> Replayed | Change | None: ...
     async def replay(self, scope: str, idem: Idempotency) -> Replayed | None: ...
     async def claim(self, scope: str, idem: Idempotency) -> Replayed | None: ...
+    async def admit_key(self, idem: Idempotency, cap: int) -> None: ...
     async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None: ...
     async def release(self, scope: str, idem: Idempotency) -> None: ...
     async def renew_lease(self, session_id: str, mad: str) -> int: ...
     async def suspend(self, session_id: str, flush: Flush) -> SessionRecord | None: ...
     async def undelivered(self, session_id: str) -> Undelivered: ...
     async def parked(self, session_id: str) -> int: ...
+    async def is_deleted(self, session_id: str) -> bool: ...
     async def mark_deleted(self, session_id: str) -> None: ...
     async def drop(self, session_id: str) -> None: ...
     async def fence(self, session_id: str, ttl_s: int) -> str | None: ...
@@ -101,7 +129,7 @@ class Page(msgspec.Struct, frozen=True):
 
 
 class WarmStore(Protocol):
-    async def insert(self, record: SessionRecord) -> None: ...
+    async def insert(self, record: SessionRecord) -> bool: ...
     async def get(self, session_id: str) -> SessionRecord | None: ...
     async def recent_events(self, session_id: str, limit: int) -> list[TimelineEvent]: ...
     async def all_events(self, session_id: str) -> list[TimelineEvent]: ...

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import re
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from sessionmgr.domain.errors import (
     ArchiveInProgress,
     BackendUnavailable,
     ConcurrencyConflict,
+    IdempotencyKeyReused,
     InvalidInput,
     ParticipantNotFound,
     SessionNotFound,
@@ -42,13 +44,17 @@ from sessionmgr.metrics import Metrics
 from sessionmgr.services.archive import Archivist, SessionIsHot
 from sessionmgr.services.ports import (
     CREATE_SCOPE,
+    RECEIPT,
     Change,
     HotStore,
     HotView,
     Idempotency,
+    Receipt,
+    Replayed,
     Undelivered,
     WarmStore,
 )
+from sessionmgr.services.replays import mark_replayed
 from sessionmgr.services.views import (
     AppendResult,
     LeaseInfo,
@@ -70,6 +76,8 @@ class Limits(msgspec.Struct, frozen=True):
     max_events_per_append: int = 100
     page_size_default: int = 20
     page_size_max: int = 100
+    idempotency_max_answer_bytes: int = 16_384
+    idempotency_max_keys_per_caller: int = 10_000
 
 
 class SessionService:
@@ -98,25 +106,34 @@ class SessionService:
         context_summary: dict[str, Any] | None = None,
         idem: Idempotency | None = None,
     ) -> Session:
-        """MongoDB first, then Redis: a failure in between leaves a valid dormant session."""
+        """MongoDB first, then Redis: a failure in between leaves a valid dormant session.
+
+        With an Idempotency-Key the session's id comes from the key (and the request), so a
+        retry after any failure finds the session the first attempt may have stored and
+        finishes it, instead of creating a second one.
+        """
         owner = owner_id or principal.sub
         if owner != principal.sub and not principal.may_act_for_others:
             raise AccessDenied("creating a session for another owner needs role admin or service")
         wip, ctx = work_in_progress or {}, context_summary or {}
         rules.check_value(wip, "work_in_progress", self._limits.max_field_bytes)
         rules.check_value(ctx, "context_summary", self._limits.max_field_bytes)
-        if idem is not None and (replay := await self._hot.claim(CREATE_SCOPE, idem)):
-            return msgspec.json.decode(replay.result, type=Session)
+        if idem is None:
+            return await self._create(new_session_id(), owner, wip, ctx, None)
+        await self._hot.admit_key(idem, self._limits.idempotency_max_keys_per_caller)
+        if replay := await self._claim(CREATE_SCOPE, idem):
+            return await self._replayed(principal, replay, Session)
+        session_id = keyed_session_id(idem)
         try:
-            return await self._create(owner, wip, ctx, idem)
+            await self._refuse_deleted(session_id)
+            return await self._create(session_id, owner, wip, ctx, idem)
         except BaseException:
-            if idem is not None:
-                with contextlib.suppress(BackendUnavailable):
-                    await self._hot.release(CREATE_SCOPE, idem)
+            await self._release(CREATE_SCOPE, idem)
             raise
 
     async def _create(
         self,
+        session_id: str,
         owner: str,
         wip: dict[str, Any],
         ctx: dict[str, Any],
@@ -124,7 +141,7 @@ class SessionService:
     ) -> Session:
         now = utcnow()
         record = SessionRecord(
-            id=new_session_id(),
+            id=session_id,
             version=1,
             state=SessionState.ACTIVE,
             owner_id=owner,
@@ -135,9 +152,25 @@ class SessionService:
             work_in_progress=wip,
             context_summary=ctx,
         )
-        await self._warm.insert(record)
+        if not await self._warm.insert(record):
+            return await self._finish_create(session_id, owner, idem)
         session = to_session(record, [], {}, now)
-        await self._hot.create(record, idem, _encode(session))
+        await self._hot.create(record, idem, self._keepable(_encode(session), record))
+        return session
+
+    async def _finish_create(
+        self, session_id: str, owner: str, idem: Idempotency | None
+    ) -> Session:
+        """An earlier attempt with this key stored the session and failed after: make it
+        active (once) and answer it as it is, then keep that answer for the key."""
+        if idem is None:  # a random 128-bit id met another: never in practice
+            raise BackendUnavailable("mongodb", "session id collision; retry", retryable=True)
+        creator = Principal(sub=owner, roles=frozenset({"admin"}))
+        view = await self._hot_view(creator, session_id)
+        if view.record.owner_id != owner:
+            raise IdempotencyKeyReused()
+        session = to_session(view.record, view.recent, view.lease_ttl_ms, utcnow())
+        await self._hot.remember(CREATE_SCOPE, idem, self._keepable(_encode(session), view.record))
         return session
 
     async def get(self, principal: Principal, session_id: str, *, full: bool = False) -> Session:
@@ -315,15 +348,26 @@ class SessionService:
         await self._mutate(principal, session_id, decide, idem, type(None), "leave")
         self._metrics.lease_operations.labels("leave").inc()
 
-    async def renew_lease(self, principal: Principal, session_id: str, mad_name: str) -> LeaseInfo:
+    async def renew_lease(
+        self,
+        principal: Principal,
+        session_id: str,
+        mad_name: str,
+        idem: Idempotency | None = None,
+    ) -> LeaseInfo:
         _check_mad(mad_name)
-        # A participating MAD is in the ACL (`mad:<name>`), so the ordinary check admits it.
-        view = await self._hot_view(principal, session_id)
-        if mad_name not in view.record.participants:
-            raise ParticipantNotFound(session_id, mad_name)
-        ttl_ms = await self._hot.renew_lease(session_id, mad_name)
-        self._metrics.lease_operations.labels("renew").inc()
-        return LeaseInfo(mad_name=mad_name, expires_at=utcnow() + timedelta(milliseconds=ttl_ms))
+
+        async def run() -> LeaseInfo:
+            # A participating MAD is in the ACL (`mad:<name>`), so the ordinary check admits it.
+            view = await self._hot_view(principal, session_id)
+            if mad_name not in view.record.participants:
+                raise ParticipantNotFound(session_id, mad_name)
+            ttl_ms = await self._hot.renew_lease(session_id, mad_name)
+            self._metrics.lease_operations.labels("renew").inc()
+            expires = utcnow() + timedelta(milliseconds=ttl_ms)
+            return LeaseInfo(mad_name=mad_name, expires_at=expires)
+
+        return await self._once(principal, session_id, idem, LeaseInfo, run)
 
     # -- moving between tiers ----------------------------------------------------------------
 
@@ -366,7 +410,15 @@ class SessionService:
                 await self._warm.delete(session_id)
             await self._hot.drop(session_id)
 
-        await self._once(principal, session_id, idem, type(None), run, owner_only=True)
+        try:
+            await self._once(principal, session_id, idem, type(None), run, owner_only=True)
+        except SessionNotFound:
+            # A keyed retry of a delete whose answer was lost: the tombstone says it went
+            # through. Finish its clean-up (dropping is idempotent) and answer as it would have.
+            if idem is None or not await self._hot.is_deleted(session_id):
+                raise
+            await self._hot.drop(session_id)
+            mark_replayed()
 
     async def archive(
         self, principal: Principal, session_id: str, idem: Idempotency | None = None
@@ -403,14 +455,22 @@ class SessionService:
     ) -> R:
         def guarded(view: HotView) -> Change:
             rules.require_access(principal, view.record.owner_id, view.record.acl)
-            return decide(view)
+            change = decide(view)
+            if idem is not None:
+                change.stored = self._keepable(change.result, change.record)
+            return change
 
+        if idem is not None:
+            await self._hot.admit_key(idem, self._limits.idempotency_max_keys_per_caller)
         try:
             for _ in range(3):
                 outcome = await self._hot.transact(session_id, guarded, idem)
                 if outcome is None:
                     await self._activate(principal, session_id)
                     continue
+                if isinstance(outcome, Replayed):
+                    await self._authorize(principal, session_id)  # a removed caller gets 403
+                    return await self._replayed(principal, outcome, result_type)
                 return msgspec.json.decode(outcome.result, type=result_type)
         except ConcurrencyConflict:
             self._metrics.version_conflicts.labels(operation).inc()
@@ -430,25 +490,63 @@ class SessionService:
     ) -> R:
         """Run a naturally idempotent action, replaying its first answer for a repeated key.
 
-        The caller's own earlier answer (the key is scoped to the caller) is replayed as is;
-        a new key is written only after the access check, never for a stranger.
+        Access is checked first, replay or not: a caller removed from the session since its
+        first call gets a 403, not its old answer. A key is written only after that check.
         """
         if idem is None:
             return await run()  # type: ignore[no-any-return]
         scope = session_id
-        if replay := await self._hot.replay(scope, idem):
-            return msgspec.json.decode(replay.result, type=result_type)
-        await self._authorize(principal, session_id, owner_only=owner_only)
-        if replay := await self._hot.claim(scope, idem):
-            return msgspec.json.decode(replay.result, type=result_type)
+        try:
+            await self._authorize(principal, session_id, owner_only=owner_only)
+        except SessionNotFound:
+            # Gone: nothing left to protect. A repeated delete answers as the first one did.
+            if replay := await self._hot.replay(scope, idem):
+                return await self._replayed(principal, replay, result_type)
+            raise
+        await self._hot.admit_key(idem, self._limits.idempotency_max_keys_per_caller)
+        if replay := await self._claim(scope, idem):
+            return await self._replayed(principal, replay, result_type)
         try:
             result = await run()
+            encoded = _encode(result)
+            # Only a session can be large; the other answers (nothing, a lease) are tiny.
+            kept = self._keepable(encoded, result) if isinstance(result, Session) else encoded
+            # Not remembered: the claim goes back and a retry runs the action again, which
+            # is harmless for these actions (they are idempotent by nature).
+            await self._hot.remember(scope, idem, kept)
         except BaseException:
-            with contextlib.suppress(BackendUnavailable):
-                await self._hot.release(scope, idem)
+            await self._release(scope, idem)
             raise
-        await self._hot.remember(scope, idem, _encode(result))
         return result  # type: ignore[no-any-return]
+
+    async def _claim(self, scope: str, idem: Idempotency) -> Replayed | None:
+        """Claim the key; if the answer was lost the claim may be ours: give it back, so the
+        client's retry is not told "in flight" until the claim lapses."""
+        try:
+            return await self._hot.claim(scope, idem)
+        except BackendUnavailable:
+            await self._release(scope, idem)
+            raise
+
+    async def _release(self, scope: str, idem: Idempotency) -> None:
+        """Best effort (the claim lapses by itself); only this attempt's own claim."""
+        with contextlib.suppress(BackendUnavailable):
+            await self._hot.release(scope, idem)
+
+    def _keepable(self, answer: bytes, session: SessionRecord | Session) -> bytes:
+        """The answer itself when small; a receipt (id, version) when it is not, so that one
+        keyed request on a large session never stores megabytes for a day."""
+        if len(answer) <= self._limits.idempotency_max_answer_bytes:
+            return answer
+        return RECEIPT + _encode(Receipt(id=session.id, version=session.version))
+
+    async def _replayed(self, principal: Principal, replay: Replayed, result_type: type[R]) -> R:
+        """The first answer again, marked as a replay; a receipt answers the session now."""
+        mark_replayed()
+        receipt = replay.receipt
+        if receipt is None:
+            return msgspec.json.decode(replay.result, type=result_type)
+        return await self.get(principal, receipt.id)  # type: ignore[return-value]
 
     async def _authorize(
         self, principal: Principal, session_id: str, *, owner_only: bool = False
@@ -589,3 +687,12 @@ def _decode_cursor(cursor: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{32}", raw):
         raise InvalidInput("cursor is not one this service handed out", "cursor")
     return raw
+
+
+def keyed_session_id(idem: Idempotency) -> str:
+    """The id a keyed create gives its session: the same for every retry of one request
+    (caller, key and body), unguessable without all three, and never that of another
+    request's session."""
+    digest = hashlib.sha256(b"sessionmgr create\x00" + idem.key_digest.encode())
+    digest.update(b"\x00" + idem.fingerprint.encode())
+    return digest.hexdigest()[:32]

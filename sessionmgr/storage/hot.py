@@ -39,6 +39,7 @@ from sessionmgr.domain.errors import (
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
     SessionNotFound,
+    TooManyIdempotencyKeys,
 )
 from sessionmgr.domain.model import (
     ContextUpdate,
@@ -74,6 +75,22 @@ CLAIM_TTL_S = 60
 _SCAN_BATCH = 500
 SCAN_LIMIT = 20_000  # outbox entries; past this a full read or suspend answers 503
 PENDING = b"\x00pending"  # never a JSON answer
+# A caller's live keys: forget the expired, refuse a new one past the cap, note this one.
+_ADMIT_KEY_SCRIPT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3])
+then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+# The archive fence: not on a hot session (2), taken (1), or held by another archiver (0).
+_FENCE_SCRIPT = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+return 0
+"""
+_FENCE_TAKEN, _FENCE_HOT = 1, 2
 _RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -155,6 +172,10 @@ def idem_index_key(session_id: str) -> str:
     return f"session_idem_keys:{{{session_id}}}"
 
 
+def caller_keys_key(caller: str) -> str:
+    return f"session_idem_caller:{{{caller}}}"
+
+
 def gone_key(session_id: str) -> str:
     return f"session_gone:{{{session_id}}}"
 
@@ -226,7 +247,9 @@ class RedisHotStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(hot_key(record.id), mapping=encode_record(record))  # type: ignore[arg-type]
             if idem is not None:
-                pipe.set(idem_key(CREATE_SCOPE, idem), idem_value(idem, result), ex=self._idem_ttl)
+                record_key = idem_key(CREATE_SCOPE, idem)
+                pipe.set(record_key, idem_value(idem, result), ex=self._idem_ttl)
+                self._index_idem(pipe, record.id, record_key)  # deleting the session drops it
             await self._guard(pipe.execute(), outcome_unknown=True)
 
     async def activate(self, session_id: str, load: Loader) -> SessionRecord | None:
@@ -297,7 +320,8 @@ class RedisHotStore:
             self._queue_change(pipe, session_id, change)
             if idem is not None:
                 record_key = idem_key(session_id, idem)
-                pipe.set(record_key, idem_value(idem, change.result), ex=self._idem_ttl)
+                kept = change.result if change.stored is None else change.stored
+                pipe.set(record_key, idem_value(idem, kept), ex=self._idem_ttl)
                 self._index_idem(pipe, session_id, record_key)
             # With an idempotency record in the MULTI a re-run finds the first answer.
             await self._guard(pipe.execute(), outcome_unknown=True, replayable=idem is not None)
@@ -326,7 +350,7 @@ class RedisHotStore:
         """
         key = idem_key(scope, idem)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(key, idem_value(idem, PENDING), nx=True, ex=CLAIM_TTL_S)
+            pipe.set(key, pending_value(idem), nx=True, ex=CLAIM_TTL_S)
             self._index_idem(pipe, scope, key)
             # Not replayable: a re-run would find its own claim and call it in flight.
             claimed = (await self._guard(pipe.execute(), outcome_unknown=True))[0]
@@ -339,9 +363,32 @@ class RedisHotStore:
         return replay_of(idem, await self._guard(self._redis.get(idem_key(scope, idem))))
 
     async def release(self, scope: str, idem: Idempotency) -> None:
-        """Give a claim back after a failure, unless an answer was stored meanwhile."""
-        pending = idem_value(idem, PENDING)
+        """Give this attempt's claim back after a failure; never an answer stored meanwhile,
+        never the claim of a newer attempt with the same key."""
+        pending = pending_value(idem)
         await self._guard(self._redis.eval(_RELEASE_SCRIPT, 1, idem_key(scope, idem), pending))
+
+    async def admit_key(self, idem: Idempotency, cap: int) -> None:
+        """Count a new key against its caller's live keys; `TooManyIdempotencyKeys` past `cap`.
+
+        One sorted set per caller, scored by expiry: a key counts until its records would
+        have expired, so a caller cannot hold more than `cap` records at once.
+        """
+        now = time.time()
+        admitted = await self._guard(
+            self._redis.eval(
+                _ADMIT_KEY_SCRIPT,
+                1,
+                caller_keys_key(idem.caller),
+                now,
+                idem.key_digest,
+                cap,
+                now + self._idem_ttl,
+                self._idem_ttl,
+            )
+        )
+        if not admitted:
+            raise TooManyIdempotencyKeys(cap, self._idem_ttl)
 
     async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -446,6 +493,9 @@ class RedisHotStore:
                 return count
             start = "(" + batch[-1][0].decode()
 
+    async def is_deleted(self, session_id: str) -> bool:
+        return bool(await self._guard(self._redis.exists(gone_key(session_id))))
+
     async def mark_deleted(self, session_id: str) -> None:
         await self._guard(self._redis.set(gone_key(session_id), b"1", ex=self._deleted_ttl))
 
@@ -476,9 +526,12 @@ class RedisHotStore:
         token = secrets.token_hex(16)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(fence_key(session_id), token, nx=True, ex=ttl_s)
-                pipe.exists(hot_key(session_id))
-                taken, hot = await self._guard(pipe.execute(), outcome_unknown=True)
+                # One script: a hot session is never fenced, so there is nothing to give back
+                # (a failed give-back would hold the session for the fence's whole TTL).
+                pipe.eval(
+                    _FENCE_SCRIPT, 2, fence_key(session_id), hot_key(session_id), token, ttl_s
+                )
+                (outcome,) = await self._guard(pipe.execute(), outcome_unknown=True)
         except BackendUnavailable:
             # The SET may have been applied with its reply lost: a retry would find this very
             # fence and take it for another archiver's. Release it if it is ours (best effort;
@@ -486,11 +539,10 @@ class RedisHotStore:
             with contextlib.suppress(BackendUnavailable):
                 await self.unfence(session_id, token)
             raise
-        if not taken:
-            raise ArchiveInProgress(session_id)
-        if hot:
-            await self.unfence(session_id, token)
+        if outcome == _FENCE_HOT:
             return None
+        if outcome != _FENCE_TAKEN:
+            raise ArchiveInProgress(session_id)
         return token
 
     async def unfence(self, session_id: str, token: str) -> None:
@@ -545,13 +597,18 @@ def idem_value(idem: Idempotency, result: bytes) -> bytes:
     return idem.fingerprint.encode() + b"\n" + result
 
 
+def pending_value(idem: Idempotency) -> bytes:
+    """A claim: the fingerprint, then PENDING and the attempt that holds it."""
+    return idem_value(idem, PENDING + b":" + idem.attempt.encode())
+
+
 def replay_of(idem: Idempotency, stored: bytes | None) -> Replayed | None:
     if stored is None:
         return None
     fingerprint, _, result = stored.partition(b"\n")
     if fingerprint.decode() != idem.fingerprint:
         raise IdempotencyKeyReused()
-    if result == PENDING:
+    if result.startswith(PENDING):
         raise IdempotencyKeyInFlight()
     return Replayed(result=result)
 

@@ -19,6 +19,7 @@ from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.errors import (
     BulkWriteError,
     ConnectionFailure,
+    DuplicateKeyError,
     ExecutionTimeout,
     PyMongoError,
     WTimeoutError,
@@ -128,10 +129,14 @@ class MongoWarmStore:
     async def ping(self) -> None:
         await _guard(self._db.command("ping"))
 
-    async def insert(self, record: SessionRecord) -> None:
+    async def insert(self, record: SessionRecord) -> bool:
+        """Store a new session; False when one with its id exists (a retried keyed create)."""
         doc = {**_to_doc(record), "full_context": {}, "context_version": 0}
-        # Not retried here: a lost reply may hide a stored document (pymongo retries once).
-        await _guard(self._sessions.insert_one(doc), retryable=False)
+        try:
+            await _guard(self._sessions.insert_one(doc))
+        except DuplicateKeyError:
+            return False
+        return True
 
     async def context(self, session_id: str) -> ContextUpdate | None:
         doc = await _guard(

@@ -26,6 +26,7 @@ from sessionmgr.domain.errors import (
     BackendUnavailable,
     ConcurrencyConflict,
     SessionNotFound,
+    TooManyIdempotencyKeys,
 )
 from sessionmgr.domain.model import ContextUpdate, SessionRecord, SessionState, TimelineEvent
 from sessionmgr.services.ports import (
@@ -41,11 +42,11 @@ from sessionmgr.services.ports import (
 )
 from sessionmgr.services.sessions import Limits, SessionService
 from sessionmgr.storage.hot import (
-    PENDING,
     OutboxEntry,
     decode_record,
     encode_record,
     idem_value,
+    pending_value,
     replay_of,
 )
 
@@ -77,12 +78,13 @@ class InMemoryWarmStore:
     async def ping(self) -> None:
         self._reachable()
 
-    async def insert(self, record: SessionRecord) -> None:
+    async def insert(self, record: SessionRecord) -> bool:
         self._reachable()
         if record.id in self.sessions:
-            raise AssertionError(f"duplicate _id {record.id}")
+            return False
         self.sessions[record.id] = _copy(record)
         self.contexts[record.id] = ContextUpdate(version=0, value={})
+        return True
 
     async def context(self, session_id: str) -> ContextUpdate | None:
         self._reachable()
@@ -186,6 +188,7 @@ class InMemoryHotStore:
     leases: dict[tuple[str, str], float] = field(default_factory=dict)
     """(session id, MAD) → monotonic deadline of the lease key."""
     idempotency: dict[str, bytes] = field(default_factory=dict)
+    caller_keys: dict[str, set[str]] = field(default_factory=dict)
     gone: set[str] = field(default_factory=set)
     outbox: list[OutboxEntry] = field(default_factory=list)
     dead_letters: list[OutboxEntry] = field(default_factory=list)
@@ -302,7 +305,8 @@ class InMemoryHotStore:
             raise _WatchFired
         self._commit(session_id, change)
         if idem is not None:
-            self.idempotency[_idem_key(session_id, idem)] = idem_value(idem, change.result)
+            kept = change.result if change.stored is None else change.stored
+            self.idempotency[_idem_key(session_id, idem)] = idem_value(idem, kept)
         return change
 
     def _commit(self, session_id: str, change: Change) -> None:
@@ -330,15 +334,22 @@ class InMemoryHotStore:
         self._reachable()
         key = _idem_key(scope, idem)
         if key not in self.idempotency:
-            self.idempotency[key] = idem_value(idem, PENDING)
+            self.idempotency[key] = pending_value(idem)
             return None
         return replay_of(idem, self.idempotency[key])
 
     async def release(self, scope: str, idem: Idempotency) -> None:
         self._reachable()
         key = _idem_key(scope, idem)
-        if self.idempotency.get(key) == idem_value(idem, PENDING):
+        if self.idempotency.get(key) == pending_value(idem):
             del self.idempotency[key]
+
+    async def admit_key(self, idem: Idempotency, cap: int) -> None:
+        self._reachable()
+        self.caller_keys.setdefault(idem.caller, set()).add(idem.key_digest)
+        if len(self.caller_keys[idem.caller]) > cap:
+            self.caller_keys[idem.caller].discard(idem.key_digest)
+            raise TooManyIdempotencyKeys(cap, 86_400)
 
     async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None:
         self._reachable()
@@ -378,6 +389,10 @@ class InMemoryHotStore:
     async def parked(self, session_id: str) -> int:
         self._reachable()
         return sum(1 for entry in self.dead_letters if entry.record.id == session_id)
+
+    async def is_deleted(self, session_id: str) -> bool:
+        self._reachable()
+        return session_id in self.gone
 
     async def mark_deleted(self, session_id: str) -> None:
         self._reachable()
