@@ -158,6 +158,11 @@ class SessionService:
         await self._hot.create(record, idem, self._keepable(_encode(session), record))
         return session
 
+    async def _refuse_deleted(self, session_id: str) -> None:
+        """The key's session was created and deleted since: the key is spent."""
+        if await self._hot.is_deleted(session_id):
+            raise IdempotencyKeyReused("this Idempotency-Key created a session since deleted")
+
     async def _finish_create(
         self, session_id: str, owner: str, idem: Idempotency | None
     ) -> Session:
