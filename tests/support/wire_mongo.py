@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sessionmgr.devstack import _die_with_parent
 from tests.support.redis_server import free_port
 
 LABEL = "wire-compatible server"
@@ -78,6 +79,7 @@ class WireMongoServer:
                 env=env,
                 cwd=self.dir,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and self.process.poll() is None:
