@@ -176,28 +176,48 @@ def _wait_until_outbox_empty(redis_url: str) -> None:
         pytest.fail(f"outbox not drained: {r.xlen(OUTBOX_STREAM)} entries left")
 
 
+def _assert_in_mongodb(stack: Stack, sid: str, kept: dict[str, Any]) -> None:
+    with MongoClient(stack.mongodb_uri, tz_aware=True) as mongo:
+        db = mongo[stack.mongodb_db]
+        doc = db["sessions"].find_one({"_id": sid})
+        assert doc is not None
+        assert (doc["version"], doc["work_in_progress"]) == (kept["version"], kept["wip"])
+        assert doc["full_context"] == kept["context"]
+        events = db["session_events"].find({"session_id": sid}).sort("seq", 1)
+        assert [e["data"]["n"] for e in events] == kept["notes"]
+
+
 async def test_write_behind_of_a_killed_replica_is_finished_by_the_others(
     stack: Stack, nodes: list[httpx.AsyncClient], owner: str
 ) -> None:
-    """Replica A takes outbox entries of its writes and is SIGKILLed before MongoDB has them:
-    B and C claim them, and every write A acknowledged is in MongoDB and in a full read."""
+    """Replica A takes outbox entries of its writes and is SIGKILLed before MongoDB has them.
+    Every write A acknowledged is then in MongoDB: at once for a session suspended through B
+    (the suspend carries the outbox's backlog), and for the other one once B and C have
+    claimed A's entries and delivered the rest; full reads through C show all of it."""
     if stack.wire is None:
         pytest.skip("holds the write-behind back by pausing the MongoDB process: not a real one")
     a, b, c = stack.replicas
     sids = [(await create(nodes[0], owner, work_in_progress={"v": 1}))["id"] for _ in range(2)]
 
     # Hold the write-behind back: MongoDB stops answering, and only A's worker is running, so
-    # A's worker reads the entries and waits on MongoDB with them pending under its name.
+    # A's worker reads entries and waits on MongoDB with them pending under its name.
     stack.wire.pause()
     b.pause()
     c.pause()
-    acknowledged: dict[str, dict[str, Any]] = {sid: {"version": 1, "notes": []} for sid in sids}
+    acknowledged = {sid: {"version": 1, "notes": [], "context": {}} for sid in sids}
     for round_ in range(4):
         for sid in sids:
-            kept = acknowledged[sid]
-            r = await patch(nodes[0], sid, owner, kept["version"], work_in_progress={"v": round_})
+            kept: dict[str, Any] = acknowledged[sid]
+            r = await patch(
+                nodes[0],
+                sid,
+                owner,
+                kept["version"],
+                work_in_progress={"v": round_},
+                full_context={"r": round_},
+            )
             assert r.status_code == 200, r.text
-            kept.update(version=r.json()["version"], wip={"v": round_})
+            kept.update(version=r.json()["version"], wip={"v": round_}, context={"r": round_})
             done = await append(nodes[0], sid, owner, round_ * 10, round_ * 10 + 1)
             kept["version"] = done["version"]
             kept["notes"] += [round_ * 10, round_ * 10 + 1]
@@ -208,20 +228,19 @@ async def test_write_behind_of_a_killed_replica_is_finished_by_the_others(
     stack.wire.resume()
     b.resume()
     c.resume()
-    _wait_until_outbox_empty(stack.redis.url)
+    first, second = sids
+    suspended = await suspend(nodes[1], first, owner)
+    assert suspended["version"] == acknowledged[first]["version"]
+    _assert_in_mongodb(stack, first, acknowledged[first])
 
-    with MongoClient(stack.mongodb_uri, tz_aware=True) as mongo:
-        db = mongo[stack.mongodb_db]
-        for sid, kept in acknowledged.items():
-            doc = db["sessions"].find_one({"_id": sid})
-            assert doc is not None
-            assert (doc["version"], doc["work_in_progress"]) == (kept["version"], kept["wip"])
-            events = db["session_events"].find({"session_id": sid}).sort("seq", 1)
-            assert [e["data"]["n"] for e in events] == kept["notes"]
+    _wait_until_outbox_empty(stack.redis.url)  # A's entries too: claimed by B or C
+    assert not any(f"-{a.pid}-" in name for name in _pending_by_consumer(stack.redis.url))
+    _assert_in_mongodb(stack, second, acknowledged[second])
+    suspended = await suspend(nodes[1], second, owner)
+    assert suspended["version"] == acknowledged[second]["version"]
 
     for sid, kept in acknowledged.items():
-        suspended = await suspend(nodes[1], sid, owner)
-        assert suspended["version"] == kept["version"]
         got = await full(nodes[2], sid, owner)
         assert (got["version"], got["work_in_progress"]) == (kept["version"], kept["wip"])
+        assert got["full_context"] == kept["context"]
         assert [e["data"]["n"] for e in got["full_timeline"]] == kept["notes"]
