@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sessionmgr import cli
 from sessionmgr.container import build_container
 from sessionmgr.settings import Settings, load_settings
 from tests.conftest import JWT_SECRET
@@ -157,6 +158,31 @@ def _figures(name: str, load: Load, elected_s: float, lost: int, settings: Setti
         f"{name}: new master named after {elected_s:.2f} s; {recovery}; {acked} writes "
         f"acknowledged, {lost} of them lost; {load.reads} reads, {len(load.reads_failed)} failed"
     )
+
+
+def test_check_reports_the_topology_the_sentinels_show(
+    topology: SentinelTopology,
+    s3_server: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SESSIONMGR_REDIS_SENTINELS", topology.sentinel_addresses)
+    monkeypatch.setenv("SESSIONMGR_REDIS_SENTINEL_MASTER", MASTER_NAME)
+    monkeypatch.setenv("SESSIONMGR_MONGODB_URI", "mongomock://")
+    monkeypatch.setenv("SESSIONMGR_JWT_SECRET", JWT_SECRET)
+    monkeypatch.setenv("SESSIONMGR_S3_ENDPOINT_URL", s3_server.url)
+    monkeypatch.setenv("SESSIONMGR_S3_BUCKET", S3_BUCKET)
+
+    assert cli.main(["check"]) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    redis_line = next(line for line in lines if line.startswith("ok    redis"))
+    assert f"sentinels {topology.sentinel_addresses} master {MASTER_NAME}" in redis_line
+    replica = topology.data_ports[1]
+    assert f"master with 1 replica(s) online (127.0.0.1:{replica})" in redis_line
+    master = f"127.0.0.1:{topology.master_port()}"
+    assert f"master {master} named {MASTER_NAME!r} by 3 of 3 sentinel(s)" in redis_line
+    assert any(line.startswith("warn  redis    no persistence") for line in lines)
 
 
 async def test_sentinel_failover_under_load_loses_nothing(
