@@ -1,4 +1,4 @@
-"""A Sentinel-managed Redis on loopback: a master, a replica and three sentinels, each a real
+"""A Sentinel-managed Redis on loopback: a master, its replicas and three sentinels, each a real
 process (`redis-server`, and `redis-sentinel` or `redis-server --sentinel`), fast to fail over:
 the master is down after `DOWN_AFTER_MS` without answers."""
 
@@ -66,14 +66,15 @@ class _Process:
 
 
 class SentinelTopology:
-    """master + replica + 3 sentinels; `start()` returns once the sentinels know each other."""
+    """A master, `replicas` replicas and 3 sentinels; `start()` returns once the sentinels know
+    each other and every replica is in sync."""
 
-    def __init__(self) -> None:
+    def __init__(self, replicas: int = 1) -> None:
         command = sentinel_command()
         if command is None:
             raise RuntimeError("neither redis-sentinel nor redis-server is on PATH")
         self.dir = Path(tempfile.mkdtemp(prefix="sessionmgr-sentinel-"))
-        self.data_ports = [free_port(), free_port()]
+        self.data_ports = [free_port() for _ in range(1 + replicas)]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.nodes: dict[int, _Process] = {}
         for i, port in enumerate(self.data_ports):
@@ -141,10 +142,14 @@ class SentinelTopology:
                     state = s.sentinel_master(MASTER_NAME)
             except redis_sync.RedisError:
                 return False
-            if int(state["num-other-sentinels"]) < 2 or int(state["num-slaves"]) < 1:
+            replicas = len(self.data_ports) - 1
+            if int(state["num-other-sentinels"]) < 2 or int(state["num-slaves"]) < replicas:
                 return False
-        with redis_sync.Redis(port=self.data_ports[1], socket_timeout=0.5) as replica:
-            return replica.info("replication").get("master_link_status") == "up"
+        for port in self.data_ports[1:]:
+            with redis_sync.Redis(port=port, socket_timeout=0.5) as replica:
+                if replica.info("replication").get("master_link_status") != "up":
+                    return False
+        return True
 
     def master_port(self) -> int:
         with redis_sync.Redis(port=self.sentinel_ports[0], socket_timeout=0.5) as s:
