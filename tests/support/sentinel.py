@@ -149,7 +149,17 @@ class SentinelTopology:
             with redis_sync.Redis(port=port, socket_timeout=0.5) as replica:
                 if replica.info("replication").get("master_link_status") != "up":
                     return False
-        return True
+        return self.replicas_online() == len(self.data_ports) - 1
+
+    def replicas_online(self) -> int:
+        """Replicas the master itself counts as `online` (in sync, streaming)."""
+        with self.master_client() as master:
+            info = master.info("replication")
+        return sum(
+            1
+            for key, value in info.items()
+            if key.startswith("slave") and isinstance(value, dict) and value["state"] == "online"
+        )
 
     def master_port(self) -> int:
         with redis_sync.Redis(port=self.sentinel_ports[0], socket_timeout=0.5) as s:
