@@ -3,9 +3,18 @@ the standalone client's short timeouts and no retries, credentials from SESSIONM
 
 from __future__ import annotations
 
-from redis.asyncio.connection import SSLConnection
-from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+import time
 
+import pytest
+from redis.asyncio.connection import SSLConnection
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from sessionmgr.devstack import free_port
 from sessionmgr.settings import load_settings
 from sessionmgr.storage.hot import redis_client
 from sessionmgr.storage.redis_pool import SentinelBoundedPool, SentinelRedis
@@ -59,3 +68,21 @@ async def test_rediss_means_tls_to_the_master_and_sentinel_tls_to_the_sentinels(
         assert manager.sentinels[0].connection_pool.connection_class is SSLConnection
     finally:
         await client.aclose()
+
+
+async def test_no_sentinel_answering_fails_fast_as_a_connection_error() -> None:
+    """MasterNotFoundError is a ConnectionError: the hot store maps it to 503, never a 500."""
+    settings = load_settings(
+        {},
+        redis_sentinels=(("127.0.0.1", free_port()), ("127.0.0.1", free_port())),
+        redis_sentinel_master="m",
+    )
+    client = redis_client(settings)
+    started = time.monotonic()
+    try:
+        with pytest.raises(MasterNotFoundError) as raised:
+            await client.set("k", "v")
+    finally:
+        await client.aclose()
+    assert isinstance(raised.value, RedisConnectionError)
+    assert time.monotonic() - started < 2 * settings.redis_socket_timeout_s * 2
