@@ -381,26 +381,21 @@ def render(results: dict[str, Any], before: dict[str, Any] | None, images: list[
         + (
             "in a process of its own (`bench/serve.py --worker-only`, its CPU in its own "
             "column), the replicas serve without it (`--no-write-behind`); see below why. "
-            "That worker has an in-memory MongoDB of its own, which holds none of the sessions: "
-            "it reads, decodes and acknowledges every entry and writes nothing, so its column "
-            "is the Redis side of the write-behind only. "
-            "`--write-behind inprocess` runs `sessionmgr serve` as shipped."
+            + (
+                "That worker has an in-memory MongoDB of its own, which holds none of the "
+                "sessions: it reads, decodes and acknowledges every entry and writes nothing, so "
+                "its column is the Redis side of the write-behind only. "
+                if results.get("mongodb", "mongomock") == "mongomock"
+                else "That worker writes every entry to the shared warm tier. "
+            )
+            + "`--write-behind inprocess` runs `sessionmgr serve` as shipped."
             if plan.get("write_behind", "inprocess") == "separate"
             else "in each replica's process, as `sessionmgr serve` runs it."
         ),
         "- Order: warm GET first, create last. The in-memory MongoDB scans its collections, so "
         "every session and event the other scenarios add slows the warm reads and the "
         "write-behind a little.",
-        f"- MongoDB: {results.get('mongodb', 'mongomock')}. There is no MongoDB server on this "
-        "machine, and none installable from the registries it reaches (Debian has no MongoDB "
-        "server package; `mongodb-memory-server`, `mongodb-prebuilt` and `pymongo-inmemory` "
-        "download the server binary at run time, which fails here). So the warm tier is "
-        "`mongomock://`, in-process in each sessionmgr process: warm reads and the "
-        "write-behind cost Python CPU in the service that a real MongoDB would not, and "
-        "replicas cannot share it. The 3-replica run is therefore **hot path only** (reads, "
-        "updates and appends of active sessions, which never touch MongoDB on the request "
-        "path), each replica with its own in-memory warm tier; set "
-        "`SESSIONMGR_TEST_MONGODB_URI` to run it against a real MongoDB.",
+        _mongodb_note(results.get("mongodb", "mongomock")),
         "- Baselines, same Redis, same seeded keys, same uvicorn (1 worker): the **floor** "
         "(`bench/baselines/floor.py`, a bare Litestar route doing one HGETALL) and "
         "**FastAPI + pydantic** (`bench/baselines/fastapi_app.py`: PyJWT check, owner/ACL "
@@ -466,6 +461,36 @@ def render(results: dict[str, Any], before: dict[str, Any] | None, images: list[
             *prof,
         ]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _mongodb_note(mongodb: str) -> str:
+    """What the warm tier was: its figures mean something different in each case."""
+    unavailable = (
+        "There is no MongoDB server on this machine, and none installable from the registries "
+        "it reaches (Debian has no MongoDB server package; `mongodb-memory-server`, "
+        "`mongodb-prebuilt` and `pymongo-inmemory` download the server binary at run time, "
+        "which fails here). "
+    )
+    if mongodb == "mongomock":
+        return (
+            f"- MongoDB: mongomock. {unavailable}So the warm tier is `mongomock://`, in-process "
+            "in each sessionmgr process: warm reads and the write-behind cost Python CPU in the "
+            "service that a real MongoDB would not, and replicas cannot share it. The 3-replica "
+            "run is therefore **hot path only** (reads, updates and appends of active sessions, "
+            "which never touch MongoDB on the request path), each replica with its own "
+            "in-memory warm tier; `--warm-tier wire` shares one, and "
+            "`SESSIONMGR_TEST_MONGODB_URI` runs it against a real MongoDB."
+        )
+    if mongodb == "real":
+        return "- MongoDB: a real MongoDB (`SESSIONMGR_TEST_MONGODB_URI`), shared by every process."
+    return (
+        f"- MongoDB: the {mongodb}. {unavailable}So the warm tier is `nx-27017`, a MongoDB "
+        "wire-protocol server over SQLite (one process, on the support CPUs, shared by every "
+        "replica and the write-behind, as a real MongoDB would be), with the workarounds of "
+        "`tests/support/wire_mongo.py`. Its warm GET figures are this server's, not MongoDB's: "
+        "what they show is sessionmgr's warm path over the network to a shared server, not "
+        "how fast MongoDB answers."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

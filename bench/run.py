@@ -49,6 +49,7 @@ class Plan:
     write_behind: str = "separate"
     only: set[str] = field(default_factory=set)
     cold_in_mix: bool = True
+    warm_tier: str = "wire"
 
     def wants(self, name: str) -> bool:
         return not self.only or name in self.only
@@ -92,6 +93,7 @@ def machine() -> dict[str, Any]:
         "pydantic",
         "pyjwt",
         "mongomock-motor",
+        "nx-27017",
         "moto",
     ]
     versions = {}
@@ -229,7 +231,20 @@ def part_rate(part: dict[str, Any]) -> float:
     return part["requests"] / (part["duration_us"] / 1e6) if part["duration_us"] else 0.0
 
 
-async def prepare(stack: Stack, plan: Plan, tmp: Path) -> tuple[Env, Proc, int]:
+WIRE_LABEL = "wire-compatible server (nx-27017 over SQLite, not MongoDB)"
+
+
+def warm_tier(stack: Stack, plan: Plan) -> tuple[str, str]:
+    """The MongoDB URI and what to call it: a real one (SESSIONMGR_TEST_MONGODB_URI), the
+    wire-compatible server all processes share, or the in-process engine of each process."""
+    if uri := os.environ.get("SESSIONMGR_TEST_MONGODB_URI"):
+        return uri, "real"
+    if plan.warm_tier == "wire":
+        return stack.start_wire_mongo(), WIRE_LABEL
+    return "mongomock://", "mongomock"
+
+
+async def prepare(stack: Stack, plan: Plan, tmp: Path, mongodb: str) -> tuple[Env, Proc, int]:
     from sessionmgr.api.auth import issue_token
 
     stack.start_redis()
@@ -237,7 +252,6 @@ async def prepare(stack: Stack, plan: Plan, tmp: Path) -> tuple[Env, Proc, int]:
     create_bucket(f"http://127.0.0.1:{stack.s3_port}")
     secret = secrets.token_urlsafe(32)
     token = issue_token(secret, OWNER, ttl_s=12 * 3600)
-    mongodb = os.environ.get("SESSIONMGR_TEST_MONGODB_URI") or "mongomock://"
     service_env = stack.service_env(secret, mongodb, BUCKET)
     in_process = plan.write_behind == "inprocess"
     if not in_process:
@@ -289,8 +303,8 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
         "scenarios": [],
     }
     with running_stack(plan.server_cpus, plan.support_cpus) as stack:
-        env, replica, port = await prepare(stack, plan, tmp)
-        out["mongodb"] = "real" if os.environ.get("SESSIONMGR_TEST_MONGODB_URI") else "mongomock"
+        mongodb, out["mongodb"] = warm_tier(stack, plan)
+        env, replica, port = await prepare(stack, plan, tmp, mongodb)
         out["cold_skip"] = env.cold_skip
         scenarios: list[dict[str, Any]] = out["scenarios"]
         c = plan.connections
@@ -484,7 +498,8 @@ def readers(
 
 
 async def replicas(env: Env, plan: Plan, stack: Stack, first: Proc, port: int) -> dict[str, Any]:
-    """The mixed hot path on N replicas: one wrk thread per replica, no load balancer."""
+    """The mixed hot path on N replicas: one wrk thread per replica, no load balancer; with a
+    shared warm tier, a paced reader of dormant sessions besides."""
     spread = "0,1" if plan.server_cpus else None
     if spread:
         subprocess.run(
@@ -506,9 +521,21 @@ async def replicas(env: Env, plan: Plan, stack: Stack, first: Proc, port: int) -
         Part("PATCH", "update.lua", 10, hot),
         Part("POST timeline", "append.lua", 3, hot),
     ]
-    note = "hot path only (GET, PATCH, append of active sessions); replicas float over both cores"
-    if env.stack and not os.environ.get("SESSIONMGR_TEST_MONGODB_URI"):
+    note = "GET, PATCH, append of active sessions; replicas float over both cores"
+    probes: list[Awaitable[dict[str, Any]]] = []
+    if env.service_env["SESSIONMGR_MONGODB_URI"].startswith("mongomock://"):
+        note = "hot path only: " + note
         note += "; each replica has its own in-memory MongoDB (no shared warm tier here)"
+    else:
+        # A shared warm tier: dormant sessions (seeded through the first replica) are read
+        # through the last one, paced as in the single-replica mix.
+        real = os.environ.get("SESSIONMGR_TEST_MONGODB_URI")
+        shared = "a real MongoDB" if real else f"the {WIRE_LABEL}"
+        note += f"; warm GET through replica {plan.replicas}; the replicas share {shared}"
+        if plan.cold_in_mix:
+            warm_ids = env.ids["warm"].read_text().split()
+            base = f"http://127.0.0.1:{ports[-1]}"
+            probes.append(load.warm_probe(base, env.token, warm_ids, plan.seconds, READER_PACE_S))
     return await scenario(
         env,
         plan,
@@ -518,6 +545,7 @@ async def replicas(env: Env, plan: Plan, stack: Stack, first: Proc, port: int) -
         ports,
         parts,
         threads=plan.replicas,
+        probes=probes,
         note=note,
     )
 
@@ -550,6 +578,13 @@ def parse(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         "do not stall the API; inprocess: as `sessionmgr serve` runs it",
     )
     parser.add_argument(
+        "--warm-tier",
+        choices=["wire", "inprocess"],
+        default="wire",
+        help=f"wire (default): one {WIRE_LABEL} shared by every process; inprocess: the "
+        "in-memory engine (mongomock) in each process. SESSIONMGR_TEST_MONGODB_URI wins over both",
+    )
+    parser.add_argument(
         "--no-cold-in-mix",
         action="store_true",
         help="leave the warm and cold readers out of the mixed workload (both read the "
@@ -578,6 +613,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         only={s.strip() for s in args.only.split(",") if s.strip()},
         write_behind=args.write_behind,
         cold_in_mix=not args.no_cold_in_mix,
+        warm_tier=args.warm_tier,
     )
     return plan, args
 
@@ -593,7 +629,7 @@ def preflight() -> None:
     require_tool("redis-server", "redis-server (apt-get install redis-server)")
     require_tool("taskset", "util-linux")
     require_tool("moto_server", "moto[server] (the bench dependency group)")
-    for module in ("fastapi", "pydantic", "matplotlib", "httpx", "boto3"):
+    for module in ("fastapi", "pydantic", "matplotlib", "httpx", "boto3", "nx_27017"):
         if not _importable(module):
             raise StackError(f"{module} is missing: install the bench dependency group")
 

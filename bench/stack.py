@@ -1,6 +1,6 @@
-"""The benchmark's stack on loopback: redis-server, an S3 endpoint (moto), sessionmgr replicas
-and the baselines, each a child process pinned to the CPUs it is given; and their CPU and
-memory as /proc tells them.
+"""The benchmark's stack on loopback: redis-server, an S3 endpoint (moto), the MongoDB
+wire-compatible server, sessionmgr replicas and the baselines, each a child process pinned to
+the CPUs it is given; and their CPU and memory as /proc tells them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -219,6 +220,34 @@ class Stack:
         proc = self.spawn(name, argv, cpus, env)
         self.wait_until(proc, f"http://127.0.0.1:{port}/health/live", timeout_s=60)
         return proc, port
+
+    def start_wire_mongo(self) -> str:
+        """The MongoDB wire-compatible server (nx-27017 over SQLite, not MongoDB) with the
+        workarounds of tests/support/wire_mongo.py, on the support CPUs; returns its URI."""
+        from pymongo import MongoClient
+        from pymongo.errors import PyMongoError
+
+        port = free_port()
+        data = self.workdir / "wire-mongo"
+        data.mkdir(exist_ok=True)
+        argv = [
+            *(sys.executable, "-m", "tests.support.wire_mongo", "--host", "127.0.0.1"),
+            *("-p", str(port), "--pid-file", str(data / "nx.pid")),
+            *("--data-dir", str(data), "--log-file", str(data / "nx.log")),
+        ]
+        proc = self.spawn("wire-mongo", argv, self.support_cpus)
+        uri = f"mongodb://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.popen.poll() is None:
+            client: MongoClient[dict[str, Any]] = MongoClient(uri, serverSelectionTimeoutMS=300)
+            try:
+                client.admin.command("ping")
+                return uri
+            except PyMongoError:
+                time.sleep(0.1)
+            finally:
+                client.close()
+        raise StackError(f"the wire-compatible server did not answer:\n{proc.log_tail()}")
 
     def start_worker(self, env: Mapping[str, str], cpus: str | None) -> Proc:
         """The write-behind worker alone (bench/serve.py --worker-only)."""

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -217,9 +218,13 @@ async def _run_checks(settings: Settings) -> bool:
 
     # MongoDB gets its own server-selection timeout plus a second: its error says more.
     mongodb_timeout_s = max(CHECK_TIMEOUT_S, settings.mongodb_timeout_ms / 1000 + 1)
-    checks: list[tuple[str, str, float, Callable[[], Awaitable[str | None]]]] = [
+    redis_target = redact_url(settings.redis_url)
+    if settings.redis_sentinels:
+        sentinels = ",".join(f"{h}:{p}" for h, p in settings.redis_sentinels)
+        redis_target = f"sentinels {sentinels} master {settings.redis_sentinel_master}"
+    checks: list[tuple[str, str, float, Callable[[], Awaitable[str | Checked | None]]]] = [
         ("jwt", _jwt_source(settings), CHECK_TIMEOUT_S, lambda: _check_jwt(settings)),
-        ("redis", redact_url(settings.redis_url), CHECK_TIMEOUT_S, lambda: _ping_redis(settings)),
+        ("redis", redis_target, CHECK_TIMEOUT_S, lambda: _ping_redis(settings)),
         (
             "mongodb",
             redact_url(settings.mongodb_uri),
@@ -245,8 +250,21 @@ async def _run_checks(settings: Settings) -> bool:
             all_ok = False
             _report(False, name, target, redact_url(_reason(exc)))
         else:
-            _report(True, name, target, note)
+            if isinstance(note, Checked):
+                _report(True, name, target, note.note)
+                for warning in note.warnings:
+                    print(f"{'warn':<4}  {name:<8} {warning}", flush=True)
+            else:
+                _report(True, name, target, note)
     return all_ok
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A probe's note, and warnings about what it found (printed as `warn` lines, exit 0)."""
+
+    note: str
+    warnings: list[str]
 
 
 def _report(ok: bool, name: str, target: str, note: str | None) -> None:
@@ -297,16 +315,17 @@ def _fetch_jwks_keys(url: str) -> int:
     return len(keys)
 
 
-async def _ping_redis(settings: Settings) -> str | None:
+async def _ping_redis(settings: Settings) -> Checked:
     from sessionmgr.storage.hot import redis_client
+    from sessionmgr.storage.redis_report import describe
 
     client = redis_client(settings, socket_timeout_s=CHECK_TIMEOUT_S)
     try:
         await client.ping()
-        info = await client.info("server")
+        note, warnings = await describe(client, settings)
     finally:
         await client.aclose()
-    return f"redis {info.get('redis_version', '?')}"
+    return Checked(note, warnings)
 
 
 async def _ping_mongodb(settings: Settings) -> str | None:

@@ -75,6 +75,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # receipt (id, version) and a replay answers the session as it is then.
     idempotency_max_answer_bytes: int = 16_384
     idempotency_max_keys_per_caller: int = 10_000
+    # Redis Sentinel: the master named `redis_sentinel_master` is found through these
+    # sentinels (host, port); `redis_url` then gives only its credentials, database and TLS.
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: str | None = None
+    redis_sentinel_tls: bool = False
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -155,6 +161,16 @@ def _bucket(raw: str) -> str:
     return raw
 
 
+def _host_ports(raw: str) -> tuple[tuple[str, int], ...]:
+    found: list[tuple[str, int]] = []
+    for item in (i.strip() for i in raw.split(",")):
+        host, sep, port = item.rpartition(":")
+        if not item or not sep or not host or not port.isdigit() or not 0 < int(port) < 65_536:
+            raise ValueError(f"{item!r} is not host:port (a comma-separated list of them)")
+        found.append((host.strip("[]"), int(port)))
+    return tuple(found)
+
+
 def _existing_file(raw: str) -> str:
     if not os.path.isfile(raw):
         raise ValueError("no such file")
@@ -201,6 +217,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_wait_timeout_ms": _int(1, 60_000),
     "idempotency_max_answer_bytes": _int(256, 16 * 1_048_576),
     "idempotency_max_keys_per_caller": _int(1, 10_000_000),
+    "redis_sentinels": _host_ports,
+    "redis_sentinel_tls": _bool,
 }
 
 
@@ -220,6 +238,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     values.update(overrides)
     settings = Settings(**values)
     _check_jwt(settings)
+    _check_sentinel(settings)
     if settings.page_size_default > settings.page_size_max:
         raise ConfigError(
             f"{PREFIX}PAGE_SIZE_DEFAULT ({settings.page_size_default}) must not exceed "
@@ -248,6 +267,18 @@ def _check_jwt(s: Settings) -> None:
         raise ConfigError(f"{PREFIX}JWT_ALGORITHMS must be HS* algorithms with JWT_SECRET")
     if (s.jwt_public_key or s.jwt_jwks_url) and algs and not algs <= ASYMMETRIC_ALGORITHMS:
         raise ConfigError(f"{PREFIX}JWT_ALGORITHMS must be RS*/ES*/PS* with a public key or JWKS")
+
+
+def _check_sentinel(s: Settings) -> None:
+    if s.redis_sentinels and not s.redis_sentinel_master:
+        raise ConfigError(
+            f"{PREFIX}REDIS_SENTINELS is set: set {PREFIX}REDIS_SENTINEL_MASTER to the name the "
+            "sentinels monitor the master under (their `sentinel monitor <name> ...` line)"
+        )
+    if s.redis_sentinel_master and not s.redis_sentinels:
+        raise ConfigError(
+            f"{PREFIX}REDIS_SENTINEL_MASTER needs {PREFIX}REDIS_SENTINELS (host:port,host:port)"
+        )
 
 
 def require_jwt(settings: Settings) -> None:

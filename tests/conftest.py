@@ -20,6 +20,8 @@ from sessionmgr.devstack import dev_aws_credentials
 from sessionmgr.settings import Settings, load_settings
 from tests.support.redis_server import RedisServer
 from tests.support.s3_server import S3_BUCKET, S3Server, start_s3
+from tests.support.wire_mongo import LABEL as WIRE_LABEL
+from tests.support.wire_mongo import WireMongoServer
 
 JWT_SECRET = "test-secret-that-is-long-enough-0123456789"
 
@@ -58,6 +60,17 @@ def s3_server() -> Iterator[S3Server]:
     server = start_s3()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def wire_mongo() -> Iterator[WireMongoServer]:
+    """One MongoDB wire-compatible server (nx-27017, not MongoDB) for the whole run."""
+    pytest.importorskip(
+        "nx_27017", reason=f"the {WIRE_LABEL} (nx-27017) is not installed: see the tests group"
+    )
+    server = WireMongoServer().start()
+    yield server
+    server.cleanup()
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ from sessionmgr.services.ports import (
     Undelivered,
 )
 from sessionmgr.settings import Settings
-from sessionmgr.storage.redis_pool import BoundedPool
+from sessionmgr.storage.redis_pool import BoundedPool, sentinel_client
 
 log = logging.getLogger(__name__)
 
@@ -625,10 +625,13 @@ def redis_client(settings: Settings, *, socket_timeout_s: float | None = None) -
     if settings.redis_url.startswith("rediss://") and settings.redis_ca_file:
         options["ssl_ca_certs"] = settings.redis_ca_file
     # A full pool makes a request wait briefly for a connection instead of failing at once.
+    pool_timeout = max(1.0, settings.redis_socket_timeout_s * 4)
+    if settings.redis_sentinels:
+        return sentinel_client(settings, options, pool_timeout)
     pool = BoundedPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_pool_size,
-        timeout=max(1.0, settings.redis_socket_timeout_s * 4),
+        timeout=pool_timeout,
         **options,
     )
     return Redis(connection_pool=pool)

@@ -14,9 +14,12 @@ import asyncio
 from collections import deque
 from typing import Any
 
-from redis.asyncio import ConnectionPool
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection, parse_url
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from sessionmgr.settings import Settings
 
 
 class BoundedPool(ConnectionPool):
@@ -101,3 +104,64 @@ class BoundedPool(ConnectionPool):
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+
+class SentinelBoundedPool(BoundedPool, SentinelConnectionPool):
+    """`BoundedPool`'s checkout on redis-py's Sentinel pool: every new connection asks the
+    sentinels where the master is, and a connection that finds it demoted (READONLY) drops
+    itself, so the pool follows a failover without a restart."""
+
+    def __init__(self, service_name: str, sentinel_manager: Any, **kwargs: Any) -> None:
+        super().__init__(service_name=service_name, sentinel_manager=sentinel_manager, **kwargs)
+
+
+class SentinelRedis(Redis):
+    """The master's client; closing it closes the clients of the sentinels too."""
+
+    sentinel_manager: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinel_manager is not None:
+            await self.sentinel_manager.aclose()
+
+
+def sentinel_client(settings: Settings, options: dict[str, Any], pool_timeout: float) -> Redis:
+    """A client of the master the sentinels name `redis_sentinel_master`, with `options` (the
+    standalone client's timeouts, no retries) on every connection, to the master and to the
+    sentinels alike.
+
+    The master's address comes from the sentinels; `redis_url` gives its username, password,
+    database and TLS (`rediss://`). During a failover a write fails fast (the old master is
+    gone or answers READONLY; no master is known yet): `ConnectionError`, a 503.
+    """
+    url = parse_url(settings.redis_url)
+    master: dict[str, Any] = {
+        **options,
+        "username": url.get("username"),
+        "password": url.get("password"),
+        "db": url.get("db", 0),
+        "ssl": settings.redis_url.startswith("rediss://"),
+    }
+    to_sentinels: dict[str, Any] = {
+        k: v
+        for k, v in options.items()
+        if k in ("socket_timeout", "socket_connect_timeout", "retry")
+    }
+    if settings.redis_sentinel_password:
+        to_sentinels["password"] = settings.redis_sentinel_password
+    if settings.redis_sentinel_tls:
+        to_sentinels["ssl"] = True
+        if settings.redis_ca_file:
+            to_sentinels["ssl_ca_certs"] = settings.redis_ca_file
+    sentinel = Sentinel(list(settings.redis_sentinels), sentinel_kwargs=to_sentinels)  # type: ignore[no-untyped-call]
+    client = sentinel.master_for(
+        settings.redis_sentinel_master or "",
+        redis_class=SentinelRedis,
+        connection_pool_class=SentinelBoundedPool,
+        max_connections=settings.redis_pool_size,
+        timeout=pool_timeout,
+        **master,
+    )
+    client.sentinel_manager = sentinel
+    return client  # type: ignore[no-any-return]

@@ -19,6 +19,7 @@ TARGETS = {
     "base": KUSTOMIZE / "base",
     "dev": KUSTOMIZE / "overlays" / "dev",
     "prod": KUSTOMIZE / "overlays" / "prod",
+    "prod-sentinel": KUSTOMIZE / "overlays" / "prod-sentinel",
 }
 # Settings the observability branch adds in parallel (the contract of issue 5); drop a name
 # here once sessionmgr.settings knows it.

@@ -35,7 +35,7 @@ NAMESPACES = {"dev": "sessionmgr-dev", "prod": "sessionmgr"}
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("target", ["base", "dev", "prod"])
+@pytest.mark.parametrize("target", ["base", "dev", "prod", "prod-sentinel"])
 def test_every_rendered_object_validates_offline(target: str, version: str) -> None:
     objs = rendered(target)
     assert objs
@@ -362,6 +362,25 @@ def test_prod_talks_tls_to_every_backend() -> None:
     for ca_file in (settings.redis_ca_file, settings.mongodb_ca_file):
         assert ca_file is not None
         assert any(ca_file.startswith(m + "/") for m in mounts), ca_file
+
+
+@pytest.mark.parametrize("pod", [api_pod, sweep_pod], ids=["api", "archive-sweep"])
+def test_prod_sentinel_finds_the_redis_master_through_three_sentinels_over_tls(pod: Any) -> None:
+    objs = rendered("prod-sentinel")
+    (container,) = pod(objs)["spec"]["containers"]
+    env = _settings_env(effective_env(objs, container))
+    assert not unknown_variables(env)
+    settings = load_settings(env)
+    require_jwt(settings)
+    assert len(settings.redis_sentinels) == 3
+    assert {port for _, port in settings.redis_sentinels} == {26379}
+    assert (settings.redis_sentinel_master, settings.redis_sentinel_tls) == ("sessionmgr", True)
+    assert settings.redis_url.startswith("rediss://")  # the master's TLS and credentials
+    assert settings.redis_sentinel_password == "<secret:sessionmgr-secrets/REDIS_SENTINEL_PASSWORD>"
+    egress = _policies_for(objs, pod(objs)["metadata"]["labels"], "Egress")
+    prod = _policies_for(rendered("prod"), pod(objs)["metadata"]["labels"], "Egress")
+    ports = _ports([rule for p in egress for rule in p.get("egress", [])])
+    assert ports - _ports([rule for p in prod for rule in p.get("egress", [])]) == {(26379, "TCP")}
 
 
 def test_prod_passwords_come_from_the_secret_and_nothing_secret_is_shipped() -> None:

@@ -1,4 +1,5 @@
-"""The warm store's contract, run on the in-memory engine here and on a real MongoDB where one
+"""The warm store's contract, run on the in-memory engine, on the MongoDB wire-compatible server
+(nx-27017 over SQLite, not MongoDB: tests/support/wire_mongo.py) and on a real MongoDB where one
 exists (SESSIONMGR_TEST_MONGODB_URI, or testcontainers with a Docker engine)."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sessionmgr.domain.model import (
 from sessionmgr.settings import load_settings
 from sessionmgr.storage.warm import MongoWarmStore, open_warm_store
 from tests.conftest import JWT_SECRET
+from tests.support.wire_mongo import LABEL as WIRE
 
 NO_MONGODB = (
     "no real MongoDB here: set SESSIONMGR_TEST_MONGODB_URI=mongodb://... or run on a machine "
@@ -56,11 +58,26 @@ def real_mongodb_uri() -> Iterator[str]:
         yield mongo.get_connection_url()
 
 
-@pytest.fixture(params=["mongomock", pytest.param("real", marks=pytest.mark.mongodb)])
-def mongodb_uri(request: pytest.FixtureRequest) -> str:
+REAL = pytest.param("real", marks=pytest.mark.mongodb)
+
+
+def _server_uri(request: pytest.FixtureRequest) -> str:
     if request.param == "mongomock":
         return "mongomock://"
+    if request.param == WIRE:
+        return str(request.getfixturevalue("wire_mongo").uri)
     return str(request.getfixturevalue("real_mongodb_uri"))
+
+
+@pytest.fixture(params=["mongomock", WIRE, REAL])
+def mongodb_uri(request: pytest.FixtureRequest) -> str:
+    return _server_uri(request)
+
+
+@pytest.fixture(params=[WIRE, REAL])
+def server_mongodb_uri(request: pytest.FixtureRequest) -> str:
+    """A MongoDB server over the network: the wire-compatible one, or a real one."""
+    return _server_uri(request)
 
 
 @pytest.fixture
@@ -203,15 +220,14 @@ async def test_indexes_exist(warm: MongoWarmStore) -> None:
     assert {"owner_id", "acl", "state_age"} <= set(sessions)
 
 
-@pytest.mark.mongodb
-async def test_http_lifecycle_on_a_real_mongodb(
-    real_mongodb_uri: str, redis_url: str, auth: Any
+async def test_http_lifecycle_on_a_mongodb_server(
+    server_mongodb_uri: str, redis_url: str, auth: Any
 ) -> None:
     """create → update → suspend (served from MongoDB) → update reactivates → delete."""
     settings = load_settings(
         {},
         redis_url=redis_url,
-        mongodb_uri=real_mongodb_uri,
+        mongodb_uri=server_mongodb_uri,
         mongodb_db=f"t{secrets.token_hex(4)}",
         jwt_secret=JWT_SECRET,
     )
@@ -317,9 +333,8 @@ async def test_a_late_replay_leaves_a_stub_alone(warm: MongoWarmStore) -> None:
     assert await warm.context(original.id) == ContextUpdate(version=0, value={})
 
 
-@pytest.mark.mongodb
-async def test_http_archive_and_rehydrate_on_a_real_mongodb(
-    real_mongodb_uri: str, redis_url: str, s3_server: Any, auth: Any
+async def test_http_archive_and_rehydrate_on_a_mongodb_server(
+    server_mongodb_uri: str, redis_url: str, s3_server: Any, auth: Any
 ) -> None:
     """create → events → suspend → archive (stub only) → get (whole again) → update."""
     from tests.support.s3_server import S3_BUCKET
@@ -327,7 +342,7 @@ async def test_http_archive_and_rehydrate_on_a_real_mongodb(
     settings = load_settings(
         {},
         redis_url=redis_url,
-        mongodb_uri=real_mongodb_uri,
+        mongodb_uri=server_mongodb_uri,
         mongodb_db=f"t{secrets.token_hex(4)}",
         s3_endpoint_url=s3_server.url,
         s3_bucket=S3_BUCKET,

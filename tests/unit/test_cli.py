@@ -10,6 +10,7 @@ from typing import Any
 
 import jwt
 import pytest
+import redis as redis_sync
 
 import sessionmgr
 from sessionmgr import cli, devstack
@@ -156,11 +157,38 @@ def test_check_passes_when_every_backend_answers(
         ["ok", "config"],
         ["ok", "jwt"],
         ["ok", "redis"],
+        ["warn", "redis"],  # the tests' redis-server keeps nothing on disk
         ["ok", "mongodb"],
         ["ok", "s3"],
     ]
     assert redis_url in lines[2]
-    assert f"{s3_env.url} bucket {S3_BUCKET}  bucket reachable" in lines[4]
+    assert "master with 0 replica(s) online" in lines[2]
+    assert "no persistence" in lines[3]
+    assert f"{s3_env.url} bucket {S3_BUCKET}  bucket reachable" in lines[5]
+
+
+def test_check_warns_when_redis_may_evict_or_keeps_only_snapshots(
+    redis_url: str,
+    s3_env: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SESSIONMGR_REDIS_URL", redis_url)
+    monkeypatch.setenv("SESSIONMGR_MONGODB_URI", "mongomock://")
+    monkeypatch.setenv("SESSIONMGR_JWT_SECRET", SECRET)
+    with redis_sync.Redis.from_url(redis_url) as r:
+        r.config_set("maxmemory-policy", "allkeys-lru")
+        r.config_set("save", "3600 1")
+        try:
+            assert cli.main(["check"]) == 0
+        finally:
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("save", "")
+
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warn")]
+    assert len(warnings) == 2, warnings
+    assert "maxmemory-policy is allkeys-lru" in warnings[0]
+    assert "only RDB snapshots ('3600 1'), no AOF" in warnings[1]
 
 
 def test_check_fails_on_a_missing_bucket(

@@ -248,3 +248,36 @@ def test_s3_settings_are_read(tmp_path: Any) -> None:
 def test_gc_freeze_reads_the_usual_spellings(raw: str, expected: bool) -> None:
     assert load_settings(env(gc_freeze=raw)).gc_freeze is expected
     assert load_settings(env()).gc_freeze is True
+
+
+def test_sentinels_are_host_port_pairs_with_a_master_name() -> None:
+    s = load_settings(
+        env(
+            redis_sentinels=" 10.0.0.1:26379, sentinel-b:26380 ,[::1]:26381",
+            redis_sentinel_master="sessionmgr",
+            redis_sentinel_tls="true",
+        )
+    )
+    assert s.redis_sentinels == (("10.0.0.1", 26379), ("sentinel-b", 26380), ("::1", 26381))
+    assert (s.redis_sentinel_master, s.redis_sentinel_tls) == ("sessionmgr", True)
+    assert load_settings({}).redis_sentinels == ()
+
+
+@pytest.mark.parametrize("value", ["host", "host:", ":26379", "host:port", "h:1,", "h:70000"])
+def test_a_bad_sentinel_address_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="SESSIONMGR_REDIS_SENTINELS"):
+        load_settings(env(redis_sentinels=value, redis_sentinel_master="m"))
+
+
+@pytest.mark.parametrize(
+    ("values", "missing"),
+    [
+        ({"redis_sentinels": "h:26379"}, "SESSIONMGR_REDIS_SENTINEL_MASTER"),
+        ({"redis_sentinel_master": "m"}, "SESSIONMGR_REDIS_SENTINELS"),
+    ],
+)
+def test_sentinels_and_their_master_name_come_together(
+    values: dict[str, str], missing: str
+) -> None:
+    with pytest.raises(ConfigError, match=missing):
+        load_settings(env(**values))
