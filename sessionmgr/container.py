@@ -88,6 +88,8 @@ def limits_from(settings: Settings) -> Limits:
         max_events_per_append=settings.max_events_per_append,
         page_size_default=settings.page_size_default,
         page_size_max=settings.page_size_max,
+        lease_grace_s=settings.lease_grace_s,
+        participants_role=settings.participants_role,
     )
 
 

@@ -64,6 +64,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     metrics_port: int | None = None
     # Move what start-up built out of the garbage collector's reach (sessionmgr.api.bridge).
     gc_freeze: bool = True
+    # A participant whose lease lapsed this long ago leaves `participants` and the ACL.
+    lease_grace_s: int = 300
+    # Holders of this JWT role may add and remove other participants and suspend, like the owner.
+    participants_role: str | None = None
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -184,6 +188,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _level,
     "metrics_port": _int(1, 65_535),
     "gc_freeze": _bool,
+    "lease_grace_s": _int(0, 30 * 86_400),
 }
 
 

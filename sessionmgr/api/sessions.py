@@ -27,6 +27,7 @@ from sessionmgr.services.views import AppendResult, LeaseInfo, SessionPage
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 ETAG = re.compile(r'^(?:W/)?(?:"(\d{1,18})"|(\d{1,18}))$')
+LEASE_TOKEN = re.compile(r"^[1-9]\d{0,17}$")
 
 Req = Request[Principal, Any, Any]
 B = TypeVar("B", CreateSessionBody, PatchBody, AppendBody, ParticipantBody)
@@ -43,6 +44,15 @@ IdemHeader = Annotated[
 IfMatch = Annotated[
     str | None,
     HeaderParameter(name="If-Match", required=False, description='The expected version, as "<n>".'),
+]
+LeaseTokenHeader = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Lease-Token",
+        required=False,
+        description="A MAD's fencing token (from its join): a write with an older one is "
+        "409 `fenced`. Without it a MAD's write is accepted while its lease is alive.",
+    ),
 ]
 READ = (400, 401, 403, 404, 429, 503)
 BODY = (400, 401, 403, 413, 415, 422, 429, 503)
@@ -68,6 +78,14 @@ def _idem(request: Req, key: str | None, body: Any = None) -> Idempotency | None
         request.method.encode() + b" " + request.url.path.encode() + b"\n" + payload
     ).hexdigest()
     return Idempotency(key_digest=scope, fingerprint=fingerprint)
+
+
+def _lease_token(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not LEASE_TOKEN.fullmatch(value.strip()):
+        raise InvalidInput("Lease-Token must be the integer a lease grant returned", "Lease-Token")
+    return int(value)
 
 
 async def _strict(request: Req, parsed: B) -> B:
@@ -218,6 +236,7 @@ class SessionController(Controller):
         data: JSONBody[PatchBody],
         if_match: IfMatch = None,
         idempotency_key: IdemHeader = None,
+        lease_token: LeaseTokenHeader = None,
     ) -> Response[Session]:
         """Apply a patch at `expected_version` (or If-Match); stale versions get 409."""
         data = await _strict(request, data)
@@ -233,6 +252,7 @@ class SessionController(Controller):
             expected_version=expected,
             patch=data.patch,
             idem=_idem(request, idempotency_key, data),
+            lease_token=_lease_token(lease_token),
         )
         return _with_etag(session)
 
@@ -243,6 +263,7 @@ class SessionController(Controller):
         session_id: SessionId,
         data: JSONBody[AppendBody],
         idempotency_key: IdemHeader = None,
+        lease_token: LeaseTokenHeader = None,
     ) -> AppendResult:
         """Append events; the server assigns seq, at and actor."""
         data = await _strict(request, data)
@@ -252,6 +273,7 @@ class SessionController(Controller):
             data.events,
             expected_version=data.expected_version,
             idem=_idem(request, idempotency_key, data),
+            lease_token=_lease_token(lease_token),
         )
 
     @post("/{session_id:str}/participants", status_code=200, responses=responses(*BODY, 404, 409))
@@ -262,18 +284,31 @@ class SessionController(Controller):
         data: JSONBody[ParticipantBody],
         idempotency_key: IdemHeader = None,
     ) -> Response[Session]:
-        """Add a MAD: it joins the ACL and gets a lease it must renew."""
+        """Add a MAD (owner, admin or the participants role), or rejoin as that MAD: it joins
+        the ACL with a lease it must renew and a fencing token (`participants.<name>.token`).
+        A dormant session answers 409 `dormant`: resume it first."""
         data = await _strict(request, data)
         session = await _service(request).add_participant(
             request.user, _sid(session_id), data.mad_name, _idem(request, idempotency_key, data)
         )
         return _with_etag(session)
 
-    @put("/{session_id:str}/participants/{mad_name:str}/lease", responses=responses(*READ, 422))
+    @put(
+        "/{session_id:str}/participants/{mad_name:str}/lease",
+        responses=responses(*READ, 409, 422),
+    )
     async def renew_lease(
-        self, request: Req, session_id: SessionId, mad_name: MadName
+        self,
+        request: Req,
+        session_id: SessionId,
+        mad_name: MadName,
+        lease_token: LeaseTokenHeader = None,
     ) -> LeaseInfo:
-        return await _service(request).renew_lease(request.user, _sid(session_id), mad_name)
+        """Extend a live lease (the MAD itself, or who manages participants); the token stays.
+        A lapsed lease is 409 `lease-expired` (rejoin), a dormant session 409 `dormant`."""
+        return await _service(request).renew_lease(
+            request.user, _sid(session_id), mad_name, _lease_token(lease_token)
+        )
 
     @delete("/{session_id:str}/participants/{mad_name:str}", responses=responses(*READ, 409, 422))
     async def remove_participant(
@@ -282,9 +317,16 @@ class SessionController(Controller):
         session_id: SessionId,
         mad_name: MadName,
         idempotency_key: IdemHeader = None,
+        lease_token: LeaseTokenHeader = None,
     ) -> None:
+        """Remove a participant at once (owner, admin or the participants role), or leave as
+        that MAD; 404 when it is not (or no longer) a participant."""
         await _service(request).remove_participant(
-            request.user, _sid(session_id), mad_name, _idem(request, idempotency_key)
+            request.user,
+            _sid(session_id),
+            mad_name,
+            _idem(request, idempotency_key),
+            _lease_token(lease_token),
         )
 
     @post("/{session_id:str}/suspend", status_code=200, responses=responses(*READ, 409, 422))
