@@ -28,6 +28,7 @@ SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 ETAG = re.compile(r'^(?:W/)?(?:"(\d{1,18})"|(\d{1,18}))$')
 LEASE_TOKEN = re.compile(r"^[1-9]\d{0,17}$")
+MERGE_PATCH = "application/merge-patch+json"
 
 Req = Request[Principal, Any, Any]
 B = TypeVar("B", CreateSessionBody, PatchBody, AppendBody, ParticipantBody)
@@ -92,10 +93,11 @@ async def _strict(request: Req, parsed: B) -> B:
     """Decode the body again, strictly: Litestar's lenient pass would take "3" for 3.
 
     Litestar's typed `data` keeps the OpenAPI schema and its 400/422 answers; this pass adds
-    what it lets through: wrong JSON types and a content type other than JSON.
+    what it lets through: wrong JSON types and a content type other than JSON (other `+json`
+    types are not JSON this API reads; a merge patch goes through `_merge_patch`).
     """
     media_type = request.content_type[0]
-    if media_type != "application/json" and not media_type.endswith("+json"):
+    if media_type != "application/json":
         raise ClientException(
             "send the body as application/json", status_code=HTTP_415_UNSUPPORTED_MEDIA_TYPE
         )
@@ -174,6 +176,30 @@ def _if_match(value: str | None) -> int | None:
     return int(match.group(1) or match.group(2))
 
 
+async def _merge_patch(request: Req) -> Response[Session] | None:
+    """PATCH with `application/merge-patch+json`: RFC 7396 on the session's mutable fields.
+
+    Runs before Litestar decodes the body into the plain patch's shape. The document holds
+    the changes only, so the version comes from If-Match (428 without one).
+    """
+    if request.content_type[0] != MERGE_PATCH:
+        return None  # the plain patch: the handler's own path
+    session_id = _sid(request.path_params["session_id"])
+    expected = _if_match(request.headers.get("if-match"))
+    if expected is None:
+        raise VersionRequired()
+    document = msgspec.json.decode(await request.body())
+    session = await _service(request).merge_update(
+        request.user,
+        session_id,
+        expected_version=expected,
+        document=document,
+        idem=_idem(request, request.headers.get("idempotency-key"), document),
+        lease_token=_lease_token(request.headers.get("lease-token")),
+    )
+    return _with_etag(session)
+
+
 class SessionController(Controller):
     path = "/v1/sessions"
     tags = ["sessions"]
@@ -228,7 +254,11 @@ class SessionController(Controller):
         )
         return _with_etag(session)
 
-    @patch("/{session_id:str}", responses=responses(*BODY, 404, 409, 428))
+    @patch(
+        "/{session_id:str}",
+        responses=responses(*BODY, 404, 409, 428),
+        before_request=_merge_patch,
+    )
     async def update_session(
         self,
         request: Req,
@@ -238,7 +268,12 @@ class SessionController(Controller):
         idempotency_key: IdemHeader = None,
         lease_token: LeaseTokenHeader = None,
     ) -> Response[Session]:
-        """Apply a patch at `expected_version` (or If-Match); stale versions get 409."""
+        """Apply a patch at `expected_version` (or If-Match); stale versions get 409.
+
+        Each top-level field the patch names is replaced whole. With `Content-Type:
+        application/merge-patch+json` the body is an RFC 7396 merge patch of
+        `work_in_progress` and `context_summary` instead (nested keys; `null` removes one),
+        and If-Match gives the version."""
         data = await _strict(request, data)
         header_version = _if_match(if_match)
         expected = data.expected_version or header_version

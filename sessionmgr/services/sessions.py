@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from sessionmgr.domain import leases, rules
+from sessionmgr.domain import leases, merge_patch, rules
 from sessionmgr.domain.errors import (
     AccessDenied,
     ArchiveInProgress,
@@ -209,6 +209,30 @@ class SessionService:
         rules.check_patch(patch, self._limits.max_field_bytes)
         return await self._write_fields(
             principal, session_id, expected_version, lambda _: patch, idem, lease_token
+        )
+
+    async def merge_update(
+        self,
+        principal: Principal,
+        session_id: str,
+        *,
+        expected_version: int,
+        document: Any,
+        idem: Idempotency | None = None,
+        lease_token: int | None = None,
+    ) -> Session:
+        """JSON Merge Patch (RFC 7396): nested keys change without a read-modify-write."""
+        changes = merge_patch.check_document(document)
+        rules.check_value(changes, "body", self._limits.max_field_bytes)
+
+        def merged(record: SessionRecord) -> dict[str, Any]:
+            fields = {n: merge_patch.merge(getattr(record, n), c) for n, c in changes.items()}
+            for name, value in fields.items():
+                rules.check_value(value, name, self._limits.max_field_bytes)
+            return fields
+
+        return await self._write_fields(
+            principal, session_id, expected_version, merged, idem, lease_token
         )
 
     async def _write_fields(
