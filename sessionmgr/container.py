@@ -92,6 +92,8 @@ def limits_from(settings: Settings) -> Limits:
         page_size_max=settings.page_size_max,
         idempotency_max_answer_bytes=settings.idempotency_max_answer_bytes,
         idempotency_max_keys_per_caller=settings.idempotency_max_keys_per_caller,
+        lease_grace_s=settings.lease_grace_s,
+        participants_role=settings.participants_role,
     )
 
 

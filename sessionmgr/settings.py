@@ -81,6 +81,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     redis_sentinel_master: str | None = None
     redis_sentinel_password: str | None = None
     redis_sentinel_tls: bool = False
+    # A participant whose lease lapsed this long ago leaves `participants` and the ACL.
+    lease_grace_s: int = 300
+    # Holders of this JWT role may add and remove other participants and suspend, like the owner.
+    participants_role: str | None = None
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -219,6 +223,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "idempotency_max_keys_per_caller": _int(1, 10_000_000),
     "redis_sentinels": _host_ports,
     "redis_sentinel_tls": _bool,
+    "lease_grace_s": _int(0, 30 * 86_400),
 }
 
 

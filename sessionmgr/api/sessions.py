@@ -27,6 +27,8 @@ from sessionmgr.services.views import AppendResult, LeaseInfo, SessionPage
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 ETAG = re.compile(r'^(?:W/)?(?:"(\d{1,18})"|(\d{1,18}))$')
+LEASE_TOKEN = re.compile(r"^[1-9]\d{0,17}$")
+MERGE_PATCH = "application/merge-patch+json"
 
 Req = Request[Principal, Any, Any]
 B = TypeVar("B", CreateSessionBody, PatchBody, AppendBody, ParticipantBody)
@@ -43,6 +45,15 @@ IdemHeader = Annotated[
 IfMatch = Annotated[
     str | None,
     HeaderParameter(name="If-Match", required=False, description='The expected version, as "<n>".'),
+]
+LeaseTokenHeader = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Lease-Token",
+        required=False,
+        description="A MAD's fencing token (from its join): a write with an older one is "
+        "409 `fenced`. Without it a MAD's write is accepted while its lease is alive.",
+    ),
 ]
 READ = (400, 401, 403, 404, 429, 503)
 BODY = (400, 401, 403, 413, 415, 422, 429, 503)
@@ -80,14 +91,23 @@ def _idem(request: Req, key: str | None, body: Any = None) -> Idempotency | None
     return Idempotency(key_digest=scope, fingerprint=fingerprint, caller=caller)
 
 
+def _lease_token(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not LEASE_TOKEN.fullmatch(value.strip()):
+        raise InvalidInput("Lease-Token must be the integer a lease grant returned", "Lease-Token")
+    return int(value)
+
+
 async def _strict(request: Req, parsed: B) -> B:
     """Decode the body again, strictly: Litestar's lenient pass would take "3" for 3.
 
     Litestar's typed `data` keeps the OpenAPI schema and its 400/422 answers; this pass adds
-    what it lets through: wrong JSON types and a content type other than JSON.
+    what it lets through: wrong JSON types and a content type other than JSON (other `+json`
+    types are not JSON this API reads; a merge patch goes through `_merge_patch`).
     """
     media_type = request.content_type[0]
-    if media_type != "application/json" and not media_type.endswith("+json"):
+    if media_type != "application/json":
         raise ClientException(
             "send the body as application/json", status_code=HTTP_415_UNSUPPORTED_MEDIA_TYPE
         )
@@ -166,6 +186,30 @@ def _if_match(value: str | None) -> int | None:
     return int(match.group(1) or match.group(2))
 
 
+async def _merge_patch(request: Req) -> Response[Session] | None:
+    """PATCH with `application/merge-patch+json`: RFC 7396 on the session's mutable fields.
+
+    Runs before Litestar decodes the body into the plain patch's shape. The document holds
+    the changes only, so the version comes from If-Match (428 without one).
+    """
+    if request.content_type[0] != MERGE_PATCH:
+        return None  # the plain patch: the handler's own path
+    session_id = _sid(request.path_params["session_id"])
+    expected = _if_match(request.headers.get("if-match"))
+    if expected is None:
+        raise VersionRequired()
+    document = msgspec.json.decode(await request.body())
+    session = await _service(request).merge_update(
+        request.user,
+        session_id,
+        expected_version=expected,
+        document=document,
+        idem=_idem(request, request.headers.get("idempotency-key"), document),
+        lease_token=_lease_token(request.headers.get("lease-token")),
+    )
+    return _with_etag(session)
+
+
 class SessionController(Controller):
     path = "/v1/sessions"
     tags = ["sessions"]
@@ -220,7 +264,11 @@ class SessionController(Controller):
         )
         return _with_etag(session)
 
-    @patch("/{session_id:str}", responses=responses(*BODY, 404, 409, 428))
+    @patch(
+        "/{session_id:str}",
+        responses=responses(*BODY, 404, 409, 428),
+        before_request=_merge_patch,
+    )
     async def update_session(
         self,
         request: Req,
@@ -228,8 +276,14 @@ class SessionController(Controller):
         data: JSONBody[PatchBody],
         if_match: IfMatch = None,
         idempotency_key: IdemHeader = None,
+        lease_token: LeaseTokenHeader = None,
     ) -> Response[Session]:
-        """Apply a patch at `expected_version` (or If-Match); stale versions get 409."""
+        """Apply a patch at `expected_version` (or If-Match); stale versions get 409.
+
+        Each top-level field the patch names is replaced whole. With `Content-Type:
+        application/merge-patch+json` the body is an RFC 7396 merge patch of
+        `work_in_progress` and `context_summary` instead (nested keys; `null` removes one),
+        and If-Match gives the version."""
         data = await _strict(request, data)
         header_version = _if_match(if_match)
         expected = data.expected_version or header_version
@@ -243,6 +297,7 @@ class SessionController(Controller):
             expected_version=expected,
             patch=data.patch,
             idem=_idem(request, idempotency_key, data),
+            lease_token=_lease_token(lease_token),
         )
         return _with_etag(session)
 
@@ -253,6 +308,7 @@ class SessionController(Controller):
         session_id: SessionId,
         data: JSONBody[AppendBody],
         idempotency_key: IdemHeader = None,
+        lease_token: LeaseTokenHeader = None,
     ) -> AppendResult:
         """Append events; the server assigns seq, at and actor."""
         data = await _strict(request, data)
@@ -262,6 +318,7 @@ class SessionController(Controller):
             data.events,
             expected_version=data.expected_version,
             idem=_idem(request, idempotency_key, data),
+            lease_token=_lease_token(lease_token),
         )
 
     @post("/{session_id:str}/participants", status_code=200, responses=responses(*BODY, 404, 409))
@@ -272,23 +329,35 @@ class SessionController(Controller):
         data: JSONBody[ParticipantBody],
         idempotency_key: IdemHeader = None,
     ) -> Response[Session]:
-        """Add a MAD: it joins the ACL and gets a lease it must renew."""
+        """Add a MAD (owner, admin or the participants role), or rejoin as that MAD: it joins
+        the ACL with a lease it must renew and a fencing token (`participants.<name>.token`).
+        A dormant session answers 409 `dormant`: resume it first."""
         data = await _strict(request, data)
         session = await _service(request).add_participant(
             request.user, _sid(session_id), data.mad_name, _idem(request, idempotency_key, data)
         )
         return _with_etag(session)
 
-    @put("/{session_id:str}/participants/{mad_name:str}/lease", responses=responses(*READ, 422))
+    @put(
+        "/{session_id:str}/participants/{mad_name:str}/lease",
+        responses=responses(*READ, 409, 422),
+    )
     async def renew_lease(
         self,
         request: Req,
         session_id: SessionId,
         mad_name: MadName,
+        lease_token: LeaseTokenHeader = None,
         idempotency_key: IdemHeader = None,
     ) -> LeaseInfo:
+        """Extend a live lease (the MAD itself, or who manages participants); the token stays.
+        A lapsed lease is 409 `lease-expired` (rejoin), a dormant session 409 `dormant`."""
         return await _service(request).renew_lease(
-            request.user, _sid(session_id), mad_name, _idem(request, idempotency_key)
+            request.user,
+            _sid(session_id),
+            mad_name,
+            _lease_token(lease_token),
+            _idem(request, idempotency_key),
         )
 
     @delete("/{session_id:str}/participants/{mad_name:str}", responses=responses(*READ, 409, 422))
@@ -298,9 +367,16 @@ class SessionController(Controller):
         session_id: SessionId,
         mad_name: MadName,
         idempotency_key: IdemHeader = None,
+        lease_token: LeaseTokenHeader = None,
     ) -> None:
+        """Remove a participant at once (owner, admin or the participants role), or leave as
+        that MAD; 404 when it is not (or no longer) a participant."""
         await _service(request).remove_participant(
-            request.user, _sid(session_id), mad_name, _idem(request, idempotency_key)
+            request.user,
+            _sid(session_id),
+            mad_name,
+            _idem(request, idempotency_key),
+            _lease_token(lease_token),
         )
 
     @post("/{session_id:str}/suspend", status_code=200, responses=responses(*READ, 409, 422))

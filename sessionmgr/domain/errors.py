@@ -35,6 +35,43 @@ class ConcurrencyConflict(SessionError):
         self.current_version = current_version
 
 
+class LeaseExpired(SessionError):
+    """A MAD wrote (or renewed) without a live lease on the session (HTTP 409)."""
+
+    def __init__(self, session_id: str, mad_name: str) -> None:
+        super().__init__(
+            f"mad:{mad_name} holds no live lease on session {session_id}; rejoin with "
+            f'POST /v1/sessions/{session_id}/participants {{"mad_name": "{mad_name}"}} '
+            "(it grants a new Lease-Token) and renew it with "
+            f"PUT /v1/sessions/{session_id}/participants/{mad_name}/lease before it lapses"
+        )
+        self.session_id = session_id
+        self.mad_name = mad_name
+
+
+class Fenced(SessionError):
+    """A MAD sent a Lease-Token that is not its newest grant: another holder took over."""
+
+    def __init__(self, session_id: str, mad_name: str, token: int) -> None:
+        super().__init__(
+            f"Lease-Token {token} is not the newest lease granted to mad:{mad_name} on session "
+            f"{session_id}: a later grant replaced it; rejoin to get a new token"
+        )
+        self.session_id = session_id
+        self.mad_name = mad_name
+
+
+class SessionDormant(SessionError):
+    """A lease was asked of a session that is not hot; it is not woken up for it (HTTP 409)."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session {session_id} is dormant: resume it first "
+            f"(POST /v1/sessions/{session_id}/resume), then join or renew"
+        )
+        self.session_id = session_id
+
+
 class VersionRequired(SessionError):
     def __init__(self) -> None:
         super().__init__("send expected_version in the body or an If-Match header")

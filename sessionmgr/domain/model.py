@@ -40,9 +40,14 @@ class TimelineEvent(msgspec.Struct, frozen=True):
 
 
 class Participant(msgspec.Struct):
+    """A MAD in a session. `token` is the fencing token of its latest lease grant;
+    `lapsed_at` (answers only) says when a lease that is no longer alive ended."""
+
     joined_at: datetime
     lease_expires_at: datetime
     active: bool = False
+    token: int = 0
+    lapsed_at: datetime | None = None
 
 
 class ArchiveRef(msgspec.Struct, frozen=True):
@@ -74,8 +79,8 @@ class Session(msgspec.Struct, kw_only=True):
 class SessionRecord(msgspec.Struct, kw_only=True):
     """A session's record as both Redis and MongoDB hold it, without its large parts.
 
-    `timeline_seq` is the last sequence number handed out; the events and `full_context`
-    travel apart (see `ContextUpdate`).
+    `timeline_seq` is the last sequence number handed out, `lease_grants` the last fencing
+    token; the events and `full_context` travel apart (see `ContextUpdate`).
     """
 
     id: str
@@ -89,6 +94,7 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     work_in_progress: dict[str, Any]
     context_summary: dict[str, Any]
     timeline_seq: int = 0
+    lease_grants: int = 0  # the last fencing token handed out: tokens are never reused
 
 
 class ContextUpdate(msgspec.Struct, frozen=True):

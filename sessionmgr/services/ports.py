@@ -33,7 +33,9 @@ class Change(msgspec.Struct, kw_only=True):
     appended to the timeline; `context` is a new `full_context` (it goes to MongoDB through
     the outbox, never into the hash); `leases_set`/`leases_dropped` name MADs whose lease key
     is (re)created or deleted. `result` is the caller's answer, kept for Idempotency-Key
-    replays.
+    replays. A `hot_only` change (lease bookkeeping: a renewal's new expiry) keeps the
+    version and writes no outbox entry; MongoDB gets it with the next versioned write or the
+    suspend flush.
     """
 
     record: SessionRecord
@@ -44,6 +46,7 @@ class Change(msgspec.Struct, kw_only=True):
     leases_dropped: list[str] = msgspec.field(default_factory=list)
     result: bytes = b""
     stored: bytes | None = None  # what the idempotency record keeps, when not `result`
+    hot_only: bool = False
 
 
 class Idempotency(msgspec.Struct, frozen=True):
@@ -111,7 +114,6 @@ class HotStore(Protocol):
     async def admit_key(self, idem: Idempotency, cap: int) -> None: ...
     async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None: ...
     async def release(self, scope: str, idem: Idempotency) -> None: ...
-    async def renew_lease(self, session_id: str, mad: str) -> int: ...
     async def suspend(self, session_id: str, flush: Flush) -> SessionRecord | None: ...
     async def undelivered(self, session_id: str) -> Undelivered: ...
     async def parked(self, session_id: str) -> int: ...

@@ -9,14 +9,14 @@ import contextlib
 import hashlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import msgspec
 
-from sessionmgr.domain import rules
+from sessionmgr.domain import leases, merge_patch, rules
 from sessionmgr.domain.errors import (
     AccessDenied,
     ArchiveInProgress,
@@ -24,19 +24,19 @@ from sessionmgr.domain.errors import (
     ConcurrencyConflict,
     IdempotencyKeyReused,
     InvalidInput,
+    LeaseExpired,
     ParticipantNotFound,
+    SessionDormant,
     SessionNotFound,
 )
 from sessionmgr.domain.model import (
     ContextUpdate,
     NewEvent,
-    Participant,
     Principal,
     Session,
     SessionRecord,
     SessionState,
     TimelineEvent,
-    mad_principal,
     new_session_id,
     utcnow,
 )
@@ -64,7 +64,8 @@ from sessionmgr.services.views import (
 )
 
 R = TypeVar("R")
-MAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# No '.': a MAD name is a key of `participants`, and MongoDB reads a dotted key as a path.
+MAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$")
 _encode = msgspec.json.Encoder().encode
 
@@ -78,6 +79,12 @@ class Limits(msgspec.Struct, frozen=True):
     page_size_max: int = 100
     idempotency_max_answer_bytes: int = 16_384
     idempotency_max_keys_per_caller: int = 10_000
+    lease_grace_s: int = 300
+    participants_role: str | None = None
+
+
+# Checked before a decision, and on a session at rest before waking it: (record, live leases).
+Permit = Callable[[SessionRecord, Mapping[str, int]], None]
 
 
 class SessionService:
@@ -185,6 +192,7 @@ class SessionService:
         except BackendUnavailable:
             view = None  # read-only mode: MongoDB holds the latest delivered version
         if view is not None:
+            view = self._reaped(view, utcnow())[0]
             rules.require_access(principal, view.record.owner_id, view.record.acl)
             session = to_session(view.record, view.recent, view.lease_ttl_ms, utcnow())
             if full:
@@ -192,6 +200,7 @@ class SessionService:
             self._retrieved("hot", started)
             return session
         record, rehydrated = await self._warm_record(principal, session_id)
+        record = self._at_rest(record)
         recent = await self._warm.recent_events(session_id, self._limits.recent_timeline)
         session = to_session(record, recent, {}, utcnow(), state=_resting(record.state))
         if full:
@@ -232,11 +241,50 @@ class SessionService:
         expected_version: int,
         patch: dict[str, Any],
         idem: Idempotency | None = None,
+        lease_token: int | None = None,
     ) -> Session:
+        """Replace each top-level field the patch names."""
         rules.check_patch(patch, self._limits.max_field_bytes)
+        return await self._write_fields(
+            principal, session_id, expected_version, lambda _: patch, idem, lease_token
+        )
 
+    async def merge_update(
+        self,
+        principal: Principal,
+        session_id: str,
+        *,
+        expected_version: int,
+        document: Any,
+        idem: Idempotency | None = None,
+        lease_token: int | None = None,
+    ) -> Session:
+        """JSON Merge Patch (RFC 7396): nested keys change without a read-modify-write."""
+        changes = merge_patch.check_document(document)
+        rules.check_value(changes, "body", self._limits.max_field_bytes)
+
+        def merged(record: SessionRecord) -> dict[str, Any]:
+            fields = {n: merge_patch.merge(getattr(record, n), c) for n, c in changes.items()}
+            for name, value in fields.items():
+                rules.check_value(value, name, self._limits.max_field_bytes)
+            return fields
+
+        return await self._write_fields(
+            principal, session_id, expected_version, merged, idem, lease_token
+        )
+
+    async def _write_fields(
+        self,
+        principal: Principal,
+        session_id: str,
+        expected_version: int,
+        compute: Callable[[SessionRecord], dict[str, Any]],
+        idem: Idempotency | None,
+        lease_token: int | None,
+    ) -> Session:
         def decide(view: HotView) -> Change:
             record = _check_version(view.record, expected_version)
+            patch = compute(record)
             now = utcnow()
             small = {k: v for k, v in patch.items() if k != "full_context"}
             new = msgspec.structs.replace(
@@ -253,7 +301,15 @@ class SessionService:
 
         # Re-running after a WATCH abort re-checks expected_version, so a stale patch is a 409,
         # never applied; and a retry that raced its own original finds its first answer.
-        return await self._mutate(principal, session_id, decide, idem, Session, "update")
+        return await self._mutate(
+            principal,
+            session_id,
+            decide,
+            idem,
+            Session,
+            "update",
+            permit=self._lease_holder(principal, lease_token),
+        )
 
     async def append(
         self,
@@ -263,6 +319,7 @@ class SessionService:
         *,
         expected_version: int | None = None,
         idem: Idempotency | None = None,
+        lease_token: int | None = None,
     ) -> AppendResult:
         self._check_events(events)
 
@@ -289,68 +346,83 @@ class SessionService:
 
         # Re-running re-checks any expected_version; without one an append does not depend on
         # what it read.
-        return await self._mutate(principal, session_id, decide, idem, AppendResult, "append")
+        return await self._mutate(
+            principal,
+            session_id,
+            decide,
+            idem,
+            AppendResult,
+            "append",
+            permit=self._lease_holder(principal, lease_token),
+        )
 
     async def add_participant(
         self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
     ) -> Session:
+        """Grant a lease (a new fencing token) to a new or lapsed participant; renew a live one.
+
+        Adding another MAD is for those who manage participants; a MAD may rejoin itself while
+        it is still a participant. A dormant session is not woken for it (409 `dormant`).
+        """
         _check_mad(mad_name)
         ttl = timedelta(seconds=self._limits.lease_ttl_s)
+        ttl_ms = self._limits.lease_ttl_s * 1000
+        role = self._limits.participants_role
+
+        def permit(record: SessionRecord, live: Mapping[str, int]) -> None:
+            if leases.mad_of(principal) == mad_name and mad_name in record.participants:
+                return  # a rejoin
+            leases.require_manager(principal, record.owner_id, role, "add other participants")
 
         def decide(view: HotView) -> Change:
             record, now = view.record, utcnow()
-            leases = {**view.lease_ttl_ms, mad_name: int(ttl.total_seconds() * 1000)}
-            if mad_name in record.participants:
-                session = to_session(record, view.recent, leases, now)
-                return Change(
-                    record=record,
-                    fields=frozenset(),
-                    leases_set=[mad_name],
-                    result=_encode(session),
-                )
-            participants = {
-                **record.participants,
-                mad_name: Participant(joined_at=now, lease_expires_at=now + ttl, active=True),
-            }
-            member = mad_principal(mad_name)
-            acl = record.acl if member in record.acl else [*record.acl, member]
-            new = msgspec.structs.replace(
-                record,
-                version=record.version + 1,
-                last_active=now,
-                participants=participants,
-                acl=acl,
-            )
-            session = to_session(new, view.recent, leases, now)
-            fields = frozenset({"version", "last_active", "participants", "acl"})
+            live = {**view.lease_ttl_ms, mad_name: ttl_ms}
+            if mad_name in record.participants and mad_name in view.lease_ttl_ms:
+                renewal = leases.renewed(record, mad_name, now, ttl)
+                session = to_session(renewal, view.recent, live, now)
+                return _renewal(renewal, mad_name, _encode(session))
+            granted, _ = leases.granted(record, mad_name, now, ttl)
+            new = msgspec.structs.replace(granted, version=record.version + 1, last_active=now)
+            session = to_session(new, view.recent, live, now)
+            fields = frozenset({"version", "last_active", "participants", "acl", "lease_grants"})
             return Change(record=new, fields=fields, leases_set=[mad_name], result=_encode(session))
 
-        session = await self._mutate(principal, session_id, decide, idem, Session, "join")
+        session = await self._mutate(
+            principal, session_id, decide, idem, Session, "join", permit=permit, wake=False
+        )
         self._metrics.lease_operations.labels("join").inc()
         return session
 
     async def remove_participant(
-        self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
+        self,
+        principal: Principal,
+        session_id: str,
+        mad_name: str,
+        idem: Idempotency | None = None,
+        lease_token: int | None = None,
     ) -> None:
+        """Remove a MAD from `participants` and the ACL at once; a MAD may remove itself."""
         _check_mad(mad_name)
+
+        def permit(record: SessionRecord, live: Mapping[str, int]) -> None:
+            what = "remove other participants"
+            leases.require_self_or_manager(principal, record, mad_name, self._role, what)
+            if leases.mad_of(principal) == mad_name and mad_name in record.participants:
+                leases.check_token(session_id, mad_name, record.participants[mad_name], lease_token)
 
         def decide(view: HotView) -> Change:
             record = view.record
             if mad_name not in record.participants:
-                return Change(record=record, fields=frozenset(), result=b"null")
-            participants = {m: p for m, p in record.participants.items() if m != mad_name}
-            acl = [a for a in record.acl if a != mad_principal(mad_name)]
+                raise ParticipantNotFound(session_id, mad_name)
             new = msgspec.structs.replace(
-                record,
+                leases.without(record, [mad_name]),
                 version=record.version + 1,
                 last_active=utcnow(),
-                participants=participants,
-                acl=acl,
             )
             fields = frozenset({"version", "last_active", "participants", "acl"})
             return Change(record=new, fields=fields, leases_dropped=[mad_name], result=b"null")
 
-        await self._mutate(principal, session_id, decide, idem, type(None), "leave")
+        await self._mutate(principal, session_id, decide, idem, type(None), "leave", permit=permit)
         self._metrics.lease_operations.labels("leave").inc()
 
     async def renew_lease(
@@ -358,21 +430,64 @@ class SessionService:
         principal: Principal,
         session_id: str,
         mad_name: str,
+        lease_token: int | None = None,
         idem: Idempotency | None = None,
     ) -> LeaseInfo:
+        """Extend a live lease, keeping its token; a lapsed one is rejoined, never renewed."""
         _check_mad(mad_name)
+        ttl = timedelta(seconds=self._limits.lease_ttl_s)
 
-        async def run() -> LeaseInfo:
-            # A participating MAD is in the ACL (`mad:<name>`), so the ordinary check admits it.
-            view = await self._hot_view(principal, session_id)
-            if mad_name not in view.record.participants:
+        def permit(record: SessionRecord, live: Mapping[str, int]) -> None:
+            what = "renew another participant's lease"
+            leases.require_self_or_manager(principal, record, mad_name, self._role, what)
+
+        def decide(view: HotView) -> Change:
+            record, now = view.record, utcnow()
+            participant = record.participants.get(mad_name)
+            if participant is None:
                 raise ParticipantNotFound(session_id, mad_name)
-            ttl_ms = await self._hot.renew_lease(session_id, mad_name)
-            self._metrics.lease_operations.labels("renew").inc()
-            expires = utcnow() + timedelta(milliseconds=ttl_ms)
-            return LeaseInfo(mad_name=mad_name, expires_at=expires)
+            if mad_name not in view.lease_ttl_ms:
+                raise LeaseExpired(session_id, mad_name)
+            if leases.mad_of(principal) == mad_name:
+                leases.check_token(session_id, mad_name, participant, lease_token)
+            info = LeaseInfo(mad_name=mad_name, expires_at=now + ttl, token=participant.token)
+            return _renewal(leases.renewed(record, mad_name, now, ttl), mad_name, _encode(info))
 
-        return await self._once(principal, session_id, idem, LeaseInfo, run)
+        info = await self._mutate(
+            principal, session_id, decide, idem, LeaseInfo, "renew", permit=permit, wake=False
+        )
+        self._metrics.lease_operations.labels("renew").inc()
+        return info
+
+    @property
+    def _role(self) -> str | None:
+        return self._limits.participants_role
+
+    def _lease_holder(self, principal: Principal, lease_token: int | None) -> Permit:
+        """A data write by a MAD needs its live lease (and, when sent, its newest token)."""
+
+        def permit(record: SessionRecord, live: Mapping[str, int]) -> None:
+            leases.require_live_lease(principal, record, live, lease_token)
+
+        return permit
+
+    def _reaped(self, view: HotView, now: datetime) -> tuple[HotView, list[str]]:
+        """The view without participants whose lease lapsed more than the grace period ago."""
+        grace = timedelta(seconds=self._limits.lease_grace_s)
+        gone = leases.reapable(view.record, view.lease_ttl_ms, now, grace)
+        if not gone:
+            return view, gone
+        record = leases.without(view.record, gone)
+        return HotView(record=record, recent=view.recent, lease_ttl_ms=view.lease_ttl_ms), gone
+
+    def _at_rest(self, record: SessionRecord) -> SessionRecord:
+        """A record read from MongoDB as its readers see it: lapsed participants reaped.
+
+        Not while it is `active` (Redis is down and MongoDB lags on lease renewals)."""
+        if record.state is SessionState.ACTIVE:
+            return record
+        grace = timedelta(seconds=self._limits.lease_grace_s)
+        return leases.without(record, leases.reapable(record, {}, utcnow(), grace))
 
     # -- moving between tiers ----------------------------------------------------------------
 
@@ -384,14 +499,26 @@ class SessionService:
         )
 
     async def _suspend(self, principal: Principal, session_id: str) -> Session:
+        """Owner, admin or the participants role: a suspend ends every MAD's lease."""
+        what = "suspend this session"
         access = await self._hot.access_fields(session_id)
         if access is not None:
             rules.require_access(principal, *access)
-            record = await self._hot.suspend(session_id, self._warm.flush)
+            leases.require_manager(principal, access[0], self._role, what)
+            record = await self._hot.suspend(session_id, self._flush_at_rest)
             if record is not None:
                 recent = await self._warm.recent_events(session_id, self._limits.recent_timeline)
                 return to_session(record, recent, {}, utcnow())
-        return await self.get(principal, session_id)
+        session = await self.get(principal, session_id)
+        leases.require_manager(principal, session.owner_id, self._role, what)
+        return session
+
+    async def _flush_at_rest(
+        self, record: SessionRecord, events: list[TimelineEvent], context: ContextUpdate | None
+    ) -> bool:
+        """Suspend's flush: the lease keys go with the hot keys, so every lease ends now."""
+        record.participants = leases.ended(record.participants, utcnow())
+        return await self._warm.flush(record, events, context)
 
     async def resume(
         self, principal: Principal, session_id: str, idem: Idempotency | None = None
@@ -457,10 +584,25 @@ class SessionService:
         idem: Idempotency | None,
         result_type: type[R],
         operation: str,
+        *,
+        permit: Permit | None = None,
+        wake: bool = True,
     ) -> R:
+        """Run `decide` in the hot transaction after the access check and `permit`.
+
+        Lapsed participants past their grace period are reaped first; a versioned change
+        writes that too. A dormant session is loaded into Redis unless `wake` is False (then
+        409 `dormant`); a call that `permit` refuses never wakes it.
+        """
+
         def guarded(view: HotView) -> Change:
+            view, gone = self._reaped(view, utcnow())
             rules.require_access(principal, view.record.owner_id, view.record.acl)
+            if permit is not None:
+                permit(view.record, view.lease_ttl_ms)
             change = decide(view)
+            if gone and change.fields:
+                change.fields = change.fields | {"participants", "acl"}
             if idem is not None:
                 change.stored = self._keepable(change.result, change.record)
             return change
@@ -471,6 +613,10 @@ class SessionService:
             for _ in range(3):
                 outcome = await self._hot.transact(session_id, guarded, idem)
                 if outcome is None:
+                    if permit is not None or not wake:
+                        await self._check_at_rest(principal, session_id, permit)
+                    if not wake:
+                        raise SessionDormant(session_id)
                     await self._activate(principal, session_id)
                     continue
                 if isinstance(outcome, Replayed):
@@ -568,12 +714,25 @@ class SessionService:
         else:
             rules.require_access(principal, *access)
 
+    async def _check_at_rest(
+        self, principal: Principal, session_id: str, permit: Permit | None
+    ) -> None:
+        """What `guarded` checks, on the MongoDB record: no lease is alive at rest."""
+        stored = await self._warm.get(session_id)
+        if stored is None:
+            raise SessionNotFound(session_id)
+        record = self._at_rest(stored)
+        rules.require_access(principal, record.owner_id, record.acl)
+        if permit is not None:
+            permit(record, {})
+
     async def _hot_view(self, principal: Principal, session_id: str) -> HotView:
         for _ in range(3):
             view = await self._hot.load(session_id)
             if view is None:
                 await self._activate(principal, session_id)
                 continue
+            view = self._reaped(view, utcnow())[0]
             rules.require_access(principal, view.record.owner_id, view.record.acl)
             return view
         raise BackendUnavailable("redis", "the session could not be loaded into Redis")
@@ -607,7 +766,7 @@ class SessionService:
         record = await self._warm.get(session_id)
         if record is None:
             raise SessionNotFound(session_id)
-        rules.require_access(principal, record.owner_id, record.acl)
+        rules.require_access(principal, record.owner_id, self._at_rest(record).acl)
         if record.state is SessionState.ARCHIVED:
             record = await self._cold().rehydrate(session_id)  # only after the access check
             return record, True
@@ -664,9 +823,20 @@ def _check_version(record: SessionRecord, expected: int) -> SessionRecord:
 def _check_mad(mad_name: str) -> None:
     if not MAD_NAME.fullmatch(mad_name):
         raise InvalidInput(
-            "mad_name must be 1-64 letters, digits or _.- and start with a letter or digit",
+            "mad_name must be 1-64 letters, digits, '_' or '-' and start with a letter or digit",
             "mad_name",
         )
+
+
+def _renewal(record: SessionRecord, mad_name: str, result: bytes) -> Change:
+    """A live lease extended: the same version and token, the new expiry kept in Redis only."""
+    return Change(
+        record=record,
+        fields=frozenset({"participants"}),
+        leases_set=[mad_name],
+        result=result,
+        hot_only=True,
+    )
 
 
 def _resting(state: SessionState) -> SessionState:

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 
 import msgspec
 
+from sessionmgr.domain.leases import lapse_time
 from sessionmgr.domain.model import (
     Participant,
     Session,
@@ -25,6 +26,7 @@ class AppendResult(msgspec.Struct, frozen=True):
 class LeaseInfo(msgspec.Struct, frozen=True):
     mad_name: str
     expires_at: datetime
+    token: int  # the fencing token of the grant this renewal extends (it does not change)
 
 
 class SessionSummary(msgspec.Struct, frozen=True):
@@ -69,11 +71,18 @@ def to_session(
 
 
 def _participant(p: Participant, ttl_ms: int | None, now: datetime) -> Participant:
-    if ttl_ms is None:
-        return Participant(joined_at=p.joined_at, lease_expires_at=p.lease_expires_at, active=False)
+    if ttl_ms is None:  # lapsed: the recorded expiry is when it really ended
+        ended = lapse_time(p, now)
+        return Participant(
+            joined_at=p.joined_at,
+            lease_expires_at=ended,
+            active=False,
+            token=p.token,
+            lapsed_at=ended,
+        )
     expires = now + timedelta(milliseconds=ttl_ms)
     expires = expires.replace(microsecond=expires.microsecond // 1000 * 1000)
-    return Participant(joined_at=p.joined_at, lease_expires_at=expires, active=True)
+    return Participant(joined_at=p.joined_at, lease_expires_at=expires, active=True, token=p.token)
 
 
 def summary(record: SessionRecord) -> SessionSummary:

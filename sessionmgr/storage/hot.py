@@ -70,6 +70,9 @@ _RECORD_FIELDS = tuple(SessionRecord.__struct_fields__)
 _FIELD_DECODERS: dict[bytes, msgspec.json.Decoder[Any]] = {
     f.name.encode(): msgspec.json.Decoder(f.type) for f in msgspec.structs.fields(SessionRecord)
 }
+_DEFAULTED = frozenset(
+    f.name.encode() for f in msgspec.structs.fields(SessionRecord) if f.required is False
+)
 _RACE_RETRIES = 8
 CLAIM_TTL_S = 60
 _SCAN_BATCH = 500
@@ -186,7 +189,13 @@ def encode_record(record: SessionRecord, fields: frozenset[str] | None = None) -
 
 
 def decode_record(raw: dict[bytes, bytes]) -> SessionRecord:
-    values = {name.decode(): decoder.decode(raw[name]) for name, decoder in _FIELD_DECODERS.items()}
+    # A field added to the record later (`lease_grants`) is absent from older hashes: its
+    # default stands in. A required field missing is a KeyError, never a silent default.
+    values = {
+        name.decode(): decoder.decode(raw[name])
+        for name, decoder in _FIELD_DECODERS.items()
+        if name in raw or name not in _DEFAULTED
+    }
     return SessionRecord(**values)
 
 
@@ -338,7 +347,7 @@ class RedisHotStore:
             pipe.set(lease_key(session_id, mad), b"1", px=self._lease_ms)
         for mad in change.leases_dropped:
             pipe.delete(lease_key(session_id, mad))
-        if change.fields or change.events or change.context:
+        if not change.hot_only and (change.fields or change.events or change.context):
             entry = OutboxEntry(record=change.record, events=change.events, context=change.context)
             pipe.xadd(OUTBOX_STREAM, {"sid": session_id, "entry": _encode(entry)})
 
@@ -405,11 +414,6 @@ class RedisHotStore:
             pipe.zadd(idem_index_key(scope), {key: now + self._idem_ttl})
             pipe.zremrangebyscore(idem_index_key(scope), "-inf", now)
             pipe.expire(idem_index_key(scope), self._idem_ttl)
-
-    async def renew_lease(self, session_id: str, mad: str) -> int:
-        """(Re)start a MAD's lease; returns its life in milliseconds."""
-        await self._guard(self._redis.set(lease_key(session_id, mad), b"1", px=self._lease_ms))
-        return self._lease_ms
 
     async def suspend(
         self,

@@ -424,6 +424,7 @@ async def test_float_out_of_range_is_4xx(app_api: Api, cast: Cast, target: dict[
 
 ODD_IDS = {
     "dotdot": "%2E%2E",
+    "dotted": "planner.v2",
     "nul": "%00",
     "33_hex": "a" * 33,
     "31_hex": "a" * 31,
@@ -453,6 +454,7 @@ BAD_MAD_NAMES = [
     "-lead",
     ".hidden",
     "..",
+    "planner.v2",  # a dotted key in `participants` would be a path to MongoDB
     "a b",
     "a/b",
     "mad:x",
@@ -463,6 +465,7 @@ BAD_MAD_NAMES = [
 ]
 BAD_MAD_PATHS = {
     "dotdot": "%2E%2E",
+    "dotted": "planner.v2",
     "dash": "-lead",
     "space": "a%20b",
     "colon": "mad:x",

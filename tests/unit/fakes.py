@@ -320,7 +320,7 @@ class InMemoryHotStore:
             self.set_lease_left_ms(session_id, mad, self.lease_ttl_s * 1000)
         for mad in change.leases_dropped:
             self.leases.pop((session_id, mad), None)
-        if change.fields or change.events or change.context:
+        if not change.hot_only and (change.fields or change.events or change.context):
             self.outbox.append(
                 OutboxEntry(record=change.record, events=change.events, context=change.context)
             )
@@ -354,11 +354,6 @@ class InMemoryHotStore:
     async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None:
         self._reachable()
         self.idempotency[_idem_key(scope, idem)] = idem_value(idem, result)
-
-    async def renew_lease(self, session_id: str, mad: str) -> int:
-        self._reachable()
-        self.set_lease_left_ms(session_id, mad, self.lease_ttl_s * 1000)
-        return self.lease_ttl_s * 1000
 
     async def suspend(self, session_id: str, flush: Flush) -> SessionRecord | None:
         for _ in range(8):

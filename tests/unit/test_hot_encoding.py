@@ -67,6 +67,13 @@ def test_a_hash_missing_a_field_is_not_silently_accepted() -> None:
         decode_record(stored)
 
 
+def test_a_hash_written_before_fencing_tokens_reads_with_no_grant_yet() -> None:
+    record = SessionRecordFactory.build(lease_grants=5)
+    stored = as_redis_hash(encode_record(record))
+    del stored[b"lease_grants"]
+    assert decode_record(stored) == msgspec.structs.replace(record, lease_grants=0)
+
+
 def test_an_outbox_entry_round_trips_with_its_events() -> None:
     entry = OutboxEntry(record=SessionRecordFactory.build(), events=TimelineEventFactory.batch(3))
     assert msgspec.json.decode(msgspec.json.encode(entry), type=OutboxEntry) == entry

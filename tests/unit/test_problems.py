@@ -17,11 +17,14 @@ from sessionmgr.domain.errors import (
     AuthenticationFailed,
     BackendUnavailable,
     ConcurrencyConflict,
+    Fenced,
     IdempotencyKeyReused,
     InvalidInput,
+    LeaseExpired,
     PayloadTooLarge,
     RateLimited,
     ReadOnlyMode,
+    SessionDormant,
     SessionError,
     SessionNotFound,
     VersionRequired,
@@ -40,6 +43,9 @@ ERRORS: dict[str, SessionError] = {
     "mongodb-down": BackendUnavailable("mongodb", "ServerSelectionTimeoutError", 3),
     "read-only": ReadOnlyMode(),
     "rate-limited": RateLimited(4),
+    "lease-expired": LeaseExpired(SID, "planner"),
+    "fenced": Fenced(SID, "planner", 3),
+    "dormant": SessionDormant(SID),
 }
 
 
@@ -93,6 +99,9 @@ def problem_of(client: TestClient[Litestar], name: str) -> tuple[Any, dict[str, 
         ("mongodb-down", 503, "backend-unavailable"),
         ("read-only", 503, "backend-unavailable"),
         ("rate-limited", 429, "rate-limited"),
+        ("lease-expired", 409, "lease-expired"),
+        ("fenced", 409, "fenced"),
+        ("dormant", 409, "dormant"),
     ],
 )
 def test_each_domain_error_has_its_status_and_problem_body(

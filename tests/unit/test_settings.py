@@ -112,6 +112,8 @@ def test_overrides_win_over_the_environment() -> None:
         ("rate_limit_burst", "0"),
         ("shutdown_grace_s", "0"),
         ("gc_freeze", "maybe"),
+        ("lease_grace_s", "-1"),
+        ("lease_grace_s", "soon"),
     ],
 )
 def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
@@ -281,3 +283,12 @@ def test_sentinels_and_their_master_name_come_together(
 ) -> None:
     with pytest.raises(ConfigError, match=missing):
         load_settings(env(**values))
+
+
+def test_the_lease_grace_period_and_participants_role_are_read() -> None:
+    settings = load_settings(env(lease_grace_s="0", participants_role="coordinator"))
+    assert (settings.lease_grace_s, settings.participants_role) == (0, "coordinator")
+    assert (load_settings(env()).lease_grace_s, load_settings(env()).participants_role) == (
+        300,
+        None,
+    )
