@@ -64,6 +64,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     metrics_port: int | None = None
     # Move what start-up built out of the garbage collector's reach (sessionmgr.api.bridge).
     gc_freeze: bool = True
+    # Callers with role `service`: a rate limit of their own (unset: the same as everyone's).
+    rate_limit_service_per_s: float | None = None
+    rate_limit_service_burst: int | None = None
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -184,6 +187,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _level,
     "metrics_port": _int(1, 65_535),
     "gc_freeze": _bool,
+    "rate_limit_service_per_s": _float(0, 100_000),
+    "rate_limit_service_burst": _int(1, 1_000_000),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 from litestar.enums import ScopeType
@@ -25,6 +26,7 @@ from sessionmgr.telemetry import records
 
 # Kubernetes probes and Prometheus scrapes every few seconds would bury the real traces.
 UNTRACED_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")  # echoed as given: visible ASCII only
 
 
 class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
@@ -44,16 +46,44 @@ def _headers(scope: Scope) -> list[tuple[bytes, bytes]]:
     return list(scope["headers"])
 
 
+def _given_request_id(scope: Scope) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+            return value
+    return None
+
+
+def _answering_with(send: Send, request_id: bytes) -> Send:
+    """`send`, with `X-Request-ID` added to the answer's headers."""
+
+    async def answer(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+        await send(message)
+
+    return answer
+
+
 def tracing_middleware(app: ASGIApp) -> ASGIApp:
+    """A span per request, and every answer says which request it was: `X-Request-ID` echoes
+    the caller's, or else carries the trace id (the caller's `traceparent`, or a new one)."""
+
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP or scope["path"] in UNTRACED_PATHS:
+        if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
+            return
+        given = _given_request_id(scope)
+        if scope["path"] in UNTRACED_PATHS:
+            request_id = given or f"{_log_span(scope).get_span_context().trace_id:032x}".encode()
+            await app(scope, receive, _answering_with(send, request_id))
             return
         tracer: Tracer = scope["litestar_app"].state.tracer
         if not records(tracer):
-            token = context.attach(trace.set_span_in_context(_log_span(scope)))
+            log_span = _log_span(scope)
+            answer = _answering_with(send, given or _trace_id(log_span))
+            token = context.attach(trace.set_span_in_context(log_span))
             try:
-                await app(scope, receive, send)
+                await app(scope, receive, answer)
             finally:
                 context.detach(token)
             return
@@ -79,14 +109,19 @@ def tracing_middleware(app: ASGIApp) -> ASGIApp:
             kind=SpanKind.SERVER,
             attributes=attributes,
         ) as span:
+            answer = _answering_with(capture, given or _trace_id(span))
             try:
-                await app(scope, receive, capture)
+                await app(scope, receive, answer)
             finally:
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:  # a 4xx is the client's error, not the server's
                     span.set_status(Status(StatusCode.ERROR))
 
     return middleware
+
+
+def _trace_id(span: trace.Span) -> bytes:
+    return f"{span.get_span_context().trace_id:032x}".encode()
 
 
 def _log_span(scope: Scope) -> NonRecordingSpan:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import re
 import time
@@ -38,7 +36,9 @@ from sessionmgr.domain.model import (
     new_session_id,
     utcnow,
 )
+from sessionmgr.domain.preconditions import Precondition, check
 from sessionmgr.metrics import Metrics
+from sessionmgr.services import cursors
 from sessionmgr.services.archive import Archivist, SessionIsHot
 from sessionmgr.services.ports import (
     CREATE_SCOPE,
@@ -51,8 +51,11 @@ from sessionmgr.services.ports import (
 )
 from sessionmgr.services.views import (
     AppendResult,
+    ArchivedSession,
     LeaseInfo,
+    ListOrder,
     SessionPage,
+    archived,
     summary,
     to_session,
 )
@@ -172,16 +175,18 @@ class SessionService:
         state: SessionState | None = None,
         limit: int | None = None,
         cursor: str | None = None,
+        order: ListOrder = ListOrder.ID,
     ) -> SessionPage:
         size = min(limit or self._limits.page_size_default, self._limits.page_size_max)
         if size < 1:
             raise InvalidInput("limit must be at least 1", "limit")
-        after = _decode_cursor(cursor) if cursor else None
+        after = cursors.decode(cursor, order) if cursor else None
         sub = None if principal.is_admin else principal.sub
-        page = await self._warm.list_for(sub, state, size, after)
+        page = await self._warm.list_for(sub, state, size, after, order=order)
+        last = page.items[-1] if page.items and page.next_cursor else None
         return SessionPage(
             items=[summary(r) for r in page.items],
-            next_cursor=_encode_cursor(page.next_cursor) if page.next_cursor else None,
+            next_cursor=cursors.encode(last, order) if last else None,
         )
 
     # -- mutations through the optimistic transaction ------------------------------------
@@ -191,14 +196,18 @@ class SessionService:
         principal: Principal,
         session_id: str,
         *,
-        expected_version: int,
+        expected_version: int | None,
         patch: dict[str, Any],
         idem: Idempotency | None = None,
+        if_match: Precondition | None = None,
     ) -> Session:
+        """Apply `patch` at `expected_version` (409 when stale) and under `if_match` (412)."""
         rules.check_patch(patch, self._limits.max_field_bytes)
 
         def decide(view: HotView) -> Change:
-            record = _check_version(view.record, expected_version)
+            record = view.record
+            if expected_version is not None:
+                _check_version(record, expected_version)
             now = utcnow()
             small = {k: v for k, v in patch.items() if k != "full_context"}
             new = msgspec.structs.replace(
@@ -215,7 +224,7 @@ class SessionService:
 
         # Re-running after a WATCH abort re-checks expected_version, so a stale patch is a 409,
         # never applied; and a retry that raced its own original finds its first answer.
-        return await self._mutate(principal, session_id, decide, idem, Session, "update")
+        return await self._mutate(principal, session_id, decide, idem, Session, "update", if_match)
 
     async def append(
         self,
@@ -225,6 +234,7 @@ class SessionService:
         *,
         expected_version: int | None = None,
         idem: Idempotency | None = None,
+        if_match: Precondition | None = None,
     ) -> AppendResult:
         self._check_events(events)
 
@@ -251,10 +261,18 @@ class SessionService:
 
         # Re-running re-checks any expected_version; without one an append does not depend on
         # what it read.
-        return await self._mutate(principal, session_id, decide, idem, AppendResult, "append")
+        return await self._mutate(
+            principal, session_id, decide, idem, AppendResult, "append", if_match
+        )
 
     async def add_participant(
-        self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
+        self,
+        principal: Principal,
+        session_id: str,
+        mad_name: str,
+        idem: Idempotency | None = None,
+        *,
+        if_match: Precondition | None = None,
     ) -> Session:
         _check_mad(mad_name)
         ttl = timedelta(seconds=self._limits.lease_ttl_s)
@@ -287,19 +305,26 @@ class SessionService:
             fields = frozenset({"version", "last_active", "participants", "acl"})
             return Change(record=new, fields=fields, leases_set=[mad_name], result=_encode(session))
 
-        session = await self._mutate(principal, session_id, decide, idem, Session, "join")
+        session = await self._mutate(principal, session_id, decide, idem, Session, "join", if_match)
         self._metrics.lease_operations.labels("join").inc()
         return session
 
     async def remove_participant(
-        self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
+        self,
+        principal: Principal,
+        session_id: str,
+        mad_name: str,
+        idem: Idempotency | None = None,
+        *,
+        if_match: Precondition | None = None,
     ) -> None:
+        """Remove a MAD from the participants and the ACL; 404 when it is not a participant."""
         _check_mad(mad_name)
 
         def decide(view: HotView) -> Change:
             record = view.record
             if mad_name not in record.participants:
-                return Change(record=record, fields=frozenset(), result=b"null")
+                raise ParticipantNotFound(session_id, mad_name)
             participants = {m: p for m, p in record.participants.items() if m != mad_name}
             acl = [a for a in record.acl if a != mad_principal(mad_name)]
             new = msgspec.structs.replace(
@@ -312,13 +337,23 @@ class SessionService:
             fields = frozenset({"version", "last_active", "participants", "acl"})
             return Change(record=new, fields=fields, leases_dropped=[mad_name], result=b"null")
 
-        await self._mutate(principal, session_id, decide, idem, type(None), "leave")
+        await self._mutate(principal, session_id, decide, idem, type(None), "leave", if_match)
         self._metrics.lease_operations.labels("leave").inc()
 
-    async def renew_lease(self, principal: Principal, session_id: str, mad_name: str) -> LeaseInfo:
+    async def renew_lease(
+        self,
+        principal: Principal,
+        session_id: str,
+        mad_name: str,
+        *,
+        if_match: Precondition | None = None,
+    ) -> LeaseInfo:
         _check_mad(mad_name)
+        if if_match is not None:  # before a dormant session is loaded: a 412 changes nothing
+            await self._check_current(principal, session_id, if_match)
         # A participating MAD is in the ACL (`mad:<name>`), so the ordinary check admits it.
         view = await self._hot_view(principal, session_id)
+        check(if_match, session_id, view.record.version)
         if mad_name not in view.record.participants:
             raise ParticipantNotFound(session_id, mad_name)
         ttl_ms = await self._hot.renew_lease(session_id, mad_name)
@@ -328,38 +363,67 @@ class SessionService:
     # -- moving between tiers ----------------------------------------------------------------
 
     async def suspend(
-        self, principal: Principal, session_id: str, idem: Idempotency | None = None
+        self,
+        principal: Principal,
+        session_id: str,
+        idem: Idempotency | None = None,
+        *,
+        if_match: Precondition | None = None,
     ) -> Session:
         return await self._once(
-            principal, session_id, idem, Session, lambda: self._suspend(principal, session_id)
+            principal,
+            session_id,
+            idem,
+            Session,
+            lambda: self._suspend(principal, session_id, if_match),
         )
 
-    async def _suspend(self, principal: Principal, session_id: str) -> Session:
+    async def _suspend(
+        self, principal: Principal, session_id: str, if_match: Precondition | None = None
+    ) -> Session:
         access = await self._hot.access_fields(session_id)
         if access is not None:
             rules.require_access(principal, *access)
-            record = await self._hot.suspend(session_id, self._warm.flush)
+            record = await self._hot.suspend(
+                session_id, self._warm.flush, _record_check(if_match, session_id)
+            )
             if record is not None:
                 recent = await self._warm.recent_events(session_id, self._limits.recent_timeline)
                 return to_session(record, recent, {}, utcnow())
+        if if_match is not None:  # at rest already: nothing to write, but the answer is a 412
+            await self._check_current(principal, session_id, if_match)
         return await self.get(principal, session_id)
 
     async def resume(
-        self, principal: Principal, session_id: str, idem: Idempotency | None = None
+        self,
+        principal: Principal,
+        session_id: str,
+        idem: Idempotency | None = None,
+        *,
+        if_match: Precondition | None = None,
     ) -> Session:
         async def run() -> Session:
+            if if_match is not None:
+                await self._check_current(principal, session_id, if_match)
             view = await self._hot_view(principal, session_id)
             return to_session(view.record, view.recent, view.lease_ttl_ms, utcnow())
 
         return await self._once(principal, session_id, idem, Session, run)
 
     async def delete(
-        self, principal: Principal, session_id: str, idem: Idempotency | None = None
+        self,
+        principal: Principal,
+        session_id: str,
+        idem: Idempotency | None = None,
+        *,
+        if_match: Precondition | None = None,
     ) -> None:
         """Tombstone first, so no replica can bring the session back while it is removed."""
 
         async def run() -> None:
             await self._authorize(principal, session_id, owner_only=True)
+            if if_match is not None:
+                await self._check_current(principal, session_id, if_match)
             cold = self._archivist.deleting(session_id) if self._archivist else nullcontext()
             async with cold:  # S3 first: no copy of its data outlives the session
                 await self._hot.mark_deleted(session_id)
@@ -369,26 +433,32 @@ class SessionService:
         await self._once(principal, session_id, idem, type(None), run, owner_only=True)
 
     async def archive(
-        self, principal: Principal, session_id: str, idem: Idempotency | None = None
-    ) -> Session:
+        self,
+        principal: Principal,
+        session_id: str,
+        idem: Idempotency | None = None,
+        *,
+        if_match: Precondition | None = None,
+    ) -> ArchivedSession:
         """Move a session's body to S3, leaving a stub in MongoDB; an active one is suspended."""
+        verify = _record_check(if_match, session_id)
 
-        async def run() -> Session:
+        async def run() -> ArchivedSession:
             await self._authorize(principal, session_id, owner_only=True)
             for _ in range(3):
                 try:
-                    done = await self._cold().archive(session_id)
+                    done = await self._cold().archive(session_id, verify)
                 except SessionIsHot:
-                    await self._suspend(principal, session_id)
+                    await self._suspend(principal, session_id, if_match)
                     continue
                 except ConcurrencyConflict:
                     continue  # it changed while we uploaded: take the new version
-                session = to_session(done.stub.record, [], {}, utcnow())
-                session.archive = done.stub.archive
-                return session
+                if done.stub.archive is None:  # a stub always has its reference
+                    raise ConcurrencyConflict(session_id, None)
+                return archived(done.stub.record, done.stub.archive)
             raise ConcurrencyConflict(session_id, None)
 
-        return await self._once(principal, session_id, idem, Session, run, owner_only=True)
+        return await self._once(principal, session_id, idem, ArchivedSession, run, owner_only=True)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -400,9 +470,11 @@ class SessionService:
         idem: Idempotency | None,
         result_type: type[R],
         operation: str,
+        if_match: Precondition | None = None,
     ) -> R:
         def guarded(view: HotView) -> Change:
             rules.require_access(principal, view.record.owner_id, view.record.acl)
+            check(if_match, session_id, view.record.version)  # inside the WATCH: atomic
             return decide(view)
 
         try:
@@ -464,6 +536,22 @@ class SessionService:
             rules.require_owner(principal, access[0])
         else:
             rules.require_access(principal, *access)
+
+    async def _check_current(
+        self, principal: Principal, session_id: str, if_match: Precondition
+    ) -> None:
+        """Check `if_match` against wherever the session lives now, touching nothing: an
+        archived one is judged by its stub, a dormant one is not loaded into Redis."""
+        view = await self._hot.load(session_id)
+        if view is not None:
+            rules.require_access(principal, view.record.owner_id, view.record.acl)
+            if_match.check(session_id, view.record.version)
+            return
+        record = await self._warm.get(session_id)
+        if record is None:
+            raise SessionNotFound(session_id)
+        rules.require_access(principal, record.owner_id, record.acl)
+        if_match.check(session_id, record.version)
 
     async def _hot_view(self, principal: Principal, session_id: str) -> HotView:
         for _ in range(3):
@@ -558,6 +646,15 @@ def _check_version(record: SessionRecord, expected: int) -> SessionRecord:
     return record
 
 
+def _record_check(
+    if_match: Precondition | None, session_id: str
+) -> Callable[[SessionRecord], None] | None:
+    """`if_match` as a check on a record a store reads inside its own transaction."""
+    if if_match is None:
+        return None
+    return lambda record: if_match.check(session_id, record.version)
+
+
 def _check_mad(mad_name: str) -> None:
     if not MAD_NAME.fullmatch(mad_name):
         raise InvalidInput(
@@ -575,17 +672,3 @@ def _merge(stored: list[TimelineEvent], recent: list[TimelineEvent]) -> list[Tim
     by_seq = {e.seq: e for e in stored}
     by_seq.update((e.seq, e) for e in recent)
     return [by_seq[s] for s in sorted(by_seq)]
-
-
-def _encode_cursor(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidInput("cursor is not one this service handed out", "cursor") from None
-    if not re.fullmatch(r"[0-9a-f]{32}", raw):
-        raise InvalidInput("cursor is not one this service handed out", "cursor")
-    return raw
