@@ -17,7 +17,7 @@ from sessionmgr.api.problem_types import problem_types_page
 from sessionmgr.api.problems import EXCEPTION_HANDLERS
 from sessionmgr.api.security import authentication_middleware
 from sessionmgr.api.sessions import SessionController
-from sessionmgr.api.tracing import tracing_middleware
+from sessionmgr.api.tracing import add_request_id, tracing_middleware
 from sessionmgr.container import Container, build_container
 from sessionmgr.telemetry import configure_logging
 
@@ -43,6 +43,7 @@ def create_app(container: Container | None = None) -> Litestar:
             authentication_middleware,  # and the rate limit
         ],
         exception_handlers=EXCEPTION_HANDLERS,
+        before_send=[add_request_id],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="sessionmgr",

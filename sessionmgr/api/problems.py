@@ -206,7 +206,7 @@ def _field_error(error: Any) -> FieldError:
         return FieldError(field=_PUBLIC_NAMES.get(key, key), message=message)
     if key == "data" and message == "'data'":  # Litestar's words for a body that is not there
         return FieldError(field="", message="a JSON body is required")
-    parts = [] if key == "data" else [key]
+    parts = [] if key == "data" else _parts("." + key)
     if named := _NAMED_FIELD.search(message):
         parts.append(named.group(1))
     return FieldError(field=_join(parts), message=message)
@@ -216,7 +216,7 @@ def validation_errors(text: str) -> list[FieldError]:
     """msgspec's `Expected `int`, got `str` - at `$.events[0].kind``, as a `FieldError`."""
     match = _MSGSPEC_PATH.match(text)
     message, path = (match.group("message"), match.group("path")) if match else (text, "")
-    parts = [m.group(1) or m.group(2) or m.group(3) for m in _PATH_PART.finditer(path or "")]
+    parts = _parts(path or "")
     if named := _NAMED_FIELD.search(message):
         parts.append(named.group(1))
     return [FieldError(field=_join(parts), message=message)]
@@ -228,7 +228,12 @@ def _pointer(field: str | None) -> str:
         return ""
     if field in NOT_IN_BODY or field.startswith("/"):
         return field
-    return _join([m.group(1) or m.group(2) for m in _PATH_PART.finditer("." + field)])
+    return _join(_parts("." + field))
+
+
+def _parts(path: str) -> list[str]:
+    """`.events[0].kind` (msgspec's and the rules' paths, after `$`) as reference tokens."""
+    return [m.group(1) or m.group(2) or m.group(3) for m in _PATH_PART.finditer(path)]
 
 
 def _join(parts: list[str]) -> str:

@@ -27,6 +27,7 @@ from sessionmgr.telemetry import records
 # Kubernetes probes and Prometheus scrapes every few seconds would bury the real traces.
 UNTRACED_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")  # echoed as given: visible ASCII only
+TRACE_ID = "sessionmgr.trace_id"
 
 
 class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
@@ -46,44 +47,20 @@ def _headers(scope: Scope) -> list[tuple[bytes, bytes]]:
     return list(scope["headers"])
 
 
-def _given_request_id(scope: Scope) -> bytes | None:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
-            return value
-    return None
-
-
-def _answering_with(send: Send, request_id: bytes) -> Send:
-    """`send`, with `X-Request-ID` added to the answer's headers."""
-
-    async def answer(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
-        await send(message)
-
-    return answer
-
-
 def tracing_middleware(app: ASGIApp) -> ASGIApp:
-    """A span per request, and every answer says which request it was: `X-Request-ID` echoes
-    the caller's, or else carries the trace id (the caller's `traceparent`, or a new one)."""
+    """A span per request; its trace id becomes the request's id (`add_request_id`)."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP:
+        if scope["type"] != ScopeType.HTTP or scope["path"] in UNTRACED_PATHS:
             await app(scope, receive, send)
-            return
-        given = _given_request_id(scope)
-        if scope["path"] in UNTRACED_PATHS:
-            request_id = given or f"{_log_span(scope).get_span_context().trace_id:032x}".encode()
-            await app(scope, receive, _answering_with(send, request_id))
             return
         tracer: Tracer = scope["litestar_app"].state.tracer
         if not records(tracer):
             log_span = _log_span(scope)
-            answer = _answering_with(send, given or _trace_id(log_span))
+            _note_trace_id(scope, log_span)
             token = context.attach(trace.set_span_in_context(log_span))
             try:
-                await app(scope, receive, answer)
+                await app(scope, receive, send)
             finally:
                 context.detach(token)
             return
@@ -109,9 +86,9 @@ def tracing_middleware(app: ASGIApp) -> ASGIApp:
             kind=SpanKind.SERVER,
             attributes=attributes,
         ) as span:
-            answer = _answering_with(capture, given or _trace_id(span))
+            _note_trace_id(scope, span)
             try:
-                await app(scope, receive, answer)
+                await app(scope, receive, capture)
             finally:
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:  # a 4xx is the client's error, not the server's
@@ -120,8 +97,26 @@ def tracing_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-def _trace_id(span: trace.Span) -> bytes:
-    return f"{span.get_span_context().trace_id:032x}".encode()
+def _note_trace_id(scope: Scope, span: trace.Span) -> None:
+    scope.setdefault("state", {})[TRACE_ID] = f"{span.get_span_context().trace_id:032x}"
+
+
+def add_request_id(message: Message, scope: Scope) -> None:
+    """A `before_send` hook: every answer, errors and unmatched routes included, carries
+    `X-Request-ID`: the caller's own (visible ASCII, up to 200 characters), else the trace id
+    of the request (its `traceparent`'s, or a new one)."""
+    if message["type"] != "http.response.start" or scope["type"] != ScopeType.HTTP:
+        return
+    request_id = next(
+        (v for k, v in scope["headers"] if k == b"x-request-id" and _REQUEST_ID.fullmatch(v)),
+        None,
+    )
+    if request_id is None:
+        trace_id = scope.get("state", {}).get(TRACE_ID)
+        if trace_id is None:  # not traced (health, metrics, no such route)
+            trace_id = f"{_log_span(scope).get_span_context().trace_id:032x}"
+        request_id = trace_id.encode()
+    message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
 
 
 def _log_span(scope: Scope) -> NonRecordingSpan:

@@ -23,6 +23,7 @@ from sessionmgr.container import Container, build_container
 from sessionmgr.settings import Settings, load_settings
 from sessionmgr.storage.hot import hot_key
 from tests.conftest import JWT_SECRET
+from tests.e2e.served import check_problem
 from tests.support.redis_server import RedisServer
 from tests.support.s3_server import S3_BUCKET, S3Server
 
@@ -101,8 +102,7 @@ def assert_problem(response: httpx.Response, status: int | tuple[int, ...]) -> d
     assert response.status_code in wanted, (response.status_code, response.text[:500])
     content_type = response.headers.get("content-type", "")
     assert content_type.startswith(PROBLEM_JSON), (content_type, response.text[:500])
-    body = response.json()
-    assert body["status"] == response.status_code, body
+    body = check_problem(response)  # the one problem shape, for every error of the suite
     assert isinstance(body.get("title"), str), body
     assert body["title"], body
     return body
