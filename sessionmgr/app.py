@@ -50,6 +50,7 @@ def create_app(container: Container | None = None) -> Litestar:
             version=sessionmgr.__version__,
             description="Shared working state of multi-agent sessions.",
             path="/schema",
+            use_handler_docstrings=True,  # each handler's docstring is its description
             components=Components(
                 security_schemes={
                     "bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")
