@@ -11,7 +11,8 @@ from litestar import Litestar, get, post
 from litestar.params import FromPath, JSONBody
 from litestar.testing import TestClient
 
-from sessionmgr.api.problems import EXCEPTION_HANDLERS, PROBLEM_JSON, responses
+from sessionmgr.api.problem_types import CATALOGUE
+from sessionmgr.api.problems import _STATUS, EXCEPTION_HANDLERS, PROBLEM_JSON, responses
 from sessionmgr.domain.errors import (
     AccessDenied,
     AuthenticationFailed,
@@ -200,3 +201,13 @@ def test_openapi_entries_describe_problem_answers() -> None:
     assert set(specs) == {401, 409, 503}
     assert all(spec.media_type == PROBLEM_JSON for spec in specs.values())
     assert specs[409].description == "Conflict"
+
+
+def test_every_problem_type_is_explained_at_problems() -> None:
+    """Each `type` an answer can carry has its section in the catalogue behind `/problems`
+    (and docs/problems.md): a new domain error needs its explanation too."""
+    explained = {t.slug: t.status for t in CATALOGUE}
+    for _, status, slug in _STATUS:
+        assert explained.get(slug) == status, f"{slug} ({status}) is not in the catalogue"
+    for slug in ("malformed", "not-found", "method-not-allowed", "too-large", "internal"):
+        assert slug in explained
