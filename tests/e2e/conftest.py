@@ -52,9 +52,17 @@ def e2e_container(e2e_settings: Settings) -> Container:
     return build_container(e2e_settings)
 
 
+async def _one_problem_shape(response: httpx.Response) -> None:
+    """Every error answer the e2e suite meets, asserted on or not, has the one problem shape."""
+    if response.status_code >= 400 and response.request.method != "HEAD":
+        await response.aread()
+        check_problem(response)
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def api(e2e_container: Container) -> AsyncIterator[AsyncTestClient[Any]]:
     async with AsyncTestClient(app=create_app(e2e_container)) as test_client:
+        test_client.event_hooks["response"].append(_one_problem_shape)
         yield test_client
 
 
