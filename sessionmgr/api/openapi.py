@@ -144,11 +144,40 @@ def _complete(document: OpenAPI, path: str, method: str, operation: Operation) -
     _example_request(operation)
 
 
+ANSWER_EXAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
+    "Session": ("an active session", SESSION_EXAMPLE),
+    "AppendResult": (
+        "two events appended",
+        {"version": 6, "appended": 2, "first_seq": 4, "last_seq": 5},
+    ),
+    "LeaseInfo": ("a renewed lease", {"mad_name": "planner", "expires_at": "2026-11-27T04:11:40Z"}),
+    "ArchivedSession": (
+        "the stub of an archived session",
+        {
+            **{k: SESSION_EXAMPLE[k] for k in ("id", "version", "owner_id", "acl", "created_at")},
+            "state": "archived",
+            "last_active": SESSION_EXAMPLE["last_active"],
+            "archive": {
+                "key": f"sessions/2026/11/{SESSION_ID}.json.gz",
+                "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                "size": 18234,
+                "archived_at": "2026-12-30T03:17:02.114000Z",
+            },
+            "body_archived": True,
+            "restore": f"GET /v1/sessions/{SESSION_ID} brings the body back from the archive",
+        },
+    ),
+}
+
+
 def _example_answer(response: OpenAPIResponse, operation_id: str | None) -> None:
     media = next(iter((response.content or {}).values()))
     schema = media.schema
-    if isinstance(schema, Reference) and schema.ref.endswith("/Session"):
-        media.examples = {"session": Example(summary="an active session", value=SESSION_EXAMPLE)}
+    if isinstance(schema, Reference):
+        name = schema.ref.rsplit("/", 1)[-1]
+        if name in ANSWER_EXAMPLES:
+            summary, value = ANSWER_EXAMPLES[name]
+            media.examples = {name.lower(): Example(summary=summary, value=value)}
 
 
 def _example_request(operation: Operation) -> None:

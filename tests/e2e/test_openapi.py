@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import jsonschema
 import pytest
 import pytest_asyncio
 from litestar.testing import AsyncTestClient
@@ -369,3 +370,29 @@ async def test_metrics_are_documented_as_text(schema: dict[str, Any]):
 
 async def test_a_create_may_come_without_a_body(schema: dict[str, Any]):
     assert operation(schema, "POST", "/v1/sessions")["requestBody"]["required"] is False
+
+
+def _examples(schema: dict[str, Any]) -> list[tuple[str, dict[str, Any], Any]]:
+    """(where, media schema, example value) for every example of a body or an answer."""
+    found = []
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            if not isinstance(op, dict):
+                continue
+            media = [("request", op.get("requestBody", {}).get("content", {}))]
+            media += [(code, r.get("content", {})) for code, r in op.get("responses", {}).items()]
+            for where, content in media:
+                for media_type in content.values():
+                    for example in media_type.get("examples", {}).values():
+                        name = f"{method.upper()} {path} {where}"
+                        found.append((name, media_type["schema"], example["value"]))
+    return found
+
+
+async def test_every_example_fits_its_schema(schema: dict[str, Any]):
+    examples = _examples(schema)
+    assert len(examples) > 50, "the document lost its examples"
+    for where, media_schema, value in examples:
+        root = {**media_schema, "components": schema["components"]}
+        errors = [e.message for e in jsonschema.Draft202012Validator(root).iter_errors(value)]
+        assert not errors, (where, value, errors)
