@@ -176,7 +176,13 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
 
 # Litestar names a parameter by its Python name and the whole body `data`; a client knows
 # them as the query parameter and the body.
-_PUBLIC_NAMES = {"state_filter": "state"}
+_PUBLIC_NAMES = {
+    "state_filter": "state",
+    "lease_token": "Lease-Token",
+    "if_match": "If-Match",
+    "if_none_match": "If-None-Match",
+    "idempotency_key": "Idempotency-Key",
+}
 # Names of query parameters and headers: every other `field` is a member of the body.
 NOT_IN_BODY = frozenset(
     {

@@ -365,6 +365,11 @@ def test_query_and_header_errors_name_the_parameter(http: httpx.Client, owner: s
     assert [e["field"] for e in check_problem(r)["errors"]] == ["limit"]
     r = http.post("/v1/sessions", headers=headers(owner, **{"Idempotency-Key": "a b"}), json={})
     assert [e["field"] for e in check_problem(r)["errors"]] == ["Idempotency-Key"]
+    sid = create(http, owner)["id"]
+    r = http.post(f"/v1/sessions/{sid}/suspend", headers=headers(owner, **{"Lease-Token": "x"}))
+    assert [e["field"] for e in check_problem(r)["errors"]] == ["Lease-Token"]
+    r = http.get("/v1/sessions?order=oldest", headers=headers(owner))
+    assert [e["field"] for e in check_problem(r)["errors"]] == ["order"]
 
 
 def test_the_413_names_the_limit(http: httpx.Client, owner: str):
