@@ -24,7 +24,7 @@ from tests.e2e.served import Served, check_problem, headers, serve
 from tests.support.redis_server import RedisServer
 from tests.support.s3_server import S3_BUCKET, S3Server
 
-LEASE_TTL_S = 2
+LEASE_TTL_S = 4  # short, for the lapse; long enough that no other test sees one
 DOCS = Path(__file__).parents[2] / "docs" / "problems.md"
 
 
