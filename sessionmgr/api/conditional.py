@@ -43,10 +43,9 @@ def version_tag(version: int) -> str:
 
 
 def _moving_state_digest(session: Session) -> str:
-    leases = sorted(
-        (name, p.active, p.lease_expires_at.isoformat()) for name, p in session.participants.items()
-    )
-    raw = msgspec.json.encode([session.state.value, leases])
+    """The state and every participant as the body shows them (all their fields, whatever
+    a participant comes to carry), in a canonical order."""
+    raw = msgspec.json.encode([session.state.value, session.participants], order="sorted")
     return hashlib.sha256(raw).hexdigest()[:12]
 
 
