@@ -12,11 +12,13 @@ import sessionmgr
 from sessionmgr.api.bridge import forget_at_shutdown, freeze_startup_heap, resolve_at_startup
 from sessionmgr.api.health import HealthController
 from sessionmgr.api.metrics import metrics_endpoint, metrics_middleware
+from sessionmgr.api.openapi import complete_openapi
+from sessionmgr.api.problem_types import problem_types_page
 from sessionmgr.api.problems import EXCEPTION_HANDLERS
 from sessionmgr.api.replayed import replayed_middleware
 from sessionmgr.api.security import authentication_middleware
 from sessionmgr.api.sessions import SessionController
-from sessionmgr.api.tracing import tracing_middleware
+from sessionmgr.api.tracing import add_request_id, tracing_middleware
 from sessionmgr.container import Container, build_container
 from sessionmgr.telemetry import configure_logging
 
@@ -29,9 +31,9 @@ def create_app(container: Container | None = None) -> Litestar:
     # With a metrics port, /metrics is served there only (sessionmgr.api.metrics.serve_metrics).
     metrics_route = [metrics_endpoint] if settings.metrics_port is None else []
     return Litestar(
-        route_handlers=[SessionController, HealthController, *metrics_route],
+        route_handlers=[SessionController, HealthController, problem_types_page, *metrics_route],
         lifespan=[Lifespan(container)],  # opens the resources before on_startup runs
-        on_startup=[resolve_at_startup, freeze_startup_heap],
+        on_startup=[resolve_at_startup, complete_openapi, freeze_startup_heap],
         on_shutdown=[forget_at_shutdown],
         state=State(
             {"container": container, "metrics": container.metrics(), "tracer": container.tracer()}
@@ -43,12 +45,14 @@ def create_app(container: Container | None = None) -> Litestar:
             replayed_middleware,
         ],
         exception_handlers=EXCEPTION_HANDLERS,
+        before_send=[add_request_id],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="sessionmgr",
             version=sessionmgr.__version__,
             description="Shared working state of multi-agent sessions.",
             path="/schema",
+            use_handler_docstrings=True,  # each handler's docstring is its description
             components=Components(
                 security_schemes={
                     "bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")

@@ -141,6 +141,8 @@ class Container(containers.DeclarativeContainer):
         settings.provided.rate_limit_per_s,
         settings.provided.rate_limit_burst,
         metrics,
+        service_per_s=settings.provided.rate_limit_service_per_s,
+        service_burst=settings.provided.rate_limit_service_burst,
     )
     limits = providers.Singleton(limits_from, settings)
     guarded_cold = providers.Singleton(

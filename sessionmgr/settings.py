@@ -85,6 +85,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     lease_grace_s: int = 300
     # Holders of this JWT role may add and remove other participants and suspend, like the owner.
     participants_role: str | None = None
+    # Callers with role `service`: a rate limit of their own (unset: the same as everyone's).
+    rate_limit_service_per_s: float | None = None
+    rate_limit_service_burst: int | None = None
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -224,6 +227,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_sentinels": _host_ports,
     "redis_sentinel_tls": _bool,
     "lease_grace_s": _int(0, 30 * 86_400),
+    "rate_limit_service_per_s": _float(0, 100_000),
+    "rate_limit_service_burst": _int(1, 1_000_000),
 }
 
 

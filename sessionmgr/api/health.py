@@ -64,18 +64,24 @@ class HealthController(Controller):
     tags = ["health"]
     include_in_schema = True
 
-    @get("/live", cache=False)
+    @get("/live", cache=False, operation_id="getLiveness", summary="Liveness")
     async def live(self) -> dict[str, str]:
         """The process answers; says nothing of the backends (a restart would not help them)."""
         return {"status": "alive"}
 
-    @get("/ready", cache=False, responses=UNAVAILABLE)
+    @get(
+        "/ready",
+        cache=False,
+        responses=UNAVAILABLE,
+        operation_id="getReadiness",
+        summary="Readiness",
+    )
     async def ready(self, state: State) -> Response[Readiness]:
         """200 `ok` or `degraded` (a backend down); 503 only when both are unreachable."""
         status, body = await readiness(state)
         return Response(body, status_code=status)
 
-    @get("/", cache=False, responses=UNAVAILABLE)
+    @get("/", cache=False, responses=UNAVAILABLE, operation_id="getHealth", summary="Health report")
     async def health(self, state: State) -> Response[Readiness]:
         """The readiness report, for people and the seed's `/health` probe."""
         status, body = await readiness(state)

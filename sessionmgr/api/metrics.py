@@ -47,7 +47,14 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-@get("/metrics", include_in_schema=True, tags=["operations"], cache=False)
+@get(
+    "/metrics",
+    include_in_schema=True,
+    tags=["operations"],
+    cache=False,
+    operation_id="getMetrics",
+    summary="Prometheus metrics",
+)
 async def metrics_endpoint(state: State) -> Response[bytes]:
     """Prometheus text format."""
     # Litestar appends the charset itself; prometheus_client's constant already has one.

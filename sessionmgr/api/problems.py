@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import msgspec
@@ -11,6 +12,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
 
+from sessionmgr.api.problem_types import CATALOGUE
 from sessionmgr.domain.errors import (
     AccessDenied,
     AuthenticationFailed,
@@ -23,6 +25,7 @@ from sessionmgr.domain.errors import (
     LeaseExpired,
     OutboxEntriesParked,
     PayloadTooLarge,
+    PreconditionFailed,
     RateLimited,
     SessionDormant,
     SessionError,
@@ -33,20 +36,32 @@ from sessionmgr.domain.errors import (
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
+PROBLEM_TYPES_PATH = "/problems"
+
+
+class FieldError(msgspec.Struct, frozen=True):
+    """One thing wrong with a request: `field` is a JSON pointer into the body (`/patch/id`,
+    `/events/0/kind`; `""` is the whole body), or the name of the query parameter or header."""
+
+    field: str
+    message: str
 
 
 class Problem(msgspec.Struct, omit_defaults=True):
-    """RFC 9457 problem details, with the extension members this API uses."""
+    """RFC 9457 problem details, with the extension members this API uses.
+
+    `type` is a URI reference to the explanation of the problem type, served at `/problems`
+    (and in docs/problems.md).
+    """
 
     type: str
     title: str
     status: int
-    detail: str | None = None
-    instance: str | None = None
+    detail: str
+    instance: str
     current_version: int | None = None
     backend: str | None = None
-    field: str | None = None
-    errors: list[dict[str, Any]] | None = None
+    errors: list[FieldError] | None = None
 
 
 _STATUS: list[tuple[type[SessionError], int, str]] = [
@@ -57,6 +72,7 @@ _STATUS: list[tuple[type[SessionError], int, str]] = [
     (LeaseExpired, 409, "lease-expired"),
     (Fenced, 409, "fenced"),
     (SessionDormant, 409, "dormant"),
+    (PreconditionFailed, 412, "precondition-failed"),
     (IdempotencyKeyInFlight, 409, "idempotency-key-in-flight"),
     (OutboxEntriesParked, 409, "outbox-parked"),
     (PayloadTooLarge, 413, "too-large"),
@@ -74,6 +90,7 @@ _TITLES = {
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
+    412: "Precondition Failed",
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
@@ -90,14 +107,18 @@ def problem_response(problem: Problem, headers: dict[str, str] | None = None) ->
     )
 
 
+def problem_type(slug: str) -> str:
+    return f"{PROBLEM_TYPES_PATH}#{slug}"
+
+
 def _problem(
     status: int, slug: str, detail: str | None, request: Request[Any, Any, Any]
 ) -> Problem:
     return Problem(
-        type=f"https://sessionmgr.dev/problems/{slug}",
+        type=problem_type(slug),
         title=_TITLES.get(status, "Error"),
         status=status,
-        detail=detail,
+        detail=detail or _TITLES.get(status, "Error"),
         instance=request.url.path,
     )
 
@@ -108,11 +129,16 @@ def domain_error(request: Request[Any, Any, Any], exc: SessionError) -> Response
     headers: dict[str, str] = {}
     if isinstance(exc, ConcurrencyConflict):
         problem.current_version = exc.current_version
+    elif isinstance(exc, PreconditionFailed):
+        problem.current_version = exc.current_version
+        headers["ETag"] = f'"{exc.current_version}"'
     elif isinstance(exc, InvalidInput):
-        problem.field = exc.field
+        problem.errors = [FieldError(field=_pointer(exc.field), message=str(exc))]
     elif isinstance(exc, AuthenticationFailed):
         headers["WWW-Authenticate"] = 'Bearer realm="sessionmgr"'
-    elif isinstance(exc, RateLimited | TooManyIdempotencyKeys):
+    elif isinstance(exc, RateLimited):
+        headers.update(rate_limit_headers(exc))
+    elif isinstance(exc, TooManyIdempotencyKeys):
         headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, BackendUnavailable):
         problem.backend = exc.backend
@@ -139,10 +165,14 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
                 422, "invalid-input", "the request does not match the schema", request
             )
             errors = exc.extra if isinstance(exc.extra, list) else [exc.extra]
-            problem.errors = [_public_names(e) for e in errors]
+            problem.errors = [_field_error(e) for e in errors]
             return problem_response(problem)
-        detail = f"the body is not valid JSON: {exc.detail}"
+        detail = "the body is not valid JSON"
         return problem_response(_problem(400, "malformed", detail, request))
+    if exc.status_code == 413:
+        limit = request.app.request_max_body_size
+        detail = f"the body is over the limit of {limit} bytes (SESSIONMGR_MAX_BODY_BYTES)"
+        return problem_response(_problem(413, "too-large", detail, request))
     slug = {
         400: "malformed",
         404: "not-found",
@@ -152,19 +182,90 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
     }.get(exc.status_code, "http-error")
     detail = exc.detail
     if exc.status_code == 400 and request.method in {"POST", "PATCH", "PUT"}:
-        detail = f"the body is not valid JSON: {detail}"  # the decoder's words alone are terse
+        detail = "the body is not valid JSON"
     return problem_response(_problem(exc.status_code, slug, detail, request), exc.headers)
 
 
 # Litestar names a parameter by its Python name and the whole body `data`; a client knows
 # them as the query parameter and the body.
-_PUBLIC_NAMES = {"state_filter": "state", "data": "body"}
+_PUBLIC_NAMES = {
+    "state_filter": "state",
+    "lease_token": "Lease-Token",
+    "if_match": "If-Match",
+    "if_none_match": "If-None-Match",
+    "idempotency_key": "Idempotency-Key",
+}
+# Names of query parameters and headers: every other `field` is a member of the body.
+NOT_IN_BODY = frozenset(
+    {
+        "include",
+        "limit",
+        "cursor",
+        "state",
+        "order",
+        "Idempotency-Key",
+        "If-Match",
+        "If-None-Match",
+        "Lease-Token",
+    }
+)
+_MSGSPEC_PATH = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_NAMED_FIELD = re.compile(r"(?:missing required|unknown) field `([^`]*)`")
+_PATH_PART = re.compile(r'\.([^.\[]+)|\[(\d+)\]|\["((?:[^"\\]|\\.)*)"\]')
 
 
-def _public_names(error: Any) -> Any:
-    if isinstance(error, dict) and error.get("key") in _PUBLIC_NAMES:
-        return {**error, "key": _PUBLIC_NAMES[error["key"]]}
-    return error
+def _field_error(error: Any) -> FieldError:
+    """A Litestar validation entry (`{message, key, source}`) as a `FieldError`."""
+    if not isinstance(error, dict):
+        return FieldError(field="", message="the request does not match the schema")
+    key, source = str(error.get("key", "")), error.get("source")
+    message = str(error.get("message", ""))
+    if source in ("query", "header", "path"):
+        return FieldError(field=_PUBLIC_NAMES.get(key, key), message=message)
+    if key == "data" and message == "'data'":  # Litestar's words for a body that is not there
+        return FieldError(field="", message="a JSON body is required")
+    parts = [] if key == "data" else _parts("." + key)
+    if named := _NAMED_FIELD.search(message):
+        parts.append(named.group(1))
+    return FieldError(field=_join(parts), message=message)
+
+
+def validation_errors(text: str) -> list[FieldError]:
+    """msgspec's `Expected `int`, got `str` - at `$.events[0].kind``, as a `FieldError`."""
+    match = _MSGSPEC_PATH.match(text)
+    message, path = (match.group("message"), match.group("path")) if match else (text, "")
+    parts = _parts(path or "")
+    if named := _NAMED_FIELD.search(message):
+        parts.append(named.group(1))
+    return [FieldError(field=_join(parts), message=message)]
+
+
+def _pointer(field: str | None) -> str:
+    """A rule's field name (`patch.acl`, `events[0].kind`) as the client knows it."""
+    if field is None:
+        return ""
+    if field in NOT_IN_BODY or field.startswith("/"):
+        return field
+    return _join(_parts("." + field))
+
+
+def _parts(path: str) -> list[str]:
+    """`.events[0].kind` (msgspec's and the rules' paths, after `$`) as reference tokens."""
+    return [m.group(1) or m.group(2) or m.group(3) for m in _PATH_PART.finditer(path)]
+
+
+def _join(parts: list[str]) -> str:
+    """RFC 6901: each reference token escaped, `~` as `~0` and `/` as `~1`."""
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def rate_limit_headers(exc: RateLimited) -> dict[str, str]:
+    """Retry-After and the IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers)."""
+    return {
+        "Retry-After": str(exc.retry_after_s),
+        "RateLimit": f'"{exc.policy}";r=0;t={exc.retry_after_s}',
+        "RateLimit-Policy": f'"{exc.policy}";q={exc.quota};w={exc.window_s}',
+    }
 
 
 def undecodable_body(request: Request[Any, Any, Any], exc: ValueError) -> Response[Problem]:
@@ -195,14 +296,53 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
 }
 
 
+EXAMPLE_SESSION = "/v1/sessions/0f8fad5bd9cb469fa16570867728950e"
+_EXAMPLE_MEMBERS: dict[str, dict[str, Any]] = {
+    "version-conflict": {
+        "detail": "session 0f8fad5bd9cb469fa16570867728950e is at version 8, not the expected one",
+        "current_version": 8,
+    },
+    "precondition-failed": {
+        "detail": "session 0f8fad5bd9cb469fa16570867728950e is at version 8, which If-Match "
+        "does not name",
+        "current_version": 8,
+    },
+    "invalid-input": {
+        "detail": "'acl' cannot be patched",
+        "errors": [{"field": "/patch/acl", "message": "'acl' cannot be patched"}],
+    },
+    "backend-unavailable": {"detail": "redis is unavailable: not reachable", "backend": "redis"},
+    "too-large": {"detail": "the body is over the limit of 1048576 bytes"},
+    "rate-limited": {"detail": "too many requests; try again in 2 s"},
+}
+
+
+def _example(slug: str, status: int) -> Example:
+    value: dict[str, Any] = {
+        "type": problem_type(slug),
+        "title": _TITLES.get(status, "Error"),
+        "status": status,
+        "detail": _TITLES.get(status, "Error"),
+        "instance": EXAMPLE_SESSION,
+        **_EXAMPLE_MEMBERS.get(slug, {}),
+    }
+    return Example(summary=slug, value=value)
+
+
 def responses(*statuses: int) -> dict[int, ResponseSpec]:
-    """OpenAPI entries for the problem answers a route can give."""
+    """OpenAPI entries for the problem answers a route can give, each with real examples."""
     return {
         status: ResponseSpec(
             data_container=Problem,
             description=_TITLES[status],
             media_type=PROBLEM_JSON,
-            examples=[Example(summary=_TITLES[status], value={"status": status})],
+            generate_examples=False,
+            examples=[
+                _example(t.slug, status)
+                for t in CATALOGUE
+                if t.status == status and t.slug != "http-error"
+            ]
+            or [_example("http-error", status)],
         )
         for status in statuses
     }

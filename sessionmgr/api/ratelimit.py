@@ -19,6 +19,17 @@ from sessionmgr.metrics import Metrics
 MAX_PRINCIPALS = 100_000
 
 
+class _Policy:
+    """A token bucket's shape: `per_s` requests a second, `burst` at once (0 per_s: no limit)."""
+
+    def __init__(self, name: str, per_s: float, burst: int) -> None:
+        self.name = name
+        self.per_s = per_s
+        self.burst = float(burst)
+        # As an IETF RateLimit-Policy: `burst` requests per the window that refills the bucket.
+        self.window_s = max(1, math.ceil(burst / per_s)) if per_s > 0 else 1
+
+
 class RateLimiter:
     def __init__(
         self,
@@ -26,11 +37,18 @@ class RateLimiter:
         burst: int,
         metrics: Metrics | None = None,
         *,
+        service_per_s: float | None = None,
+        service_burst: int | None = None,
         max_principals: int = MAX_PRINCIPALS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._per_s = per_s
-        self._burst = float(burst)
+        self._default = _Policy("default", per_s, burst)
+        # Callers with role `service` (a MAD's back end, say) may get a higher limit of their own.
+        self._service = (
+            _Policy("service", service_per_s, service_burst or burst)
+            if service_per_s is not None
+            else self._default
+        )
         self._metrics = metrics
         self._max = max_principals
         self._clock = clock
@@ -38,15 +56,16 @@ class RateLimiter:
 
     @property
     def enabled(self) -> bool:
-        return self._per_s > 0
+        return self._default.per_s > 0 or self._service.per_s > 0
 
-    def take(self, principal: str) -> None:
+    def take(self, principal: str, *, service: bool = False) -> None:
         """Spend one request of `principal`'s budget, or raise `RateLimited`."""
-        if not self.enabled:
+        policy = self._service if service else self._default
+        if policy.per_s <= 0:
             return
         now = self._clock()
-        tokens, at = self._buckets.pop(principal, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - at) * self._per_s)
+        tokens, at = self._buckets.pop(principal, (policy.burst, now))
+        tokens = min(policy.burst, tokens + (now - at) * policy.per_s)
         allowed = tokens >= 1
         self._buckets[principal] = (tokens - 1 if allowed else tokens, now)
         if len(self._buckets) > self._max:
@@ -54,4 +73,9 @@ class RateLimiter:
         if not allowed:
             if self._metrics is not None:
                 self._metrics.rate_limited.inc()
-            raise RateLimited(max(1, math.ceil((1 - tokens) / self._per_s)))
+            raise RateLimited(
+                max(1, math.ceil((1 - tokens) / policy.per_s)),
+                quota=int(policy.burst),
+                window_s=policy.window_s,
+                policy=policy.name,
+            )

@@ -17,7 +17,7 @@ from sessionmgr.api.auth import TokenVerifier
 from sessionmgr.api.ratelimit import RateLimiter
 
 # Probes, scrapes and the API's own description are open; everything else needs a token.
-PUBLIC_PREFIXES = ("/health", "/metrics", "/schema")
+PUBLIC_PREFIXES = ("/health", "/metrics", "/schema", "/problems")
 # Every connection that can reach a route (a websocket route, should one come, included).
 _AUTHENTICATED = frozenset({ScopeType.HTTP, ScopeType.WEBSOCKET})
 
@@ -44,7 +44,7 @@ def authentication_middleware(app: ASGIApp) -> ASGIApp:
         scope["user"] = principal
         scope["auth"] = None
         limiter: RateLimiter = resolved["rate_limiter"]
-        limiter.take(principal.sub)
+        limiter.take(principal.sub, service="service" in principal.roles)
         await app(scope, receive, send)
 
     return middleware

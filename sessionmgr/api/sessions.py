@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import msgspec
-from litestar import Controller, Litestar, Request, Response, delete, get, patch, post, put
+from litestar import (
+    Controller,
+    HttpMethod,
+    Litestar,
+    Request,
+    Response,
+    delete,
+    get,
+    patch,
+    post,
+    put,
+    route,
+)
+from litestar.datastructures import ResponseHeader
 from litestar.enums import MediaType
 from litestar.exceptions import ClientException
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
@@ -15,18 +28,25 @@ from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
 from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 
+from sessionmgr.api import conditional
 from sessionmgr.api.bridge import resolved
-from sessionmgr.api.problems import responses
+from sessionmgr.api.conditional import etag
+from sessionmgr.api.problems import responses, validation_errors
 from sessionmgr.api.schemas import AppendBody, CreateSessionBody, ParticipantBody, PatchBody
 from sessionmgr.domain.errors import InvalidInput, SessionNotFound, VersionRequired
 from sessionmgr.domain.model import Principal, Session, SessionState
 from sessionmgr.services.ports import Idempotency
 from sessionmgr.services.sessions import SessionService
-from sessionmgr.services.views import AppendResult, LeaseInfo, SessionPage
+from sessionmgr.services.views import (
+    AppendResult,
+    ArchivedSession,
+    LeaseInfo,
+    ListOrder,
+    SessionPage,
+)
 
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-ETAG = re.compile(r'^(?:W/)?(?:"(\d{1,18})"|(\d{1,18}))$')
 LEASE_TOKEN = re.compile(r"^[1-9]\d{0,17}$")
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -44,7 +64,20 @@ IdemHeader = Annotated[
 ]
 IfMatch = Annotated[
     str | None,
-    HeaderParameter(name="If-Match", required=False, description='The expected version, as "<n>".'),
+    HeaderParameter(
+        name="If-Match",
+        required=False,
+        description='Apply only at this version: an ETag of the session (`"7"`, `"7-…"`), a '
+        "list of them, or `*` (the session exists). A stale one is a 412 and changes nothing.",
+    ),
+]
+IfNoneMatch = Annotated[
+    str | None,
+    HeaderParameter(
+        name="If-None-Match",
+        required=False,
+        description="The ETag of the copy you hold: 304 without a body while it is current.",
+    ),
 ]
 LeaseTokenHeader = Annotated[
     str | None,
@@ -57,6 +90,7 @@ LeaseTokenHeader = Annotated[
 ]
 READ = (400, 401, 403, 404, 429, 503)
 BODY = (400, 401, 403, 413, 415, 422, 429, 503)
+WRITE = (*READ, 412, 422)  # a write on a session: If-Match may fail
 
 
 def _sid(session_id: str) -> str:
@@ -99,6 +133,13 @@ def _lease_token(value: str | None) -> int | None:
     return int(value)
 
 
+async def _strict_or_default(request: Req, default: CreateSessionBody) -> CreateSessionBody:
+    """A create's body, or `default` when it has none (every member is optional)."""
+    if not await request.body():
+        return default
+    return await _strict(request, default)
+
+
 async def _strict(request: Req, parsed: B) -> B:
     """Decode the body again, strictly: Litestar's lenient pass would take "3" for 3.
 
@@ -114,7 +155,8 @@ async def _strict(request: Req, parsed: B) -> B:
     try:
         return msgspec.json.decode(await request.body(), type=type(parsed))
     except msgspec.ValidationError as exc:
-        raise InvalidInput(str(exc)) from None
+        error = validation_errors(str(exc))[0]
+        raise InvalidInput(error.message, error.field) from None
 
 
 class _Answer(ASGIResponse):
@@ -157,19 +199,30 @@ class SessionResponse(Response[Session]):
         body = msgspec.json.encode(self.content)
         headers = [
             (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
+            (b"content-length", str(len(body)).encode()),  # a HEAD says how long a GET would be
             *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()),
         ]
         return _Answer(
             {"type": "http.response.start", "status": self.status_code or 200, "headers": headers},
-            {"type": "http.response.body", "body": body, "more_body": False},
+            {
+                "type": "http.response.body",
+                "body": b"" if request.method == "HEAD" else body,
+                "more_body": False,
+            },
         )
 
 
-def _with_etag(session: Session, status_code: int = 200, **headers: str) -> Response[Session]:
+def _with_etag(
+    session: Session, status_code: int = 200, *, full: bool = False, **headers: str
+) -> Response[Session]:
     return SessionResponse(
-        session, status_code=status_code, headers={"ETag": f'"{session.version}"', **headers}
+        session, status_code=status_code, headers={"ETag": etag(session, full=full), **headers}
     )
+
+
+def _not_modified(tag: str) -> Response[Session]:
+    """304: no body, the ETag the client already holds (RFC 9110 §15.4.5)."""
+    return cast("Response[Session]", Response(content=b"", status_code=304, headers={"ETag": tag}))
 
 
 def _service(request: Req) -> SessionService:
@@ -177,13 +230,24 @@ def _service(request: Req) -> SessionService:
     return service
 
 
-def _if_match(value: str | None) -> int | None:
-    if value is None:
-        return None
-    match = ETAG.fullmatch(value.strip())
-    if match is None:
-        raise InvalidInput('If-Match must be a version in quotes, like "3"', "If-Match")
-    return int(match.group(1) or match.group(2))
+def _head_or(name: str) -> Any:
+    """operationIds for a route that serves GET and HEAD: `getSession`, `headSession`."""
+
+    def operation_id(handler: Any, method: str, path: Any) -> str:
+        return ("head" + name[3:]) if method == "HEAD" else name
+
+    return operation_id
+
+
+SESSION_HEADERS = [
+    ResponseHeader(
+        name="ETag",
+        documentation_only=True,
+        description="The entity tag of this representation; send it back as If-Match or "
+        "If-None-Match.",
+    ),
+]
+GET_HEAD = [HttpMethod.GET, HttpMethod.HEAD]
 
 
 async def _merge_patch(request: Req) -> Response[Session] | None:
@@ -195,14 +259,15 @@ async def _merge_patch(request: Req) -> Response[Session] | None:
     if request.content_type[0] != MERGE_PATCH:
         return None  # the plain patch: the handler's own path
     session_id = _sid(request.path_params["session_id"])
-    expected = _if_match(request.headers.get("if-match"))
-    if expected is None:
+    precondition = conditional.if_match(request.headers.get("if-match"))
+    if precondition is None:
         raise VersionRequired()
     document = msgspec.json.decode(await request.body())
     session = await _service(request).merge_update(
         request.user,
         session_id,
-        expected_version=expected,
+        expected_version=None,
+        if_match=precondition,
         document=document,
         idem=_idem(request, request.headers.get("idempotency-key"), document),
         lease_token=_lease_token(request.headers.get("lease-token")),
@@ -215,15 +280,29 @@ class SessionController(Controller):
     tags = ["sessions"]
     security = [{"bearer": []}]
 
-    @post("/", status_code=201, responses=responses(*BODY))
+    @post(
+        "/",
+        status_code=201,
+        responses=responses(*BODY),
+        operation_id="createSession",
+        summary="Create a session",
+        response_headers=[
+            *SESSION_HEADERS,
+            ResponseHeader(
+                name="Location", documentation_only=True, description="The new session's URL."
+            ),
+        ],
+    )
     async def create_session(
         self,
         request: Req,
-        data: JSONBody[CreateSessionBody],
+        data: JSONBody[CreateSessionBody | None] = None,
         idempotency_key: IdemHeader = None,
     ) -> Response[Session]:
-        """Create a session owned by the caller (or, for admin/service, by `owner_id`)."""
-        data = await _strict(request, data)
+        """Create a session owned by the caller (or, for roles admin and service, by
+        `owner_id`). Every member of the body is optional: no body at all creates an empty
+        session owned by the caller."""
+        data = await _strict_or_default(request, CreateSessionBody())
         session = await _service(request).create(
             request.user,
             owner_id=data.owner_id,
@@ -233,7 +312,12 @@ class SessionController(Controller):
         )
         return _with_etag(session, 201, Location=f"/v1/sessions/{session.id}")
 
-    @get("/", responses=responses(400, 401, 422, 429, 503))
+    @get(
+        "/",
+        responses=responses(400, 401, 422, 429, 503),
+        operation_id="listSessions",
+        summary="List the caller's sessions",
+    )
     async def list_sessions(
         self,
         request: Req,
@@ -241,14 +325,36 @@ class SessionController(Controller):
         limit: Annotated[
             int | None, QueryParameter(ge=1, description="Page size; larger values are capped.")
         ] = None,
-        cursor: Annotated[str | None, QueryParameter(max_length=200)] = None,
+        cursor: Annotated[
+            str | None,
+            QueryParameter(
+                max_length=200, description="`next_cursor` of the previous page, as it came."
+            ),
+        ] = None,
+        order: Annotated[
+            ListOrder,
+            QueryParameter(
+                description="`id` (default): by session id, a stable order for a full walk. "
+                "`recent`: most recently active first."
+            ),
+        ] = ListOrder.ID,
     ) -> SessionPage:
-        """The caller's sessions (owner or in the ACL; admin: all), oldest id first."""
+        """The sessions the caller owns or is in the ACL of (admin: all), as summaries, one
+        page at a time. A walk that follows `next_cursor` lists every session that did not
+        change meanwhile exactly once, in either order; with `order=recent` a session that
+        becomes active during the walk moves to the front, where the next walk finds it."""
         return await _service(request).list_sessions(
-            request.user, state=state_filter, limit=limit, cursor=cursor
+            request.user, state=state_filter, limit=limit, cursor=cursor, order=order
         )
 
-    @get("/{session_id:str}", responses=responses(*READ, 400, 422))
+    @route(
+        "/{session_id:str}",
+        http_method=GET_HEAD,
+        responses=responses(*READ, 400, 422),
+        operation_id=_head_or("getSession"),
+        summary="Read a session",
+        response_headers=SESSION_HEADERS,
+    )
     async def get_session(
         self,
         request: Req,
@@ -256,18 +362,28 @@ class SessionController(Controller):
         include: Annotated[
             str | None, QueryParameter(description="`full` adds full_context and full_timeline")
         ] = None,
+        if_none_match: IfNoneMatch = None,
     ) -> Response[Session]:
+        """The session as it is now, with its ETag. Send the ETag back as If-None-Match to get
+        304 Not Modified (no body) while nothing changed; lease state counts as a change.
+        HEAD answers the same headers without the body. An archived session is brought back
+        from S3 first (it then reads as `dormant`)."""
         if include not in (None, "full"):
             raise InvalidInput("include accepts only 'full'", "include")
-        session = await _service(request).get(
-            request.user, _sid(session_id), full=include == "full"
-        )
-        return _with_etag(session)
+        full = include == "full"
+        session = await _service(request).get(request.user, _sid(session_id), full=full)
+        tag = etag(session, full=full)
+        if conditional.none_match(if_none_match, tag):
+            return _not_modified(tag)
+        return _with_etag(session, full=full)
 
     @patch(
         "/{session_id:str}",
-        responses=responses(*BODY, 404, 409, 428),
+        responses=responses(*BODY, 404, 409, 412, 428),
         before_request=_merge_patch,
+        operation_id="updateSession",
+        summary="Change a session's fields",
+        response_headers=SESSION_HEADERS,
     )
     async def update_session(
         self,
@@ -278,39 +394,47 @@ class SessionController(Controller):
         idempotency_key: IdemHeader = None,
         lease_token: LeaseTokenHeader = None,
     ) -> Response[Session]:
-        """Apply a patch at `expected_version` (or If-Match); stale versions get 409.
+        """Replace each top-level field the patch names (`work_in_progress`,
+        `context_summary`, `full_context`). Say which version the patch applies to with
+        `expected_version` in the body (stale: 409 with `current_version`) or `If-Match`
+        (stale: 412); with neither, 428.
 
-        Each top-level field the patch names is replaced whole. With `Content-Type:
-        application/merge-patch+json` the body is an RFC 7396 merge patch of
-        `work_in_progress` and `context_summary` instead (nested keys; `null` removes one),
-        and If-Match gives the version."""
+        With `Content-Type: application/merge-patch+json` the body is an RFC 7396 merge
+        patch of `work_in_progress` and `context_summary` instead (nested keys; `null`
+        removes one), and If-Match gives the version."""
         data = await _strict(request, data)
-        header_version = _if_match(if_match)
-        expected = data.expected_version or header_version
-        if expected is None:
+        precondition = conditional.if_match(if_match)
+        if data.expected_version is None and precondition is None:
             raise VersionRequired()
-        if header_version is not None and data.expected_version not in (None, header_version):
-            raise InvalidInput("expected_version and If-Match disagree", "expected_version")
         session = await _service(request).update(
             request.user,
             _sid(session_id),
-            expected_version=expected,
+            expected_version=data.expected_version,
             patch=data.patch,
             idem=_idem(request, idempotency_key, data),
             lease_token=_lease_token(lease_token),
+            if_match=precondition,
         )
         return _with_etag(session)
 
-    @post("/{session_id:str}/timeline", status_code=200, responses=responses(*BODY, 404, 409))
+    @post(
+        "/{session_id:str}/timeline",
+        status_code=200,
+        responses=responses(*BODY, 404, 409, 412),
+        operation_id="appendTimeline",
+        summary="Append events to the timeline",
+    )
     async def append_timeline(
         self,
         request: Req,
         session_id: SessionId,
         data: JSONBody[AppendBody],
         idempotency_key: IdemHeader = None,
+        if_match: IfMatch = None,
         lease_token: LeaseTokenHeader = None,
     ) -> AppendResult:
-        """Append events; the server assigns seq, at and actor."""
+        """Append events; the server assigns each its `seq` (gap-free), `at` and `actor` (the
+        caller). Optional `expected_version` (409 when stale) or `If-Match` (412)."""
         data = await _strict(request, data)
         return await _service(request).append(
             request.user,
@@ -319,34 +443,51 @@ class SessionController(Controller):
             expected_version=data.expected_version,
             idem=_idem(request, idempotency_key, data),
             lease_token=_lease_token(lease_token),
+            if_match=conditional.if_match(if_match),
         )
 
-    @post("/{session_id:str}/participants", status_code=200, responses=responses(*BODY, 404, 409))
+    @post(
+        "/{session_id:str}/participants",
+        status_code=200,
+        responses=responses(*BODY, 404, 409, 412),
+        operation_id="addParticipant",
+        summary="Add a MAD to the session",
+        response_headers=SESSION_HEADERS,
+    )
     async def add_participant(
         self,
         request: Req,
         session_id: SessionId,
         data: JSONBody[ParticipantBody],
         idempotency_key: IdemHeader = None,
+        if_match: IfMatch = None,
+        lease_token: LeaseTokenHeader = None,
     ) -> Response[Session]:
         """Add a MAD (owner, admin or the participants role), or rejoin as that MAD: it joins
         the ACL with a lease it must renew and a fencing token (`participants.<name>.token`).
         A dormant session answers 409 `dormant`: resume it first."""
         data = await _strict(request, data)
         session = await _service(request).add_participant(
-            request.user, _sid(session_id), data.mad_name, _idem(request, idempotency_key, data)
+            request.user,
+            _sid(session_id),
+            data.mad_name,
+            _idem(request, idempotency_key, data),
+            if_match=conditional.if_match(if_match),
         )
         return _with_etag(session)
 
     @put(
         "/{session_id:str}/participants/{mad_name:str}/lease",
-        responses=responses(*READ, 409, 422),
+        responses=responses(*WRITE, 409),
+        operation_id="renewLease",
+        summary="Renew a participant's lease",
     )
     async def renew_lease(
         self,
         request: Req,
         session_id: SessionId,
         mad_name: MadName,
+        if_match: IfMatch = None,
         lease_token: LeaseTokenHeader = None,
         idempotency_key: IdemHeader = None,
     ) -> LeaseInfo:
@@ -358,74 +499,132 @@ class SessionController(Controller):
             mad_name,
             _lease_token(lease_token),
             _idem(request, idempotency_key),
+            if_match=conditional.if_match(if_match),
         )
 
-    @delete("/{session_id:str}/participants/{mad_name:str}", responses=responses(*READ, 409, 422))
+    @delete(
+        "/{session_id:str}/participants/{mad_name:str}",
+        responses=responses(*WRITE, 409),
+        operation_id="removeParticipant",
+        summary="Remove a participant",
+    )
     async def remove_participant(
         self,
         request: Req,
         session_id: SessionId,
         mad_name: MadName,
         idempotency_key: IdemHeader = None,
+        if_match: IfMatch = None,
         lease_token: LeaseTokenHeader = None,
     ) -> None:
         """Remove a participant at once (owner, admin or the participants role), or leave as
-        that MAD; 404 when it is not (or no longer) a participant."""
+        that MAD; 404 when it is not (or no longer) a participant (a retry with the same
+        Idempotency-Key gets the first 204)."""
         await _service(request).remove_participant(
             request.user,
             _sid(session_id),
             mad_name,
             _idem(request, idempotency_key),
             _lease_token(lease_token),
+            if_match=conditional.if_match(if_match),
         )
 
-    @post("/{session_id:str}/suspend", status_code=200, responses=responses(*READ, 409, 422))
+    @post(
+        "/{session_id:str}/suspend",
+        status_code=200,
+        responses=responses(*WRITE, 409),
+        operation_id="suspendSession",
+        summary="Suspend a session to MongoDB",
+        response_headers=SESSION_HEADERS,
+    )
     async def suspend_session(
         self,
         request: Req,
         session_id: SessionId,
         idempotency_key: IdemHeader = None,
+        if_match: IfMatch = None,
+        lease_token: LeaseTokenHeader = None,
     ) -> Response[Session]:
-        """Flush to MongoDB and leave Redis; the session reads the same, now `dormant`."""
+        """Flush to MongoDB and leave Redis; the session reads the same, now `dormant`, and
+        every lease ends."""
         session = await _service(request).suspend(
-            request.user, _sid(session_id), _idem(request, idempotency_key)
+            request.user,
+            _sid(session_id),
+            _idem(request, idempotency_key),
+            if_match=conditional.if_match(if_match),
         )
         return _with_etag(session)
 
-    @post("/{session_id:str}/resume", status_code=200, responses=responses(*READ, 422))
+    @post(
+        "/{session_id:str}/resume",
+        status_code=200,
+        responses=responses(*WRITE),
+        operation_id="resumeSession",
+        summary="Resume a session into Redis",
+        response_headers=SESSION_HEADERS,
+    )
     async def resume_session(
         self,
         request: Req,
         session_id: SessionId,
         idempotency_key: IdemHeader = None,
+        if_match: IfMatch = None,
+        lease_token: LeaseTokenHeader = None,
     ) -> Response[Session]:
+        """Load a dormant (or archived) session back into Redis: `active`, same version."""
         session = await _service(request).resume(
-            request.user, _sid(session_id), _idem(request, idempotency_key)
+            request.user,
+            _sid(session_id),
+            _idem(request, idempotency_key),
+            if_match=conditional.if_match(if_match),
         )
         return _with_etag(session)
 
-    @post("/{session_id:str}/archive", status_code=200, responses=responses(*READ, 409, 422))
+    @post(
+        "/{session_id:str}/archive",
+        status_code=200,
+        responses=responses(*WRITE, 409),
+        operation_id="archiveSession",
+        summary="Archive a session to S3",
+        response_headers=SESSION_HEADERS,
+    )
     async def archive_session(
         self,
         request: Req,
         session_id: SessionId,
         idempotency_key: IdemHeader = None,
-    ) -> Response[Session]:
-        """Move the session to S3, leaving a stub (owner or admin); an active one is suspended
-        first. A later read brings it back."""
-        session = await _service(request).archive(
-            request.user, _sid(session_id), _idem(request, idempotency_key)
+        if_match: IfMatch = None,
+        lease_token: LeaseTokenHeader = None,
+    ) -> Response[ArchivedSession]:
+        """Move the session's body to S3, leaving a stub (owner or admin); an active one is
+        suspended first. The answer is the stub: where the body is (`archive`: object key,
+        size, SHA-256, when) and `body_archived: true`; a GET brings the body back."""
+        stub = await _service(request).archive(
+            request.user,
+            _sid(session_id),
+            _idem(request, idempotency_key),
+            if_match=conditional.if_match(if_match),
         )
-        return _with_etag(session)
+        return Response(stub, headers={"ETag": conditional.version_tag(stub.version)})
 
-    @delete("/{session_id:str}", responses=responses(*READ, 422))
+    @delete(
+        "/{session_id:str}",
+        responses=responses(*WRITE),
+        operation_id="deleteSession",
+        summary="Delete a session everywhere",
+    )
     async def delete_session(
         self,
         request: Req,
         session_id: SessionId,
         idempotency_key: IdemHeader = None,
+        if_match: IfMatch = None,
+        lease_token: LeaseTokenHeader = None,
     ) -> None:
-        """Remove the session from every tier (owner or admin)."""
+        """Remove the session from every tier, S3 included (owner or admin)."""
         await _service(request).delete(
-            request.user, _sid(session_id), _idem(request, idempotency_key)
+            request.user,
+            _sid(session_id),
+            _idem(request, idempotency_key),
+            if_match=conditional.if_match(if_match),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 from litestar.enums import ScopeType
@@ -25,6 +26,8 @@ from sessionmgr.telemetry import records
 
 # Kubernetes probes and Prometheus scrapes every few seconds would bury the real traces.
 UNTRACED_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")  # echoed as given: visible ASCII only
+TRACE_ID = "sessionmgr.trace_id"
 
 
 class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
@@ -45,13 +48,17 @@ def _headers(scope: Scope) -> list[tuple[bytes, bytes]]:
 
 
 def tracing_middleware(app: ASGIApp) -> ASGIApp:
+    """A span per request; its trace id becomes the request's id (`add_request_id`)."""
+
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP or scope["path"] in UNTRACED_PATHS:
             await app(scope, receive, send)
             return
         tracer: Tracer = scope["litestar_app"].state.tracer
         if not records(tracer):
-            token = context.attach(trace.set_span_in_context(_log_span(scope)))
+            log_span = _log_span(scope)
+            _note_trace_id(scope, log_span)
+            token = context.attach(trace.set_span_in_context(log_span))
             try:
                 await app(scope, receive, send)
             finally:
@@ -79,6 +86,7 @@ def tracing_middleware(app: ASGIApp) -> ASGIApp:
             kind=SpanKind.SERVER,
             attributes=attributes,
         ) as span:
+            _note_trace_id(scope, span)
             try:
                 await app(scope, receive, capture)
             finally:
@@ -87,6 +95,28 @@ def tracing_middleware(app: ASGIApp) -> ASGIApp:
                     span.set_status(Status(StatusCode.ERROR))
 
     return middleware
+
+
+def _note_trace_id(scope: Scope, span: trace.Span) -> None:
+    scope.setdefault("state", {})[TRACE_ID] = f"{span.get_span_context().trace_id:032x}"
+
+
+def add_request_id(message: Message, scope: Scope) -> None:
+    """A `before_send` hook: every answer, errors and unmatched routes included, carries
+    `X-Request-ID`: the caller's own (visible ASCII, up to 200 characters), else the trace id
+    of the request (its `traceparent`'s, or a new one)."""
+    if message["type"] != "http.response.start" or scope["type"] != ScopeType.HTTP:
+        return
+    request_id = next(
+        (v for k, v in scope["headers"] if k == b"x-request-id" and _REQUEST_ID.fullmatch(v)),
+        None,
+    )
+    if request_id is None:
+        trace_id = scope.get("state", {}).get(TRACE_ID)
+        if trace_id is None:  # not traced (health, metrics, no such route)
+            trace_id = f"{_log_span(scope).get_span_context().trace_id:032x}"
+        request_id = trace_id.encode()
+    message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
 
 
 def _log_span(scope: Scope) -> NonRecordingSpan:

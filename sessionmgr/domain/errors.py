@@ -72,6 +72,17 @@ class SessionDormant(SessionError):
         self.session_id = session_id
 
 
+class PreconditionFailed(SessionError):
+    """An `If-Match` names no version the session is at (HTTP 412); carries the current one."""
+
+    def __init__(self, session_id: str, current_version: int) -> None:
+        super().__init__(
+            f"session {session_id} is at version {current_version}, which If-Match does not name"
+        )
+        self.session_id = session_id
+        self.current_version = current_version
+
+
 class VersionRequired(SessionError):
     def __init__(self) -> None:
         super().__init__("send expected_version in the body or an If-Match header")
@@ -151,9 +162,14 @@ class ReadOnlyMode(CircuitOpen):
 class RateLimited(SessionError):
     """The caller spent its request budget (HTTP 429); it may try again after `retry_after_s`."""
 
-    def __init__(self, retry_after_s: int) -> None:
+    def __init__(
+        self, retry_after_s: int, *, quota: int = 0, window_s: int = 1, policy: str = "default"
+    ) -> None:
         super().__init__(f"too many requests; try again in {retry_after_s} s")
         self.retry_after_s = retry_after_s
+        self.quota = quota  # requests the policy allows per `window_s`
+        self.window_s = window_s
+        self.policy = policy
 
 
 class AuthenticationFailed(SessionError):

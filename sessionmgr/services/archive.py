@@ -34,6 +34,7 @@ from sessionmgr.domain.errors import (
     BackendUnavailable,
     ConcurrencyConflict,
     OutboxEntriesParked,
+    PreconditionFailed,
     SessionNotFound,
 )
 from sessionmgr.domain.model import ArchiveRef, SessionRecord, SessionState, utcnow
@@ -41,6 +42,7 @@ from sessionmgr.metrics import Metrics
 from sessionmgr.services.ports import (
     ArchiveStore,
     HotStore,
+    RecordCheck,
     SessionArchive,
     StoredSession,
     WarmArchive,
@@ -107,19 +109,20 @@ class Archivist:
 
     # -- archive -----------------------------------------------------------------------------
 
-    async def archive(self, session_id: str) -> Archived:
+    async def archive(self, session_id: str, check: RecordCheck | None = None) -> Archived:
         """Archive a session at rest (or finish an interrupted archive); returns the stub.
 
         Raises `SessionIsHot` when it is active, `ArchiveInProgress` when another archiver
-        holds it, `ConcurrencyConflict` when it changed while being uploaded.
+        holds it, `ConcurrencyConflict` when it changed while being uploaded. `check` (an
+        If-Match) sees the record under the fence, before anything is written.
         """
         started = time.perf_counter()
         token = await self._hot.fence(session_id, FENCE_TTL_S)
         if token is None:
             raise SessionIsHot(session_id)
         try:
-            done = await self._archive_fenced(session_id, started + FENCE_BUDGET_S)
-        except (ConcurrencyConflict, SessionNotFound):
+            done = await self._archive_fenced(session_id, started + FENCE_BUDGET_S, check)
+        except (ConcurrencyConflict, SessionNotFound, PreconditionFailed):
             raise  # not a failure: the session moved on or went away
         except Exception:
             self._metrics.archives.labels("error").inc()
@@ -144,10 +147,14 @@ class Archivist:
                 extra={"session_id": session_id},
             )
 
-    async def _archive_fenced(self, session_id: str, deadline: float) -> Archived:
+    async def _archive_fenced(
+        self, session_id: str, deadline: float, check: RecordCheck | None = None
+    ) -> Archived:
         stored = await self._warm.stored(session_id)
         if stored is None:
             raise SessionNotFound(session_id)
+        if check is not None:
+            check(stored.record)
         if stored.archive is not None:
             if stored.purge_pending:  # an earlier archive stopped before its events delete
                 kept = await self._fetch(session_id, stored.archive)
@@ -159,6 +166,8 @@ class Archivist:
         archive = await self._warm.export(session_id)
         if archive is None:  # archived by a fence-less path meanwhile: not ours to redo
             raise ConcurrencyConflict(session_id, None)
+        if check is not None:
+            check(archive.record)
         _check_complete(archive)
         archive.record.state = SessionState.DORMANT
         body = pack(archive)

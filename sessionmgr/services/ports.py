@@ -96,6 +96,8 @@ class Undelivered(msgspec.Struct, frozen=True):
 
 
 Loader = Callable[[], Awaitable[tuple[SessionRecord, list[TimelineEvent]]]]
+RecordCheck = Callable[[SessionRecord], None]
+"""A condition on the record a store reads inside its transaction (an If-Match); it raises."""
 Flush = Callable[[SessionRecord, list[TimelineEvent], "ContextUpdate | None"], Any]
 
 
@@ -114,7 +116,9 @@ class HotStore(Protocol):
     async def admit_key(self, idem: Idempotency, cap: int) -> None: ...
     async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None: ...
     async def release(self, scope: str, idem: Idempotency) -> None: ...
-    async def suspend(self, session_id: str, flush: Flush) -> SessionRecord | None: ...
+    async def suspend(
+        self, session_id: str, flush: Flush, check: RecordCheck | None = None
+    ) -> SessionRecord | None: ...
     async def undelivered(self, session_id: str) -> Undelivered: ...
     async def parked(self, session_id: str) -> int: ...
     async def is_deleted(self, session_id: str) -> bool: ...
@@ -128,6 +132,13 @@ class HotStore(Protocol):
 class Page(msgspec.Struct, frozen=True):
     items: list[SessionRecord]
     next_cursor: str | None
+
+
+class ListAfter(msgspec.Struct, frozen=True):
+    """Where a page of a session list starts: after this id (and, by recency, this instant)."""
+
+    id: str
+    last_active: datetime | None = None
 
 
 class WarmStore(Protocol):
@@ -151,7 +162,13 @@ class WarmStore(Protocol):
     async def mark_state(self, session_id: str, version: int, state: SessionState) -> None: ...
     async def delete(self, session_id: str) -> None: ...
     async def list_for(
-        self, principal_sub: str | None, state: SessionState | None, limit: int, after: str | None
+        self,
+        principal_sub: str | None,
+        state: SessionState | None,
+        limit: int,
+        after: ListAfter | None,
+        *,
+        order: str = "id",
     ) -> Page: ...
     async def ping(self) -> None: ...
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hashlib
 import re
@@ -40,7 +38,9 @@ from sessionmgr.domain.model import (
     new_session_id,
     utcnow,
 )
+from sessionmgr.domain.preconditions import Precondition, check
 from sessionmgr.metrics import Metrics
+from sessionmgr.services import cursors
 from sessionmgr.services.archive import Archivist, SessionIsHot
 from sessionmgr.services.ports import (
     CREATE_SCOPE,
@@ -57,8 +57,11 @@ from sessionmgr.services.ports import (
 from sessionmgr.services.replays import mark_replayed
 from sessionmgr.services.views import (
     AppendResult,
+    ArchivedSession,
     LeaseInfo,
+    ListOrder,
     SessionPage,
+    archived,
     summary,
     to_session,
 )
@@ -219,16 +222,18 @@ class SessionService:
         state: SessionState | None = None,
         limit: int | None = None,
         cursor: str | None = None,
+        order: ListOrder = ListOrder.ID,
     ) -> SessionPage:
         size = min(limit or self._limits.page_size_default, self._limits.page_size_max)
         if size < 1:
             raise InvalidInput("limit must be at least 1", "limit")
-        after = _decode_cursor(cursor) if cursor else None
+        after = cursors.decode(cursor, order) if cursor else None
         sub = None if principal.is_admin else principal.sub
-        page = await self._warm.list_for(sub, state, size, after)
+        page = await self._warm.list_for(sub, state, size, after, order=order)
+        last = page.items[-1] if page.items and page.next_cursor else None
         return SessionPage(
             items=[summary(r) for r in page.items],
-            next_cursor=_encode_cursor(page.next_cursor) if page.next_cursor else None,
+            next_cursor=cursors.encode(last, order) if last else None,
         )
 
     # -- mutations through the optimistic transaction ------------------------------------
@@ -238,15 +243,17 @@ class SessionService:
         principal: Principal,
         session_id: str,
         *,
-        expected_version: int,
+        expected_version: int | None,
         patch: dict[str, Any],
         idem: Idempotency | None = None,
         lease_token: int | None = None,
+        if_match: Precondition | None = None,
     ) -> Session:
-        """Replace each top-level field the patch names."""
+        """Replace each top-level field the patch names: 409 when `expected_version` is stale,
+        412 when `if_match` names another version."""
         rules.check_patch(patch, self._limits.max_field_bytes)
         return await self._write_fields(
-            principal, session_id, expected_version, lambda _: patch, idem, lease_token
+            principal, session_id, expected_version, lambda _: patch, idem, lease_token, if_match
         )
 
     async def merge_update(
@@ -254,10 +261,11 @@ class SessionService:
         principal: Principal,
         session_id: str,
         *,
-        expected_version: int,
+        expected_version: int | None,
         document: Any,
         idem: Idempotency | None = None,
         lease_token: int | None = None,
+        if_match: Precondition | None = None,
     ) -> Session:
         """JSON Merge Patch (RFC 7396): nested keys change without a read-modify-write."""
         changes = merge_patch.check_document(document)
@@ -270,20 +278,23 @@ class SessionService:
             return fields
 
         return await self._write_fields(
-            principal, session_id, expected_version, merged, idem, lease_token
+            principal, session_id, expected_version, merged, idem, lease_token, if_match
         )
 
     async def _write_fields(
         self,
         principal: Principal,
         session_id: str,
-        expected_version: int,
+        expected_version: int | None,
         compute: Callable[[SessionRecord], dict[str, Any]],
         idem: Idempotency | None,
         lease_token: int | None,
+        if_match: Precondition | None = None,
     ) -> Session:
         def decide(view: HotView) -> Change:
-            record = _check_version(view.record, expected_version)
+            record = view.record
+            if expected_version is not None:
+                _check_version(record, expected_version)
             patch = compute(record)
             now = utcnow()
             small = {k: v for k, v in patch.items() if k != "full_context"}
@@ -309,6 +320,7 @@ class SessionService:
             Session,
             "update",
             permit=self._lease_holder(principal, lease_token),
+            if_match=if_match,
         )
 
     async def append(
@@ -320,6 +332,7 @@ class SessionService:
         expected_version: int | None = None,
         idem: Idempotency | None = None,
         lease_token: int | None = None,
+        if_match: Precondition | None = None,
     ) -> AppendResult:
         self._check_events(events)
 
@@ -354,10 +367,17 @@ class SessionService:
             AppendResult,
             "append",
             permit=self._lease_holder(principal, lease_token),
+            if_match=if_match,
         )
 
     async def add_participant(
-        self, principal: Principal, session_id: str, mad_name: str, idem: Idempotency | None = None
+        self,
+        principal: Principal,
+        session_id: str,
+        mad_name: str,
+        idem: Idempotency | None = None,
+        *,
+        if_match: Precondition | None = None,
     ) -> Session:
         """Grant a lease (a new fencing token) to a new or lapsed participant; renew a live one.
 
@@ -388,7 +408,15 @@ class SessionService:
             return Change(record=new, fields=fields, leases_set=[mad_name], result=_encode(session))
 
         session = await self._mutate(
-            principal, session_id, decide, idem, Session, "join", permit=permit, wake=False
+            principal,
+            session_id,
+            decide,
+            idem,
+            Session,
+            "join",
+            permit=permit,
+            wake=False,
+            if_match=if_match,
         )
         self._metrics.lease_operations.labels("join").inc()
         return session
@@ -400,6 +428,8 @@ class SessionService:
         mad_name: str,
         idem: Idempotency | None = None,
         lease_token: int | None = None,
+        *,
+        if_match: Precondition | None = None,
     ) -> None:
         """Remove a MAD from `participants` and the ACL at once; a MAD may remove itself."""
         _check_mad(mad_name)
@@ -422,7 +452,16 @@ class SessionService:
             fields = frozenset({"version", "last_active", "participants", "acl"})
             return Change(record=new, fields=fields, leases_dropped=[mad_name], result=b"null")
 
-        await self._mutate(principal, session_id, decide, idem, type(None), "leave", permit=permit)
+        await self._mutate(
+            principal,
+            session_id,
+            decide,
+            idem,
+            type(None),
+            "leave",
+            permit=permit,
+            if_match=if_match,
+        )
         self._metrics.lease_operations.labels("leave").inc()
 
     async def renew_lease(
@@ -432,6 +471,8 @@ class SessionService:
         mad_name: str,
         lease_token: int | None = None,
         idem: Idempotency | None = None,
+        *,
+        if_match: Precondition | None = None,
     ) -> LeaseInfo:
         """Extend a live lease, keeping its token; a lapsed one is rejoined, never renewed."""
         _check_mad(mad_name)
@@ -454,7 +495,15 @@ class SessionService:
             return _renewal(leases.renewed(record, mad_name, now, ttl), mad_name, _encode(info))
 
         info = await self._mutate(
-            principal, session_id, decide, idem, LeaseInfo, "renew", permit=permit, wake=False
+            principal,
+            session_id,
+            decide,
+            idem,
+            LeaseInfo,
+            "renew",
+            permit=permit,
+            wake=False,
+            if_match=if_match,
         )
         self._metrics.lease_operations.labels("renew").inc()
         return info
@@ -492,23 +541,38 @@ class SessionService:
     # -- moving between tiers ----------------------------------------------------------------
 
     async def suspend(
-        self, principal: Principal, session_id: str, idem: Idempotency | None = None
+        self,
+        principal: Principal,
+        session_id: str,
+        idem: Idempotency | None = None,
+        *,
+        if_match: Precondition | None = None,
     ) -> Session:
         return await self._once(
-            principal, session_id, idem, Session, lambda: self._suspend(principal, session_id)
+            principal,
+            session_id,
+            idem,
+            Session,
+            lambda: self._suspend(principal, session_id, if_match),
         )
 
-    async def _suspend(self, principal: Principal, session_id: str) -> Session:
+    async def _suspend(
+        self, principal: Principal, session_id: str, if_match: Precondition | None = None
+    ) -> Session:
         """Owner, admin or the participants role: a suspend ends every MAD's lease."""
         what = "suspend this session"
         access = await self._hot.access_fields(session_id)
         if access is not None:
             rules.require_access(principal, *access)
             leases.require_manager(principal, access[0], self._role, what)
-            record = await self._hot.suspend(session_id, self._flush_at_rest)
+            record = await self._hot.suspend(
+                session_id, self._flush_at_rest, _record_check(if_match, session_id)
+            )
             if record is not None:
                 recent = await self._warm.recent_events(session_id, self._limits.recent_timeline)
                 return to_session(record, recent, {}, utcnow())
+        if if_match is not None:  # at rest already: nothing to write, but the answer is a 412
+            await self._check_current(principal, session_id, if_match)
         session = await self.get(principal, session_id)
         leases.require_manager(principal, session.owner_id, self._role, what)
         return session
@@ -521,21 +585,35 @@ class SessionService:
         return await self._warm.flush(record, events, context)
 
     async def resume(
-        self, principal: Principal, session_id: str, idem: Idempotency | None = None
+        self,
+        principal: Principal,
+        session_id: str,
+        idem: Idempotency | None = None,
+        *,
+        if_match: Precondition | None = None,
     ) -> Session:
         async def run() -> Session:
+            if if_match is not None:
+                await self._check_current(principal, session_id, if_match)
             view = await self._hot_view(principal, session_id)
             return to_session(view.record, view.recent, view.lease_ttl_ms, utcnow())
 
         return await self._once(principal, session_id, idem, Session, run)
 
     async def delete(
-        self, principal: Principal, session_id: str, idem: Idempotency | None = None
+        self,
+        principal: Principal,
+        session_id: str,
+        idem: Idempotency | None = None,
+        *,
+        if_match: Precondition | None = None,
     ) -> None:
         """Tombstone first, so no replica can bring the session back while it is removed."""
 
         async def run() -> None:
             await self._authorize(principal, session_id, owner_only=True)
+            if if_match is not None:
+                await self._check_current(principal, session_id, if_match)
             cold = self._archivist.deleting(session_id) if self._archivist else nullcontext()
             async with cold:  # S3 first: no copy of its data outlives the session
                 await self._hot.mark_deleted(session_id)
@@ -553,26 +631,32 @@ class SessionService:
             mark_replayed()
 
     async def archive(
-        self, principal: Principal, session_id: str, idem: Idempotency | None = None
-    ) -> Session:
+        self,
+        principal: Principal,
+        session_id: str,
+        idem: Idempotency | None = None,
+        *,
+        if_match: Precondition | None = None,
+    ) -> ArchivedSession:
         """Move a session's body to S3, leaving a stub in MongoDB; an active one is suspended."""
+        verify = _record_check(if_match, session_id)
 
-        async def run() -> Session:
+        async def run() -> ArchivedSession:
             await self._authorize(principal, session_id, owner_only=True)
             for _ in range(3):
                 try:
-                    done = await self._cold().archive(session_id)
+                    done = await self._cold().archive(session_id, verify)
                 except SessionIsHot:
-                    await self._suspend(principal, session_id)
+                    await self._suspend(principal, session_id, if_match)
                     continue
                 except ConcurrencyConflict:
                     continue  # it changed while we uploaded: take the new version
-                session = to_session(done.stub.record, [], {}, utcnow())
-                session.archive = done.stub.archive
-                return session
+                if done.stub.archive is None:  # a stub always has its reference
+                    raise ConcurrencyConflict(session_id, None)
+                return archived(done.stub.record, done.stub.archive)
             raise ConcurrencyConflict(session_id, None)
 
-        return await self._once(principal, session_id, idem, Session, run, owner_only=True)
+        return await self._once(principal, session_id, idem, ArchivedSession, run, owner_only=True)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -587,8 +671,9 @@ class SessionService:
         *,
         permit: Permit | None = None,
         wake: bool = True,
+        if_match: Precondition | None = None,
     ) -> R:
-        """Run `decide` in the hot transaction after the access check and `permit`.
+        """Run `decide` in the hot transaction after the access check, `permit` and `if_match`.
 
         Lapsed participants past their grace period are reaped first; a versioned change
         writes that too. A dormant session is loaded into Redis unless `wake` is False (then
@@ -598,6 +683,7 @@ class SessionService:
         def guarded(view: HotView) -> Change:
             view, gone = self._reaped(view, utcnow())
             rules.require_access(principal, view.record.owner_id, view.record.acl)
+            check(if_match, session_id, view.record.version)  # inside the WATCH: atomic
             if permit is not None:
                 permit(view.record, view.lease_ttl_ms)
             change = decide(view)
@@ -613,6 +699,8 @@ class SessionService:
             for _ in range(3):
                 outcome = await self._hot.transact(session_id, guarded, idem)
                 if outcome is None:
+                    if if_match is not None:  # a 412 must not wake a dormant session
+                        await self._check_current(principal, session_id, if_match)
                     if permit is not None or not wake:
                         await self._check_at_rest(principal, session_id, permit)
                     if not wake:
@@ -726,6 +814,22 @@ class SessionService:
         if permit is not None:
             permit(record, {})
 
+    async def _check_current(
+        self, principal: Principal, session_id: str, if_match: Precondition
+    ) -> None:
+        """Check `if_match` against wherever the session lives now, touching nothing: an
+        archived one is judged by its stub, a dormant one is not loaded into Redis."""
+        view = await self._hot.load(session_id)
+        if view is not None:
+            rules.require_access(principal, view.record.owner_id, view.record.acl)
+            if_match.check(session_id, view.record.version)
+            return
+        record = await self._warm.get(session_id)
+        if record is None:
+            raise SessionNotFound(session_id)
+        rules.require_access(principal, record.owner_id, record.acl)
+        if_match.check(session_id, record.version)
+
     async def _hot_view(self, principal: Principal, session_id: str) -> HotView:
         for _ in range(3):
             view = await self._hot.load(session_id)
@@ -820,6 +924,15 @@ def _check_version(record: SessionRecord, expected: int) -> SessionRecord:
     return record
 
 
+def _record_check(
+    if_match: Precondition | None, session_id: str
+) -> Callable[[SessionRecord], None] | None:
+    """`if_match` as a check on a record a store reads inside its own transaction."""
+    if if_match is None:
+        return None
+    return lambda record: if_match.check(session_id, record.version)
+
+
 def _check_mad(mad_name: str) -> None:
     if not MAD_NAME.fullmatch(mad_name):
         raise InvalidInput(
@@ -848,20 +961,6 @@ def _merge(stored: list[TimelineEvent], recent: list[TimelineEvent]) -> list[Tim
     by_seq = {e.seq: e for e in stored}
     by_seq.update((e.seq, e) for e in recent)
     return [by_seq[s] for s in sorted(by_seq)]
-
-
-def _encode_cursor(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidInput("cursor is not one this service handed out", "cursor") from None
-    if not re.fullmatch(r"[0-9a-f]{32}", raw):
-        raise InvalidInput("cursor is not one this service handed out", "cursor")
-    return raw
 
 
 def keyed_session_id(idem: Idempotency) -> str:

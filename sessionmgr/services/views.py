@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 import msgspec
 
 from sessionmgr.domain.leases import lapse_time
 from sessionmgr.domain.model import (
+    ArchiveRef,
     Participant,
     Session,
     SessionRecord,
@@ -36,6 +38,32 @@ class SessionSummary(msgspec.Struct, frozen=True):
     owner_id: str
     created_at: datetime
     last_active: datetime
+
+
+class ListOrder(StrEnum):
+    """The orders `GET /v1/sessions` offers; each page continues from a keyset cursor."""
+
+    ID = "id"
+    RECENT = "recent"
+
+
+class ArchivedSession(msgspec.Struct, kw_only=True):
+    """What an archive answers: the stub MongoDB keeps, where the body went, and how to get it.
+
+    No empty `work_in_progress` or `participants` that would read like data lost: the body is
+    in S3 (`archive`), and any read of the session brings it back (`restore`).
+    """
+
+    id: str
+    version: int
+    state: SessionState
+    owner_id: str
+    acl: list[str]
+    created_at: datetime
+    last_active: datetime
+    archive: ArchiveRef
+    body_archived: bool = True
+    restore: str = ""
 
 
 class SessionPage(msgspec.Struct, frozen=True):
@@ -81,8 +109,23 @@ def _participant(p: Participant, ttl_ms: int | None, now: datetime) -> Participa
             lapsed_at=ended,
         )
     expires = now + timedelta(milliseconds=ttl_ms)
-    expires = expires.replace(microsecond=expires.microsecond // 1000 * 1000)
+    # Whole seconds: read twice, a live lease shows the same expiry, and so the same ETag.
+    expires = expires.replace(microsecond=0)
     return Participant(joined_at=p.joined_at, lease_expires_at=expires, active=True, token=p.token)
+
+
+def archived(record: SessionRecord, ref: ArchiveRef) -> ArchivedSession:
+    return ArchivedSession(
+        id=record.id,
+        version=record.version,
+        state=record.state,
+        owner_id=record.owner_id,
+        acl=list(record.acl),
+        created_at=record.created_at,
+        last_active=record.last_active,
+        archive=ref,
+        restore=f"GET /v1/sessions/{record.id} brings the body back from the archive",
+    )
 
 
 def summary(record: SessionRecord) -> SessionSummary:

@@ -56,6 +56,7 @@ from sessionmgr.services.ports import (
     HotView,
     Idempotency,
     Loader,
+    RecordCheck,
     Replayed,
     Undelivered,
 )
@@ -419,11 +420,13 @@ class RedisHotStore:
         self,
         session_id: str,
         flush: Flush,
+        check: RecordCheck | None = None,
     ) -> SessionRecord | None:
         """Flush the session to MongoDB, then drop its hot keys; start again if it changed.
 
         The flush carries what the outbox still holds for the session too, so MongoDB is
         complete the moment the session is dormant, however far the write-behind lags.
+        `check` (an If-Match) sees the record read under the WATCH and may refuse it.
         """
         key, tl = hot_key(session_id), timeline_key(session_id)
         for _ in range(_RACE_RETRIES):
@@ -433,6 +436,8 @@ class RedisHotStore:
                 if view is None:
                     return None
                 record = view.record
+                if check is not None:
+                    check(record)
                 record.state = SessionState.DORMANT
                 # First what Redis holds (this fails fast while MongoDB is down), then the
                 # backlog, read on this same connection: a second one could starve the pool.

@@ -33,7 +33,7 @@ from sessionmgr.domain.model import (
     SessionState,
     TimelineEvent,
 )
-from sessionmgr.services.ports import Page, SessionArchive, StoredSession
+from sessionmgr.services.ports import ListAfter, Page, SessionArchive, StoredSession
 from sessionmgr.settings import Settings
 from sessionmgr.storage.mongo_errors import describe, is_outage
 
@@ -68,6 +68,7 @@ class SessionDocument(Document):
             IndexModel([("owner_id", ASCENDING), ("_id", ASCENDING)], name="owner_id"),
             IndexModel([("acl", ASCENDING), ("_id", ASCENDING)], name="acl"),
             IndexModel([("state", ASCENDING), ("last_active", ASCENDING)], name="state_age"),
+            IndexModel([("last_active", DESCENDING), ("_id", DESCENDING)], name="recent"),
         ]
 
 
@@ -357,16 +358,39 @@ class MongoWarmStore:
         return [d["_id"] for d in await _guard(cursor.limit(limit).to_list(limit))]
 
     async def list_for(
-        self, principal_sub: str | None, state: SessionState | None, limit: int, after: str | None
+        self,
+        principal_sub: str | None,
+        state: SessionState | None,
+        limit: int,
+        after: ListAfter | None,
+        *,
+        order: str = "id",
     ) -> Page:
+        """A page in id order, or most recently active first (`order="recent"`, ties by id)."""
         query: dict[str, Any] = {}
+        conditions: list[dict[str, Any]] = []
         if principal_sub is not None:
-            query["$or"] = [{"owner_id": principal_sub}, {"acl": principal_sub}]
+            conditions.append({"$or": [{"owner_id": principal_sub}, {"acl": principal_sub}]})
         if state is not None:
             query["state"] = state.value
-        if after is not None:
-            query["_id"] = {"$gt": after}
-        cursor = self._sessions.find(query).sort("_id", ASCENDING).limit(limit + 1)
+        if order == "recent":
+            sort = [("last_active", DESCENDING), ("_id", DESCENDING)]
+            if after is not None:
+                conditions.append(
+                    {
+                        "$or": [
+                            {"last_active": {"$lt": after.last_active}},
+                            {"last_active": after.last_active, "_id": {"$lt": after.id}},
+                        ]
+                    }
+                )
+        else:
+            sort = [("_id", ASCENDING)]
+            if after is not None:
+                query["_id"] = {"$gt": after.id}
+        if conditions:
+            query["$and"] = conditions
+        cursor = self._sessions.find(query).sort(sort).limit(limit + 1)
         docs = await _guard(cursor.to_list(limit + 1))
         items = [_from_doc(d) for d in docs[:limit]]
         return Page(items=items, next_cursor=items[-1].id if len(docs) > limit else None)

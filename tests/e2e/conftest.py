@@ -23,6 +23,7 @@ from sessionmgr.container import Container, build_container
 from sessionmgr.settings import Settings, load_settings
 from sessionmgr.storage.hot import hot_key
 from tests.conftest import JWT_SECRET
+from tests.e2e.served import check_problem
 from tests.support.redis_server import RedisServer
 from tests.support.s3_server import S3_BUCKET, S3Server
 
@@ -51,9 +52,17 @@ def e2e_container(e2e_settings: Settings) -> Container:
     return build_container(e2e_settings)
 
 
+async def _one_problem_shape(response: httpx.Response) -> None:
+    """Every error answer the e2e suite meets, asserted on or not, has the one problem shape."""
+    if response.status_code >= 400 and response.request.method != "HEAD":
+        await response.aread()
+        check_problem(response)
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def api(e2e_container: Container) -> AsyncIterator[AsyncTestClient[Any]]:
     async with AsyncTestClient(app=create_app(e2e_container)) as test_client:
+        test_client.event_hooks["response"].append(_one_problem_shape)
         yield test_client
 
 
@@ -101,8 +110,7 @@ def assert_problem(response: httpx.Response, status: int | tuple[int, ...]) -> d
     assert response.status_code in wanted, (response.status_code, response.text[:500])
     content_type = response.headers.get("content-type", "")
     assert content_type.startswith(PROBLEM_JSON), (content_type, response.text[:500])
-    body = response.json()
-    assert body["status"] == response.status_code, body
+    body = check_problem(response)  # the one problem shape, for every error of the suite
     assert isinstance(body.get("title"), str), body
     assert body["title"], body
     return body

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import jsonschema
 import pytest
 import pytest_asyncio
 from litestar.testing import AsyncTestClient
@@ -250,3 +251,148 @@ async def test_public_routes_ignore_a_bad_token(api: AsyncTestClient[Any]):
     for path in ("/health/live", "/health/ready", "/metrics"):
         r = await api.get(path, headers=bad)
         assert r.status_code == 200, (path, r.text)
+
+
+# -- a document to generate clients from (issue 12) ------------------------------------------
+
+OPERATION_IDS = {
+    ("POST", "/v1/sessions"): "createSession",
+    ("GET", "/v1/sessions"): "listSessions",
+    ("GET", SID): "getSession",
+    ("PATCH", SID): "updateSession",
+    ("POST", f"{SID}/timeline"): "appendTimeline",
+    ("POST", f"{SID}/participants"): "addParticipant",
+    ("PUT", f"{SID}/participants/{{mad_name}}/lease"): "renewLease",
+    ("DELETE", f"{SID}/participants/{{mad_name}}"): "removeParticipant",
+    ("POST", f"{SID}/suspend"): "suspendSession",
+    ("POST", f"{SID}/resume"): "resumeSession",
+    ("POST", f"{SID}/archive"): "archiveSession",
+    ("DELETE", SID): "deleteSession",
+}
+SESSION_WRITES = {
+    key for key in OPERATION_IDS if key[0] != "GET" and key != ("POST", "/v1/sessions")
+}
+
+
+@pytest.mark.parametrize("key", sorted(OPERATION_IDS), ids=key_id)
+async def test_operations_have_stable_ids_summaries_descriptions_and_tags(
+    schema: dict[str, Any], key: tuple[str, str]
+):
+    op = operation(schema, *key)
+    assert op["operationId"] == OPERATION_IDS[key]
+    assert op.get("summary") and op.get("description"), op.get("summary")
+    assert op.get("tags") == ["sessions"]
+
+
+async def test_operation_ids_are_unique(schema: dict[str, Any]):
+    ids = [
+        op["operationId"]
+        for ops in schema["paths"].values()
+        for op in ops.values()
+        if isinstance(op, dict) and "operationId" in op
+    ]
+    assert len(ids) == len(set(ids)), ids
+
+
+def _request_headers(op: dict[str, Any]) -> set[str]:
+    return {p["name"] for p in op.get("parameters", []) if p.get("in") == "header"}
+
+
+@pytest.mark.parametrize("key", sorted(SESSION_WRITES), ids=key_id)
+async def test_session_writes_document_their_request_headers_and_412(
+    schema: dict[str, Any], key: tuple[str, str]
+):
+    op = operation(schema, *key)
+    assert {"If-Match", "Lease-Token"} <= _request_headers(op)
+    if not key[1].endswith("/lease"):
+        assert "Idempotency-Key" in _request_headers(op)
+    assert "412" in op["responses"]
+
+
+async def test_conditional_get_is_documented(schema: dict[str, Any]):
+    op = operation(schema, "GET", SID)
+    assert "If-None-Match" in _request_headers(op)
+    assert "ETag" in op["responses"]["304"]["headers"]
+    assert "ETag" in op["responses"]["200"]["headers"]
+    assert schema["paths"][SID]["head"]["operationId"] == "headSession"
+
+
+@pytest.mark.parametrize(
+    ("key", "status", "header"),
+    [
+        (("POST", "/v1/sessions"), "201", "Location"),
+        (("POST", "/v1/sessions"), "201", "ETag"),
+        (("POST", "/v1/sessions"), "201", "Idempotent-Replayed"),
+        (("PATCH", SID), "200", "Idempotent-Replayed"),
+        (("PATCH", SID), "412", "ETag"),
+        (("PATCH", SID), "401", "WWW-Authenticate"),
+        (("PATCH", SID), "429", "Retry-After"),
+        (("PATCH", SID), "429", "RateLimit"),
+        (("PATCH", SID), "429", "RateLimit-Policy"),
+        (("PATCH", SID), "503", "Retry-After"),
+        (("GET", "/v1/sessions"), "200", "X-Request-ID"),
+        (("GET", SID), "404", "X-Request-ID"),
+    ],
+)
+async def test_response_headers_are_declared_with_a_schema(
+    schema: dict[str, Any], key: tuple[str, str], status: str, header: str
+):
+    declared = operation(schema, *key)["responses"][status].get("headers", {})
+    assert header in declared, (status, sorted(declared))
+    assert declared[header].get("schema"), declared[header]
+
+
+async def test_the_patch_body_names_its_allowed_keys(schema: dict[str, Any]):
+    patch = schema["components"]["schemas"]["PatchBody"]["properties"]["patch"]
+    assert set(patch["properties"]) == {"work_in_progress", "context_summary", "full_context"}
+    assert patch["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("key", sorted(BODY_ROUTES), ids=key_id)
+async def test_bodies_have_real_examples(schema: dict[str, Any], key: tuple[str, str]):
+    content = operation(schema, *key)["requestBody"]["content"]["application/json"]
+    (example,) = content["examples"].values()
+    assert example["value"] and "string" not in repr(example["value"]), example
+
+
+async def test_problem_examples_are_real_problems(schema: dict[str, Any]):
+    examples = operation(schema, "PATCH", SID)["responses"]["409"]["content"][PROBLEM_JSON]
+    values = [e["value"] for e in examples["examples"].values()]
+    assert {v["type"] for v in values} >= {"/problems#version-conflict"}
+    assert all(v["status"] == 409 and v["detail"] for v in values)
+
+
+async def test_metrics_are_documented_as_text(schema: dict[str, Any]):
+    assert set(operation(schema, "GET", "/metrics")["responses"]["200"]["content"]) == {
+        "text/plain"
+    }
+
+
+async def test_a_create_may_come_without_a_body(schema: dict[str, Any]):
+    assert operation(schema, "POST", "/v1/sessions")["requestBody"]["required"] is False
+
+
+def _examples(schema: dict[str, Any]) -> list[tuple[str, dict[str, Any], Any]]:
+    """(where, media schema, example value) for every example of a body or an answer."""
+    found = []
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            if not isinstance(op, dict):
+                continue
+            media = [("request", op.get("requestBody", {}).get("content", {}))]
+            media += [(code, r.get("content", {})) for code, r in op.get("responses", {}).items()]
+            for where, content in media:
+                for media_type in content.values():
+                    for example in media_type.get("examples", {}).values():
+                        name = f"{method.upper()} {path} {where}"
+                        found.append((name, media_type["schema"], example["value"]))
+    return found
+
+
+async def test_every_example_fits_its_schema(schema: dict[str, Any]):
+    examples = _examples(schema)
+    assert len(examples) > 50, "the document lost its examples"
+    for where, media_schema, value in examples:
+        root = {**media_schema, "components": schema["components"]}
+        errors = [e.message for e in jsonschema.Draft202012Validator(root).iter_errors(value)]
+        assert not errors, (where, value, errors)

@@ -24,6 +24,7 @@ from sessionmgr.domain.model import (
     TimelineEvent,
     utcnow,
 )
+from sessionmgr.services.ports import ListAfter
 from sessionmgr.settings import load_settings
 from sessionmgr.storage.warm import MongoWarmStore, open_warm_store
 from tests.conftest import JWT_SECRET
@@ -188,10 +189,31 @@ async def test_list_pages_through_owned_and_shared_sessions(warm: MongoWarmStore
         seen += [r.id for r in page.items]
         if page.next_cursor is None:
             break
-        after = page.next_cursor
+        after = ListAfter(id=page.next_cursor)
     assert sorted(seen) == sorted(r.id for r in mine + shared)
     everything = await warm.list_for(None, None, 100, None)
     assert len(everything.items) == 9
+
+
+async def test_list_by_recency_pages_newest_first_with_ties_by_id(warm: MongoWarmStore) -> None:
+    """`order="recent"`: last_active descending, then id descending, resumed from a keyset."""
+    start = utcnow()
+    records = [
+        record(owner_id="carol", last_active=start + timedelta(seconds=n // 2)) for n in range(5)
+    ]  # two pairs share an instant: the id breaks the tie
+    for r in records:
+        await warm.insert(r)
+    expected = [r.id for r in sorted(records, key=lambda r: (r.last_active, r.id), reverse=True)]
+    seen: list[str] = []
+    after = None
+    while True:
+        page = await warm.list_for("carol", None, 2, after, order="recent")
+        seen += [r.id for r in page.items]
+        if page.next_cursor is None:
+            break
+        last = page.items[-1]
+        after = ListAfter(id=last.id, last_active=last.last_active)
+    assert seen == expected
 
 
 async def test_mark_state_is_conditioned_on_the_version(warm: MongoWarmStore) -> None:

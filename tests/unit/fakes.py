@@ -35,8 +35,10 @@ from sessionmgr.services.ports import (
     Flush,
     HotView,
     Idempotency,
+    ListAfter,
     Loader,
     Page,
+    RecordCheck,
     Replayed,
     Undelivered,
 )
@@ -161,15 +163,28 @@ class InMemoryWarmStore:
         self.contexts.pop(session_id, None)
 
     async def list_for(
-        self, principal_sub: str | None, state: SessionState | None, limit: int, after: str | None
+        self,
+        principal_sub: str | None,
+        state: SessionState | None,
+        limit: int,
+        after: ListAfter | None,
+        *,
+        order: str = "id",
     ) -> Page:
         self._reachable()
+        if order == "recent":
+            ranked = sorted(self.sessions.values(), key=lambda r: (r.last_active, r.id))[::-1]
+            position = None if after is None else (after.last_active, after.id)
+            later = [r for r in ranked if position is None or (r.last_active, r.id) < position]
+        else:
+            later = [
+                r for _, r in sorted(self.sessions.items()) if after is None or r.id > after.id
+            ]
         found = [
             _copy(r)
-            for _, r in sorted(self.sessions.items())
+            for r in later
             if (principal_sub is None or principal_sub == r.owner_id or principal_sub in r.acl)
             and (state is None or r.state is state)
-            and (after is None or r.id > after)
         ]
         items = found[:limit]
         return Page(items=items, next_cursor=items[-1].id if len(found) > limit else None)
@@ -355,7 +370,9 @@ class InMemoryHotStore:
         self._reachable()
         self.idempotency[_idem_key(scope, idem)] = idem_value(idem, result)
 
-    async def suspend(self, session_id: str, flush: Flush) -> SessionRecord | None:
+    async def suspend(
+        self, session_id: str, flush: Flush, check: RecordCheck | None = None
+    ) -> SessionRecord | None:
         for _ in range(8):
             self._reachable()
             watched = self._revision.get(session_id, 0)
@@ -363,6 +380,8 @@ class InMemoryHotStore:
             if view is None:
                 return None
             record = view.record
+            if check is not None:
+                check(record)
             record.state = SessionState.DORMANT
             backlog = await self.undelivered(session_id)
             await flush(record, [*backlog.events, *view.recent], backlog.context)

@@ -11,7 +11,8 @@ from litestar import Litestar, get, post
 from litestar.params import FromPath, JSONBody
 from litestar.testing import TestClient
 
-from sessionmgr.api.problems import EXCEPTION_HANDLERS, PROBLEM_JSON, responses
+from sessionmgr.api.problem_types import CATALOGUE
+from sessionmgr.api.problems import _STATUS, EXCEPTION_HANDLERS, PROBLEM_JSON, responses
 from sessionmgr.domain.errors import (
     AccessDenied,
     AuthenticationFailed,
@@ -110,7 +111,7 @@ def test_each_domain_error_has_its_status_and_problem_body(
     response, body = problem_of(client, name)
     assert response.status_code == status
     assert body["status"] == status
-    assert body["type"] == f"https://sessionmgr.dev/problems/{slug}"
+    assert body["type"] == f"/problems#{slug}"
     assert body["title"]
     assert body["detail"] == str(ERRORS[name])
     assert body["instance"] == f"/v1/sessions/{SID}/raise/{name}"
@@ -123,7 +124,7 @@ def test_a_conflict_carries_the_current_version(client: TestClient[Litestar]) ->
 
 def test_invalid_input_names_the_field(client: TestClient[Litestar]) -> None:
     _, body = problem_of(client, "invalid")
-    assert body["field"] == "patch.acl"
+    assert body["errors"] == [{"field": "/patch/acl", "message": str(ERRORS["invalid"])}]
 
 
 def test_unavailable_names_the_backend_and_when_to_retry(client: TestClient[Litestar]) -> None:
@@ -159,7 +160,7 @@ def test_an_unexpected_error_is_a_500_without_internals(client: TestClient[Lites
     assert response.headers["content-type"].startswith(PROBLEM_JSON)
     assert "hunter2" not in response.text
     assert "Traceback" not in response.text
-    assert response.json()["type"] == "https://sessionmgr.dev/problems/internal"
+    assert response.json()["type"] == "/problems#internal"
 
 
 def test_malformed_json_is_a_400_problem(client: TestClient[Litestar]) -> None:
@@ -177,7 +178,7 @@ def test_a_body_that_breaks_the_schema_is_a_422_listing_the_errors(
     response = client.post("/v1/echo", json={"expected_version": "three"})
     assert response.status_code == 422
     body = response.json()
-    assert body["type"] == "https://sessionmgr.dev/problems/invalid-input"
+    assert body["type"] == "/problems#invalid-input"
     assert body["errors"]
 
 
@@ -187,19 +188,19 @@ def test_a_body_over_the_limit_is_a_413_problem(client: TestClient[Litestar]) ->
     )
     assert response.status_code == 413
     assert response.headers["content-type"].startswith(PROBLEM_JSON)
-    assert response.json()["type"] == "https://sessionmgr.dev/problems/too-large"
+    assert response.json()["type"] == "/problems#too-large"
 
 
 def test_unknown_routes_and_methods_are_problems(client: TestClient[Litestar]) -> None:
     missing = client.get("/v1/nowhere")
     assert (missing.status_code, missing.json()["type"]) == (
         404,
-        "https://sessionmgr.dev/problems/not-found",
+        "/problems#not-found",
     )
     wrong = client.delete("/v1/echo")
     assert (wrong.status_code, wrong.json()["type"]) == (
         405,
-        "https://sessionmgr.dev/problems/method-not-allowed",
+        "/problems#method-not-allowed",
     )
     assert wrong.headers["content-type"].startswith(PROBLEM_JSON)
 
@@ -209,3 +210,13 @@ def test_openapi_entries_describe_problem_answers() -> None:
     assert set(specs) == {401, 409, 503}
     assert all(spec.media_type == PROBLEM_JSON for spec in specs.values())
     assert specs[409].description == "Conflict"
+
+
+def test_every_problem_type_is_explained_at_problems() -> None:
+    """Each `type` an answer can carry has its section in the catalogue behind `/problems`
+    (and docs/problems.md): a new domain error needs its explanation too."""
+    explained = {t.slug: t.status for t in CATALOGUE}
+    for _, status, slug in _STATUS:
+        assert explained.get(slug) == status, f"{slug} ({status}) is not in the catalogue"
+    for slug in ("malformed", "not-found", "method-not-allowed", "too-large", "internal"):
+        assert slug in explained

@@ -40,6 +40,41 @@ def test_a_burst_then_the_steady_rate() -> None:
     assert metrics.registry.get_sample_value("sessionmgr_rate_limited_requests_total") == 2
 
 
+def test_a_refusal_describes_the_policy() -> None:
+    limiter = RateLimiter(per_s=2, burst=3, clock=Clock())
+    for _ in range(3):
+        limiter.take("alice")
+    with pytest.raises(RateLimited) as refused:
+        limiter.take("alice")
+    assert (refused.value.policy, refused.value.quota, refused.value.window_s) == ("default", 3, 2)
+
+
+def test_services_have_a_limit_of_their_own() -> None:
+    limiter = RateLimiter(per_s=1, burst=1, service_per_s=10, service_burst=5, clock=Clock())
+    for _ in range(5):
+        limiter.take("svc", service=True)
+    with pytest.raises(RateLimited) as refused:
+        limiter.take("svc", service=True)
+    assert (refused.value.policy, refused.value.quota) == ("service", 5)
+    limiter.take("alice")
+    with pytest.raises(RateLimited):
+        limiter.take("alice")
+
+
+def test_without_a_service_limit_services_share_the_default() -> None:
+    limiter = RateLimiter(per_s=1, burst=1, clock=Clock())
+    limiter.take("svc", service=True)
+    with pytest.raises(RateLimited) as refused:
+        limiter.take("svc", service=True)
+    assert refused.value.policy == "default"
+
+
+def test_a_service_limit_of_zero_means_none() -> None:
+    limiter = RateLimiter(per_s=1, burst=1, service_per_s=0, clock=Clock())
+    for _ in range(100):
+        limiter.take("svc", service=True)
+
+
 def test_a_slow_rate_says_how_long_to_wait() -> None:
     limiter = RateLimiter(per_s=0.1, burst=1, clock=Clock())
     limiter.take("alice")

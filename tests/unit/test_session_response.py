@@ -12,6 +12,7 @@ from litestar.datastructures import Cookie
 from litestar.serialization import encode_json
 from litestar.testing import RequestFactory
 
+from sessionmgr.api.conditional import etag
 from sessionmgr.api.sessions import SessionResponse, _with_etag
 from sessionmgr.services.views import to_session
 from tests.unit.factories import SessionRecordFactory, TimelineEventFactory
@@ -43,7 +44,7 @@ async def test_it_sends_litestars_bytes_and_headers_for_a_session() -> None:
     generic = Response(
         session,
         status_code=201,
-        headers={"ETag": f'"{session.version}"', "Location": f"/v1/sessions/{session.id}"},
+        headers={"ETag": etag(session), "Location": f"/v1/sessions/{session.id}"},
     )
 
     assert isinstance(ours, SessionResponse)
@@ -53,7 +54,7 @@ async def test_it_sends_litestars_bytes_and_headers_for_a_session() -> None:
     assert body == generic_body == encode_json(session)
     assert status == generic_status == 201
     assert headers == generic_headers
-    assert headers[b"etag"] == f'"{session.version}"'.encode()
+    assert headers[b"etag"] == etag(session).encode()
     assert headers[b"content-length"] == str(len(body)).encode()
 
 

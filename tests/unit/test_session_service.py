@@ -16,6 +16,7 @@ from sessionmgr.domain.errors import (
     ConcurrencyConflict,
     IdempotencyKeyReused,
     InvalidInput,
+    ParticipantNotFound,
     PayloadTooLarge,
     SessionNotFound,
 )
@@ -430,7 +431,7 @@ async def test_remove_participant_revokes_access_and_the_lease(w: World) -> None
 
 async def test_removing_an_absent_participant_is_not_found_and_changes_nothing(w: World) -> None:
     created = await new_session(w)
-    with pytest.raises(SessionNotFound):  # ParticipantNotFound: 404, as the README says
+    with pytest.raises(ParticipantNotFound):
         await w.service.remove_participant(ALICE, created.id, "ghost")
     assert await w.service.get(ALICE, created.id) == created
 
