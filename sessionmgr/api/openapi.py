@@ -89,6 +89,8 @@ SESSION_EXAMPLE: dict[str, Any] = {
             "joined_at": "2026-11-27T04:10:40.593000Z",
             "lease_expires_at": "2026-11-27T04:11:10Z",
             "active": True,
+            "token": 3,
+            "lapsed_at": None,
         }
     },
     "work_in_progress": {"step": 2},
@@ -150,7 +152,10 @@ ANSWER_EXAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
         "two events appended",
         {"version": 6, "appended": 2, "first_seq": 4, "last_seq": 5},
     ),
-    "LeaseInfo": ("a renewed lease", {"mad_name": "planner", "expires_at": "2026-11-27T04:11:40Z"}),
+    "LeaseInfo": (
+        "a renewed lease",
+        {"mad_name": "planner", "expires_at": "2026-11-27T04:11:40Z", "token": 3},
+    ),
     "ArchivedSession": (
         "the stub of an archived session",
         {

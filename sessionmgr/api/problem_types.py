@@ -72,6 +72,40 @@ CATALOGUE: tuple[ProblemType, ...] = (
         "Retry shortly with the same key: you then get its answer.",
     ),
     ProblemType(
+        "lease-expired",
+        409,
+        "Conflict",
+        "A MAD (`mad:<name>`) wrote or renewed without a live lease on the session (it lapsed, "
+        "or the session is at rest). `detail` says how to rejoin. Nothing was changed.",
+        'Rejoin (`POST .../participants {"mad_name": ...}`): it grants a new lease and '
+        "`Lease-Token`; renew it before it lapses.",
+    ),
+    ProblemType(
+        "fenced",
+        409,
+        "Conflict",
+        "The `Lease-Token` sent is not the MAD's newest grant: another holder of the name "
+        "rejoined since, and its work must not be overwritten. Nothing was changed.",
+        "Stop writing with the old token: rejoin if this instance should go on.",
+    ),
+    ProblemType(
+        "dormant",
+        409,
+        "Conflict",
+        "A join or a lease renewal on a dormant (or archived) session: leases are granted only "
+        "on an active session, and this call does not wake it.",
+        "`POST .../resume` first, then join.",
+    ),
+    ProblemType(
+        "outbox-parked",
+        409,
+        "Conflict",
+        "Archive refused: writes of this session sit on the write-behind's dead-letter stream "
+        "(MongoDB refused them for their content), so MongoDB lacks them.",
+        "An operator runs `sessionmgr outbox status`, fixes the cause, then `sessionmgr outbox "
+        "replay` (or, deliberately, `drop`); archive again.",
+    ),
+    ProblemType(
         "precondition-failed",
         412,
         "Precondition Failed",
@@ -125,6 +159,14 @@ CATALOGUE: tuple[ProblemType, ...] = (
         "`Retry-After`, `RateLimit` and `RateLimit-Policy` say when to retry and what the "
         "limit is.",
         "Wait `Retry-After` seconds; spread requests out.",
+    ),
+    ProblemType(
+        "quota-exceeded",
+        429,
+        "Too Many Requests",
+        "The caller holds as many live `Idempotency-Key`s as it may "
+        "(`SESSIONMGR_IDEMPOTENCY_MAX_KEYS_PER_CALLER` within `SESSIONMGR_IDEMPOTENCY_TTL_S`).",
+        "Use a new key per logical request only, and reuse it for that request's retries.",
     ),
     ProblemType(
         "internal",

@@ -466,6 +466,7 @@ class SessionController(Controller):
         """Add a MAD (owner, admin or the participants role), or rejoin as that MAD: it joins
         the ACL with a lease it must renew and a fencing token (`participants.<name>.token`).
         A dormant session answers 409 `dormant`: resume it first."""
+        _lease_token(lease_token)  # checked like any header, even where unused
         data = await _strict(request, data)
         session = await _service(request).add_participant(
             request.user,
@@ -547,6 +548,7 @@ class SessionController(Controller):
     ) -> Response[Session]:
         """Flush to MongoDB and leave Redis; the session reads the same, now `dormant`, and
         every lease ends."""
+        _lease_token(lease_token)  # checked like any header, even where unused
         session = await _service(request).suspend(
             request.user,
             _sid(session_id),
@@ -572,6 +574,7 @@ class SessionController(Controller):
         lease_token: LeaseTokenHeader = None,
     ) -> Response[Session]:
         """Load a dormant (or archived) session back into Redis: `active`, same version."""
+        _lease_token(lease_token)  # checked like any header, even where unused
         session = await _service(request).resume(
             request.user,
             _sid(session_id),
@@ -599,6 +602,7 @@ class SessionController(Controller):
         """Move the session's body to S3, leaving a stub (owner or admin); an active one is
         suspended first. The answer is the stub: where the body is (`archive`: object key,
         size, SHA-256, when) and `body_archived: true`; a GET brings the body back."""
+        _lease_token(lease_token)  # checked like any header, even where unused
         stub = await _service(request).archive(
             request.user,
             _sid(session_id),
@@ -622,6 +626,7 @@ class SessionController(Controller):
         lease_token: LeaseTokenHeader = None,
     ) -> None:
         """Remove the session from every tier, S3 included (owner or admin)."""
+        _lease_token(lease_token)  # checked like any header, even where unused
         await _service(request).delete(
             request.user,
             _sid(session_id),

@@ -135,7 +135,7 @@ def mad(caller: Caller) -> str:
 
 
 def problem_type(r: httpx.Response, status: int) -> str:
-    return str(assert_problem(r, status)["type"]).rsplit("/", 1)[-1]
+    return str(assert_problem(r, status)["type"]).rsplit("#", 1)[-1]
 
 
 def when(raw: str) -> datetime:

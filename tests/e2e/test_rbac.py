@@ -341,7 +341,7 @@ async def test_a_lease_on_a_dormant_session_is_409_and_does_not_wake_it(
     )
 
     for r in (renew, join):
-        assert assert_problem(r, 409)["type"].endswith("/dormant")
+        assert assert_problem(r, 409)["type"].endswith("#dormant")
     assert not is_hot(raw_redis, session["id"])
     assert await app_api.full(session["id"], cast.owner) == before
 

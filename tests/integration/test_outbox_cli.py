@@ -93,7 +93,7 @@ async def test_status_replay_and_drop_of_dead_letters(
     assert suspended.status_code == 200
     refused = await manual_api.post(f"/v1/sessions/{bad}/archive", headers=owner)
     assert refused.status_code == 409, refused.text
-    assert refused.json()["type"].endswith("/outbox-parked")
+    assert refused.json()["type"].endswith("#outbox-parked")
     assert "sessionmgr outbox status" in refused.json()["detail"]
 
     v3 = next(d for d in status["dead"] if d["version"] == 3)
