@@ -847,6 +847,9 @@ class SessionService:
         async def load() -> tuple[SessionRecord, list[TimelineEvent]]:
             record, _ = await self._warm_record(principal, session_id)
             record.state = SessionState.ACTIVE
+            # Recorded before the hash exists (the WATCH is set and the hash absent): a suspend
+            # needs the hash, so its "dormant" can only come after this "active", never before.
+            await self._warm.mark_state(session_id, record.version, SessionState.ACTIVE)
             return record, await self._warm.recent_events(session_id, self._limits.recent_timeline)
 
         # An archived session comes back from S3 first (seconds, at worst), outside the WATCH:
@@ -854,14 +857,12 @@ class SessionService:
         await self._warm_record(principal, session_id)
         for wait_s in (0.05, 0.1, 0.2, 0.4, 0.8, None):
             try:
-                loaded = await self._hot.activate(session_id, load)
-                break
+                await self._hot.activate(session_id, load)
+                return
             except ArchiveInProgress:
                 if wait_s is None:
                     raise
                 await asyncio.sleep(wait_s)  # an archive holds it for a moment
-        if loaded is not None:
-            await self._warm.mark_state(session_id, loaded.version, SessionState.ACTIVE)
 
     async def _warm_record(
         self, principal: Principal, session_id: str

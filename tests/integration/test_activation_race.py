@@ -56,3 +56,43 @@ async def test_a_stalled_activation_cannot_undo_a_newer_update(
     await manual_api.post(f"/v1/sessions/{sid}/suspend", headers=h)
     stored = await manual_warm.get(sid)
     assert stored is not None and (stored.version, stored.work_in_progress) == (2, {"by": "B"})
+
+
+async def test_the_state_mongodb_records_follows_redis_through_an_activation_race(
+    manual_api: httpx.AsyncClient,
+    manual_warm: MongoWarmStore,
+    manual_redis: Any,
+    auth: Callable[..., Headers],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow "active" mark must never land after a suspend's "dormant" (lists would lie)."""
+    from sessionmgr.domain.model import SessionState
+    from sessionmgr.storage.hot import hot_key
+
+    h = auth()
+    sid = (await create_session(manual_api, h))["id"]
+    assert (await manual_api.post(f"/v1/sessions/{sid}/suspend", headers=h)).status_code == 200
+    real_mark = MongoWarmStore.mark_state
+    paused, resume, calls = asyncio.Event(), asyncio.Event(), []
+
+    async def stalls_once(self: MongoWarmStore, session_id: str, *args: Any) -> Any:
+        calls.append(session_id)
+        if len(calls) == 1:
+            paused.set()
+            await resume.wait()
+        return await real_mark(self, session_id, *args)
+
+    monkeypatch.setattr(MongoWarmStore, "mark_state", stalls_once)
+    resuming = asyncio.create_task(manual_api.post(f"/v1/sessions/{sid}/resume", headers=h))
+    await paused.wait()
+    suspended = await manual_api.post(f"/v1/sessions/{sid}/suspend", headers=h)
+    assert suspended.status_code == 200
+    resume.set()
+    assert (await resuming).status_code == 200
+
+    stored = await manual_warm.get(sid)
+    assert stored is not None
+    hot = bool(await manual_redis.exists(hot_key(sid)))
+    assert (stored.state is SessionState.ACTIVE) == hot, (stored.state, hot)
+    listed = await manual_api.get("/v1/sessions?state=active", headers=h)
+    assert (sid in [s["id"] for s in listed.json()["items"]]) == hot
