@@ -64,6 +64,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     metrics_port: int | None = None
     # Move what start-up built out of the garbage collector's reach (sessionmgr.api.bridge).
     gc_freeze: bool = True
+    # HTTP-level limits (sessionmgr.api.guarded_http, docs/security.md).
+    max_head_bytes: int = 16_384
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    body_min_rate_bps: int = 1024
+    max_connections: int = 256
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -184,6 +191,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _level,
     "metrics_port": _int(1, 65_535),
     "gc_freeze": _bool,
+    "max_head_bytes": _int(1024, 1_048_576),
+    "max_headers": _int(10, 10_000),
+    "header_timeout_s": _float(0.1, 600),
+    "body_timeout_s": _float(0.1, 3600),
+    "body_min_rate_bps": _int(0, 1_073_741_824),
+    "max_connections": _int(1, 1_000_000),
 }
 
 
