@@ -71,6 +71,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     body_timeout_s: float = 30.0
     body_min_rate_bps: int = 1024
     max_connections: int = 256
+    # Token rules beyond DESIGN §5 (docs/security.md): none by default.
+    jwt_max_lifetime_s: int | None = None
+    jwt_require_iat: bool = False
+    # /health and /health/ready answer from one backend check per replica this long.
+    health_cache_s: float = 1.0
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -197,6 +202,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "body_timeout_s": _float(0.1, 3600),
     "body_min_rate_bps": _int(0, 1_073_741_824),
     "max_connections": _int(1, 1_000_000),
+    "jwt_max_lifetime_s": _int(1, 366 * 86_400),
+    "jwt_require_iat": _bool,
+    "health_cache_s": _float(0, 60),
 }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -35,6 +37,41 @@ async def _check(store: Any) -> BackendState:
     except (BackendUnavailable, TimeoutError, OSError) as exc:
         return BackendState(status="down", detail=str(exc) or type(exc).__name__)
     return BackendState(status="up")
+
+
+class CachedReadiness:
+    """One backend check serves every probe for `ttl_s`: an open, unauthenticated route must
+    not turn each call into a PING and a MongoDB round trip. Concurrent callers share it."""
+
+    def __init__(
+        self,
+        check: Callable[[], Awaitable[tuple[int, Readiness]]],
+        ttl_s: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._check = check
+        self._ttl_s = ttl_s
+        self._monotonic = monotonic
+        self._answer: tuple[int, Readiness] | None = None
+        self._until = -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> tuple[int, Readiness]:
+        if self._answer is not None and self._monotonic() < self._until:
+            return self._answer
+        async with self._lock:
+            if self._answer is None or self._monotonic() >= self._until:
+                self._answer = await self._check()
+                self._until = self._monotonic() + self._ttl_s
+            return self._answer
+
+
+def _cached(state: State) -> CachedReadiness:
+    cached: CachedReadiness | None = state.get("readiness")
+    if cached is None:
+        ttl_s = state.container.settings().health_cache_s
+        cached = state["readiness"] = CachedReadiness(lambda: readiness(state), ttl_s)
+    return cached
 
 
 async def readiness(state: State) -> tuple[int, Readiness]:
@@ -72,11 +109,11 @@ class HealthController(Controller):
     @get("/ready", cache=False, responses=UNAVAILABLE)
     async def ready(self, state: State) -> Response[Readiness]:
         """200 `ok` or `degraded` (a backend down); 503 only when both are unreachable."""
-        status, body = await readiness(state)
+        status, body = await _cached(state).get()
         return Response(body, status_code=status)
 
     @get("/", cache=False, responses=UNAVAILABLE)
     async def health(self, state: State) -> Response[Readiness]:
         """The readiness report, for people and the seed's `/health` probe."""
-        status, body = await readiness(state)
+        status, body = await _cached(state).get()
         return Response(body, status_code=status)

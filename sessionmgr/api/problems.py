@@ -19,6 +19,7 @@ from sessionmgr.domain.errors import (
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
     InvalidInput,
+    MalformedRequest,
     PayloadTooLarge,
     RateLimited,
     SessionError,
@@ -45,6 +46,7 @@ class Problem(msgspec.Struct, omit_defaults=True):
 
 
 _STATUS: list[tuple[type[SessionError], int, str]] = [
+    (MalformedRequest, 400, "malformed"),
     (AuthenticationFailed, 401, "unauthenticated"),
     (AccessDenied, 403, "forbidden"),
     (SessionNotFound, 404, "not-found"),

@@ -123,6 +123,10 @@ class AuthenticationFailed(SessionError):
     """No token, or a token that does not verify (HTTP 401)."""
 
 
+class MalformedRequest(SessionError):
+    """A request no handler should see, such as two Authorization headers (HTTP 400)."""
+
+
 class ArchiveInProgress(BackendUnavailable):
     """The session is being archived right now; a retry in a moment finds it in S3 or back."""
 

@@ -1,6 +1,7 @@
 """The HTTP-level limits on a real `sessionmgr serve` (docs/security.md): an oversized head is
 a 431 that costs no memory, silent and slow clients are closed after the (shortened)
-timeouts, and past the connection cap a request gets a 503."""
+timeouts, past the connection cap a request gets a 503; and two Authorization headers or an
+absurd `exp` (which only a raw socket and a hand-made token can send) are a 400 and a 401."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from sessionmgr.api.auth import issue_token
 from sessionmgr.devstack import free_port
 from tests.conftest import JWT_SECRET
 from tests.support.redis_server import RedisServer
+from tests.unit.test_token_hygiene import signed_raw
 
 START_TIMEOUT_S = 30.0
 HEADER_TIMEOUT_S = 1.0
@@ -234,3 +236,27 @@ def test_past_the_connection_cap_a_request_gets_503(served: Served) -> None:
     assert _problem(answer)["type"] == "https://sessionmgr.dev/problems/too-many-connections"
     time.sleep(0.2)  # the idle ones are gone: the replica serves again
     assert _get_live(served) == 200
+
+
+def test_two_authorization_headers_are_a_400(served: Served) -> None:
+    good = issue_token(JWT_SECRET, "twice")
+    with served.connect() as sock:
+        sock.sendall(
+            f"GET /v1/sessions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {good}\r\n"
+            f"Authorization: Bearer {good}x\r\nConnection: close\r\n\r\n".encode()
+        )
+        answer = _read_until_closed(sock)
+    assert _status(answer) == 400, answer[:300]
+    assert "one Authorization header" in str(_problem(answer)["detail"])
+
+
+def test_a_token_with_an_exp_of_10_to_the_309_is_a_401(served: Served) -> None:
+    token = signed_raw('{"sub":"huge","exp":1' + "0" * 309 + "}", JWT_SECRET)
+    with served.connect() as sock:
+        sock.sendall(
+            f"GET /v1/sessions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}"
+            "\r\nConnection: close\r\n\r\n".encode()
+        )
+        answer = _read_until_closed(sock)
+    assert _status(answer) == 401, answer[:300]
+    assert "exp claim is invalid" in str(_problem(answer)["detail"])
