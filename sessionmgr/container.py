@@ -88,6 +88,12 @@ def limits_from(settings: Settings) -> Limits:
         max_events_per_append=settings.max_events_per_append,
         page_size_default=settings.page_size_default,
         page_size_max=settings.page_size_max,
+        max_sessions_per_owner=settings.max_sessions_per_owner,
+        max_participants=settings.max_participants,
+        max_timeline_events=settings.max_timeline_events,
+        quota_privileged_factor=settings.quota_privileged_factor,
+        timeline_page_max=settings.timeline_page_max,
+        full_timeline_max=settings.full_timeline_max,
     )
 
 

@@ -76,6 +76,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     jwt_require_iat: bool = False
     # /health and /health/ready answer from one backend check per replica this long.
     health_cache_s: float = 1.0
+    # Quotas (403 quota-exceeded); callers with role admin or service get FACTOR times each.
+    max_sessions_per_owner: int = 1000
+    max_participants: int = 64
+    max_timeline_events: int = 100_000
+    quota_privileged_factor: int = 10
+    # Timeline reads: events a GET .../timeline page may hold, and `?include=full` inlines.
+    timeline_page_max: int = 500
+    full_timeline_max: int = 1000
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -205,6 +213,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "jwt_max_lifetime_s": _int(1, 366 * 86_400),
     "jwt_require_iat": _bool,
     "health_cache_s": _float(0, 60),
+    "max_sessions_per_owner": _int(1, 100_000_000),
+    "max_participants": _int(1, 100_000),
+    "max_timeline_events": _int(1, 1_000_000_000),
+    "quota_privileged_factor": _int(1, 1_000_000),
+    "timeline_page_max": _int(1, 10_000),
+    "full_timeline_max": _int(1, 1_000_000),
 }
 
 

@@ -157,9 +157,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._in_head:
             if self._head_left < self._limits.max_head_bytes and self._head_timer is None:
                 self._arm_head_timer()  # a head began in this read and goes on in the next
-        elif self._body_timer is None:
-            self._body_started, self._body_bytes = self.loop.time(), 0
+        elif self._body_timer is None:  # a body is still on its way
             self._body_timer = self.loop.call_later(self._body_check_s, self._check_body)
+
+    def handle_websocket_upgrade(self) -> None:
+        self._cancel_head_timer()  # the connection is the websocket protocol's from here
+        self._cancel_body_timer()
+        self._in_head = False
+        super().handle_websocket_upgrade()
 
     # -- parser callbacks ----------------------------------------------------------------
 
@@ -173,6 +178,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
+        self._body_started, self._body_bytes = self.loop.time(), 0
         if len(self.connections) <= self._limits.max_connections:
             super().on_headers_complete()
             return

@@ -21,6 +21,7 @@ from sessionmgr.domain.errors import (
     InvalidInput,
     MalformedRequest,
     PayloadTooLarge,
+    QuotaExceeded,
     RateLimited,
     SessionError,
     SessionNotFound,
@@ -43,11 +44,14 @@ class Problem(msgspec.Struct, omit_defaults=True):
     backend: str | None = None
     field: str | None = None
     errors: list[dict[str, Any]] | None = None
+    limit: str | None = None
+    quota: int | None = None
 
 
 _STATUS: list[tuple[type[SessionError], int, str]] = [
     (MalformedRequest, 400, "malformed"),
     (AuthenticationFailed, 401, "unauthenticated"),
+    (QuotaExceeded, 403, "quota-exceeded"),
     (AccessDenied, 403, "forbidden"),
     (SessionNotFound, 404, "not-found"),
     (ConcurrencyConflict, 409, "version-conflict"),
@@ -102,6 +106,8 @@ def domain_error(request: Request[Any, Any, Any], exc: SessionError) -> Response
         problem.current_version = exc.current_version
     elif isinstance(exc, InvalidInput):
         problem.field = exc.field
+    elif isinstance(exc, QuotaExceeded):
+        problem.limit, problem.quota = exc.limit, exc.quota
     elif isinstance(exc, AuthenticationFailed):
         headers["WWW-Authenticate"] = 'Bearer realm="sessionmgr"'
     elif isinstance(exc, RateLimited):

@@ -22,6 +22,7 @@ from sessionmgr.domain.errors import InvalidInput, SessionNotFound, VersionRequi
 from sessionmgr.domain.model import Principal, Session, SessionState
 from sessionmgr.services.ports import Idempotency
 from sessionmgr.services.sessions import SessionService
+from sessionmgr.services.timeline import TimelinePage
 from sessionmgr.services.views import AppendResult, LeaseInfo, SessionPage
 
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -209,6 +210,24 @@ class SessionController(Controller):
             request.user, _sid(session_id), full=include == "full"
         )
         return _with_etag(session)
+
+    @get("/{session_id:str}/timeline", responses=responses(*READ, 422))
+    async def read_timeline(
+        self,
+        request: Req,
+        session_id: SessionId,
+        after_seq: Annotated[
+            int, QueryParameter(ge=0, description="Events after this seq (0: from the start).")
+        ] = 0,
+        limit: Annotated[
+            int | None,
+            QueryParameter(ge=1, description="Page size (default 100); larger values are capped."),
+        ] = None,
+    ) -> TimelinePage:
+        """The timeline, oldest first, a page at a time: continue with `next_after_seq`."""
+        return await _service(request).timeline(
+            request.user, _sid(session_id), after_seq=after_seq, limit=limit
+        )
 
     @patch("/{session_id:str}", responses=responses(*BODY, 404, 409, 428))
     async def update_session(

@@ -23,6 +23,7 @@ from sessionmgr.domain.errors import (
     ConcurrencyConflict,
     InvalidInput,
     ParticipantNotFound,
+    QuotaExceeded,
     SessionNotFound,
 )
 from sessionmgr.domain.model import (
@@ -49,6 +50,7 @@ from sessionmgr.services.ports import (
     Undelivered,
     WarmStore,
 )
+from sessionmgr.services.timeline import DEFAULT_PAGE, TimelinePage, page_of
 from sessionmgr.services.views import (
     AppendResult,
     LeaseInfo,
@@ -70,6 +72,16 @@ class Limits(msgspec.Struct, frozen=True):
     max_events_per_append: int = 100
     page_size_default: int = 20
     page_size_max: int = 100
+    max_sessions_per_owner: int = 1000
+    max_participants: int = 64
+    max_timeline_events: int = 100_000
+    quota_privileged_factor: int = 10
+    timeline_page_max: int = 500
+    full_timeline_max: int = 1000
+
+    def quota(self, principal: Principal, base: int) -> int:
+        """A quota as it applies to `principal`: roles admin and service get the factor."""
+        return base * self.quota_privileged_factor if principal.may_act_for_others else base
 
 
 class SessionService:
@@ -108,7 +120,8 @@ class SessionService:
         if idem is not None and (replay := await self._hot.claim(CREATE_SCOPE, idem)):
             return msgspec.json.decode(replay.result, type=Session)
         try:
-            return await self._create(owner, wip, ctx, idem)
+            quota = self._limits.quota(principal, self._limits.max_sessions_per_owner)
+            return await self._create(owner, wip, ctx, idem, quota)
         except BaseException:
             if idem is not None:
                 with contextlib.suppress(BackendUnavailable):
@@ -121,7 +134,12 @@ class SessionService:
         wip: dict[str, Any],
         ctx: dict[str, Any],
         idem: Idempotency | None,
+        quota: int,
     ) -> Session:
+        # Counted in MongoDB, where every session of every state is; creates racing each other
+        # may pass the quota by the number in flight (docs/security.md).
+        if await self._warm.count_owned(owner, quota) >= quota:
+            raise QuotaExceeded(f"{owner} owns too many sessions", "max_sessions_per_owner", quota)
         now = utcnow()
         record = SessionRecord(
             id=new_session_id(),
@@ -227,11 +245,15 @@ class SessionService:
         idem: Idempotency | None = None,
     ) -> AppendResult:
         self._check_events(events)
+        quota = self._limits.quota(principal, self._limits.max_timeline_events)
 
         def decide(view: HotView) -> Change:
             record = view.record
             if expected_version is not None:
                 _check_version(record, expected_version)
+            if record.timeline_seq + len(events) > quota:
+                what = f"the timeline holds {record.timeline_seq} events"
+                raise QuotaExceeded(what, "max_timeline_events", quota)
             now, seq = utcnow(), record.timeline_seq
             stamped = [
                 TimelineEvent(seq=seq + i, at=now, actor=principal.sub, kind=e.kind, data=e.data)
@@ -258,6 +280,7 @@ class SessionService:
     ) -> Session:
         _check_mad(mad_name)
         ttl = timedelta(seconds=self._limits.lease_ttl_s)
+        quota = self._limits.quota(principal, self._limits.max_participants)
 
         def decide(view: HotView) -> Change:
             record, now = view.record, utcnow()
@@ -270,6 +293,9 @@ class SessionService:
                     leases_set=[mad_name],
                     result=_encode(session),
                 )
+            if len(record.participants) >= quota:
+                what = f"the session has {len(record.participants)} participants"
+                raise QuotaExceeded(what, "max_participants", quota)
             participants = {
                 **record.participants,
                 mad_name: Participant(joined_at=now, lease_expires_at=now + ttl, active=True),
@@ -521,21 +547,47 @@ class SessionService:
         The outbox is read first: the worker writes MongoDB before it deletes an entry, so
         whatever left the outbox meanwhile is already in MongoDB when that is read next.
         """
-        try:
-            backlog = await self._hot.undelivered(session.id)
-        except BackendUnavailable as exc:
-            if exc.backend != "redis":
-                raise
-            backlog = Undelivered(events=[], context=None)  # read-only: MongoDB is all there is
+        backlog = await self._undelivered(session.id)
         stored = await self._warm.context(session.id)
-        events = await self._warm.all_events(session.id)
+        cap = self._limits.full_timeline_max
+        events = await self._warm.events_after(session.id, 0, cap + 1)
         newest = max(
             (c for c in (stored, backlog.context) if c is not None),
             key=lambda c: c.version,
             default=None,
         )
         session.full_context = newest.value if newest else {}
-        session.full_timeline = _merge(events, [*backlog.events, *hot_events])
+        page = page_of(events, [*backlog.events, *hot_events], 0, cap)
+        session.full_timeline = page.items
+        session.full_timeline_next_after_seq = page.next_after_seq
+
+    async def _undelivered(self, session_id: str) -> Undelivered:
+        try:
+            return await self._hot.undelivered(session_id)
+        except BackendUnavailable as exc:
+            if exc.backend != "redis":
+                raise
+            return Undelivered(events=[], context=None)  # read-only: MongoDB is all there is
+
+    async def timeline(
+        self, principal: Principal, session_id: str, *, after_seq: int = 0, limit: int | None = None
+    ) -> TimelinePage:
+        """A page of the timeline after `after_seq`, from every tier that holds a part of it."""
+        if after_seq < 0:
+            raise InvalidInput("after_seq must be 0 or more", "after_seq")
+        size = min(limit or DEFAULT_PAGE, self._limits.timeline_page_max)
+        try:
+            view = await self._hot.load(session_id)
+        except BackendUnavailable:
+            view = None  # read-only mode: MongoDB holds the latest delivered events
+        if view is not None:
+            rules.require_access(principal, view.record.owner_id, view.record.acl)
+        else:
+            await self._warm_record(principal, session_id)  # an archived one comes back
+        backlog = await self._undelivered(session_id)  # first: see `_add_full`
+        stored = await self._warm.events_after(session_id, after_seq, size + 1)
+        recent = view.recent if view is not None else []
+        return page_of(stored, [*backlog.events, *recent], after_seq, size)
 
     def _check_events(self, events: list[NewEvent]) -> None:
         if not events:
@@ -569,12 +621,6 @@ def _check_mad(mad_name: str) -> None:
 def _resting(state: SessionState) -> SessionState:
     """A session read from MongoDB is not hot, whatever state its last write recorded."""
     return SessionState.DORMANT if state is SessionState.ACTIVE else state
-
-
-def _merge(stored: list[TimelineEvent], recent: list[TimelineEvent]) -> list[TimelineEvent]:
-    by_seq = {e.seq: e for e in stored}
-    by_seq.update((e.seq, e) for e in recent)
-    return [by_seq[s] for s in sorted(by_seq)]
 
 
 def _encode_cursor(last_id: str) -> str:

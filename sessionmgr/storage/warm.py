@@ -149,6 +149,14 @@ class MongoWarmStore:
         cursor = self._events.find({"session_id": session_id}).sort("seq", ASCENDING)
         return [_from_event_doc(d) for d in await _guard(cursor.to_list(None))]
 
+    async def events_after(
+        self, session_id: str, after_seq: int, limit: int
+    ) -> list[TimelineEvent]:
+        """Up to `limit` events with a seq above `after_seq`, oldest first (the seq index)."""
+        query = {"session_id": session_id, "seq": {"$gt": after_seq}}
+        cursor = self._events.find(query).sort("seq", ASCENDING).limit(limit)
+        return [_from_event_doc(d) for d in await _guard(cursor.to_list(limit))]
+
     async def apply(
         self,
         record: SessionRecord,
@@ -343,6 +351,13 @@ class MongoWarmStore:
         }
         cursor = self._sessions.find(query, {"_id": 1}).sort("last_active", ASCENDING)
         return [d["_id"] for d in await _guard(cursor.limit(limit).to_list(limit))]
+
+    async def count_owned(self, owner_id: str, limit: int) -> int:
+        """How many sessions `owner_id` owns, counted up to `limit` (the owner_id index)."""
+        count: int = await _guard(
+            self._sessions.count_documents({"owner_id": owner_id}, limit=limit)
+        )
+        return count
 
     async def list_for(
         self, principal_sub: str | None, state: SessionState | None, limit: int, after: str | None

@@ -102,6 +102,11 @@ class InMemoryWarmStore:
         stored = self.events.get(session_id, {})
         return [stored[seq] for seq in sorted(stored)]
 
+    async def events_after(
+        self, session_id: str, after_seq: int, limit: int
+    ) -> list[TimelineEvent]:
+        return [e for e in await self.all_events(session_id) if e.seq > after_seq][:limit]
+
     async def apply(
         self,
         record: SessionRecord,
@@ -157,6 +162,10 @@ class InMemoryWarmStore:
         self.sessions.pop(session_id, None)
         self.events.pop(session_id, None)
         self.contexts.pop(session_id, None)
+
+    async def count_owned(self, owner_id: str, limit: int) -> int:
+        self._reachable()
+        return min(limit, sum(r.owner_id == owner_id for r in self.sessions.values()))
 
     async def list_for(
         self, principal_sub: str | None, state: SessionState | None, limit: int, after: str | None

@@ -27,7 +27,7 @@ async def test_calls_within_the_ttl_share_one_check() -> None:
         return 200, UP
 
     clock = Clock()
-    cached = CachedReadiness(check, 1.0, clock)
+    cached = CachedReadiness(check, 1.0, monotonic=clock)
     answers = await asyncio.gather(*(cached.get() for _ in range(50)))  # a burst of probes
     assert checks == 1
     assert all(a == (200, UP) for a in answers)
@@ -47,7 +47,25 @@ async def test_a_zero_ttl_checks_every_time() -> None:
         checks += 1
         return 200, UP
 
-    cached = CachedReadiness(check, 0.0, Clock())
+    cached = CachedReadiness(check, 0.0, monotonic=Clock())
     for _ in range(3):
         await cached.get()
     assert checks == 3
+
+
+async def test_a_change_the_process_saw_is_checked_at_once() -> None:
+    checks = 0
+    breaker = "closed"
+
+    async def check() -> tuple[int, Readiness]:
+        nonlocal checks
+        checks += 1
+        return 200, UP
+
+    cached = CachedReadiness(check, 60.0, lambda: breaker, monotonic=Clock())
+    await cached.get()
+    await cached.get()
+    assert checks == 1
+    breaker = "open"  # an outage seen by a request: /health must not say ok for a minute
+    await cached.get()
+    assert checks == 2
