@@ -36,6 +36,7 @@ from uvicorn.server import ServerState
 from sessionmgr.settings import Settings, load_settings
 
 BODY_RATE_GRACE_S = 5.0  # a body's first seconds are not held to the minimum rate
+LINGER_S = 1.0  # after a refusal, how long the client's remaining bytes are read and dropped
 BODY_CHECK_EVERY_S = 1.0  # at most; a shorter body timeout is checked more often
 _PROBLEMS = "https://sessionmgr.dev/problems/"
 
@@ -124,6 +125,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_left = self._limits.max_head_bytes
         self._refusal: tuple[int, str, str] | None = None
+        self._lingering = False  # answered a refusal: what still arrives is dropped
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_started = 0.0
@@ -142,7 +144,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        while data and not self.transport.is_closing():
+        while data and not self._finished():
             if self._in_head:
                 take = self._head_left + 1
                 part, data = data[:take], data[take:]
@@ -150,9 +152,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             else:
                 part, data = data, b""
             super().data_received(part)
-            if self._in_head and self._head_left < 0 and not self.transport.is_closing():
+            if self._in_head and self._head_left < 0 and not self._finished():
                 self._refuse_head(f"the request head is over {self._limits.max_head_bytes} bytes")
-        if self.transport.is_closing():
+        if self._finished():
             return
         if self._in_head:
             if self._head_left < self._limits.max_head_bytes and self._head_timer is None:
@@ -218,10 +220,23 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             may_answer = cycle is not None and not cycle.response_started
         if cycle is not None:
             cycle.keep_alive = False
+            if not self._in_head:  # the app waits for this body: it gets a disconnect now
+                cycle.disconnected = True
+                cycle.message_event.set()
         self.logger.info("closing a connection (%d): %s", status, detail)
-        if may_answer:
-            self.transport.write(problem_bytes(status, slug, detail))
-        self.transport.close()
+        if not may_answer or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # Closing with the client's bytes unread would reset the connection, and a reset can
+        # discard the answer before the client reads it: send it, end our side, and drop
+        # what still comes for a moment before closing.
+        self.transport.write(problem_bytes(status, slug, detail))
+        self.transport.write_eof()
+        self._lingering = True
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+    def _finished(self) -> bool:
+        return self._lingering or self.transport.is_closing()
 
     def _refuse_head(self, detail: str) -> None:
         self._refuse(431, "head-too-large", detail)
@@ -243,7 +258,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _head_expired(self) -> None:
         self._head_timer = None
-        if self.transport.is_closing() or not self._in_head:
+        if self._finished() or not self._in_head:
             return
         if self._head_left == self._limits.max_head_bytes:  # not a byte: nobody to answer
             self.transport.close()
@@ -253,7 +268,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _check_body(self) -> None:
         self._body_timer = None
-        if self.transport.is_closing() or self._in_head:
+        if self._finished() or self._in_head:
             return
         if self.flow.read_paused:  # the app is not reading: not the client's fault
             self._body_started += self._body_check_s
