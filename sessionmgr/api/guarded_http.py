@@ -144,6 +144,25 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
+        if not self._in_head or len(data) <= self._head_left:  # every ordinary read
+            if self._in_head:
+                self._head_left -= len(data)
+            super().data_received(data)
+        else:
+            self._feed_bounded(data)
+        if self._lingering or self.transport.is_closing():
+            return
+        if self._in_head:
+            if self._head_left < self._limits.max_head_bytes and self._head_timer is None:
+                self._arm_head_timer()  # a head began in this read and goes on in the next
+        elif self._body_timer is None:  # a body is still on its way (its clock starts now)
+            self._body_started = self.loop.time()
+            self._body_timer = self.loop.call_later(self._body_check_s, self._check_body)
+
+    def _feed_bounded(self, data: bytes) -> None:
+        """Feed a read that may hold more head than is left, never past the limit + 1."""
         while data and not self._finished():
             if self._in_head:
                 take = self._head_left + 1
@@ -154,13 +173,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             super().data_received(part)
             if self._in_head and self._head_left < 0 and not self._finished():
                 self._refuse_head(f"the request head is over {self._limits.max_head_bytes} bytes")
-        if self._finished():
-            return
-        if self._in_head:
-            if self._head_left < self._limits.max_head_bytes and self._head_timer is None:
-                self._arm_head_timer()  # a head began in this read and goes on in the next
-        elif self._body_timer is None:  # a body is still on its way
-            self._body_timer = self.loop.call_later(self._body_check_s, self._check_body)
 
     def handle_websocket_upgrade(self) -> None:
         self._cancel_head_timer()  # the connection is the websocket protocol's from here
@@ -170,17 +182,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # -- parser callbacks ----------------------------------------------------------------
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self.headers) >= self._limits.max_headers:
+    def on_headers_complete(self) -> None:
+        # Counted here, not per header: the head's size already bounds what the list holds.
+        if len(self.headers) > self._limits.max_headers:
             detail = f"the request has over {self._limits.max_headers} header lines"
             self._refusal = (431, "head-too-large", detail)
-            raise _HeadTooLarge(detail)
-        super().on_header(name, value)
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._cancel_head_timer()
-        self._body_started, self._body_bytes = self.loop.time(), 0
+            raise _HeadTooLarge(detail)  # stops the parse; uvicorn then calls send_400_response
+        self._in_head, self._body_bytes = False, 0
+        if self._head_timer is not None:
+            self._cancel_head_timer()
         if len(self.connections) <= self._limits.max_connections:
             super().on_headers_complete()
             return
@@ -197,11 +207,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_left = True, self._limits.max_head_bytes
-        self._cancel_body_timer()
+        if self._body_timer is not None:
+            self._cancel_body_timer()
         super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
-        # uvicorn answers every parser error so; one raised by `on_header` is a 431 instead.
+        # uvicorn answers every parser error so; the one raised above is a 431 instead.
         if self._refusal is not None:
             self._refuse(*self._refusal)
             return
