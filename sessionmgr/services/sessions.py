@@ -23,7 +23,6 @@ from sessionmgr.domain.errors import (
     ConcurrencyConflict,
     InvalidInput,
     ParticipantNotFound,
-    QuotaExceeded,
     SessionNotFound,
 )
 from sessionmgr.domain.model import (
@@ -40,6 +39,7 @@ from sessionmgr.domain.model import (
     utcnow,
 )
 from sessionmgr.metrics import Metrics
+from sessionmgr.services import quotas
 from sessionmgr.services.archive import Archivist, SessionIsHot
 from sessionmgr.services.ports import (
     CREATE_SCOPE,
@@ -79,10 +79,6 @@ class Limits(msgspec.Struct, frozen=True):
     timeline_page_max: int = 500
     full_timeline_max: int = 1000
 
-    def quota(self, principal: Principal, base: int) -> int:
-        """A quota as it applies to `principal`: roles admin and service get the factor."""
-        return base * self.quota_privileged_factor if principal.may_act_for_others else base
-
 
 class SessionService:
     def __init__(
@@ -120,8 +116,8 @@ class SessionService:
         if idem is not None and (replay := await self._hot.claim(CREATE_SCOPE, idem)):
             return msgspec.json.decode(replay.result, type=Session)
         try:
-            quota = self._limits.quota(principal, self._limits.max_sessions_per_owner)
-            return await self._create(owner, wip, ctx, idem, quota)
+            await quotas.check_owner(self._limits, self._warm, principal, owner)
+            return await self._create(owner, wip, ctx, idem)
         except BaseException:
             if idem is not None:
                 with contextlib.suppress(BackendUnavailable):
@@ -134,12 +130,7 @@ class SessionService:
         wip: dict[str, Any],
         ctx: dict[str, Any],
         idem: Idempotency | None,
-        quota: int,
     ) -> Session:
-        # Counted in MongoDB, where every session of every state is; creates racing each other
-        # may pass the quota by the number in flight (docs/security.md).
-        if await self._warm.count_owned(owner, quota) >= quota:
-            raise QuotaExceeded(f"{owner} owns too many sessions", "max_sessions_per_owner", quota)
         now = utcnow()
         record = SessionRecord(
             id=new_session_id(),
@@ -245,15 +236,12 @@ class SessionService:
         idem: Idempotency | None = None,
     ) -> AppendResult:
         self._check_events(events)
-        quota = self._limits.quota(principal, self._limits.max_timeline_events)
 
         def decide(view: HotView) -> Change:
             record = view.record
             if expected_version is not None:
                 _check_version(record, expected_version)
-            if record.timeline_seq + len(events) > quota:
-                what = f"the timeline holds {record.timeline_seq} events"
-                raise QuotaExceeded(what, "max_timeline_events", quota)
+            quotas.check_events(self._limits, principal, record, len(events))
             now, seq = utcnow(), record.timeline_seq
             stamped = [
                 TimelineEvent(seq=seq + i, at=now, actor=principal.sub, kind=e.kind, data=e.data)
@@ -280,7 +268,6 @@ class SessionService:
     ) -> Session:
         _check_mad(mad_name)
         ttl = timedelta(seconds=self._limits.lease_ttl_s)
-        quota = self._limits.quota(principal, self._limits.max_participants)
 
         def decide(view: HotView) -> Change:
             record, now = view.record, utcnow()
@@ -293,9 +280,7 @@ class SessionService:
                     leases_set=[mad_name],
                     result=_encode(session),
                 )
-            if len(record.participants) >= quota:
-                what = f"the session has {len(record.participants)} participants"
-                raise QuotaExceeded(what, "max_participants", quota)
+            quotas.check_participants(self._limits, principal, record)
             participants = {
                 **record.participants,
                 mad_name: Participant(joined_at=now, lease_expires_at=now + ttl, active=True),

@@ -352,11 +352,13 @@ class MongoWarmStore:
         cursor = self._sessions.find(query, {"_id": 1}).sort("last_active", ASCENDING)
         return [d["_id"] for d in await _guard(cursor.limit(limit).to_list(limit))]
 
-    async def count_owned(self, owner_id: str, limit: int) -> int:
-        """How many sessions `owner_id` owns, counted up to `limit` (the owner_id index)."""
-        count: int = await _guard(
-            self._sessions.count_documents({"owner_id": owner_id}, limit=limit)
-        )
+    async def count_owned(self, owner_id: str, limit: int, other_than: str | None = None) -> int:
+        """How many sessions `owner_id` owns but `other_than`, counted up to `limit` (the
+        owner_id index)."""
+        query: dict[str, Any] = {"owner_id": owner_id}
+        if other_than is not None:
+            query["_id"] = {"$ne": other_than}
+        count: int = await _guard(self._sessions.count_documents(query, limit=limit))
         return count
 
     async def list_for(

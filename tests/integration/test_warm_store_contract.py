@@ -162,12 +162,14 @@ async def test_events_after_reads_a_page_in_seq_order(warm: MongoWarmStore) -> N
 
 
 async def test_count_owned_counts_one_owner_up_to_the_limit(warm: MongoWarmStore) -> None:
-    for _ in range(4):
-        await warm.insert(record(owner_id="carol"))
+    hers = [record(owner_id="carol") for _ in range(4)]
+    for one in hers:
+        await warm.insert(one)
     await warm.insert(record(owner_id="dave", acl=["carol"]))  # shared with carol: not hers
     assert await warm.count_owned("carol", 100) == 4
     assert await warm.count_owned("carol", 2) == 2
     assert await warm.count_owned("nobody", 100) == 0
+    assert await warm.count_owned("carol", 100, other_than=hers[0].id) == 3
 
 
 async def test_apply_to_a_deleted_session_writes_nothing(warm: MongoWarmStore) -> None:

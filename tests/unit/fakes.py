@@ -163,9 +163,10 @@ class InMemoryWarmStore:
         self.events.pop(session_id, None)
         self.contexts.pop(session_id, None)
 
-    async def count_owned(self, owner_id: str, limit: int) -> int:
+    async def count_owned(self, owner_id: str, limit: int, other_than: str | None = None) -> int:
         self._reachable()
-        return min(limit, sum(r.owner_id == owner_id for r in self.sessions.values()))
+        owned = (r.owner_id == owner_id and r.id != other_than for r in self.sessions.values())
+        return min(limit, sum(owned))
 
     async def list_for(
         self, principal_sub: str | None, state: SessionState | None, limit: int, after: str | None

@@ -7,6 +7,7 @@ import pytest
 
 from sessionmgr.domain.errors import QuotaExceeded
 from sessionmgr.domain.model import NewEvent
+from sessionmgr.services import quotas
 from sessionmgr.services.ports import Idempotency
 from sessionmgr.services.sessions import Limits
 from tests.unit.factories import principal
@@ -97,3 +98,13 @@ async def test_a_service_may_append_past_the_ordinary_quota(w: World) -> None:
     assert result.last_seq == 10
     with pytest.raises(QuotaExceeded):
         await w.service.append(SERVICE, session.id, events(6))  # 16 > 15
+
+
+async def test_a_keyed_create_does_not_count_its_own_earlier_attempt(w: World) -> None:
+    # With ids derived from the Idempotency-Key, a retry finds the session its first attempt
+    # stored: that one must not push the owner over the quota it was created within.
+    first = await w.service.create(ALICE)
+    await w.service.create(ALICE)
+    await quotas.check_owner(LIMITS, w.warm, ALICE, "alice", other_than=first.id)
+    with pytest.raises(QuotaExceeded):
+        await quotas.check_owner(LIMITS, w.warm, ALICE, "alice")
