@@ -132,6 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from sessionmgr.api.auth import TokenVerifier
+    from sessionmgr.api.guarded_http import GuardedHttpProtocol
     from sessionmgr.telemetry import configure_logging, trace_exporters
 
     settings = load_settings()
@@ -144,6 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
             "metrics, and only one of them could listen on the port (scale with replicas)"
         )
     configure_logging(settings.log_level)
+    GuardedHttpProtocol.configure(settings)
     for name in unknown_variables():
         logging.getLogger("sessionmgr").warning(
             "%s is not a setting (a typo?); it is ignored", name
@@ -159,6 +161,8 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,  # the metrics middleware and our JSON logs cover requests
         log_config=None,  # keep the JSON logging configured above
         server_header=False,
+        # httptools with a bounded head, read timeouts and a connection cap (docs/security.md)
+        http=GuardedHttpProtocol,
         # SIGTERM: stop accepting, finish requests in flight for up to this long, then the
         # lifespan stops the write-behind after its current entry and closes the clients.
         timeout_graceful_shutdown=settings.shutdown_grace_s,

@@ -94,6 +94,12 @@ def limits_from(settings: Settings) -> Limits:
         idempotency_max_keys_per_caller=settings.idempotency_max_keys_per_caller,
         lease_grace_s=settings.lease_grace_s,
         participants_role=settings.participants_role,
+        max_sessions_per_owner=settings.max_sessions_per_owner,
+        max_participants=settings.max_participants,
+        max_timeline_events=settings.max_timeline_events,
+        quota_privileged_factor=settings.quota_privileged_factor,
+        timeline_page_max=settings.timeline_page_max,
+        full_timeline_max=settings.full_timeline_max,
     )
 
 

@@ -34,6 +34,7 @@ import uvicorn
 from dependency_injector import providers
 
 from sessionmgr.api.auth import issue_token
+from sessionmgr.api.guarded_http import GuardedHttpProtocol
 from sessionmgr.settings import PREFIX, Settings, effective_algorithms, load_settings
 
 DEV_SUB = "dev-user"
@@ -406,6 +407,7 @@ def run(host: str, port: int, environ: Mapping[str, str] | None = None) -> None:
                     container.archivist.override(providers.Object(None))
                     s3_off = True
             app = create_app(container)
+            GuardedHttpProtocol.configure(settings)
             config = uvicorn.Config(
                 app,
                 host=host,
@@ -414,6 +416,7 @@ def run(host: str, port: int, environ: Mapping[str, str] | None = None) -> None:
                 access_log=False,
                 log_config=None,
                 server_header=False,
+                http=GuardedHttpProtocol,  # the limits `serve` has (docs/security.md)
                 timeout_graceful_shutdown=5,
             )
             text = banner(base_url(host, port), settings, redis, s3, s3_off=s3_off)

@@ -88,6 +88,26 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # Callers with role `service`: a rate limit of their own (unset: the same as everyone's).
     rate_limit_service_per_s: float | None = None
     rate_limit_service_burst: int | None = None
+    # HTTP-level limits (sessionmgr.api.guarded_http, docs/security.md).
+    max_head_bytes: int = 16_384
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    body_min_rate_bps: int = 1024
+    max_connections: int = 256
+    # Token rules beyond DESIGN §5 (docs/security.md): none by default.
+    jwt_max_lifetime_s: int | None = None
+    jwt_require_iat: bool = False
+    # /health and /health/ready answer from one backend check per replica this long.
+    health_cache_s: float = 1.0
+    # Quotas (403 quota-exceeded); callers with role admin or service get FACTOR times each.
+    max_sessions_per_owner: int = 1000
+    max_participants: int = 64
+    max_timeline_events: int = 100_000
+    quota_privileged_factor: int = 10
+    # Timeline reads: events a GET .../timeline page may hold, and `?include=full` inlines.
+    timeline_page_max: int = 500
+    full_timeline_max: int = 1000
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -229,6 +249,21 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "lease_grace_s": _int(0, 30 * 86_400),
     "rate_limit_service_per_s": _float(0, 100_000),
     "rate_limit_service_burst": _int(1, 1_000_000),
+    "max_head_bytes": _int(1024, 1_048_576),
+    "max_headers": _int(10, 10_000),
+    "header_timeout_s": _float(0.1, 600),
+    "body_timeout_s": _float(0.1, 3600),
+    "body_min_rate_bps": _int(0, 1_073_741_824),
+    "max_connections": _int(1, 1_000_000),
+    "jwt_max_lifetime_s": _int(1, 366 * 86_400),
+    "jwt_require_iat": _bool,
+    "health_cache_s": _float(0, 60),
+    "max_sessions_per_owner": _int(1, 100_000_000),
+    "max_participants": _int(1, 100_000),
+    "max_timeline_events": _int(1, 1_000_000_000),
+    "quota_privileged_factor": _int(1, 1_000_000),
+    "timeline_page_max": _int(1, 10_000),
+    "full_timeline_max": _int(1, 1_000_000),
 }
 
 

@@ -33,6 +33,9 @@ MAX_SUB_CHARS = 256
 MAX_JWKS_BYTES = 1_048_576
 TOKEN_CACHE_SIZE = 10_000  # verified tokens remembered; the map is emptied when it is full
 TOKEN_CACHE_TTL_S = 60.0  # a verified token is re-verified after this long, whatever its exp
+# exp, nbf and iat are NumericDates: whole or fractional seconds from 1970 up to year 9999.
+MAX_NUMERIC_DATE = 253_402_300_799
+TIME_CLAIMS = ("exp", "nbf", "iat")
 _EC_CURVES = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
 # Most specific first: InvalidSignatureError is a DecodeError, every one an InvalidTokenError.
@@ -47,6 +50,53 @@ _REASONS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.InvalidSignatureError, "token signature is invalid"),
     (jwt.DecodeError, "token is malformed"),
 )
+
+
+class _BadClaim(jwt.DecodeError):
+    """A payload PyJWT would take or choke on, refused with this message as the 401's reason."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _BadClaim("token payload repeats a key")
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise _BadClaim(f"token payload holds {name}, which is not JSON")
+
+
+def _check_time_claims(payload: dict[str, Any]) -> None:
+    for name in TIME_CLAIMS:
+        if name not in payload:
+            continue
+        value = payload[name]
+        valid = isinstance(value, int | float) and not isinstance(value, bool)
+        if not valid or not 0 <= value <= MAX_NUMERIC_DATE:  # NaN fails the comparison too
+            raise _BadClaim(f"token {name} claim is invalid")
+
+
+class _StrictJWT(jwt.PyJWT):
+    """PyJWT with a strict payload parse: no repeated keys, no NaN or Infinity, and
+    exp/nbf/iat plain dates (a 10^309 exp verified by PyJWT would overflow a float later)."""
+
+    def _decode_payload(self, decoded: dict[str, Any]) -> dict[str, Any]:
+        try:
+            payload = json.loads(
+                decoded["payload"],
+                object_pairs_hook=_no_duplicate_keys,
+                parse_constant=_no_constant,
+            )
+        except (ValueError, RecursionError) as exc:
+            raise jwt.DecodeError(f"Invalid payload string: {exc}") from None
+        if not isinstance(payload, dict):
+            raise jwt.DecodeError("Invalid payload string: must be a json object")
+        _check_time_claims(payload)
+        return payload
+
+
+_JWT = _StrictJWT()
 
 
 def _algorithms_for(key: PublicKey, allowed: Sequence[str]) -> tuple[str, ...]:
@@ -103,6 +153,10 @@ class TokenVerifier:
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._leeway = min(settings.jwt_leeway_s, 60)
+        self._max_lifetime = settings.jwt_max_lifetime_s
+        self._required = ["exp", "sub"]
+        if settings.jwt_require_iat or self._max_lifetime is not None:
+            self._required.append("iat")
         self._secret = settings.jwt_secret.encode() if settings.jwt_secret else None
         self._pem = _load_pem(settings.jwt_public_key) if settings.jwt_public_key else None
         if self._pem is not None and not _algorithms_for(self._pem, self._algorithms):
@@ -148,22 +202,28 @@ class TokenVerifier:
     async def _verify(self, token: str) -> tuple[Principal, float]:
         key, algorithms = await self._key_for(token)
         try:
-            claims = jwt.decode(
+            claims = _JWT.decode(
                 token,
                 key,
                 algorithms=list(algorithms),
                 audience=self._audience,
                 issuer=self._issuer,
                 leeway=self._leeway,
-                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+                options={"require": self._required, "verify_aud": self._audience is not None},
             )
         except jwt.MissingRequiredClaimError as exc:
             raise AuthenticationFailed(f"token has no {exc.claim} claim") from None
+        except _BadClaim as exc:
+            raise AuthenticationFailed(str(exc)) from None
         except jwt.PyJWTError as exc:
             reason = next((r for t, r in _REASONS if isinstance(exc, t)), "token is invalid")
             raise AuthenticationFailed(reason) from None
         except (TypeError, ValueError):  # a key/algorithm mismatch deep in cryptography
             raise AuthenticationFailed("token is invalid") from None
+        if self._max_lifetime is not None and claims["exp"] - claims["iat"] > self._max_lifetime:
+            raise AuthenticationFailed(
+                f"token lives longer than {self._max_lifetime} s (exp - iat); ask for a shorter one"
+            )
         return _principal(claims), float(claims["exp"])
 
     async def aclose(self) -> None:
@@ -253,6 +313,10 @@ def _principal(claims: dict[str, Any]) -> Principal:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub or len(sub) > MAX_SUB_CHARS:
         raise AuthenticationFailed(f"sub claim must be a string of 1 to {MAX_SUB_CHARS} characters")
+    # It becomes owner_id, an ACL entry and every event's actor: no control, format (bidi,
+    # zero-width) or line-separator characters, which would forge log lines or hide text.
+    if not sub.isprintable():
+        raise AuthenticationFailed("sub claim must be printable characters only")
     roles = claims.get("roles", [])
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise AuthenticationFailed("roles claim must be a list of strings")

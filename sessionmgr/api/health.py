@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -35,6 +37,64 @@ async def _check(store: Any) -> BackendState:
     except (BackendUnavailable, TimeoutError, OSError) as exc:
         return BackendState(status="down", detail=str(exc) or type(exc).__name__)
     return BackendState(status="up")
+
+
+class CachedReadiness:
+    """One backend check serves every probe for `ttl_s`: an open, unauthenticated route must
+    not turn each call into a PING and a MongoDB round trip. Concurrent callers share it.
+
+    `seen` tells what the process already knows of its backends (the breakers' states): when
+    it changes, the next call checks anew, so an outage or a recovery shows at once.
+    """
+
+    def __init__(
+        self,
+        check: Callable[[], Awaitable[tuple[int, Readiness]]],
+        ttl_s: float,
+        seen: Callable[[], object] = lambda: None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._check = check
+        self._ttl_s = ttl_s
+        self._seen = seen
+        self._monotonic = monotonic
+        self._answer: tuple[int, Readiness] | None = None
+        self._answered_seeing: object = None
+        self._until = -float("inf")
+        self._lock = asyncio.Lock()
+
+    def _fresh(self) -> bool:
+        return (
+            self._answer is not None
+            and self._monotonic() < self._until
+            and self._seen() == self._answered_seeing
+        )
+
+    async def get(self) -> tuple[int, Readiness]:
+        if self._fresh():
+            assert self._answer is not None
+            return self._answer
+        async with self._lock:
+            if not self._fresh():
+                seeing = self._seen()  # a change during the check makes the next call check
+                self._answer = await self._check()
+                self._answered_seeing = seeing
+                self._until = self._monotonic() + self._ttl_s
+            assert self._answer is not None
+            return self._answer
+
+
+def _cached(state: State) -> CachedReadiness:
+    cached: CachedReadiness | None = state.get("readiness")
+    if cached is None:
+        container = state.container
+        breakers = container.breakers()
+        cached = state["readiness"] = CachedReadiness(
+            lambda: readiness(state),
+            container.settings().health_cache_s,
+            lambda: (breakers["redis"].state, breakers["mongodb"].state),
+        )
+    return cached
 
 
 async def readiness(state: State) -> tuple[int, Readiness]:
@@ -78,11 +138,11 @@ class HealthController(Controller):
     )
     async def ready(self, state: State) -> Response[Readiness]:
         """200 `ok` or `degraded` (a backend down); 503 only when both are unreachable."""
-        status, body = await readiness(state)
+        status, body = await _cached(state).get()
         return Response(body, status_code=status)
 
     @get("/", cache=False, responses=UNAVAILABLE, operation_id="getHealth", summary="Health report")
     async def health(self, state: State) -> Response[Readiness]:
         """The readiness report, for people and the seed's `/health` probe."""
-        status, body = await readiness(state)
+        status, body = await _cached(state).get()
         return Response(body, status_code=status)

@@ -43,6 +43,23 @@ CATALOGUE: tuple[ProblemType, ...] = (
         "Ask the owner to add you as a participant, or use a token with the right role.",
     ),
     ProblemType(
+        "quota-exceeded",
+        403,
+        "Forbidden",
+        "A quota would be passed: `limit` names it (`max_sessions_per_owner`, "
+        "`max_participants`, `max_timeline_events`) and `quota` gives its value for this "
+        "caller. Nothing was changed.",
+        "Delete or archive what is no longer needed, or ask an operator for a higher quota.",
+    ),
+    ProblemType(
+        "request-timeout",
+        408,
+        "Request Timeout",
+        "The request head or body did not arrive in time (`SESSIONMGR_HEADER_TIMEOUT_S`, "
+        "`SESSIONMGR_BODY_TIMEOUT_S`, `SESSIONMGR_BODY_MIN_RATE_BPS`); the connection is closed.",
+        "Send the whole request promptly.",
+    ),
+    ProblemType(
         "not-found",
         404,
         "Not Found",
@@ -161,7 +178,15 @@ CATALOGUE: tuple[ProblemType, ...] = (
         "Wait `Retry-After` seconds; spread requests out.",
     ),
     ProblemType(
-        "quota-exceeded",
+        "head-too-large",
+        431,
+        "Request Header Fields Too Large",
+        "The request line and headers are over `SESSIONMGR_MAX_HEAD_BYTES`, or there are more "
+        "than `SESSIONMGR_MAX_HEADERS` header lines.",
+        "Send fewer or smaller headers.",
+    ),
+    ProblemType(
+        "idempotency-keys-exhausted",
         429,
         "Too Many Requests",
         "The caller holds as many live `Idempotency-Key`s as it may "

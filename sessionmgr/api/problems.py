@@ -23,9 +23,11 @@ from sessionmgr.domain.errors import (
     IdempotencyKeyReused,
     InvalidInput,
     LeaseExpired,
+    MalformedRequest,
     OutboxEntriesParked,
     PayloadTooLarge,
     PreconditionFailed,
+    QuotaExceeded,
     RateLimited,
     SessionDormant,
     SessionError,
@@ -62,10 +64,14 @@ class Problem(msgspec.Struct, omit_defaults=True):
     current_version: int | None = None
     backend: str | None = None
     errors: list[FieldError] | None = None
+    limit: str | None = None
+    quota: int | None = None
 
 
 _STATUS: list[tuple[type[SessionError], int, str]] = [
+    (MalformedRequest, 400, "malformed"),
     (AuthenticationFailed, 401, "unauthenticated"),
+    (QuotaExceeded, 403, "quota-exceeded"),
     (AccessDenied, 403, "forbidden"),
     (SessionNotFound, 404, "not-found"),
     (ConcurrencyConflict, 409, "version-conflict"),
@@ -80,7 +86,7 @@ _STATUS: list[tuple[type[SessionError], int, str]] = [
     (InvalidInput, 422, "invalid-input"),
     (VersionRequired, 428, "version-required"),
     (RateLimited, 429, "rate-limited"),
-    (TooManyIdempotencyKeys, 429, "quota-exceeded"),
+    (TooManyIdempotencyKeys, 429, "idempotency-keys-exhausted"),
     (BackendUnavailable, 503, "backend-unavailable"),
 ]
 _TITLES = {
@@ -134,6 +140,8 @@ def domain_error(request: Request[Any, Any, Any], exc: SessionError) -> Response
         headers["ETag"] = f'"{exc.current_version}"'
     elif isinstance(exc, InvalidInput):
         problem.errors = [FieldError(field=_pointer(exc.field), message=str(exc))]
+    elif isinstance(exc, QuotaExceeded):
+        problem.limit, problem.quota = exc.limit, exc.quota
     elif isinstance(exc, AuthenticationFailed):
         headers["WWW-Authenticate"] = 'Bearer realm="sessionmgr"'
     elif isinstance(exc, RateLimited):

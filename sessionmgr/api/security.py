@@ -15,6 +15,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from sessionmgr.api.auth import TokenVerifier
 from sessionmgr.api.ratelimit import RateLimiter
+from sessionmgr.domain.errors import MalformedRequest
 
 # Probes, scrapes and the API's own description are open; everything else needs a token.
 PUBLIC_PREFIXES = ("/health", "/metrics", "/schema", "/problems")
@@ -23,10 +24,14 @@ _AUTHENTICATED = frozenset({ScopeType.HTTP, ScopeType.WEBSOCKET})
 
 
 def _authorization(scope: Scope) -> str | None:
+    """The one Authorization header; two are a 400 (proxies and servers differ on which wins)."""
+    found: str | None = None
     for name, value in scope["headers"]:
         if name == b"authorization" or name.lower() == b"authorization":
-            return value.decode("latin-1")
-    return None
+            if found is not None:
+                raise MalformedRequest("send one Authorization header, not several")
+            found = value.decode("latin-1")
+    return found
 
 
 def authentication_middleware(app: ASGIApp) -> ASGIApp:

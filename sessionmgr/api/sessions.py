@@ -37,6 +37,7 @@ from sessionmgr.domain.errors import InvalidInput, SessionNotFound, VersionRequi
 from sessionmgr.domain.model import Principal, Session, SessionState
 from sessionmgr.services.ports import Idempotency
 from sessionmgr.services.sessions import SessionService
+from sessionmgr.services.timeline import TimelinePage
 from sessionmgr.services.views import (
     AppendResult,
     ArchivedSession,
@@ -376,6 +377,24 @@ class SessionController(Controller):
         if conditional.none_match(if_none_match, tag):
             return _not_modified(tag)
         return _with_etag(session, full=full)
+
+    @get("/{session_id:str}/timeline", responses=responses(*READ, 422))
+    async def read_timeline(
+        self,
+        request: Req,
+        session_id: SessionId,
+        after_seq: Annotated[
+            int, QueryParameter(ge=0, description="Events after this seq (0: from the start).")
+        ] = 0,
+        limit: Annotated[
+            int | None,
+            QueryParameter(ge=1, description="Page size (default 100); larger values are capped."),
+        ] = None,
+    ) -> TimelinePage:
+        """The timeline, oldest first, a page at a time: continue with `next_after_seq`."""
+        return await _service(request).timeline(
+            request.user, _sid(session_id), after_seq=after_seq, limit=limit
+        )
 
     @patch(
         "/{session_id:str}",

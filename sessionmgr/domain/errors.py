@@ -176,6 +176,19 @@ class AuthenticationFailed(SessionError):
     """No token, or a token that does not verify (HTTP 401)."""
 
 
+class QuotaExceeded(SessionError):
+    """A quota would be passed (HTTP 403 `quota-exceeded`); `limit` names its setting."""
+
+    def __init__(self, what: str, limit: str, quota: int) -> None:
+        super().__init__(f"{what}: the quota is {quota} ({limit})")
+        self.limit = limit
+        self.quota = quota
+
+
+class MalformedRequest(SessionError):
+    """A request no handler should see, such as two Authorization headers (HTTP 400)."""
+
+
 class ArchiveInProgress(BackendUnavailable):
     """The session is being archived right now; a retry in a moment finds it in S3 or back."""
 

@@ -74,6 +74,9 @@ class Session(msgspec.Struct, kw_only=True):
     full_context: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
     full_timeline: list[TimelineEvent] | msgspec.UnsetType = msgspec.UNSET
     archive: ArchiveRef | None = None
+    # With `full_timeline`: null when it is whole, else the seq to read on from with
+    # GET .../timeline?after_seq= (it holds at most SESSIONMGR_FULL_TIMELINE_MAX events).
+    full_timeline_next_after_seq: int | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class SessionRecord(msgspec.Struct, kw_only=True):

@@ -40,7 +40,7 @@ from sessionmgr.domain.model import (
 )
 from sessionmgr.domain.preconditions import Precondition, check
 from sessionmgr.metrics import Metrics
-from sessionmgr.services import cursors
+from sessionmgr.services import cursors, quotas
 from sessionmgr.services.archive import Archivist, SessionIsHot
 from sessionmgr.services.ports import (
     CREATE_SCOPE,
@@ -55,6 +55,7 @@ from sessionmgr.services.ports import (
     WarmStore,
 )
 from sessionmgr.services.replays import mark_replayed
+from sessionmgr.services.timeline import DEFAULT_PAGE, TimelinePage, page_of
 from sessionmgr.services.views import (
     AppendResult,
     ArchivedSession,
@@ -84,6 +85,13 @@ class Limits(msgspec.Struct, frozen=True):
     idempotency_max_keys_per_caller: int = 10_000
     lease_grace_s: int = 300
     participants_role: str | None = None
+
+    max_sessions_per_owner: int = 1000
+    max_participants: int = 64
+    max_timeline_events: int = 100_000
+    quota_privileged_factor: int = 10
+    timeline_page_max: int = 500
+    full_timeline_max: int = 1000
 
 
 # Checked before a decision, and on a session at rest before waking it: (record, live leases).
@@ -129,6 +137,7 @@ class SessionService:
         rules.check_value(wip, "work_in_progress", self._limits.max_field_bytes)
         rules.check_value(ctx, "context_summary", self._limits.max_field_bytes)
         if idem is None:
+            await quotas.check_owner(self._limits, self._warm, principal, owner)
             return await self._create(new_session_id(), owner, wip, ctx, None)
         await self._hot.admit_key(idem, self._limits.idempotency_max_keys_per_caller)
         if replay := await self._claim(CREATE_SCOPE, idem):
@@ -136,6 +145,7 @@ class SessionService:
         session_id = keyed_session_id(idem)
         try:
             await self._refuse_deleted(session_id)
+            await quotas.check_owner(self._limits, self._warm, principal, owner, session_id)
             return await self._create(session_id, owner, wip, ctx, idem)
         except BaseException:
             await self._release(CREATE_SCOPE, idem)
@@ -340,6 +350,7 @@ class SessionService:
             record = view.record
             if expected_version is not None:
                 _check_version(record, expected_version)
+            quotas.check_events(self._limits, principal, record, len(events))
             now, seq = utcnow(), record.timeline_seq
             stamped = [
                 TimelineEvent(seq=seq + i, at=now, actor=principal.sub, kind=e.kind, data=e.data)
@@ -401,6 +412,8 @@ class SessionService:
                 renewal = leases.renewed(record, mad_name, now, ttl)
                 session = to_session(renewal, view.recent, live, now)
                 return _renewal(renewal, mad_name, _encode(session))
+            if mad_name not in record.participants:
+                quotas.check_participants(self._limits, principal, record)
             granted, _ = leases.granted(record, mad_name, now, ttl)
             new = msgspec.structs.replace(granted, version=record.version + 1, last_active=now)
             session = to_session(new, view.recent, live, now)
@@ -888,21 +901,47 @@ class SessionService:
         The outbox is read first: the worker writes MongoDB before it deletes an entry, so
         whatever left the outbox meanwhile is already in MongoDB when that is read next.
         """
-        try:
-            backlog = await self._hot.undelivered(session.id)
-        except BackendUnavailable as exc:
-            if exc.backend != "redis":
-                raise
-            backlog = Undelivered(events=[], context=None)  # read-only: MongoDB is all there is
+        backlog = await self._undelivered(session.id)
         stored = await self._warm.context(session.id)
-        events = await self._warm.all_events(session.id)
+        cap = self._limits.full_timeline_max
+        events = await self._warm.events_after(session.id, 0, cap + 1)
         newest = max(
             (c for c in (stored, backlog.context) if c is not None),
             key=lambda c: c.version,
             default=None,
         )
         session.full_context = newest.value if newest else {}
-        session.full_timeline = _merge(events, [*backlog.events, *hot_events])
+        page = page_of(events, [*backlog.events, *hot_events], 0, cap)
+        session.full_timeline = page.items
+        session.full_timeline_next_after_seq = page.next_after_seq
+
+    async def _undelivered(self, session_id: str) -> Undelivered:
+        try:
+            return await self._hot.undelivered(session_id)
+        except BackendUnavailable as exc:
+            if exc.backend != "redis":
+                raise
+            return Undelivered(events=[], context=None)  # read-only: MongoDB is all there is
+
+    async def timeline(
+        self, principal: Principal, session_id: str, *, after_seq: int = 0, limit: int | None = None
+    ) -> TimelinePage:
+        """A page of the timeline after `after_seq`, from every tier that holds a part of it."""
+        if after_seq < 0:
+            raise InvalidInput("after_seq must be 0 or more", "after_seq")
+        size = min(limit or DEFAULT_PAGE, self._limits.timeline_page_max)
+        try:
+            view = await self._hot.load(session_id)
+        except BackendUnavailable:
+            view = None  # read-only mode: MongoDB holds the latest delivered events
+        if view is not None:
+            rules.require_access(principal, view.record.owner_id, view.record.acl)
+        else:
+            await self._warm_record(principal, session_id)  # an archived one comes back
+        backlog = await self._undelivered(session_id)  # first: see `_add_full`
+        stored = await self._warm.events_after(session_id, after_seq, size + 1)
+        recent = view.recent if view is not None else []
+        return page_of(stored, [*backlog.events, *recent], after_seq, size)
 
     def _check_events(self, events: list[NewEvent]) -> None:
         if not events:
@@ -956,12 +995,6 @@ def _renewal(record: SessionRecord, mad_name: str, result: bytes) -> Change:
 def _resting(state: SessionState) -> SessionState:
     """A session read from MongoDB is not hot, whatever state its last write recorded."""
     return SessionState.DORMANT if state is SessionState.ACTIVE else state
-
-
-def _merge(stored: list[TimelineEvent], recent: list[TimelineEvent]) -> list[TimelineEvent]:
-    by_seq = {e.seq: e for e in stored}
-    by_seq.update((e.seq, e) for e in recent)
-    return [by_seq[s] for s in sorted(by_seq)]
 
 
 def keyed_session_id(idem: Idempotency) -> str:

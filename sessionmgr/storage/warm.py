@@ -162,6 +162,14 @@ class MongoWarmStore:
         cursor = self._events.find({"session_id": session_id}).sort("seq", ASCENDING)
         return [_from_event_doc(d) for d in await _guard(cursor.to_list(None))]
 
+    async def events_after(
+        self, session_id: str, after_seq: int, limit: int
+    ) -> list[TimelineEvent]:
+        """Up to `limit` events with a seq above `after_seq`, oldest first (the seq index)."""
+        query = {"session_id": session_id, "seq": {"$gt": after_seq}}
+        cursor = self._events.find(query).sort("seq", ASCENDING).limit(limit)
+        return [_from_event_doc(d) for d in await _guard(cursor.to_list(limit))]
+
     async def apply(
         self,
         record: SessionRecord,
@@ -356,6 +364,15 @@ class MongoWarmStore:
         }
         cursor = self._sessions.find(query, {"_id": 1}).sort("last_active", ASCENDING)
         return [d["_id"] for d in await _guard(cursor.limit(limit).to_list(limit))]
+
+    async def count_owned(self, owner_id: str, limit: int, other_than: str | None = None) -> int:
+        """How many sessions `owner_id` owns but `other_than`, counted up to `limit` (the
+        owner_id index)."""
+        query: dict[str, Any] = {"owner_id": owner_id}
+        if other_than is not None:
+            query["_id"] = {"$ne": other_than}
+        count: int = await _guard(self._sessions.count_documents(query, limit=limit))
+        return count
 
     async def list_for(
         self,

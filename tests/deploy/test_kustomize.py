@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 
 from sessionmgr.cli import _parser
-from sessionmgr.settings import load_settings, require_jwt, unknown_variables
+from sessionmgr.settings import Settings, load_settings, require_jwt, unknown_variables
 from tests.deploy.conftest import (
     Obj,
     api_pod,
@@ -401,6 +401,16 @@ def test_prod_ingress_terminates_tls_for_its_hosts() -> None:
     tls_hosts = {h for entry in ingress["tls"] for h in entry["hosts"]}
     assert hosts <= tls_hosts
     assert all(entry["secretName"] for entry in ingress["tls"])
+
+
+def test_prod_ingress_sets_the_edge_limits_of_docs_security() -> None:
+    annotations = one(rendered("prod"), "Ingress", "sessionmgr")["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    body_mib = int(annotations[prefix + "proxy-body-size"].removesuffix("m"))
+    assert body_mib * 1_048_576 == Settings().max_body_bytes  # the same limit at the edge
+    assert annotations[prefix + "proxy-request-buffering"] == "on"  # slow bodies stay at nginx
+    assert int(annotations[prefix + "limit-connections"]) > 0
+    assert int(annotations[prefix + "proxy-send-timeout"]) <= Settings().body_timeout_s
 
 
 def test_prod_pins_an_image_tag() -> None:

@@ -37,6 +37,8 @@ PROBLEM_SCHEMA: dict[str, Any] = {
         "instance": {"type": "string", "pattern": "^/"},
         "current_version": {"type": ["integer", "null"]},
         "backend": {"type": "string"},
+        "limit": {"type": "string"},
+        "quota": {"type": "integer"},
         "errors": {
             "type": "array",
             "minItems": 1,

@@ -120,8 +120,12 @@ async def test_create_traces_the_mongodb_insert_before_the_redis_write(
     assert root.attributes is not None
     assert root.attributes["http.response.status_code"] == 201
     backend = children(spans, root)
-    assert [s.name for s in backend] == ["mongodb insert", "redis create"]
-    assert all(s.attributes and s.attributes["sessionmgr.session_id"] == sid for s in backend)
+    # The owner's sessions are counted first (the quota): that span names no session.
+    assert [s.name for s in backend] == ["mongodb count_owned", "mongodb insert", "redis create"]
+    assert backend[0].attributes is not None
+    assert "sessionmgr.session_id" not in backend[0].attributes
+    writes = backend[1:]
+    assert all(s.attributes and s.attributes["sessionmgr.session_id"] == sid for s in writes)
 
 
 async def test_a_conflict_is_the_store_answering_not_failing(

@@ -167,6 +167,29 @@ async def test_events_are_stored_once_whatever_the_replays(warm: MongoWarmStore)
     assert [e.seq for e in await warm.recent_events(first.id, 2)] == [4, 5]
 
 
+async def test_events_after_reads_a_page_in_seq_order(warm: MongoWarmStore) -> None:
+    first = record()
+    await warm.insert(first)
+    other = record()
+    await warm.insert(other)
+    await warm.apply(record(2, id=first.id, timeline_seq=9), [event(s) for s in (9, 3, 1, 7, 5)])
+    await warm.apply(record(2, id=other.id, timeline_seq=4), [event(s) for s in (2, 4)])
+    assert [e.seq for e in await warm.events_after(first.id, 0, 3)] == [1, 3, 5]
+    assert [e.seq for e in await warm.events_after(first.id, 5, 10)] == [7, 9]
+    assert await warm.events_after(first.id, 9, 10) == []
+
+
+async def test_count_owned_counts_one_owner_up_to_the_limit(warm: MongoWarmStore) -> None:
+    hers = [record(owner_id="carol") for _ in range(4)]
+    for one in hers:
+        await warm.insert(one)
+    await warm.insert(record(owner_id="dave", acl=["carol"]))  # shared with carol: not hers
+    assert await warm.count_owned("carol", 100) == 4
+    assert await warm.count_owned("carol", 2) == 2
+    assert await warm.count_owned("nobody", 100) == 0
+    assert await warm.count_owned("carol", 100, other_than=hers[0].id) == 3
+
+
 async def test_apply_to_a_deleted_session_writes_nothing(warm: MongoWarmStore) -> None:
     gone = record()
     await warm.insert(gone)

@@ -106,6 +106,11 @@ class InMemoryWarmStore:
         stored = self.events.get(session_id, {})
         return [stored[seq] for seq in sorted(stored)]
 
+    async def events_after(
+        self, session_id: str, after_seq: int, limit: int
+    ) -> list[TimelineEvent]:
+        return [e for e in await self.all_events(session_id) if e.seq > after_seq][:limit]
+
     async def apply(
         self,
         record: SessionRecord,
@@ -161,6 +166,11 @@ class InMemoryWarmStore:
         self.sessions.pop(session_id, None)
         self.events.pop(session_id, None)
         self.contexts.pop(session_id, None)
+
+    async def count_owned(self, owner_id: str, limit: int, other_than: str | None = None) -> int:
+        self._reachable()
+        owned = (r.owner_id == owner_id and r.id != other_than for r in self.sessions.values())
+        return min(limit, sum(owned))
 
     async def list_for(
         self,

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from sessionmgr.api import auth as auth_module
 from sessionmgr.api.auth import TokenVerifier, issue_token
 from sessionmgr.domain.errors import AuthenticationFailed
 from sessionmgr.domain.model import Principal
@@ -433,13 +434,13 @@ class _Clock:
 
 def _counting_decode(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    decode = jwt.decode
+    decode = auth_module._JWT.decode
 
     def counted(token: str, *args: Any, **kwargs: Any) -> Any:
         calls.append(token)
         return decode(token, *args, **kwargs)
 
-    monkeypatch.setattr(jwt, "decode", counted)
+    monkeypatch.setattr(auth_module._JWT, "decode", counted)
     return calls
 
 

@@ -3,14 +3,16 @@ websockets too (there is no websocket route today; one added later must not be o
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from litestar import Litestar, WebSocket, get, websocket
 from litestar.exceptions import WebSocketDisconnect
 from litestar.testing import TestClient
 
 from sessionmgr.api.ratelimit import RateLimiter
-from sessionmgr.api.security import authentication_middleware
-from sessionmgr.domain.errors import AuthenticationFailed
+from sessionmgr.api.security import _authorization, authentication_middleware
+from sessionmgr.domain.errors import AuthenticationFailed, MalformedRequest
 from sessionmgr.domain.model import Principal
 
 
@@ -62,3 +64,14 @@ def test_a_websocket_with_a_good_token_gets_its_principal() -> None:
 def test_public_paths_need_no_token() -> None:
     with TestClient(_app()) as client:
         assert client.get("/health/live").text == "ok"
+
+
+def test_two_authorization_headers_are_refused_whichever_comes_first() -> None:
+    # The test client joins repeated headers into one; the ASGI scope a server builds does not
+    # (tests/e2e/test_http_limits.py sends two on a real socket).
+    for pair in ([b"Bearer good", b"Bearer bad"], [b"Bearer bad", b"Bearer good"]):
+        scope: Any = {"headers": [(b"host", b"t"), *((b"authorization", v) for v in pair)]}
+        with pytest.raises(MalformedRequest, match="one Authorization header"):
+            _authorization(scope)
+    one: Any = {"headers": [(b"Authorization", b"Bearer good")]}
+    assert _authorization(one) == "Bearer good"
