@@ -38,7 +38,7 @@ from sessionmgr.settings import Settings, load_settings
 BODY_RATE_GRACE_S = 5.0  # a body's first seconds are not held to the minimum rate
 LINGER_S = 1.0  # after a refusal, how long the client's remaining bytes are read and dropped
 BODY_CHECK_EVERY_S = 1.0  # at most; a shorter body timeout is checked more often
-_PROBLEMS = "https://sessionmgr.dev/problems/"
+_PROBLEMS = "/problems#"
 
 
 class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):

@@ -210,6 +210,14 @@ CATALOGUE: tuple[ProblemType, ...] = (
         "Retry after `Retry-After` seconds, with the same `Idempotency-Key` for a write.",
     ),
     ProblemType(
+        "too-many-connections",
+        503,
+        "Service Unavailable",
+        "This replica holds `SESSIONMGR_MAX_CONNECTIONS` open connections already; the "
+        "connection is closed. `Retry-After` says when to retry.",
+        "Retry after `Retry-After` seconds (another replica may take it); reuse connections.",
+    ),
+    ProblemType(
         "http-error",
         400,
         "Error",

@@ -65,7 +65,7 @@ async def test_sessions_past_the_owner_quota_are_a_403_naming_the_limit(app_api:
         await app_api.create(owner)
     r = await app_api.client.post("/v1/sessions", json={}, headers=app_api.h(owner))
     problem = assert_problem(r, 403)
-    assert problem["type"] == "https://sessionmgr.dev/problems/quota-exceeded"
+    assert problem["type"] == "/problems#quota-exceeded"
     assert (problem["limit"], problem["quota"]) == ("max_sessions_per_owner", 3)
     service = app_api.h(who(), ("service",))
     for _ in range(3):  # a service may create 2x for the owner
