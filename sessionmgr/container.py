@@ -13,6 +13,7 @@ from sessionmgr.api.metrics import serve_metrics
 from sessionmgr.api.ratelimit import RateLimiter
 from sessionmgr.metrics import Metrics
 from sessionmgr.services.archive import Archivist
+from sessionmgr.services.divergence import Reconciler
 from sessionmgr.services.ports import WarmStore
 from sessionmgr.services.resilience import Breakers, Guarded, RetryPolicy, probing
 from sessionmgr.services.sessions import Limits, SessionService
@@ -53,6 +54,7 @@ async def run_worker(
     enabled: bool,
     metrics: Metrics | None = None,
     tracer: Tracer | None = None,
+    reconciler: Reconciler | None = None,
 ) -> AsyncIterator[WriteBehindWorker | None]:
     if not enabled:
         yield None
@@ -68,6 +70,7 @@ async def run_worker(
         backoff_max_s=settings.outbox_backoff_max_s,
         metrics=metrics,
         tracer=tracer,
+        reconciler=reconciler,
     )
     async with running(worker):
         yield worker
@@ -163,8 +166,16 @@ class Container(containers.DeclarativeContainer):
     sessions = providers.Singleton(
         SessionService, traced_hot, traced_warm, limits, archivist, metrics
     )
+    reconciler = providers.Singleton(Reconciler, traced_hot, traced_warm, metrics)
     write_behind = providers.Resource(
-        run_worker, worker_redis, traced_warm, settings, run_write_behind, metrics, tracer
+        run_worker,
+        worker_redis,
+        traced_warm,
+        settings,
+        run_write_behind,
+        metrics,
+        tracer,
+        reconciler,
     )
 
 

@@ -98,6 +98,9 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     context_summary: dict[str, Any]
     timeline_seq: int = 0
     lease_grants: int = 0  # the last fencing token handed out: tokens are never reused
+    # Names the write that made this version, beyond the version itself: after Redis lost
+    # writes and reused a version, MongoDB tells the same write delivered twice from another.
+    write_id: str = ""
 
 
 class ContextUpdate(msgspec.Struct, frozen=True):
@@ -120,6 +123,10 @@ def utcnow() -> datetime:
 def new_session_id() -> str:
     """A random 128-bit id, hex-encoded: never guessable, never sequential."""
     return secrets.token_hex(16)
+
+
+def new_write_id() -> str:
+    return secrets.token_hex(8)
 
 
 def mad_principal(mad_name: str) -> str:

@@ -126,6 +126,7 @@ class HotStore(Protocol):
     async def drop(self, session_id: str) -> None: ...
     async def fence(self, session_id: str, ttl_s: int) -> str | None: ...
     async def unfence(self, session_id: str, token: str) -> None: ...
+    async def rebase(self, diverged: WriteDiverged) -> str: ...
     async def ping(self) -> None: ...
 
 
@@ -163,6 +164,7 @@ class WarmStore(Protocol):
         context: ContextUpdate | None = None,
     ) -> bool: ...
     async def mark_state(self, session_id: str, version: int, state: SessionState) -> None: ...
+    async def keep_conflict(self, diverged: WriteDiverged) -> bool: ...
     async def delete(self, session_id: str) -> None: ...
     async def count_owned(
         self, owner_id: str, limit: int, other_than: str | None = None
@@ -226,3 +228,48 @@ class ArchiveStore(Protocol):
     async def size(self, key: str) -> int | None: ...
     async def delete(self, key: str) -> None: ...
     async def ping(self) -> None: ...
+
+
+# -- divergence: Redis lost acknowledged writes and reused their versions or seqs ---------------
+
+
+class WriteDiverged(Exception):
+    """MongoDB holds another write at this write's version (`version_clash`) or at some of its
+    events' seqs (`events`, the incoming ones). Everything that did not clash was written."""
+
+    def __init__(
+        self,
+        record: SessionRecord,
+        events: list[TimelineEvent],
+        context: ContextUpdate | None,
+        *,
+        version_clash: bool,
+        stored: SessionRecord | None,
+        stored_seq: int,
+    ) -> None:
+        super().__init__(
+            f"write {record.write_id or '?'} of session {record.id} v{record.version} diverges "
+            f"from MongoDB (v{stored.version if stored else '?'}, seq {stored_seq}): "
+            f"{'its version' if version_clash else 'no version'} and {len(events)} event(s) clash"
+        )
+        self.record = record
+        self.events = events
+        self.context = context
+        self.version_clash = version_clash
+        self.stored = stored
+        self.stored_seq = stored_seq
+
+    @property
+    def session_id(self) -> str:
+        return self.record.id
+
+    @property
+    def floor_version(self) -> int:
+        return self.stored.version if self.stored else self.record.version
+
+
+REBASED, DONE, AT_REST = "rebased", "done", "at-rest"  # what `HotStore.rebase` did
+
+
+class SessionRebased(Exception):
+    """The hot session was re-based after a divergence: read it again and start over."""

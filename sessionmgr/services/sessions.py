@@ -36,12 +36,14 @@ from sessionmgr.domain.model import (
     SessionState,
     TimelineEvent,
     new_session_id,
+    new_write_id,
     utcnow,
 )
 from sessionmgr.domain.preconditions import Precondition, check
 from sessionmgr.metrics import Metrics
 from sessionmgr.services import cursors, quotas
 from sessionmgr.services.archive import Archivist, SessionIsHot
+from sessionmgr.services.divergence import Reconciler
 from sessionmgr.services.ports import (
     CREATE_SCOPE,
     RECEIPT,
@@ -51,8 +53,10 @@ from sessionmgr.services.ports import (
     Idempotency,
     Receipt,
     Replayed,
+    SessionRebased,
     Undelivered,
     WarmStore,
+    WriteDiverged,
 )
 from sessionmgr.services.replays import mark_replayed
 from sessionmgr.services.timeline import DEFAULT_PAGE, TimelinePage, page_of
@@ -112,6 +116,7 @@ class SessionService:
         self._limits = limits
         self._archivist = archivist
         self._metrics = metrics or Metrics()
+        self._reconciler = Reconciler(hot, warm, self._metrics)
 
     # -- create and read -------------------------------------------------------------------
 
@@ -171,6 +176,7 @@ class SessionService:
             participants={},
             work_in_progress=wip,
             context_summary=ctx,
+            write_id=new_write_id(),
         )
         if not await self._warm.insert(record):
             return await self._finish_create(session_id, owner, idem)
@@ -593,9 +599,17 @@ class SessionService:
     async def _flush_at_rest(
         self, record: SessionRecord, events: list[TimelineEvent], context: ContextUpdate | None
     ) -> bool:
-        """Suspend's flush: the lease keys go with the hot keys, so every lease ends now."""
+        """Suspend's flush: the lease keys go with the hot keys, so every lease ends now.
+
+        A write that diverges from MongoDB (Redis lost writes) is kept and the hot session
+        re-based; the suspend then reads the session again and starts over."""
         record.participants = leases.ended(record.participants, utcnow())
-        return await self._warm.flush(record, events, context)
+        try:
+            return await self._warm.flush(record, events, context)
+        except WriteDiverged as diverged:
+            if await self._reconciler.settle(diverged):
+                raise SessionRebased(record.id) from None
+            return True
 
     async def resume(
         self,

@@ -28,7 +28,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.metrics import Metrics
-from sessionmgr.services.ports import WarmStore
+from sessionmgr.services.divergence import Reconciler
+from sessionmgr.services.ports import WarmStore, WriteDiverged
 from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry
 from sessionmgr.storage.mongo_errors import describe
 from sessionmgr.storage.outbox import GROUP
@@ -67,6 +68,7 @@ class WriteBehindWorker:
         refused_retry_s: float = 1.0,
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self._redis = redis
         self._stop = asyncio.Event()
@@ -87,6 +89,7 @@ class WriteBehindWorker:
         self.parked = 0
         self._metrics = metrics or Metrics()
         self._tracer = tracer or trace.NoOpTracer()
+        self._reconciler = reconciler
 
     async def ensure_group(self) -> None:
         try:
@@ -246,6 +249,12 @@ class WriteBehindWorker:
             return False
         try:
             await self._warm.apply(entry.record, entry.events, entry.context)
+        except WriteDiverged as diverged:
+            # Redis lost writes MongoDB had: kept, counted, the session re-based (or, without
+            # a reconciler, kept pending for one that has).
+            if self._reconciler is None:
+                raise
+            await self._reconciler.settle(diverged)
         except BackendUnavailable:
             # An outage: every entry would fail the same way now. It stays pending, counts
             # nothing against this entry, and the run loop backs off.

@@ -47,9 +47,13 @@ from sessionmgr.domain.model import (
     SessionRecord,
     SessionState,
     TimelineEvent,
+    new_write_id,
 )
 from sessionmgr.services.ports import (
+    AT_REST,
     CREATE_SCOPE,
+    DONE,
+    REBASED,
     Change,
     Decide,
     Flush,
@@ -58,7 +62,9 @@ from sessionmgr.services.ports import (
     Loader,
     RecordCheck,
     Replayed,
+    SessionRebased,
     Undelivered,
+    WriteDiverged,
 )
 from sessionmgr.settings import Settings
 from sessionmgr.storage.redis_pool import BoundedPool, sentinel_client
@@ -174,6 +180,45 @@ def idem_key(scope: str, idem: Idempotency) -> str:
 
 def idem_index_key(session_id: str) -> str:
     return f"session_idem_keys:{{{session_id}}}"
+
+
+def rebased_key(session_id: str) -> str:
+    return f"session_rebased:{{{session_id}}}"
+
+
+def _event_mark(event: TimelineEvent) -> str:
+    digest = hashlib.sha256(_encode(event), usedforsecurity=False).hexdigest()[:16]
+    return f"e{event.seq}:{digest}"
+
+
+def _rebased(
+    view: HotView,
+    diverged: WriteDiverged,
+    todo: list[TimelineEvent],
+    backlog: Undelivered,
+    keep: int,
+) -> tuple[OutboxEntry, list[TimelineEvent]]:
+    """The re-based record (above MongoDB), its moved events and the new recent timeline."""
+    record = view.record
+    version = max(record.version, diverged.floor_version) + 1
+    base = max(record.timeline_seq, diverged.stored_seq)
+    moved = [
+        TimelineEvent(seq=base + i, at=e.at, actor=e.actor, kind=e.kind, data=e.data)
+        for i, e in enumerate(todo, start=1)
+    ]
+    new = msgspec.structs.replace(
+        record, version=version, timeline_seq=base + len(moved), write_id=new_write_id()
+    )
+    # The incoming `full_context` goes along only if nothing newer waits in the outbox (a
+    # newer one lands, or is re-based, by itself).
+    context = diverged.context
+    if context is not None and backlog.context is not None:
+        context = context if backlog.context.version <= context.version else None
+    context = ContextUpdate(version=version, value=context.value) if context else None
+    gone = {(e.seq, _encode(e)) for e in todo}
+    recent = [e for e in view.recent if (e.seq, _encode(e)) not in gone] + moved
+    recent = sorted(recent, key=lambda e: e.seq)[-keep:]
+    return OutboxEntry(record=new, events=moved, context=context), recent
 
 
 def caller_keys_key(caller: str) -> str:
@@ -338,6 +383,9 @@ class RedisHotStore:
             return change
 
     def _queue_change(self, pipe: Any, session_id: str, change: Change) -> None:
+        if "version" in change.fields:  # a new version: a write of its own, named
+            change.record.write_id = new_write_id()
+            change.fields = change.fields | {"write_id"}
         if change.fields:
             pipe.hset(hot_key(session_id), mapping=encode_record(change.record, change.fields))
         if change.events:
@@ -351,6 +399,50 @@ class RedisHotStore:
         if not change.hot_only and (change.fields or change.events or change.context):
             entry = OutboxEntry(record=change.record, events=change.events, context=change.context)
             pipe.xadd(OUTBOX_STREAM, {"sid": session_id, "entry": _encode(entry)})
+
+    async def rebase(self, diverged: WriteDiverged) -> str:
+        """Move the hot session above what MongoDB holds after Redis lost writes it had.
+
+        The session's version goes past MongoDB's, and the incoming events whose seqs MongoDB
+        holds for other events get new seqs past every seq either side handed out; one outbox
+        entry carries the whole record and the moved events. Each event (and a clashing
+        version) is moved once, whoever meets it first (the write-behind or a suspend):
+        markers in the session's slot say what was moved. Returns REBASED, DONE (nothing left
+        to move) or AT_REST (the session left Redis; the write is kept in MongoDB's conflicts).
+        """
+        sid = diverged.session_id
+        key, tl, moved_key = hot_key(sid), timeline_key(sid), rebased_key(sid)
+        marks = [_event_mark(e) for e in diverged.events]
+        version_mark = f"v{diverged.record.version}:{diverged.record.write_id}"
+        for _ in range(_RACE_RETRIES):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                try:
+                    await self._guard(pipe.watch(key, tl, moved_key))
+                    done = await self._guard(pipe.hmget(moved_key, [version_mark, *marks]))
+                    todo = [
+                        e for e, seen in zip(diverged.events, done[1:], strict=True) if not seen
+                    ]
+                    bump = diverged.version_clash and not done[0]
+                    if not todo and not bump:
+                        return DONE
+                    view, _ = await self._read(pipe, sid, None)
+                    if view is None:
+                        return AT_REST
+                    backlog = await self.undelivered(sid, pipe)
+                    entry, recent = _rebased(view, diverged, todo, backlog, self._recent)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.hset(key, mapping=encode_record(entry.record))  # type: ignore[arg-type]
+                    pipe.delete(tl)
+                    if recent:
+                        pipe.rpush(tl, *[_encode(e) for e in recent])
+                    pipe.xadd(OUTBOX_STREAM, {"sid": sid, "entry": _encode(entry)})
+                    pipe.hset(moved_key, mapping=dict.fromkeys([version_mark, *marks], b"1"))
+                    pipe.expire(moved_key, self._idem_ttl * 7)
+                    await self._guard(pipe.execute(), outcome_unknown=True, replayable=True)
+                except WatchError:
+                    continue
+                return REBASED
+        raise ConcurrencyConflict(sid, await self._current_version(sid))
 
     async def claim(self, scope: str, idem: Idempotency) -> Replayed | None:
         """Take the key for a request outside the transaction (create, suspend, resume, delete).
@@ -441,10 +533,13 @@ class RedisHotStore:
                 record.state = SessionState.DORMANT
                 # First what Redis holds (this fails fast while MongoDB is down), then the
                 # backlog, read on this same connection: a second one could starve the pool.
-                await flush(record, view.recent, None)
-                backlog = await self.undelivered(session_id, pipe)
-                if backlog.events or backlog.context:
-                    await flush(record, backlog.events, backlog.context)
+                try:
+                    await flush(record, view.recent, None)
+                    backlog = await self.undelivered(session_id, pipe)
+                    if backlog.events or backlog.context:
+                        await flush(record, backlog.events, backlog.context)
+                except SessionRebased:
+                    continue  # Redis had lost writes; the session moved above MongoDB
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.delete(key, tl, *[lease_key(session_id, m) for m in record.participants])
                 try:

@@ -32,8 +32,15 @@ from sessionmgr.domain.model import (
     SessionRecord,
     SessionState,
     TimelineEvent,
+    utcnow,
 )
-from sessionmgr.services.ports import ListAfter, Page, SessionArchive, StoredSession
+from sessionmgr.services.ports import (
+    ListAfter,
+    Page,
+    SessionArchive,
+    StoredSession,
+    WriteDiverged,
+)
 from sessionmgr.settings import Settings
 from sessionmgr.storage.mongo_errors import describe, is_outage
 
@@ -89,6 +96,30 @@ class EventDocument(Document):
         ]
 
 
+class WriteDocument(Document):
+    """Which write made each version of a session (`_id` is `<session id>:<version>`)."""
+
+    session_id: str
+    wid: str
+
+    class Settings:
+        name = "session_writes"
+        indexes = [IndexModel([("session_id", ASCENDING)], name="session")]
+
+
+class ConflictDocument(Document):
+    """A write kept after a divergence: what came in, and what MongoDB held then."""
+
+    session_id: str
+    at: datetime
+    incoming: dict[str, Any]
+    stored: dict[str, Any] | None = None
+
+    class Settings:
+        name = "session_conflicts"
+        indexes = [IndexModel([("session_id", ASCENDING)], name="session")]
+
+
 def _to_doc(record: SessionRecord) -> dict[str, Any]:
     doc: dict[str, Any] = msgspec.to_builtins(record, builtin_types=(datetime,))
     doc["_id"] = doc.pop("id")
@@ -112,6 +143,10 @@ def _event_doc(session_id: str, event: TimelineEvent) -> dict[str, Any]:
     return doc
 
 
+def _same_event(a: TimelineEvent, b: TimelineEvent) -> bool:
+    return (a.at, a.actor, a.kind, a.data) == (b.at, b.actor, b.kind, b.data)
+
+
 def _from_event_doc(doc: dict[str, Any]) -> TimelineEvent:
     return TimelineEvent(
         seq=doc["seq"], at=doc["at"], actor=doc["actor"], kind=doc["kind"], data=doc["data"]
@@ -126,6 +161,8 @@ class MongoWarmStore:
         self._db = client[db_name]
         self._sessions = self._db[SessionDocument.Settings.name]
         self._events = self._db[EventDocument.Settings.name]
+        self._writes = self._db[WriteDocument.Settings.name]
+        self._conflicts = self._db[ConflictDocument.Settings.name]
 
     async def ping(self) -> None:
         await _guard(self._db.command("ping"))
@@ -133,11 +170,30 @@ class MongoWarmStore:
     async def insert(self, record: SessionRecord) -> bool:
         """Store a new session; False when one with its id exists (a retried keyed create)."""
         doc = {**_to_doc(record), "full_context": {}, "context_version": 0}
+        await self._written_by(record)
         try:
             await _guard(self._sessions.insert_one(doc))
         except DuplicateKeyError:
             return False
         return True
+
+    async def _written_by(self, record: SessionRecord) -> str | None:
+        """Note which write made `record.version`; returns the write MongoDB had noted for it
+        before, if another. Harmless to repeat: the same write is noted once."""
+        if not record.write_id:
+            return None  # written before write ids existed
+        key = f"{record.id}:{record.version}"
+        try:
+            await _guard(
+                self._writes.insert_one(
+                    {"_id": key, "session_id": record.id, "wid": record.write_id}
+                )
+            )
+        except DuplicateKeyError:
+            noted = await _guard(self._writes.find_one({"_id": key}))
+            if noted is not None and noted.get("wid") != record.write_id:
+                return str(noted.get("wid"))
+        return None
 
     async def context(self, session_id: str) -> ContextUpdate | None:
         doc = await _guard(
@@ -200,41 +256,111 @@ class MongoWarmStore:
         context: ContextUpdate | None,
         guard: dict[str, int],
     ) -> bool:
+        """Store what does not clash; raise `WriteDiverged` (after that) for what does.
+
+        A clash is another write at this version (the ledger of write ids says so) or another
+        event at one of these seqs (same seq, other content): Redis lost writes MongoDB has.
+        """
         doc = _to_doc(record)
         session_id = doc.pop("_id")
-        result = await _guard(
-            self._sessions.update_one({"_id": session_id, "version": guard}, {"$set": doc})
-        )
-        if result.matched_count == 0:
-            exists = await _guard(self._sessions.find_one({"_id": session_id}, {"archive": 1}))
-            if exists is None:
-                return False
-            if exists.get("archive") is not None:
-                return True  # a late replay: the archive already holds all of it
-        if context is not None:
-            await _guard(
-                self._sessions.update_one(
-                    {"_id": session_id, "context_version": {"$lt": context.version}},
-                    {"$set": {"full_context": context.value, "context_version": context.version}},
-                )
+        version_clash = await self._written_by(record) is not None
+        if not version_clash:
+            result = await _guard(
+                self._sessions.update_one({"_id": session_id, "version": guard}, {"$set": doc})
             )
+            if result.matched_count == 0:
+                exists = await _guard(self._sessions.find_one({"_id": session_id}, {"archive": 1}))
+                if exists is None:
+                    return False
+                if exists.get("archive") is not None:
+                    return True  # a late replay: the archive already holds all of it
+            if context is not None:
+                await _guard(
+                    self._sessions.update_one(
+                        {"_id": session_id, "context_version": {"$lt": context.version}},
+                        {
+                            "$set": {
+                                "full_context": context.value,
+                                "context_version": context.version,
+                            }
+                        },
+                    )
+                )
+        clashing: list[TimelineEvent] = []
         if events:
-            await self._insert_events(session_id, events)
+            clashing = await self._insert_events(session_id, events)
             if await _guard(self._sessions.find_one({"_id": session_id}, {"_id": 1})) is None:
                 # Deleted while we wrote: take back what we added, leave no orphans.
                 await _guard(self._events.delete_many({"session_id": session_id}))
                 return False
+        if version_clash or clashing:
+            stored = await self.get(session_id)
+            last = await self.recent_events(session_id, 1)
+            raise WriteDiverged(
+                record,
+                clashing,
+                context,
+                version_clash=version_clash,
+                stored=stored,
+                stored_seq=max(last[0].seq if last else 0, stored.timeline_seq if stored else 0),
+            )
         return True
 
-    async def _insert_events(self, session_id: str, events: list[TimelineEvent]) -> None:
-        """Insert events, treating ones already stored (same session and seq) as done."""
+    async def _insert_events(
+        self, session_id: str, events: list[TimelineEvent]
+    ) -> list[TimelineEvent]:
+        """Insert events; one already stored (same seq, same content) is done. Returns those
+        whose seq MongoDB holds for another event."""
         try:
             await _guard(
                 self._events.insert_many([_event_doc(session_id, e) for e in events], ordered=False)
             )
         except BulkWriteError as exc:
-            if any(err.get("code") != DUPLICATE_KEY for err in exc.details.get("writeErrors", [])):
+            errors = exc.details.get("writeErrors", [])
+            if any(err.get("code") != DUPLICATE_KEY for err in errors):
                 raise
+            taken = [events[err["index"]] for err in errors]
+            return await self._other_events(session_id, taken)
+        return []
+
+    async def _other_events(
+        self, session_id: str, taken: list[TimelineEvent]
+    ) -> list[TimelineEvent]:
+        """Of `taken` (seqs MongoDB has), those MongoDB holds another event for."""
+        cursor = self._events.find(
+            {"session_id": session_id, "seq": {"$in": [e.seq for e in taken]}}
+        )
+        stored = {d["seq"]: _from_event_doc(d) for d in await _guard(cursor.to_list(None))}
+        return [e for e in taken if e.seq in stored and not _same_event(stored[e.seq], e)]
+
+    async def keep_conflict(self, diverged: WriteDiverged) -> bool:
+        """Keep the write that diverged (what came in, what MongoDB held); False when it was
+        kept before (its id names the write and the clash)."""
+        record = diverged.record
+        seqs = ",".join(str(e.seq) for e in diverged.events)
+        key = f"{record.id}:{record.write_id}:v{int(diverged.version_clash)}:{seqs}"
+        incoming = {
+            "record": msgspec.to_builtins(record, builtin_types=(datetime,)),
+            "events": msgspec.to_builtins(diverged.events, builtin_types=(datetime,)),
+            "context": msgspec.to_builtins(diverged.context, builtin_types=(datetime,)),
+        }
+        stored = (
+            msgspec.to_builtins(diverged.stored, builtin_types=(datetime,))
+            if diverged.stored
+            else None
+        )
+        doc = {
+            "_id": key,
+            "session_id": record.id,
+            "at": utcnow(),
+            "incoming": incoming,
+            "stored": stored,
+        }
+        try:
+            await _guard(self._conflicts.insert_one(doc))
+        except DuplicateKeyError:
+            return False
+        return True
 
     async def mark_state(self, session_id: str, version: int, state: SessionState) -> None:
         await _guard(
@@ -247,6 +373,8 @@ class MongoWarmStore:
     async def delete(self, session_id: str) -> None:
         await _guard(self._sessions.delete_one({"_id": session_id}))
         await _guard(self._events.delete_many({"session_id": session_id}))
+        await _guard(self._writes.delete_many({"session_id": session_id}))
+        await _guard(self._conflicts.delete_many({"session_id": session_id}))
 
     # -- the cold tier's side of MongoDB ---------------------------------------------------------
 
@@ -450,7 +578,8 @@ async def open_warm_store(settings: Settings) -> AsyncIterator[MongoWarmStore]:
     client = mongo_client(settings)
     try:
         await init_beanie(
-            database=client[settings.mongodb_db], document_models=[SessionDocument, EventDocument]
+            database=client[settings.mongodb_db],
+            document_models=[SessionDocument, EventDocument, WriteDocument, ConflictDocument],
         )
         yield MongoWarmStore(client, settings.mongodb_db)
     finally:
