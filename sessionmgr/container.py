@@ -128,6 +128,8 @@ class Container(containers.DeclarativeContainer):
         recent_timeline=settings.provided.recent_timeline,
         lease_ttl_s=settings.provided.lease_ttl_s,
         idempotency_ttl_s=settings.provided.idempotency_ttl_s,
+        wait_replicas=settings.provided.redis_wait_replicas,
+        wait_timeout_ms=settings.provided.redis_wait_timeout_ms,
     )
     # The service, the health probes and the write-behind reach the backends through their
     # breakers; `hot` and `warm` stay the bare adapters (tests inspect the stores through them).

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -256,8 +257,11 @@ class RedisHotStore:
         lease_ttl_s: int = 30,
         idempotency_ttl_s: int = 86_400,
         deleted_ttl_s: int = 86_400,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 500,
     ) -> None:
         self._redis = redis
+        self._wait = (wait_replicas, wait_timeout_ms)
         self._recent = recent_timeline
         self._lease_ms = lease_ttl_s * 1000
         self._idem_ttl = idempotency_ttl_s
@@ -298,8 +302,19 @@ class RedisHotStore:
             return None
         return _decode_str(owner), _decode_acl(acl)
 
+    def _acknowledged(self) -> Pipeline:
+        """A transaction whose EXEC counts as acknowledged: with `wait_replicas`, only once
+        that many replicas hold it (Redis WAIT on the same connection, right after EXEC)."""
+        if not self._wait[0]:
+            return self._redis.pipeline(transaction=True)
+        pipe = ReplicatedPipeline(
+            self._redis.connection_pool, self._redis.response_callbacks, True, None
+        )
+        pipe.replication = self._wait
+        return pipe
+
     async def create(self, record: SessionRecord, idem: Idempotency | None, result: bytes) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._acknowledged() as pipe:
             pipe.hset(hot_key(record.id), mapping=encode_record(record))  # type: ignore[arg-type]
             if idem is not None:
                 record_key = idem_key(CREATE_SCOPE, idem)
@@ -361,7 +376,7 @@ class RedisHotStore:
     ) -> Replayed | Change | None:
         key = hot_key(session_id)
         watched = [key] if idem is None else [key, idem_key(session_id, idem)]
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._acknowledged() as pipe:
             await self._guard(pipe.watch(*watched))
             view, stored = await self._read(pipe, session_id, idem)
             if idem is not None and (replay := replay_of(idem, stored)) is not None:
@@ -415,7 +430,7 @@ class RedisHotStore:
         marks = [_event_mark(e) for e in diverged.events]
         version_mark = f"v{diverged.record.version}:{diverged.record.write_id}"
         for _ in range(_RACE_RETRIES):
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with self._acknowledged() as pipe:
                 try:
                     await self._guard(pipe.watch(key, tl, moved_key))
                     done = await self._guard(pipe.hmget(moved_key, [version_mark, *marks]))
@@ -715,6 +730,30 @@ def replay_of(idem: Idempotency, stored: bytes | None) -> Replayed | None:
     if result.startswith(PENDING):
         raise IdempotencyKeyInFlight()
     return Replayed(result=result)
+
+
+class ReplicatedPipeline(Pipeline):
+    """A MULTI/EXEC followed, on the same connection, by `WAIT replicas timeout`: Redis then
+    says how many replicas hold everything this connection wrote. Fewer than asked is not an
+    acknowledgement: the write is applied on the master, but a failover now could take it."""
+
+    replication: tuple[int, int] = (0, 0)  # (replicas, timeout in ms)
+
+    async def _execute_transaction(
+        self, connection: Any, commands: Any, raise_on_error: Any
+    ) -> Any:
+        result = await super()._execute_transaction(connection, commands, raise_on_error)
+        replicas, timeout_ms = self.replication
+        await connection.send_command("WAIT", replicas, timeout_ms)
+        acked = int(await connection.read_response())
+        if acked < replicas:
+            raise BackendUnavailable(
+                "redis",
+                f"the write reached {acked} of the {replicas} replicas asked for within "
+                f"{timeout_ms} ms (SESSIONMGR_REDIS_WAIT_REPLICAS): its outcome is unknown",
+                retryable=False,
+            )
+        return result
 
 
 def redis_client(settings: Settings, *, socket_timeout_s: float | None = None) -> Redis:
