@@ -62,3 +62,19 @@ def bench(session: nox.Session) -> None:
     """
     install_groups(session, "bench")
     session.run("python", "-m", "bench.run", *session.posargs)
+
+
+@nox.session(default=False)
+def faults(session: nox.Session) -> None:
+    """The long fault soak (never in CI, ~25 min): each class of MongoDB error for 10 s and
+    120 s under steady writes, with the rest of the fault-injection suite.
+
+    CI runs the short version (1 s per class, one 10 s outage) inside `nox -s tests`.
+    """
+    install_groups(session, "tests")
+    session.run(
+        "pytest",
+        "tests/integration/faults",
+        *session.posargs,
+        env={"SESSIONMGR_FAULTS_LONG": "1"},
+    )
