@@ -283,12 +283,17 @@ async def test_a_fenced_renewal_interrupts_the_code_inside(
         stalled = client_for(served, cast.mad_token, http)
         newer = client_for(served, cast.mad_token, http)
         reached_the_end = False
-        with pytest.raises(Fenced):
+
+        async def work_on() -> None:
+            nonlocal reached_the_end
             async with stalled.participant(sid, cast.mad, renew_every=LEASE_TTL_S + 1.0):
                 await asyncio.sleep(LEASE_TTL_S + 0.4)  # lapsed; the renewal is not due yet
                 await newer.join(sid, cast.mad)
                 await asyncio.sleep(10)  # the renewal (at 2 s) is fenced: this is cancelled
                 reached_the_end = True
+
+        with pytest.raises(Fenced):
+            await asyncio.wait_for(work_on(), timeout=8)
         assert not reached_the_end
 
 
