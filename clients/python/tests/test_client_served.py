@@ -309,3 +309,40 @@ def test_the_blocking_client_has_the_same_calls(served: Served, cast: Cast) -> N
         with client.participant(sid, cast.mad, token=cast.mad_token) as me:
             assert me.append([{"kind": "note"}]).last_seq == 1
         assert cast.mad not in client.get_session(sid).participants
+
+
+async def test_watch_follows_the_real_change_feed(
+    served: Served, cast: Cast, http_factory: Factory
+) -> None:
+    """The same feed, served by sessionmgr: every write of the session once, in order."""
+    async with http_factory() as http:
+        client = client_for(served, cast.owner_token, http)
+        sid = (await client.create_session()).id
+        async with http.stream(
+            "GET",
+            f"{served.base_url}/v1/sessions/{sid}/changes",
+            headers={"Authorization": f"Bearer {cast.owner_token}"},
+        ) as probe:
+            status = probe.status_code  # the head only: a feed's body never ends
+        if status in (404, 405):
+            pytest.skip("GET /v1/sessions/{id}/changes is not served on this branch (issue 13)")
+
+        async def writes() -> None:
+            await asyncio.sleep(0.3)  # after the subscription is open
+            await client.patch(sid, {"work_in_progress": {"a": 1}}, if_match=1)
+            await client.append(sid, [{"kind": "note"}])
+            await client.join(sid, cast.mad)
+            await client.leave(sid, cast.mad)
+
+        writer = asyncio.create_task(writes())
+        seen: list[tuple[str, int]] = []
+        async with asyncio.timeout(15):
+            async for change in client.watch(sid):
+                assert change.session_id == sid
+                seen.append((change.kind, change.version))
+                if change.kind == "left":
+                    break
+        await writer
+        assert [kind for kind, _ in seen] == ["patched", "appended", "joined", "left"]
+        versions = [v for _, v in seen]
+        assert versions == sorted(versions)

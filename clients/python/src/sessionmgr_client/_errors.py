@@ -75,6 +75,18 @@ class OutboxParked(ProblemError):
     """409 outbox-parked: archive refused until an operator clears the dead letters."""
 
 
+class MethodNotAllowed(ProblemError):
+    """405: the route does not have this method."""
+
+
+class RequestTimeout(ProblemError):
+    """408: the request did not arrive in time (the connection was closed)."""
+
+
+class HeadTooLarge(ProblemError):
+    """431: the request line and headers are too large."""
+
+
 class PreconditionFailed(ProblemError):
     """412: If-Match names no version the session is at; `problem.current_version` does."""
 
@@ -121,6 +133,8 @@ BY_SLUG: dict[str, type[ProblemError]] = {
     "forbidden": Forbidden,
     "quota-exceeded": QuotaExceeded,
     "not-found": NotFound,
+    "method-not-allowed": MethodNotAllowed,
+    "request-timeout": RequestTimeout,
     "version-conflict": Conflict,
     "idempotency-key-in-flight": IdempotencyKeyInFlight,
     "lease-expired": LeaseExpired,
@@ -133,6 +147,7 @@ BY_SLUG: dict[str, type[ProblemError]] = {
     "invalid-input": InvalidInput,
     "idempotency-key-reused": IdempotencyKeyReused,
     "version-required": VersionRequired,
+    "head-too-large": HeadTooLarge,
     "rate-limited": RateLimited,
     "idempotency-keys-exhausted": IdempotencyKeysExhausted,
     "internal": InternalError,
@@ -145,12 +160,15 @@ BY_STATUS: dict[int, type[ProblemError]] = {
     401: Unauthenticated,
     403: Forbidden,
     404: NotFound,
+    405: MethodNotAllowed,
+    408: RequestTimeout,
     409: Conflict,
     412: PreconditionFailed,
     413: TooLarge,
     415: UnsupportedMediaType,
     422: InvalidInput,
     428: VersionRequired,
+    431: HeadTooLarge,
     429: RateLimited,
     500: InternalError,
     503: Unavailable,
