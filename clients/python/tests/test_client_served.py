@@ -7,7 +7,9 @@ the real server, so that what the server did is checked on the server.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +31,7 @@ from sessionmgr_client import (
 from tests.e2e.served import Served
 
 Factory = Callable[..., httpx.AsyncClient]
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def client_for(served: Served, token: str, http: httpx.AsyncClient) -> AsyncClient:
@@ -346,3 +349,37 @@ async def test_watch_follows_the_real_change_feed(
         assert [kind for kind, _ in seen] == ["patched", "appended", "joined", "left"]
         versions = [v for _, v in seen]
         assert versions == sorted(versions)
+
+
+async def test_two_example_mads_play_one_rally(
+    served: Served, cast: Cast, http_factory: Factory
+) -> None:
+    """examples/pingpong.py: two MADs take turns on one session, each as its own principal.
+
+    Without the change feed on this branch they fall back to re-reading every `quiet`
+    seconds; with it they are woken by the feed."""
+    spec = importlib.util.spec_from_file_location("pingpong", EXAMPLES / "pingpong.py")
+    assert spec is not None
+    assert spec.loader is not None
+    pingpong = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pingpong)
+    async with http_factory() as http:
+        owner = client_for(served, cast.owner_token, http)
+        sid = await pingpong.setup(owner, rally=6)
+        players = [
+            pingpong.play(client_for(served, token_for(f"mad:{name}"), http), sid, name, 0.2)
+            for name in ("ping", "pong")
+        ]
+        assert await asyncio.wait_for(asyncio.gather(*players), timeout=30) == [6, 6]
+        final = await owner.get_session(sid)
+        hits = [e async for e in owner.iter_timeline(sid)]
+        assert [(e.data["by"], e.data["ball"]) for e in hits] == [
+            ("ping", 1),
+            ("pong", 2),
+            ("ping", 3),
+            ("pong", 4),
+            ("ping", 5),
+            ("pong", 6),
+        ]
+        assert {e.actor for e in hits} == {"mad:ping", "mad:pong"}
+        assert final.participants == {}  # both left at the end
