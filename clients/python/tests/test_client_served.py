@@ -231,14 +231,30 @@ async def test_a_503_is_retried_after_retry_after_with_the_same_key(
         assert transport.keys[0] == transport.keys[1]
 
 
+class Recording(httpx.AsyncBaseTransport):
+    """Forwards to the real server and keeps each request's method, path and headers."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.sent: list[tuple[str, str, httpx.Headers]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append((request.method, request.url.path, request.headers))
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 async def test_participant_renews_its_lease_and_writes_fenced(
     served: Served, cast: Cast, http_factory: Factory
 ) -> None:
-    async with http_factory() as http:
+    recording = Recording()
+    async with http_factory() as http, http_factory(recording) as mad_http:
         owner = client_for(served, cast.owner_token, http)
         sid = (await owner.create_session(work_in_progress={"n": 0})).id
         await owner.join(sid, cast.mad)
-        mad = client_for(served, cast.mad_token, http)
+        mad = client_for(served, cast.mad_token, mad_http)
         async with mad.participant(sid, cast.mad) as me:
             assert me.token is not None
             await asyncio.sleep(LEASE_TTL_S * 2.5)  # lapses unless renewed in the background
@@ -250,6 +266,14 @@ async def test_participant_renews_its_lease_and_writes_fenced(
             assert (await owner.get_session(sid)).participants[cast.mad].active
         # left on exit
         assert cast.mad not in (await owner.get_session(sid)).participants
+        renewals = [h for m, p, h in recording.sent if m == "PUT" and p.endswith("/lease")]
+        assert len(renewals) >= 2  # every third of the 1 s lease while it slept 2.5 s
+        assert all(h["Lease-Token"] == str(me.token) for h in renewals)
+        assert not any("Idempotency-Key" in h for h in renewals)  # idempotent by nature
+        writes = [h for m, _, h in recording.sent if m in ("PATCH", "POST", "DELETE")]
+        assert len(writes) == 4  # join, patch, append, leave
+        assert all(h["Idempotency-Key"] for h in writes)
+        assert all(h["Lease-Token"] == str(me.token) for h in writes[1:])
 
 
 async def test_a_participant_whose_lease_is_taken_over_is_fenced(

@@ -360,12 +360,16 @@ class AsyncClient:
         lease_token: int | None = None,
         idempotency_key: str | None = None,
     ) -> LeaseInfo:
+        """Extend a live lease. The one mutation sent without an Idempotency-Key unless you
+        pass one: a renewal is idempotent by nature (a repeat extends the same lease, same
+        token), and a MAD renewing every 10 s would otherwise use up most of the caller's
+        live keys (`SESSIONMGR_IDEMPOTENCY_MAX_KEYS_PER_CALLER`, 10 000 a day by default)."""
         return await self._call(
             LeaseInfo,
             "PUT",
             f"/v1/sessions/{session_id}/participants/{mad_name}/lease",
             headers=self._write_headers(None, lease_token),
-            idempotency_key=idempotency_key or new_key(),
+            idempotency_key=idempotency_key,
         )
 
     async def leave(
