@@ -25,6 +25,7 @@ from sessionmgr_client import (
     NotFound,
     PreconditionFailed,
     Session,
+    Unauthenticated,
     VersionRequired,
 )
 
@@ -407,3 +408,24 @@ async def test_two_example_mads_play_one_rally(
         ]
         assert {e.actor for e in hits} == {"mad:ping", "mad:pong"}
         assert final.participants == {}  # both left at the end
+
+
+async def test_a_token_callable_is_asked_again_after_a_401(
+    served: Served, cast: Cast, http_factory: Factory
+) -> None:
+    handed = iter(["expired-or-garbage", cast.owner_token])
+    calls = 0
+
+    async def fresh_token() -> str:
+        nonlocal calls
+        calls += 1
+        return next(handed)
+
+    async with http_factory() as http:
+        client = AsyncClient(served.base_url, token=fresh_token, http_client=http)
+        created = await client.create_session()
+        assert created.owner_id == cast.owner
+        assert calls == 2
+        fixed = AsyncClient(served.base_url, token="garbage", http_client=http)
+        with pytest.raises(Unauthenticated):
+            await fixed.get_session(created.id)

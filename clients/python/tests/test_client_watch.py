@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from sessionmgr_client import AsyncClient, Change, Client, NotFound
+from sessionmgr_client import AsyncClient, Change, Client, NotFound, Unauthenticated
 
 SID = "a" * 32
 Serve = Callable[["FakeFeed"], Awaitable["FakeFeed"]]
@@ -174,3 +174,27 @@ def test_the_blocking_client_watches_too() -> None:
         server.close()
 
     asyncio.run(main())
+
+
+async def test_a_401_reconnects_once_with_a_fresh_token(feed_server: Serve) -> None:
+    problem = json.dumps(
+        {
+            "type": "/problems#unauthenticated",
+            "title": "Unauthorized",
+            "status": 401,
+            "detail": "the token expired",
+            "instance": f"/v1/sessions/{SID}/changes",
+        }
+    ).encode()
+    feed = await feed_server(
+        FakeFeed([(401, [problem], {}), (200, [event("patched", "1-0", 2)], {})])
+    )
+    tokens = iter(["old", "new"])
+    async with AsyncClient(feed.url, token=lambda: next(tokens)) as client:
+        assert [c.id for c in await take(client, 1)] == ["1-0"]
+    assert [r["authorization"] for r in feed.requests] == ["Bearer old", "Bearer new"]
+    twice = await feed_server(FakeFeed([(401, [problem], {})]))
+    async with AsyncClient(twice.url, token=lambda: "old") as client:
+        with pytest.raises(Unauthenticated):
+            await take(client, 1)
+    assert len(twice.requests) == 2

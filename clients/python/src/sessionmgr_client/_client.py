@@ -20,6 +20,7 @@ from sessionmgr_client._errors import (
     PreconditionFailed,
     ProblemError,
     RateLimited,
+    Unauthenticated,
     Unavailable,
     error_for,
 )
@@ -160,6 +161,27 @@ class AsyncClient:
         if json is not None:
             sent.setdefault("Content-Type", "application/json")
         query = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            return await self._attempts(method, path, body, query, sent)
+        except Unauthenticated:
+            if not self.refreshes_token:
+                raise
+            # the token may have expired since the callable made it: once more, with a new one
+            return await self._attempts(method, path, body, query, sent)
+
+    @property
+    def refreshes_token(self) -> bool:
+        """Whether the token comes from a callable, so that a 401 is worth one more try."""
+        return callable(self._token)
+
+    async def _attempts(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        query: dict[str, Any],
+        sent: dict[str, str],
+    ) -> httpx.Response:
         async for attempt in stamina.retry_context(
             on=_retryable,
             attempts=self.max_attempts,

@@ -14,6 +14,7 @@ from httpx_sse import ServerSentEvent, SSEError, aconnect_sse
 from sessionmgr_client._errors import (
     IdempotencyKeyInFlight,
     RateLimited,
+    Unauthenticated,
     Unavailable,
     error_for,
 )
@@ -55,6 +56,7 @@ async def watch(
     last_id = since
     delay = reconnect_delay
     failures = 0
+    refreshed = False
     url = f"{client.base_url}/v1/sessions/{session_id}/changes"
     timeout = httpx.Timeout(10.0, read=idle_timeout)
     while True:
@@ -71,11 +73,18 @@ async def watch(
                 if response.status_code >= 400:
                     await response.aread()
                     error = error_for(response)
-                    if not isinstance(error, RETRYABLE):
+                    if isinstance(error, Unauthenticated) and client.refreshes_token:
+                        if refreshed:
+                            raise error
+                        refreshed = True  # once: the callable makes a fresh token
+                        wait = 0.0
+                    elif not isinstance(error, RETRYABLE):
                         raise error
-                    wait = error.retry_after
-                    failures += 1
+                    else:
+                        wait = error.retry_after
+                        failures += 1
                 else:
+                    refreshed = False
                     async for sse in source.aiter_sse():
                         if sse.retry is not None:
                             delay = sse.retry / 1000
