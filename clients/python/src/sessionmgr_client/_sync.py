@@ -15,7 +15,8 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import httpx
 
-from sessionmgr_client._client import AsyncClient, Token
+from sessionmgr_client._client import AsyncClient, EventLike, Patch, Token, UpdateFn, Version
+from sessionmgr_client._models import AppendResult, Session
 from sessionmgr_client._participant import Participant
 
 P = ParamSpec("P")
@@ -165,8 +166,10 @@ class Client:
 
 
 class SyncParticipant:
+    """What `Client.participant()` returns; use it with `with`. Writes carry `Lease-Token`."""
+
     def __init__(self, client: Client, inner: Participant) -> None:
-        self._client = client
+        self._run = client._loop.run
         self.inner = inner
 
     @property
@@ -178,7 +181,7 @@ class SyncParticipant:
         return self.inner.lost
 
     def __enter__(self) -> Self:
-        self._client._loop.run(self.inner.__aenter__())
+        self._run(self.inner.__aenter__())
         return self
 
     def __exit__(
@@ -187,19 +190,35 @@ class SyncParticipant:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._client._loop.run(self.inner.__aexit__(exc_type, exc, tb))
+        self._run(self.inner.__aexit__(exc_type, exc, tb))
 
-    def get(self) -> Any:
-        return self._client._loop.run(self.inner.get())
+    def get(self) -> Session:
+        return self._run(self.inner.get())
 
-    def patch(self, fields: dict[str, Any], **kwargs: Any) -> Any:
-        return self._client._loop.run(self.inner.patch(fields, **kwargs))
+    def patch(
+        self,
+        fields: Patch,
+        *,
+        expected_version: int | None = None,
+        if_match: Version | None = None,
+    ) -> Session:
+        return self._run(
+            self.inner.patch(fields, expected_version=expected_version, if_match=if_match)
+        )
 
-    def merge_patch(self, document: dict[str, Any], **kwargs: Any) -> Any:
-        return self._client._loop.run(self.inner.merge_patch(document, **kwargs))
+    def merge_patch(self, document: Patch, *, if_match: Version) -> Session:
+        return self._run(self.inner.merge_patch(document, if_match=if_match))
 
-    def append(self, events: list[Any], **kwargs: Any) -> Any:
-        return self._client._loop.run(self.inner.append(events, **kwargs))
+    def append(
+        self,
+        events: list[EventLike],
+        *,
+        expected_version: int | None = None,
+        if_match: Version | None = None,
+    ) -> AppendResult:
+        return self._run(
+            self.inner.append(events, expected_version=expected_version, if_match=if_match)
+        )
 
-    def update(self, fn: Any, **kwargs: Any) -> Any:
-        return self._client._loop.run(self.inner.update(fn, **kwargs))
+    def update(self, fn: UpdateFn, *, max_attempts: int = 20) -> Session:
+        return self._run(self.inner.update(fn, max_attempts=max_attempts))
