@@ -26,6 +26,7 @@ from sessionmgr_client import (
     PreconditionFailed,
     Session,
     Unauthenticated,
+    Unavailable,
     VersionRequired,
 )
 
@@ -145,11 +146,23 @@ class LoseFirstAnswer(httpx.AsyncBaseTransport):
     (the server did the work, the client sees a connection error), or, with `fake_503`,
     the first matching request never reaches the server and gets a 503 with Retry-After."""
 
-    def __init__(self, method: str, path_end: str, *, fake_503: bool = False) -> None:
+    def __init__(
+        self,
+        method: str,
+        path_end: str,
+        *,
+        fake_503: bool = False,
+        fake_status: int = 503,
+        retry_after: str = "0",
+        times: int = 1,
+    ) -> None:
         self.inner = httpx.AsyncHTTPTransport()
         self.method = method
         self.path_end = path_end
         self.fake_503 = fake_503
+        self.fake_status = fake_status
+        self.retry_after = retry_after
+        self.times = times
         self.keys: list[str | None] = []
         self.faulted = False
 
@@ -157,15 +170,20 @@ class LoseFirstAnswer(httpx.AsyncBaseTransport):
         matches = request.method == self.method and request.url.path.endswith(self.path_end)
         if matches:
             self.keys.append(request.headers.get("Idempotency-Key"))
-        if matches and not self.faulted and self.fake_503:
+        if matches and self.fake_503 and self.times > 0:
+            self.times -= 1
             self.faulted = True
+            slug = "rate-limited" if self.fake_status == 429 else "backend-unavailable"
             return httpx.Response(
-                503,
-                headers={"Retry-After": "0", "Content-Type": "application/problem+json"},
+                self.fake_status,
+                headers={
+                    "Retry-After": self.retry_after,
+                    "Content-Type": "application/problem+json",
+                },
                 json={
-                    "type": "/problems#backend-unavailable",
-                    "title": "Service Unavailable",
-                    "status": 503,
+                    "type": f"/problems#{slug}",
+                    "title": "Injected",
+                    "status": self.fake_status,
                     "detail": "injected by the test",
                     "instance": request.url.path,
                     "backend": "redis",
@@ -245,6 +263,38 @@ class Recording(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+async def test_a_429_waits_its_retry_after(
+    served: Served, cast: Cast, http_factory: Factory
+) -> None:
+    transport = LoseFirstAnswer(
+        "POST", "/timeline", fake_503=True, fake_status=429, retry_after="1"
+    )
+    async with http_factory(transport) as http:
+        client = client_for(served, cast.owner_token, http)
+        sid = (await client.create_session()).id
+        started = asyncio.get_running_loop().time()
+        await client.append(sid, [{"kind": "note"}])
+        assert asyncio.get_running_loop().time() - started >= 1.0
+        assert len(transport.keys) == 2
+        assert transport.keys[0] == transport.keys[1]
+        assert len((await client.timeline(sid)).items) == 1
+
+
+async def test_retries_are_bounded(served: Served, cast: Cast, http_factory: Factory) -> None:
+    transport = LoseFirstAnswer("DELETE", "", fake_503=True, times=100)
+    async with http_factory(transport) as http:
+        client = AsyncClient(
+            served.base_url, token=cast.owner_token, http_client=http, max_attempts=3
+        )
+        sid = (await client.create_session()).id
+        with pytest.raises(Unavailable) as unavailable:
+            await client.delete(sid)
+        assert unavailable.value.problem.backend == "redis"
+        assert len(transport.keys) == 3
+        assert len(set(transport.keys)) == 1
+        assert (await client.get_session(sid)).id == sid  # never reached the server
 
 
 async def test_participant_renews_its_lease_and_writes_fenced(
