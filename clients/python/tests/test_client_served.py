@@ -22,6 +22,7 @@ from sessionmgr_client import (
     Fenced,
     Forbidden,
     InvalidInput,
+    LeaseGone,
     NotFound,
     PreconditionFailed,
     Session,
@@ -479,3 +480,22 @@ async def test_a_token_callable_is_asked_again_after_a_401(
         fixed = AsyncClient(served.base_url, token="garbage", http_client=http)
         with pytest.raises(Unauthenticated):
             await fixed.get_session(created.id)
+
+
+async def test_a_participant_removed_by_the_owner_is_told_so(
+    served: Served, cast: Cast, http_factory: Factory
+) -> None:
+    async with http_factory() as http:
+        owner = client_for(served, cast.owner_token, http)
+        sid = (await owner.create_session()).id
+        await owner.join(sid, cast.mad)
+        mad = client_for(served, cast.mad_token, http)
+
+        async def work_on() -> None:
+            async with mad.participant(sid, cast.mad, renew_every=0.3):
+                await owner.leave(sid, cast.mad)  # the owner takes it out
+                await asyncio.sleep(10)  # the next renewal is 404 (or 403): this is cancelled
+
+        with pytest.raises(LeaseGone) as gone:
+            await asyncio.wait_for(work_on(), timeout=8)
+        assert isinstance(gone.value.__cause__, NotFound | Forbidden)

@@ -12,6 +12,7 @@ import httpx
 
 from sessionmgr_client._errors import (
     Dormant,
+    Forbidden,
     LeaseLost,
     NotFound,
     ProblemError,
@@ -26,8 +27,8 @@ MIN_RENEW_EVERY_S = 0.05
 
 
 class LeaseGone(SessionMgrError):
-    """The participant is no longer one (removed, reaped, or the session was suspended):
-    `__cause__` is the answer that said so."""
+    """The participant is no longer one (removed, reaped, no access any more, or the session
+    was suspended): `__cause__` is the answer that said so."""
 
 
 def renew_interval(session: Session, mad_name: str) -> float:
@@ -94,7 +95,7 @@ class Participant:
             if self._cancelled_body and exc_type is asyncio.CancelledError:
                 assert self._body is not None
                 self._body.uncancel()
-                raise self.lost from None
+                raise self.lost from self.lost.__cause__  # not from the CancelledError
             if not self._delivered:
                 raise self.lost
             return
@@ -115,7 +116,7 @@ class Participant:
             except LeaseLost as exc:
                 self._lose(exc)
                 return
-            except (NotFound, Dormant) as exc:
+            except (NotFound, Forbidden, Dormant) as exc:
                 gone = LeaseGone(f"{self.mad_name} is no longer a participant: {exc}")
                 gone.__cause__ = exc
                 self._lose(gone)
