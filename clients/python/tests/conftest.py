@@ -25,7 +25,7 @@ from tests.conftest import JWT_SECRET  # noqa: E402
 from tests.e2e.served import Served, check_problem, serve  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
-LEASE_TTL_S = 1  # short leases, so that lapses and takeovers happen within a test
+LEASE_TTL_S = 2  # short leases, so that lapses and takeovers happen within a test
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from tests.support.replicas import Replica, service_env, start_all
 from tests.support.wire_mongo import LABEL as WIRE
 from tests.support.wire_mongo import WireMongoServer
 
-LEASE_TTL_S = 1
+LEASE_TTL_S = 2
 
 
 @pytest.fixture(scope="module")
