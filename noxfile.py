@@ -43,7 +43,8 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def client(session: nox.Session) -> None:
     """The Python client (clients/python, installed editable) against a real `sessionmgr
-    serve` and redis-server, with the client's coverage; about 30 s."""
+    serve` (one, and three sharing one Redis and MongoDB) and redis-server, with the client's
+    coverage; about a minute."""
     install_groups(session, "tests")
     session.install("-e", CLIENT)
     session.run(

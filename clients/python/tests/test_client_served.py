@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -499,3 +500,22 @@ async def test_a_participant_removed_by_the_owner_is_told_so(
         with pytest.raises(LeaseGone) as gone:
             await asyncio.wait_for(work_on(), timeout=8)
         assert isinstance(gone.value.__cause__, NotFound | Forbidden)
+
+
+def test_a_blocking_participant_that_was_fenced_raises_on_its_next_write(
+    served: Served, cast: Cast
+) -> None:
+    with (
+        Client(served.base_url, token=cast.owner_token) as owner,
+        Client(served.base_url, token=cast.mad_token) as mad,
+    ):
+        sid = owner.create_session().id
+        owner.join(sid, cast.mad)
+        with mad.participant(sid, cast.mad, renew_every=LEASE_TTL_S + 2.0) as me:
+            time.sleep(LEASE_TTL_S + 0.4)  # lapsed; the background renewal is due later
+            owner.join(sid, cast.mad)  # a new grant: me's token is stale now
+            time.sleep(3.0)  # the renewal (at 4 s) is fenced meanwhile, in the client's thread
+            assert isinstance(me.lost, Fenced)
+            with pytest.raises(Fenced):
+                me.append([{"kind": "stale"}])
+        assert owner.get_session(sid).recent_timeline == []
