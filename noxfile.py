@@ -12,9 +12,10 @@ import nox
 nox.needs_version = ">=2025.2.9"  # nox.project.dependency_groups
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "client", "lint", "typecheck"]
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
+CLIENT = "clients/python"  # sessionmgr-client, a distribution of its own
 
 
 def install_groups(session: nox.Session, *groups: str, project: bool = True) -> None:
@@ -40,6 +41,25 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def client(session: nox.Session) -> None:
+    """The Python client (clients/python, installed editable) against a real `sessionmgr
+    serve` (one, and three sharing one Redis and MongoDB) and redis-server, with the client's
+    coverage; about a minute."""
+    install_groups(session, "tests")
+    session.install("-e", CLIENT)
+    session.run(
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "--cov=sessionmgr_client",
+        "--cov-report=term-missing",
+        "--cov-fail-under=85",
+        f"{CLIENT}/tests",
+        *session.posargs,
+    )
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     install_groups(session, "lint", project=False)
     session.run("ruff", "check", *session.posargs)
@@ -49,7 +69,10 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     install_groups(session, "typecheck")
+    session.install("-e", CLIENT)
     session.run("mypy", *session.posargs)
+    # the client, strict as well, on its own (its imports are not the server's)
+    session.run("mypy", f"{CLIENT}/src/sessionmgr_client", f"{CLIENT}/examples")
 
 
 @nox.session(default=False)
