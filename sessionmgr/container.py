@@ -14,6 +14,7 @@ from sessionmgr.api.ratelimit import RateLimiter
 from sessionmgr.metrics import Metrics
 from sessionmgr.services.archive import Archivist
 from sessionmgr.services.divergence import Reconciler
+from sessionmgr.services.idle import IdleSweeper, sweeping
 from sessionmgr.services.ports import WarmStore
 from sessionmgr.services.resilience import Breakers, Guarded, RetryPolicy, probing
 from sessionmgr.services.sessions import Limits, SessionService
@@ -21,6 +22,7 @@ from sessionmgr.services.write_behind import WriteBehindWorker, running
 from sessionmgr.settings import Settings, load_settings
 from sessionmgr.storage.cold import open_archive_store
 from sessionmgr.storage.hot import RedisHotStore, redis_client
+from sessionmgr.storage.idle import RedisIdleIndex, RedisSweepLock
 from sessionmgr.storage.traced import traced
 from sessionmgr.storage.warm import open_warm_store
 from sessionmgr.telemetry import open_tracing, tracer_of
@@ -74,6 +76,31 @@ async def run_worker(
     )
     async with running(worker):
         yield worker
+
+
+async def run_idle_sweep(
+    sweeper: IdleSweeper, settings: Settings, enabled: bool
+) -> AsyncIterator[IdleSweeper | None]:
+    """The idle sweep in the background of a replica (not of a CLI run, which sweeps once)."""
+    if not (enabled and settings.idle_sweep):
+        yield None
+        return
+    async with sweeping(sweeper, settings.idle_sweep_interval_s):
+        yield sweeper
+
+
+def idle_sweeper_from(
+    hot: object, sessions: SessionService, redis: Redis, settings: Settings, metrics: Metrics
+) -> IdleSweeper:
+    return IdleSweeper(
+        hot,  # type: ignore[arg-type]  # the traced, guarded HotStore
+        sessions.suspend_unattended,
+        RedisIdleIndex(redis),
+        RedisSweepLock(redis),
+        idle_after_s=settings.idle_suspend_after,
+        batch=settings.idle_sweep_batch,
+        metrics=metrics,
+    )
 
 
 async def run_probe(hot: object, warm: object, breakers: Breakers) -> AsyncIterator[None]:
@@ -179,6 +206,11 @@ class Container(containers.DeclarativeContainer):
         tracer,
         reconciler,
     )
+
+    idle_sweeper = providers.Singleton(
+        idle_sweeper_from, traced_hot, sessions, redis, settings, metrics
+    )
+    idle_sweep = providers.Resource(run_idle_sweep, idle_sweeper, settings, run_write_behind)
 
 
 def build_container(settings: Settings | None = None, *, write_behind: bool = True) -> Container:

@@ -273,3 +273,25 @@ REBASED, DONE, AT_REST = "rebased", "done", "at-rest"  # what `HotStore.rebase` 
 
 class SessionRebased(Exception):
     """The hot session was re-based after a divergence: read it again and start over."""
+
+
+# -- the idle sweep: active sessions by age, and one sweeper at a time --------------------------
+
+
+class IdleIndex(Protocol):
+    """Active sessions by when they were last written or loaded (epoch seconds)."""
+
+    async def older_than(
+        self, cutoff: float, limit: int, offset: int = 0
+    ) -> list[tuple[str, float]]: ...
+    async def forget(self, session_id: str, cutoff: float) -> bool: ...
+    async def postpone(self, session_id: str, at: float) -> None: ...
+    async def size(self) -> int: ...
+
+
+class SweepLock(Protocol):
+    """A lock with a TTL and a token: only the holder extends or releases it."""
+
+    async def acquire(self, ttl_ms: int) -> str | None: ...
+    async def extend(self, token: str, ttl_ms: int) -> bool: ...
+    async def release(self, token: str) -> None: ...

@@ -74,6 +74,9 @@ log = logging.getLogger(__name__)
 
 OUTBOX_STREAM = "session_outbox"
 DEAD_LETTER_STREAM = "session_outbox_dead"
+# Active sessions scored by when they were last written or loaded (storage/idle.py): outside
+# every MULTI, so that each MULTI keeps to the keys of one session's hash tag.
+IDLE_INDEX = "session_idle"
 _RECORD_FIELDS = tuple(SessionRecord.__struct_fields__)
 _FIELD_DECODERS: dict[bytes, msgspec.json.Decoder[Any]] = {
     f.name.encode(): msgspec.json.Decoder(f.type) for f in msgspec.structs.fields(SessionRecord)
@@ -313,7 +316,14 @@ class RedisHotStore:
         pipe.replication = self._wait
         return pipe
 
+    async def _touch(self, session_id: str) -> None:
+        """Note the session in the idle index, BEFORE writing it: a MULTI that fails after
+        this only delays the idle sweep (which skips what is gone or recent), and one that
+        succeeds is always indexed; on one master the index entry replicates before it."""
+        await self._guard(self._redis.zadd(IDLE_INDEX, {session_id: time.time()}))
+
     async def create(self, record: SessionRecord, idem: Idempotency | None, result: bytes) -> None:
+        await self._touch(record.id)
         async with self._acknowledged() as pipe:
             pipe.hset(hot_key(record.id), mapping=encode_record(record))  # type: ignore[arg-type]
             if idem is not None:
@@ -331,6 +341,7 @@ class RedisHotStore:
         Returns the record loaded, or None when the session was (or became) hot meanwhile.
         """
         key, gone, fence = hot_key(session_id), gone_key(session_id), fence_key(session_id)
+        await self._touch(session_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             try:
                 await self._guard(pipe.watch(key, gone, fence))
@@ -363,6 +374,7 @@ class RedisHotStore:
         and EXEC makes it run `decide` again on the new state: every decision re-checks the
         expected version, so a stale change is a `ConcurrencyConflict`, never applied.
         """
+        await self._touch(session_id)
         for _ in range(_RACE_RETRIES):
             try:
                 return await self._transact_once(session_id, decide, idem)
