@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from dependency_injector import containers, providers
 from opentelemetry.trace import Tracer
@@ -23,6 +24,7 @@ from sessionmgr.settings import Settings, load_settings
 from sessionmgr.storage.cold import open_archive_store
 from sessionmgr.storage.hot import RedisHotStore, redis_client
 from sessionmgr.storage.idle import RedisIdleIndex, RedisSweepLock
+from sessionmgr.storage.outbox import RedisOutbox
 from sessionmgr.storage.traced import traced
 from sessionmgr.storage.warm import open_warm_store
 from sessionmgr.telemetry import open_tracing, tracer_of
@@ -49,6 +51,13 @@ async def open_verifier(settings: Settings) -> AsyncIterator[TokenVerifier]:
         await verifier.aclose()
 
 
+class RedisWriteBehindWorker(WriteBehindWorker):
+    """The write-behind on the Redis outbox (`RedisOutbox`), as every replica runs it."""
+
+    def __init__(self, redis: Redis, warm: WarmStore, **options: Any) -> None:
+        super().__init__(RedisOutbox(redis), warm, **options)
+
+
 async def run_worker(
     redis: Redis,
     warm: WarmStore,
@@ -61,7 +70,7 @@ async def run_worker(
     if not enabled:
         yield None
         return
-    worker = WriteBehindWorker(
+    worker = RedisWriteBehindWorker(
         redis,
         warm,
         batch=settings.outbox_batch,

@@ -61,6 +61,7 @@ from sessionmgr.services.ports import (
     HotView,
     Idempotency,
     Loader,
+    OutboxEntry,
     RecordCheck,
     Replayed,
     SessionRebased,
@@ -147,15 +148,6 @@ async def _run_read_script(client: Any, keys: list[str], lease_prefix: str) -> A
         return await client.evalsha(_READ_SHA, len(keys), *keys, lease_prefix)
     except NoScriptError:
         return await client.eval(_READ_SCRIPT, len(keys), *keys, lease_prefix)
-
-
-class OutboxEntry(msgspec.Struct, frozen=True):
-    """One write-behind delivery: the whole record at a version, the events it appended and,
-    when it changed, the new `full_context`."""
-
-    record: SessionRecord
-    events: list[TimelineEvent] = []
-    context: ContextUpdate | None = None
 
 
 _decode_outbox = msgspec.json.Decoder(OutboxEntry).decode
