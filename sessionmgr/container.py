@@ -16,7 +16,7 @@ from sessionmgr.metrics import Metrics
 from sessionmgr.services.archive import Archivist
 from sessionmgr.services.divergence import Reconciler
 from sessionmgr.services.idle import IdleSweeper, sweeping
-from sessionmgr.services.ports import WarmStore
+from sessionmgr.services.ports import HotStore, WarmStore
 from sessionmgr.services.resilience import Breakers, Guarded, RetryPolicy, probing
 from sessionmgr.services.sessions import Limits, SessionService
 from sessionmgr.services.write_behind import WriteBehindWorker, running
@@ -99,10 +99,11 @@ async def run_idle_sweep(
 
 
 def idle_sweeper_from(
-    hot: object, sessions: SessionService, redis: Redis, settings: Settings, metrics: Metrics
+    hot: HotStore, sessions: SessionService, redis: Redis, settings: Settings, metrics: Metrics
 ) -> IdleSweeper:
+    """The sweep on the traced, guarded hot store, suspending through the service."""
     return IdleSweeper(
-        hot,  # type: ignore[arg-type]  # the traced, guarded HotStore
+        hot,
         sessions.suspend_unattended,
         RedisIdleIndex(redis),
         RedisSweepLock(redis),
