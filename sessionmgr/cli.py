@@ -135,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"idle time instead of {PREFIX}IDLE_SUSPEND_AFTER, e.g. 30m or 2h",
     )
     idle.add_argument("--dry-run", action="store_true", help="list the sessions, change nothing")
+    idle.add_argument(
+        "--backfill",
+        action="store_true",
+        help="first index the hot sessions the sweep's index lacks (once, after an upgrade: "
+        "one SCAN of Redis)",
+    )
     idle.set_defaults(handler=_idle_sweep)
     _add_outbox_commands(commands)
     return parser
@@ -419,6 +425,8 @@ async def _idle(settings: Settings, args: argparse.Namespace) -> int:
     container = build_container(settings, write_behind=False)
     try:
         sweeper: IdleSweeper = await resolve(container.idle_sweeper)
+        if args.backfill:
+            print(f"backfill: {await sweeper.backfill()} hot session(s) added to the index")
         idle_after = args.idle_after.total_seconds() if args.idle_after else None
         result = await sweeper.sweep(
             dry_run=args.dry_run,

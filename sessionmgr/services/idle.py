@@ -207,6 +207,12 @@ class IdleSweeper:
         )
         return True
 
+    async def backfill(self) -> int:
+        """Index the hot sessions the index lacks (hot since before it existed): one SCAN."""
+        added = await self._index.backfill()
+        log.info("idle index backfilled: %d hot session(s) added", added)
+        return added
+
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
         """Sweep every `interval_s` (with jitter, so replicas do not line up) until `stop`."""
         while not stop.is_set():

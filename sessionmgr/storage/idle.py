@@ -13,13 +13,17 @@ extends or releases it (compare-and-delete), and a crashed holder's lock lapses 
 from __future__ import annotations
 
 import secrets
+from datetime import datetime
 from typing import Any
 
+import msgspec
 from redis.asyncio import Redis
 
-from sessionmgr.storage.hot import IDLE_INDEX, RedisHotStore
+from sessionmgr.storage.hot import IDLE_INDEX, RedisHotStore, hot_key
 
 SWEEP_LOCK = "sessionmgr_idle_sweep_lock"
+_HOT_PREFIX = hot_key("")[: -len("{}")]  # session_hot:
+_SCAN_COUNT = 500
 _guard = RedisHotStore._guard  # the one translation of Redis errors into domain ones
 
 # Forget an entry only if nothing touched it after the cutoff (a fresh write keeps it).
@@ -69,6 +73,27 @@ class RedisIdleIndex:
 
     async def size(self) -> int:
         return int(await _guard(self._redis.zcard(IDLE_INDEX)))
+
+    async def backfill(self) -> int:
+        """Index every hot session the index lacks (those hot before it existed), scored by
+        its `last_active`: one SCAN of the keyspace, for an operator to run once after an
+        upgrade (`sessionmgr idle-sweep --backfill`), never by the sweep. Returns how many
+        it added; an entry the index has is left as it is."""
+        added, cursor = 0, 0
+        while True:
+            cursor, keys = await _guard(
+                self._redis.scan(cursor, match=f"{_HOT_PREFIX}{{*}}", count=_SCAN_COUNT)
+            )
+            for key in keys:
+                raw = await _guard(self._redis.hget(key, "last_active"))
+                if raw is None:
+                    continue  # suspended meanwhile
+                last_active = msgspec.json.decode(raw, type=datetime)
+                session_id = key.decode()[len(_HOT_PREFIX) + 1 : -1]
+                fresh = {session_id: last_active.timestamp()}
+                added += int(await _guard(self._redis.zadd(IDLE_INDEX, fresh, nx=True)))
+            if not cursor:
+                return added
 
 
 class RedisSweepLock:

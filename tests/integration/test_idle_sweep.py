@@ -133,6 +133,26 @@ async def test_a_write_after_the_session_was_found_idle_keeps_it_hot(
     assert await manual_redis.exists(hot_key(sid))
 
 
+async def test_a_backfill_indexes_sessions_hot_before_the_index_existed(
+    manual_api: httpx.AsyncClient, manual_container: Container, manual_redis: Redis
+) -> None:
+    sessions, sweeper, _ = await _wired(manual_container)
+    ids = [await _busy_session(sessions) for _ in range(3)]
+    assert await manual_redis.zscore(IDLE_INDEX, ids[0]) is not None
+    await manual_redis.zrem(IDLE_INDEX, ids[1], ids[2])  # hot before the upgrade
+    await asyncio.sleep(IDLE_S + 0.2)
+    assert (await sweeper.sweep(idle_after_s=IDLE_S)).suspended == [ids[0]]
+
+    assert await sweeper.backfill() == 2
+
+    for sid in ids[1:]:
+        record = await sessions.get(OWNER, sid)
+        assert await manual_redis.zscore(IDLE_INDEX, sid) == record.last_active.timestamp()
+    result = await sweeper.sweep(idle_after_s=IDLE_S)
+    assert sorted(result.suspended) == sorted(ids[1:])
+    assert await sweeper.backfill() == 0  # nothing hot is left unindexed
+
+
 async def test_two_sweepers_never_run_at_once(
     manual_api: httpx.AsyncClient, manual_container: Container, manual_redis: Redis
 ) -> None:
@@ -257,8 +277,9 @@ async def test_the_cli_sweeps_once(
     assert "dry run: 2 session(s) would be suspended" in out
     assert all(f"would suspend {sid}" in out for sid in ids)
 
-    assert await asyncio.to_thread(cli.main, ["idle-sweep"]) == 0
+    assert await asyncio.to_thread(cli.main, ["idle-sweep", "--backfill"]) == 0
     out = capsys.readouterr().out
+    assert "backfill: 0 hot session(s) added to the index" in out, out
     assert "done: 2 suspended, 0 in use, 0 gone, 0 failed" in out, out
     for sid in ids:
         stored = await warm.get(sid)
