@@ -1,5 +1,5 @@
 """The `sessionmgr` command line (DESIGN §8): `serve`, `dev`, `token`, `check`, `archive-sweep`,
-`outbox`.
+`idle-sweep`, `outbox`.
 
 Exit codes: 0 success, 1 a `check` failed or a session could not be archived, 2 bad usage or
 configuration (the message names the variable); `dev` stopped by SIGINT/SIGTERM ends with
@@ -124,6 +124,24 @@ def _parser() -> argparse.ArgumentParser:
         help=f"at most this many sessions in this run (default {SWEEP_LIMIT})",
     )
     sweep.set_defaults(handler=_archive_sweep)
+    idle = commands.add_parser(
+        "idle-sweep",
+        help=f"suspend active sessions idle for {PREFIX}IDLE_SUSPEND_AFTER (once, now)",
+    )
+    idle.add_argument(
+        "--idle-after",
+        type=_span,
+        default=None,
+        help=f"idle time instead of {PREFIX}IDLE_SUSPEND_AFTER, e.g. 30m or 2h",
+    )
+    idle.add_argument("--dry-run", action="store_true", help="list the sessions, change nothing")
+    idle.add_argument(
+        "--backfill",
+        action="store_true",
+        help="first index the hot sessions the sweep's index lacks (once, after an upgrade: "
+        "one SCAN of Redis)",
+    )
+    idle.set_defaults(handler=_idle_sweep)
     _add_outbox_commands(commands)
     return parser
 
@@ -384,6 +402,56 @@ async def _sweep(settings: Settings, args: argparse.Namespace) -> int:
     summary = f"done: {result.archived} archived, {result.skipped} skipped"
     summary += f", {len(result.failed)} failed in {took}"
     print(summary, flush=True)
+    if result.failed:
+        print(f"failed: {' '.join(result.failed)}", flush=True)
+        return 1
+    return 0
+
+
+def _idle_sweep(args: argparse.Namespace) -> int:
+    from sessionmgr.telemetry import configure_logging
+
+    settings = load_settings()
+    configure_logging("WARNING" if settings.log_level in ("DEBUG", "INFO") else settings.log_level)
+    return asyncio.run(_idle(settings, args))
+
+
+async def _idle(settings: Settings, args: argparse.Namespace) -> int:
+    from sessionmgr.api.bridge import resolve
+    from sessionmgr.container import build_container
+    from sessionmgr.domain.errors import BackendUnavailable
+    from sessionmgr.services.idle import IdleSweeper
+
+    container = build_container(settings, write_behind=False)
+    try:
+        sweeper: IdleSweeper = await resolve(container.idle_sweeper)
+        if args.backfill:
+            print(f"backfill: {await sweeper.backfill()} hot session(s) added to the index")
+        idle_after = args.idle_after.total_seconds() if args.idle_after else None
+        result = await sweeper.sweep(
+            dry_run=args.dry_run,
+            idle_after_s=idle_after,
+            report=lambda line: print(line, flush=True),
+        )
+    except BackendUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        closing = container.shutdown_resources()
+        if inspect.isawaitable(closing):
+            await closing
+    took = f"{result.took_s:.1f} s"
+    if not result.ran:
+        print("another idle sweep holds the lock (a replica's); nothing done", flush=True)
+        return 0
+    if args.dry_run:
+        print(f"dry run: {len(result.suspended)} session(s) would be suspended ({took})")
+        return 0
+    print(
+        f"done: {len(result.suspended)} suspended, {result.in_use} in use, {result.gone} gone, "
+        f"{len(result.failed)} failed in {took}",
+        flush=True,
+    )
     if result.failed:
         print(f"failed: {' '.join(result.failed)}", flush=True)
         return 1

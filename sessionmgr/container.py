@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from dependency_injector import containers, providers
 from opentelemetry.trace import Tracer
@@ -14,13 +15,16 @@ from sessionmgr.api.ratelimit import RateLimiter
 from sessionmgr.metrics import Metrics
 from sessionmgr.services.archive import Archivist
 from sessionmgr.services.divergence import Reconciler
-from sessionmgr.services.ports import WarmStore
+from sessionmgr.services.idle import IdleSweeper, sweeping
+from sessionmgr.services.ports import HotStore, WarmStore
 from sessionmgr.services.resilience import Breakers, Guarded, RetryPolicy, probing
 from sessionmgr.services.sessions import Limits, SessionService
 from sessionmgr.services.write_behind import WriteBehindWorker, running
 from sessionmgr.settings import Settings, load_settings
 from sessionmgr.storage.cold import open_archive_store
 from sessionmgr.storage.hot import RedisHotStore, redis_client
+from sessionmgr.storage.idle import RedisIdleIndex, RedisSweepLock
+from sessionmgr.storage.outbox import RedisOutbox
 from sessionmgr.storage.traced import traced
 from sessionmgr.storage.warm import open_warm_store
 from sessionmgr.telemetry import open_tracing, tracer_of
@@ -47,6 +51,13 @@ async def open_verifier(settings: Settings) -> AsyncIterator[TokenVerifier]:
         await verifier.aclose()
 
 
+class RedisWriteBehindWorker(WriteBehindWorker):
+    """The write-behind on the Redis outbox (`RedisOutbox`), as every replica runs it."""
+
+    def __init__(self, redis: Redis, warm: WarmStore, **options: Any) -> None:
+        super().__init__(RedisOutbox(redis), warm, **options)
+
+
 async def run_worker(
     redis: Redis,
     warm: WarmStore,
@@ -59,7 +70,7 @@ async def run_worker(
     if not enabled:
         yield None
         return
-    worker = WriteBehindWorker(
+    worker = RedisWriteBehindWorker(
         redis,
         warm,
         batch=settings.outbox_batch,
@@ -74,6 +85,32 @@ async def run_worker(
     )
     async with running(worker):
         yield worker
+
+
+async def run_idle_sweep(
+    sweeper: IdleSweeper, settings: Settings, enabled: bool
+) -> AsyncIterator[IdleSweeper | None]:
+    """The idle sweep in the background of a replica (not of a CLI run, which sweeps once)."""
+    if not (enabled and settings.idle_sweep):
+        yield None
+        return
+    async with sweeping(sweeper, settings.idle_sweep_interval_s):
+        yield sweeper
+
+
+def idle_sweeper_from(
+    hot: HotStore, sessions: SessionService, redis: Redis, settings: Settings, metrics: Metrics
+) -> IdleSweeper:
+    """The sweep on the traced, guarded hot store, suspending through the service."""
+    return IdleSweeper(
+        hot,
+        sessions.suspend_unattended,
+        RedisIdleIndex(redis),
+        RedisSweepLock(redis),
+        idle_after_s=settings.idle_suspend_after,
+        batch=settings.idle_sweep_batch,
+        metrics=metrics,
+    )
 
 
 async def run_probe(hot: object, warm: object, breakers: Breakers) -> AsyncIterator[None]:
@@ -179,6 +216,11 @@ class Container(containers.DeclarativeContainer):
         tracer,
         reconciler,
     )
+
+    idle_sweeper = providers.Singleton(
+        idle_sweeper_from, traced_hot, sessions, redis, settings, metrics
+    )
+    idle_sweep = providers.Resource(run_idle_sweep, idle_sweeper, settings, run_write_behind)
 
 
 def build_container(settings: Settings | None = None, *, write_behind: bool = True) -> Container:

@@ -169,6 +169,26 @@ class Metrics:
             registry=r,
         )
 
+        # The idle sweep (services/idle.py): active sessions left alone are suspended.
+        self.idle_suspended = Counter(
+            "sessionmgr_idle_suspended",
+            "Active sessions the idle sweep suspended (no write and no live lease for "
+            "SESSIONMGR_IDLE_SUSPEND_AFTER).",
+            registry=r,
+        )
+        self.idle_sweeps = Counter(
+            "sessionmgr_idle_sweeps",
+            "Idle sweeps, by outcome (done, locked: another replica held the lock, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.idle_sweep_latency = Histogram(
+            "sessionmgr_idle_sweep_duration_seconds",
+            "Time one idle sweep took (the lock held).",
+            buckets=_SLOW,
+            registry=r,
+        )
+
     # The per-request calls: `labels()` takes a lock and builds a key each time, so the
     # children of the label sets seen are kept (a bounded map; prometheus-client returns the
     # same child for the same labels, and nothing here ever removes one).

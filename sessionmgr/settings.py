@@ -108,6 +108,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # Timeline reads: events a GET .../timeline page may hold, and `?include=full` inlines.
     timeline_page_max: int = 500
     full_timeline_max: int = 1000
+    # The idle sweep (services/idle.py): an active session with no write and no live lease
+    # for this long (seconds; the variable also takes 90s, 30m, 2h or 1d) is suspended.
+    idle_suspend_after: int = 1800
+    idle_sweep: bool = True  # run the sweep in this replica (the CLI `idle-sweep` runs it too)
+    idle_sweep_interval_s: float = 60.0
+    idle_sweep_batch: int = 100
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -139,6 +145,25 @@ def _float(lo: float, hi: float) -> Callable[[str], float]:
             raise ValueError(f"must be a number between {lo} and {hi}") from None
         if not lo <= value <= hi:
             raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+_DURATION = re.compile(r"^(\d{1,9})([smhd]?)$")
+_DURATION_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def _duration(lo: int, hi: int) -> Callable[[str], int]:
+    """Seconds, written as seconds (`1800`) or with a unit: `90s`, `30m`, `2h`, `1d`."""
+
+    def parse(raw: str) -> int:
+        match = _DURATION.fullmatch(raw.lower())
+        if match is None:
+            raise ValueError("must be seconds or a duration like 90s, 30m, 2h or 1d")
+        value = int(match.group(1)) * _DURATION_S[match.group(2)]
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi} seconds")
         return value
 
     return parse
@@ -264,6 +289,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "quota_privileged_factor": _int(1, 1_000_000),
     "timeline_page_max": _int(1, 10_000),
     "full_timeline_max": _int(1, 1_000_000),
+    "idle_suspend_after": _duration(1, 30 * 86_400),
+    "idle_sweep": _bool,
+    "idle_sweep_interval_s": _float(0.1, 86_400),
+    "idle_sweep_batch": _int(1, 10_000),
 }
 
 

@@ -240,3 +240,10 @@ class TooManyIdempotencyKeys(SessionError):
         )
         self.cap = cap
         self.retry_after_s = 60
+
+
+def describe(exc: BaseException) -> str:
+    """A short, stable line for logs and dead letters: the class, the code, the message."""
+    code = getattr(exc, "code", None)
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}{f' (code {code})' if code is not None else ''}: {text}"

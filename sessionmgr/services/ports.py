@@ -95,6 +95,15 @@ class Undelivered(msgspec.Struct, frozen=True):
     context: ContextUpdate | None
 
 
+class OutboxEntry(msgspec.Struct, frozen=True):
+    """One write-behind delivery: the whole record at a version, the events it appended and,
+    when it changed, the new `full_context`."""
+
+    record: SessionRecord
+    events: list[TimelineEvent] = []
+    context: ContextUpdate | None = None
+
+
 Loader = Callable[[], Awaitable[tuple[SessionRecord, list[TimelineEvent]]]]
 RecordCheck = Callable[[SessionRecord], None]
 """A condition on the record a store reads inside its transaction (an If-Match); it raises."""
@@ -273,3 +282,73 @@ REBASED, DONE, AT_REST = "rebased", "done", "at-rest"  # what `HotStore.rebase` 
 
 class SessionRebased(Exception):
     """The hot session was re-based after a divergence: read it again and start over."""
+
+
+# -- the idle sweep: active sessions by age, and one sweeper at a time --------------------------
+
+
+class IdleIndex(Protocol):
+    """Active sessions by when they were last written or loaded (epoch seconds)."""
+
+    async def older_than(
+        self, cutoff: float, limit: int, offset: int = 0
+    ) -> list[tuple[str, float]]: ...
+    async def forget(self, session_id: str, cutoff: float) -> bool: ...
+    async def postpone(self, session_id: str, at: float) -> None: ...
+    async def size(self) -> int: ...
+    async def backfill(self) -> int: ...
+
+
+class SweepLock(Protocol):
+    """A lock with a TTL and a token: only the holder extends or releases it."""
+
+    async def acquire(self, ttl_ms: int) -> str | None: ...
+    async def extend(self, token: str, ttl_ms: int) -> bool: ...
+    async def release(self, token: str) -> None: ...
+
+
+# -- the outbox, as the write-behind consumes it ------------------------------------------------
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    """One outbox entry as a consumer reads it. `entry` is None when the entry is gone from
+    the outbox (`deleted`, still on the consumer's pending list) or cannot be decoded
+    (`problem` says why); `raw` is the store's own form, handed back to `Outbox.park`."""
+
+    id: bytes
+    raw: dict[bytes, bytes]
+    entry: OutboxEntry | None = None
+    problem: str = ""
+
+    @property
+    def deleted(self) -> bool:
+        return not self.raw
+
+
+class OutboxConsumer(msgspec.Struct, frozen=True):
+    name: str
+    pending: int
+    idle_ms: int
+
+
+class Outbox(Protocol):
+    """The outbox behind the write-behind: entries are read by named consumers of one group,
+    stay pending until acknowledged, and can be claimed from a consumer that went quiet or
+    parked on a dead-letter list. A store failure raises `BackendUnavailable`."""
+
+    dead_letter_name: str
+
+    async def ensure_group(self) -> None: ...
+    async def read(
+        self, consumer: str, after: str | bytes, count: int, block_ms: int | None = None
+    ) -> list[Delivery]: ...
+    async def claim(
+        self, consumer: str, min_idle_ms: int, start: str, count: int
+    ) -> tuple[str, list[Delivery]]: ...
+    async def consumers(self) -> list[OutboxConsumer]: ...
+    async def remove_consumer(self, name: str) -> None: ...
+    async def ack(self, entry_id: bytes) -> None: ...
+    async def park(self, delivery: Delivery, error: str, attempts: int) -> int: ...
+    async def dead_letters(self) -> int: ...
+    async def pending(self) -> int: ...
+    async def oldest_age_s(self) -> float: ...

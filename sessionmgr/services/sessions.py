@@ -52,6 +52,7 @@ from sessionmgr.services.ports import (
     HotView,
     Idempotency,
     Receipt,
+    RecordCheck,
     Replayed,
     SessionRebased,
     Undelivered,
@@ -595,6 +596,12 @@ class SessionService:
         session = await self.get(principal, session_id)
         leases.require_manager(principal, session.owner_id, self._role, what)
         return session
+
+    async def suspend_unattended(self, session_id: str, check: RecordCheck) -> SessionRecord | None:
+        """Suspend on the service's own behalf (the idle sweep, services/idle.py): no caller
+        to authorize, the same flush and divergence handling as `suspend`. `check` sees the
+        record under the WATCH and raises to leave the session hot."""
+        return await self._hot.suspend(session_id, self._flush_at_rest, check)
 
     async def _flush_at_rest(
         self, record: SessionRecord, events: list[TimelineEvent], context: ContextUpdate | None

@@ -19,24 +19,17 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import msgspec
 from opentelemetry import context, trace
-from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
 
-from sessionmgr.domain.errors import BackendUnavailable
+from sessionmgr.domain.errors import BackendUnavailable, describe
 from sessionmgr.metrics import Metrics
 from sessionmgr.services.divergence import Reconciler
-from sessionmgr.services.ports import WarmStore, WriteDiverged
-from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry
-from sessionmgr.storage.mongo_errors import describe
-from sessionmgr.storage.outbox import GROUP
+from sessionmgr.services.ports import Delivery, Outbox, OutboxEntry, WarmStore, WriteDiverged
 
 log = logging.getLogger(__name__)
 DEPARTED_AFTER_MS = 3_600_000
-_decode_entry = msgspec.json.Decoder(OutboxEntry).decode
 
 
 def consumer_name() -> str:
@@ -55,7 +48,7 @@ class _Failure(msgspec.Struct):
 class WriteBehindWorker:
     def __init__(
         self,
-        redis: Redis,
+        outbox: Outbox,
         warm: WarmStore,
         *,
         consumer: str | None = None,
@@ -70,7 +63,7 @@ class WriteBehindWorker:
         tracer: trace.Tracer | None = None,
         reconciler: Reconciler | None = None,
     ) -> None:
-        self._redis = redis
+        self._outbox = outbox
         self._stop = asyncio.Event()
         self._warm = warm
         self.consumer = consumer or consumer_name()
@@ -92,11 +85,7 @@ class WriteBehindWorker:
         self._reconciler = reconciler
 
     async def ensure_group(self) -> None:
-        try:
-            await self._redis.xgroup_create(OUTBOX_STREAM, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await self._outbox.ensure_group()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set; finishes the entry in hand before returning.
@@ -119,7 +108,7 @@ class WriteBehindWorker:
                     log.info("write-behind resumed after %d failed tries", failures)
                 failures = 0
                 self._metrics.write_behind_backoff.set(0)
-            except (BackendUnavailable, RedisError, OSError) as exc:
+            except (BackendUnavailable, OSError) as exc:
                 # A Redis that restarted empty has lost the group too: create it again.
                 group_ready = False
                 failures += 1
@@ -164,17 +153,15 @@ class WriteBehindWorker:
 
     async def _retry_pending(self) -> int:
         """Read our whole pending list again, page by page, and deliver what is due."""
-        start, done, seen = "0", 0, 0
+        start: str | bytes = "0"
+        done, seen = 0, 0
         while True:
-            reply: Any = await self._redis.xreadgroup(
-                GROUP, self.consumer, {OUTBOX_STREAM: start}, count=self._batch
-            )
-            page = reply[0][1] if reply else []
+            page = await self._outbox.read(self.consumer, start, self._batch)
             seen += len(page)
             done += await self._deliver(page)
             if len(page) < self._batch:
                 break
-            start = page[-1][0]
+            start = page[-1].id
         if not seen:
             self._retry_own = False
             self._failures.clear()
@@ -185,14 +172,13 @@ class WriteBehindWorker:
         self._last_claim = time.monotonic()
         start, done = "0-0", 0
         while True:
-            reply = await self._redis.xautoclaim(
-                OUTBOX_STREAM, GROUP, self.consumer, self._claim_idle_ms, start, count=self._batch
+            start, entries = await self._outbox.claim(
+                self.consumer, self._claim_idle_ms, start, self._batch
             )
-            start, entries = reply[0], reply[1]
             if entries:
                 log.info("claimed %d stale outbox entries", len(entries))
                 done += await self._deliver(entries)
-            if start in (b"0-0", "0-0") or not entries:
+            if start == "0-0" or not entries:
                 await self.forget_departed()
                 await self._count_dead_letters()
                 return done
@@ -203,22 +189,21 @@ class WriteBehindWorker:
         Every replica start adds a consumer name; without this the group lists them forever.
         """
         removed = 0
-        for info in await self._redis.xinfo_consumers(OUTBOX_STREAM, GROUP):
-            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-            if name != self.consumer and not info["pending"] and info["idle"] > DEPARTED_AFTER_MS:
-                await self._redis.xgroup_delconsumer(OUTBOX_STREAM, GROUP, name)
+        for info in await self._outbox.consumers():
+            name = info.name
+            if name != self.consumer and not info.pending and info.idle_ms > DEPARTED_AFTER_MS:
+                await self._outbox.remove_consumer(name)
                 removed += 1
         if removed:
             log.info("removed %d departed write-behind consumers", removed)
         return removed
 
     async def _read(self, offset: str, block_ms: int | None) -> int:
-        reply: Any = await self._redis.xreadgroup(
-            GROUP, self.consumer, {OUTBOX_STREAM: offset}, count=self._batch, block=block_ms
+        return await self._deliver(
+            await self._outbox.read(self.consumer, offset, self._batch, block_ms)
         )
-        return await self._deliver(reply[0][1] if reply else [])
 
-    async def _deliver(self, entries: list[Any]) -> int:
+    async def _deliver(self, entries: list[Delivery]) -> int:
         if not entries:
             return 0
         done = 0
@@ -228,24 +213,23 @@ class WriteBehindWorker:
             context=context.Context(),
             attributes={"sessionmgr.outbox_entries": len(entries)},
         ):
-            for entry_id, fields in entries:
+            for delivery in entries:
                 if self._stop.is_set():
                     break  # shutting down: the rest stay pending for another replica to claim
-                if not fields:  # deleted from the stream, still in our pending list
-                    await self._ack(entry_id)
+                if delivery.deleted:  # deleted from the stream, still in our pending list
+                    await self._outbox.ack(delivery.id)
                     continue
-                failure = self._failures.get(entry_id)
+                failure = self._failures.get(delivery.id)
                 if failure is not None and failure.next_at > time.monotonic():
                     continue  # refused before; its next try is not due yet
-                if await self._deliver_one(entry_id, fields):
+                if await self._deliver_one(delivery):
                     done += 1
         return done
 
-    async def _deliver_one(self, entry_id: bytes, fields: dict[bytes, bytes]) -> bool:
-        try:
-            entry = _decode_entry(fields[b"entry"])
-        except (KeyError, msgspec.DecodeError) as exc:
-            await self._park(entry_id, fields, f"undecodable entry: {exc}", attempts=1)
+    async def _deliver_one(self, delivery: Delivery) -> bool:
+        entry = delivery.entry
+        if entry is None:
+            await self._park(delivery, delivery.problem, attempts=1)
             return False
         try:
             await self._warm.apply(entry.record, entry.events, entry.context)
@@ -262,22 +246,21 @@ class WriteBehindWorker:
             self._metrics.write_behind_entries.labels("retried").inc()
             raise
         except Exception as exc:
-            return await self._refused(entry_id, fields, entry, exc)
-        await self._ack(entry_id)
-        self._failures.pop(entry_id, None)
+            return await self._refused(delivery, entry, exc)
+        await self._outbox.ack(delivery.id)
+        self._failures.pop(delivery.id, None)
         self._last_applied = time.monotonic()
         self.delivered += 1
         self._metrics.write_behind_entries.labels("applied").inc()
         return True
 
-    async def _refused(
-        self, entry_id: bytes, fields: dict[bytes, bytes], entry: OutboxEntry, exc: Exception
-    ) -> bool:
+    async def _refused(self, delivery: Delivery, entry: OutboxEntry, exc: Exception) -> bool:
         """MongoDB refused this entry (not an outage). Retry it on a growing schedule; park it
         only when it has failed `max_deliveries` times over at least `park_after_s` while
         other entries went through: when every entry fails alike, MongoDB is what is wrong."""
         self._retry_own = True
         now = time.monotonic()
+        entry_id = delivery.id
         failure = self._failures.get(entry_id) or _Failure(
             first_at=now, attempts=0, error="", next_at=now
         )
@@ -299,58 +282,41 @@ class WriteBehindWorker:
             and now - failure.first_at >= self._park_after_s
             and others_applied
         ):
-            await self._park(entry_id, fields, failure.error, attempts=failure.attempts)
+            await self._park(delivery, failure.error, attempts=failure.attempts)
         else:
             self._metrics.write_behind_entries.labels("retried").inc()
         return False
 
-    async def _park(
-        self, entry_id: bytes, fields: dict[bytes, bytes], error: str, *, attempts: int
-    ) -> None:
-        """Move an entry to the dead-letter stream, which is never trimmed: it stays there,
+    async def _park(self, delivery: Delivery, error: str, *, attempts: int) -> None:
+        """Move an entry to the dead-letter list, which is never trimmed: it stays there,
         with its last error, until an operator replays or drops it (`sessionmgr outbox`)."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            dead: dict[Any, Any] = {
-                **fields,
-                b"error": error.encode(),
-                b"id": entry_id,
-                b"attempts": str(attempts).encode(),
-                b"parked_at": str(int(time.time())).encode(),
-            }
-            pipe.xadd(DEAD_LETTER_STREAM, dead)
-            pipe.xack(OUTBOX_STREAM, GROUP, entry_id)
-            pipe.xdel(OUTBOX_STREAM, entry_id)
-            pipe.xlen(DEAD_LETTER_STREAM)
-            *_, dead_letters = await pipe.execute()
-        self._failures.pop(entry_id, None)
+        dead_letters = await self._outbox.park(delivery, error, attempts)
+        self._failures.pop(delivery.id, None)
         self.parked += 1
         self._metrics.write_behind_entries.labels("parked").inc()
         self._metrics.outbox_dead_letters.set(dead_letters)
-        log.error("outbox entry %s parked on %s: %s", entry_id.decode(), DEAD_LETTER_STREAM, error)
+        log.error(
+            "outbox entry %s parked on %s: %s",
+            delivery.id.decode(),
+            self._outbox.dead_letter_name,
+            error,
+        )
 
     async def _count_dead_letters(self) -> None:
-        """The dead-letter stream is shared by every replica; only an operator empties it."""
-        self._metrics.outbox_dead_letters.set(await self._redis.xlen(DEAD_LETTER_STREAM))
-
-    async def _ack(self, entry_id: bytes) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(OUTBOX_STREAM, GROUP, entry_id)
-            pipe.xdel(OUTBOX_STREAM, entry_id)
-            await pipe.execute()
+        """The dead-letter list is shared by every replica; only an operator empties it."""
+        self._metrics.outbox_dead_letters.set(await self._outbox.dead_letters())
 
     async def pending(self) -> int:
         """Entries written but not yet in MongoDB (the outbox lag, in entries).
 
         The stream is exactly that: an entry leaves it (XACK + XDEL) once MongoDB has it.
         """
-        return int(await self._redis.xlen(OUTBOX_STREAM))
+        return await self._outbox.pending()
 
     async def export_backlog(self) -> None:
         """Set the outbox gauges: entries not in MongoDB yet, and the age of the oldest."""
         pending = await self.pending()
-        oldest: Any = await self._redis.xrange(OUTBOX_STREAM, count=1) if pending else []
-        # A stream id starts with its entry's creation time in milliseconds.
-        lag_s = time.time() - int(oldest[0][0].split(b"-")[0]) / 1000 if oldest else 0.0
+        lag_s = await self._outbox.oldest_age_s() if pending else 0.0
         self._metrics.outbox_pending.set(pending)
         self._metrics.outbox_lag.set(max(0.0, lag_s))
 

@@ -61,6 +61,7 @@ from sessionmgr.services.ports import (
     HotView,
     Idempotency,
     Loader,
+    OutboxEntry,
     RecordCheck,
     Replayed,
     SessionRebased,
@@ -74,6 +75,9 @@ log = logging.getLogger(__name__)
 
 OUTBOX_STREAM = "session_outbox"
 DEAD_LETTER_STREAM = "session_outbox_dead"
+# Active sessions scored by when they were last written or loaded (storage/idle.py): outside
+# every MULTI, so that each MULTI keeps to the keys of one session's hash tag.
+IDLE_INDEX = "session_idle"
 _RECORD_FIELDS = tuple(SessionRecord.__struct_fields__)
 _FIELD_DECODERS: dict[bytes, msgspec.json.Decoder[Any]] = {
     f.name.encode(): msgspec.json.Decoder(f.type) for f in msgspec.structs.fields(SessionRecord)
@@ -144,15 +148,6 @@ async def _run_read_script(client: Any, keys: list[str], lease_prefix: str) -> A
         return await client.evalsha(_READ_SHA, len(keys), *keys, lease_prefix)
     except NoScriptError:
         return await client.eval(_READ_SCRIPT, len(keys), *keys, lease_prefix)
-
-
-class OutboxEntry(msgspec.Struct, frozen=True):
-    """One write-behind delivery: the whole record at a version, the events it appended and,
-    when it changed, the new `full_context`."""
-
-    record: SessionRecord
-    events: list[TimelineEvent] = []
-    context: ContextUpdate | None = None
 
 
 _decode_outbox = msgspec.json.Decoder(OutboxEntry).decode
@@ -313,7 +308,14 @@ class RedisHotStore:
         pipe.replication = self._wait
         return pipe
 
+    async def _touch(self, session_id: str) -> None:
+        """Note the session in the idle index, BEFORE writing it: a MULTI that fails after
+        this only delays the idle sweep (which skips what is gone or recent), and one that
+        succeeds is always indexed; on one master the index entry replicates before it."""
+        await self._guard(self._redis.zadd(IDLE_INDEX, {session_id: time.time()}))
+
     async def create(self, record: SessionRecord, idem: Idempotency | None, result: bytes) -> None:
+        await self._touch(record.id)
         async with self._acknowledged() as pipe:
             pipe.hset(hot_key(record.id), mapping=encode_record(record))  # type: ignore[arg-type]
             if idem is not None:
@@ -331,6 +333,7 @@ class RedisHotStore:
         Returns the record loaded, or None when the session was (or became) hot meanwhile.
         """
         key, gone, fence = hot_key(session_id), gone_key(session_id), fence_key(session_id)
+        await self._touch(session_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             try:
                 await self._guard(pipe.watch(key, gone, fence))
@@ -363,6 +366,7 @@ class RedisHotStore:
         and EXEC makes it run `decide` again on the new state: every decision re-checks the
         expected version, so a stale change is a `ConcurrencyConflict`, never applied.
         """
+        await self._touch(session_id)
         for _ in range(_RACE_RETRIES):
             try:
                 return await self._transact_once(session_id, decide, idem)

@@ -16,6 +16,8 @@ from pymongo.errors import (
     WriteConcernError,
 )
 
+from sessionmgr.domain.errors import describe as describe  # where it was first defined
+
 # Codes any write gets while the deployment cannot take writes: network, elections,
 # shutdown, credentials, write concern, locks and time limits, disk and quota.
 OUTAGE_CODES = frozenset(
@@ -84,13 +86,6 @@ def is_entry_fault(exc: BaseException) -> bool:
     return isinstance(exc, InvalidDocument) or (
         isinstance(exc, OperationFailure | ValueError | TypeError) and not is_outage(exc)
     )
-
-
-def describe(exc: BaseException) -> str:
-    """A short, stable line for logs and dead letters: the class, the code, the message."""
-    code = getattr(exc, "code", None)
-    text = str(exc).splitlines()[0][:300] if str(exc) else ""
-    return f"{type(exc).__name__}{f' (code {code})' if code is not None else ''}: {text}"
 
 
 def _bulk_outage(exc: BulkWriteError) -> bool:

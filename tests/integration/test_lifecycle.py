@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
-from sessionmgr.services.write_behind import WriteBehindWorker
+from sessionmgr.container import RedisWriteBehindWorker as WriteBehindWorker
 from sessionmgr.storage.hot import (
     DEAD_LETTER_STREAM,
     OUTBOX_STREAM,

@@ -16,10 +16,12 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
+from sessionmgr.container import RedisWriteBehindWorker as WriteBehindWorker
 from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.domain.model import ContextUpdate, SessionRecord, TimelineEvent
-from sessionmgr.services.write_behind import GROUP, WriteBehindWorker, running
+from sessionmgr.services.write_behind import running
 from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry, timeline_key
+from sessionmgr.storage.outbox import GROUP
 from sessionmgr.storage.warm import MongoWarmStore
 from tests.integration.session_api import (
     append_events,

@@ -12,8 +12,8 @@ import pytest
 import redis as redis_sync
 from pymongo import MongoClient
 
-from sessionmgr.services.write_behind import GROUP
 from sessionmgr.storage.hot import OUTBOX_STREAM
+from sessionmgr.storage.outbox import GROUP
 from tests.multi_replica.conftest import Stack, bearer
 
 DRAIN_TIMEOUT_S = 30.0

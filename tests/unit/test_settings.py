@@ -292,3 +292,22 @@ def test_the_lease_grace_period_and_participants_role_are_read() -> None:
         300,
         None,
     )
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [("1800", 1800), ("90s", 90), ("30m", 1800), ("2h", 7200), ("1d", 86_400), ("45M", 2700)],
+)
+def test_idle_suspend_after_takes_seconds_or_a_duration(raw: str, seconds: int) -> None:
+    assert load_settings({"SESSIONMGR_IDLE_SUSPEND_AFTER": raw}).idle_suspend_after == seconds
+
+
+@pytest.mark.parametrize("raw", ["0", "30 min", "-5m", "1.5h", "31d", "m"])
+def test_idle_suspend_after_refuses_what_is_not_a_duration(raw: str) -> None:
+    with pytest.raises(ConfigError, match="SESSIONMGR_IDLE_SUSPEND_AFTER"):
+        load_settings({"SESSIONMGR_IDLE_SUSPEND_AFTER": raw})
+
+
+def test_idle_sweep_defaults() -> None:
+    settings = load_settings({})
+    assert (settings.idle_suspend_after, settings.idle_sweep) == (1800, True)

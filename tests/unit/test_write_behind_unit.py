@@ -16,9 +16,11 @@ import fakeredis
 import msgspec
 import pytest
 
+from sessionmgr.container import RedisWriteBehindWorker as WriteBehindWorker
 from sessionmgr.domain.model import NewEvent
-from sessionmgr.services.write_behind import GROUP, WriteBehindWorker, running
+from sessionmgr.services.write_behind import running
 from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry
+from sessionmgr.storage.outbox import GROUP
 from tests.unit.factories import principal
 from tests.unit.fakes import InMemoryWarmStore, World, world
 

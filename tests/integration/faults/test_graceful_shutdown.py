@@ -29,9 +29,9 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
+from sessionmgr.container import RedisWriteBehindWorker as WriteBehindWorker
 from sessionmgr.devstack import free_port
 from sessionmgr.domain.model import SessionState
-from sessionmgr.services.write_behind import WriteBehindWorker
 from sessionmgr.settings import load_settings
 from sessionmgr.storage.hot import OUTBOX_STREAM, OutboxEntry
 from sessionmgr.storage.warm import MongoWarmStore, open_warm_store
