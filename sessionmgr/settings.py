@@ -108,6 +108,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # Timeline reads: events a GET .../timeline page may hold, and `?include=full` inlines.
     timeline_page_max: int = 500
     full_timeline_max: int = 1000
+    # The session inspector at /ui (docs/ui.md): on or off, the key that signs its sign-in
+    # cookie (unset: a random one per process, so a restart signs everyone out), and how long
+    # a sign-in lasts (never longer than its token).
+    ui_enabled: bool = True
+    ui_cookie_key: str | None = None
+    ui_session_s: int = 900
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -264,6 +270,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "quota_privileged_factor": _int(1, 1_000_000),
     "timeline_page_max": _int(1, 10_000),
     "full_timeline_max": _int(1, 1_000_000),
+    "ui_enabled": _bool,
+    "ui_cookie_key": _text,
+    "ui_session_s": _int(60, 86_400),
 }
 
 
@@ -284,6 +293,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     settings = Settings(**values)
     _check_jwt(settings)
     _check_sentinel(settings)
+    if settings.ui_cookie_key is not None and len(settings.ui_cookie_key) < 32:
+        raise ConfigError(f"{PREFIX}UI_COOKIE_KEY must be at least 32 characters")
     if settings.page_size_default > settings.page_size_max:
         raise ConfigError(
             f"{PREFIX}PAGE_SIZE_DEFAULT ({settings.page_size_default}) must not exceed "
