@@ -35,7 +35,7 @@ CSP = (
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # no-referrer would make Origin `null` on our own POSTs
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
 }
