@@ -304,6 +304,7 @@ def banner(
         f"  mongodb  {redact_url(settings.mongodb_uri)}  ({mongo_origin})",
         f"  s3       {s3_target}  ({s3_origin})",
         f"  api      {base_url}/schema  (OpenAPI: {base_url}/schema/openapi.json)",
+        f"  ui       {base_url}/ui  (sign in with the token below)",
         f"  health   {base_url}/health",
         "",
     ]

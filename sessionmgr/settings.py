@@ -109,9 +109,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     timeline_page_max: int = 500
     full_timeline_max: int = 1000
     # The session inspector at /ui (docs/ui.md): on or off, the key that signs its sign-in
-    # cookie (unset: a random one per process, so a restart signs everyone out), and how long
-    # a sign-in lasts (never longer than its token).
-    ui_enabled: bool = True
+    # cookie (unset: derived from jwt_secret, else random per process), and how long a
+    # sign-in lasts (never longer than its token).
+    ui: bool = True
     ui_cookie_key: str | None = None
     ui_session_s: int = 900
 
@@ -270,7 +270,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "quota_privileged_factor": _int(1, 1_000_000),
     "timeline_page_max": _int(1, 10_000),
     "full_timeline_max": _int(1, 1_000_000),
-    "ui_enabled": _bool,
+    "ui": _bool,
     "ui_cookie_key": _text,
     "ui_session_s": _int(60, 86_400),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,12 @@ def _error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
 
 
 def cookie_key(settings: Settings) -> bytes:
-    """The configured key (every replica must share it), or a random one for this process."""
+    """`ui_cookie_key` when set; else derived from the JWT secret (every process and replica
+    sharing the secret derives the same key); else random, for this process only."""
     if settings.ui_cookie_key:
         return hashlib.sha256(settings.ui_cookie_key.encode()).digest()
+    if settings.jwt_secret:
+        return hmac.new(settings.jwt_secret.encode(), b"sessionmgr ui cookie", "sha256").digest()
     return secrets.token_bytes(32)
 
 
@@ -95,7 +99,7 @@ def ui_handlers(settings: Settings) -> list[ControllerRouterHandler]:
         cache_control=None,
         send_as_attachment=False,
     )
-    if not settings.ui_enabled:
+    if not settings.ui:
         return [static]
     pages = Router(
         path="/",
