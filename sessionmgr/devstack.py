@@ -304,10 +304,11 @@ def banner(
         f"  mongodb  {redact_url(settings.mongodb_uri)}  ({mongo_origin})",
         f"  s3       {s3_target}  ({s3_origin})",
         f"  api      {base_url}/schema  (OpenAPI: {base_url}/schema/openapi.json)",
-        f"  ui       {base_url}/ui  (sign in with the token below)",
         f"  health   {base_url}/health",
         "",
     ]
+    if settings.ui:
+        lines.insert(-2, f"  ui       {base_url}/ui  (the session inspector: sign in with a token)")
     token = dev_token(settings)
     if token is None:
         lines.append("Tokens come from your issuer (a public key or JWKS is configured).")
