@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from litestar.response.base import ASGIResponse
-from litestar.types import HTTPScope, Receive, Scope, Send
+from litestar.types import HTTPScope, Message, Receive, Scope, Send
 
 _KEPT = ("type", "asgi", "http_version", "method", "scheme", "server", "client", "root_path")
 _PASSED_HEADERS = frozenset({b"host", b"last-event-id", b"user-agent", b"traceparent"})
@@ -38,4 +38,11 @@ class FeedRelay(ASGIResponse):
                 (b"accept", b"text/event-stream"),
             ],
         )
-        await scope["litestar_app"](cast("HTTPScope", inner), receive, send)
+
+        async def relay(message: Message) -> None:
+            if message["type"] == "http.response.start":  # the outer request adds its own id
+                headers = [(k, v) for k, v in message["headers"] if k.lower() != b"x-request-id"]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await scope["litestar_app"](cast("HTTPScope", inner), receive, relay)
