@@ -46,6 +46,7 @@ SessionId = Annotated[str, PathParameter()]
 Before = Annotated[int | None, QueryParameter(ge=1)]
 TIMELINE_PAGE = 20
 LIST_PAGE = 20
+MAX_COOKIE_CHARS = 4000  # browsers keep cookies up to 4096 bytes, name and attributes included
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 TIERS = {
     SessionState.ACTIVE: "hot (Redis)",
@@ -138,10 +139,16 @@ class UiController(Controller):
             raise CsrfRefused("sign in from this service's own page")
         token = data.token.strip()
         try:
-            principal = await resolved(request, "verifier").verify(f"Bearer {token}")
+            await resolved(request, "verifier").verify(f"Bearer {token}")
         except AuthenticationFailed as exc:
             return Template("sign_in.html.j2", context={"error": str(exc)}, status_code=401)
         value, max_age = signer(request).issue(token, _token_exp(token))
+        if len(value) > MAX_COOKIE_CHARS:  # a browser would drop it without a word
+            return Template(
+                "sign_in.html.j2",
+                context={"error": "this token is too large to keep in a cookie"},
+                status_code=400,
+            )
         response = Redirect("/ui", status_code=303)
         response.set_cookie(
             Cookie(
@@ -154,7 +161,6 @@ class UiController(Controller):
                 samesite="strict",
             )
         )
-        del principal
         return response
 
     @post("/sign-out", status_code=303)

@@ -13,8 +13,10 @@ from litestar.params import PathParameter
 from litestar.response import ServerSentEvent
 from litestar.testing import AsyncTestClient
 
+from sessionmgr.api.auth import issue_token
 from sessionmgr.app import create_app
 from sessionmgr.ui.cookie import COOKIE_NAME
+from tests.conftest import JWT_SECRET
 from tests.ui.conftest import ORIGIN, csrf_of
 
 Client = AsyncTestClient[Any]
@@ -63,6 +65,17 @@ async def test_a_bad_token_is_refused_at_sign_in(ui: Client) -> None:
     response = await ui.post("/ui/sign-in", data={"token": "not-a-jwt"}, headers={"Origin": ORIGIN})
     assert response.status_code == 401
     assert "malformed" in response.text
+    assert "set-cookie" not in response.headers
+
+
+async def test_a_token_too_large_for_a_cookie_is_refused_at_sign_in(
+    ui: Client, token: Callable[..., str]
+) -> None:
+    roles = tuple(f"role-{n:04d}" for n in range(400))  # verifies, but ~8 KB of claims
+    large = issue_token(JWT_SECRET, "alice", roles=roles)
+    response = await ui.post("/ui/sign-in", data={"token": large}, headers={"Origin": ORIGIN})
+    assert response.status_code == 400, response.text
+    assert "too large" in response.text
     assert "set-cookie" not in response.headers
 
 
