@@ -19,12 +19,13 @@ from redis.exceptions import RedisError
 
 from sessionmgr.api import conditional, health
 from sessionmgr.api.bridge import resolve, resolved
-from sessionmgr.api.sessions import _sid
+from sessionmgr.api.sessions import SESSION_ID
 from sessionmgr.domain.errors import (
     AccessDenied,
     AuthenticationFailed,
     BackendUnavailable,
     SessionError,
+    SessionNotFound,
 )
 from sessionmgr.domain.model import Principal, Session, SessionState
 from sessionmgr.services.sessions import SessionService
@@ -71,6 +72,13 @@ class ActionForm:
     csrf: str = ""
     version: int = 0
     idem: str = ""
+
+
+def _sid(session_id: str) -> str:
+    """Like the API: an odd id is a session that does not exist, and no backend is asked."""
+    if not SESSION_ID.fullmatch(session_id):
+        raise SessionNotFound(session_id[:64])
+    return session_id
 
 
 def _service(request: UiRequest) -> SessionService:
