@@ -238,3 +238,21 @@ def test_no_cookie_or_a_forged_one_is_refused(served: Served, browser: Browser) 
         state = http.get(f"/v1/sessions/{session_id}", headers=headers("ui-bob")).json()["state"]
     assert state == "active"
     watched.close()
+
+
+def test_the_operator_view_is_for_admin_only(served: Served, browser: Browser) -> None:
+    watched = Watched(browser, served.base_url)
+    page = watched.sign_in(_token(served, "ui-dev"))
+    assert page.locator("a[href='/ui/operator']").count() == 0
+    response = page.goto("/ui/operator")
+    assert response is not None and response.status == 403
+    watched.close()
+
+    watched = Watched(browser, served.base_url)
+    page = watched.sign_in(headers("ui-ops", ("admin",))["Authorization"].removeprefix("Bearer "))
+    page.click("a[href='/ui/operator']")
+    page.wait_for_selector("#backlog")
+    assert page.inner_text("#read-only") == "off"
+    assert page.inner_text("#breaker-redis") == "closed"
+    assert page.inner_text("#dead-letters").isdigit()
+    watched.close()
