@@ -21,6 +21,7 @@ from sessionmgr.api.sessions import SessionController
 from sessionmgr.api.tracing import add_request_id, tracing_middleware
 from sessionmgr.container import Container, build_container
 from sessionmgr.telemetry import configure_logging
+from sessionmgr.ui.wiring import redoc_plugin, template_config, ui_handlers, ui_state
 
 
 def create_app(container: Container | None = None) -> Litestar:
@@ -31,13 +32,25 @@ def create_app(container: Container | None = None) -> Litestar:
     # With a metrics port, /metrics is served there only (sessionmgr.api.metrics.serve_metrics).
     metrics_route = [metrics_endpoint] if settings.metrics_port is None else []
     return Litestar(
-        route_handlers=[SessionController, HealthController, problem_types_page, *metrics_route],
+        route_handlers=[
+            SessionController,
+            HealthController,
+            problem_types_page,
+            *metrics_route,
+            *ui_handlers(settings),
+        ],
         lifespan=[Lifespan(container)],  # opens the resources before on_startup runs
         on_startup=[resolve_at_startup, complete_openapi, freeze_startup_heap],
         on_shutdown=[forget_at_shutdown],
         state=State(
-            {"container": container, "metrics": container.metrics(), "tracer": container.tracer()}
+            {
+                "container": container,
+                "metrics": container.metrics(),
+                "tracer": container.tracer(),
+                **ui_state(settings),
+            }
         ),
+        template_config=template_config(),
         middleware=[
             metrics_middleware,
             tracing_middleware,
@@ -53,6 +66,7 @@ def create_app(container: Container | None = None) -> Litestar:
             description="Shared working state of multi-agent sessions.",
             path="/schema",
             use_handler_docstrings=True,  # each handler's docstring is its description
+            render_plugins=[redoc_plugin()],  # its script from /static: no CDN
             components=Components(
                 security_schemes={
                     "bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")

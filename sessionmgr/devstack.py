@@ -307,6 +307,8 @@ def banner(
         f"  health   {base_url}/health",
         "",
     ]
+    if settings.ui:
+        lines.insert(-2, f"  ui       {base_url}/ui  (the session inspector: sign in with a token)")
     token = dev_token(settings)
     if token is None:
         lines.append("Tokens come from your issuer (a public key or JWKS is configured).")

@@ -114,6 +114,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     idle_sweep: bool = True  # run the sweep in this replica (the CLI `idle-sweep` runs it too)
     idle_sweep_interval_s: float = 60.0
     idle_sweep_batch: int = 100
+    # The session inspector at /ui (docs/ui.md): on or off, the key that signs its sign-in
+    # cookie (unset: derived from jwt_secret, else random per process), and how long a
+    # sign-in lasts (never longer than its token).
+    ui: bool = True
+    ui_cookie_key: str | None = None
+    ui_session_s: int = 900
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -293,6 +299,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "idle_sweep": _bool,
     "idle_sweep_interval_s": _float(0.1, 86_400),
     "idle_sweep_batch": _int(1, 10_000),
+    "ui": _bool,
+    "ui_cookie_key": _text,
+    "ui_session_s": _int(60, 86_400),
 }
 
 
@@ -313,6 +322,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     settings = Settings(**values)
     _check_jwt(settings)
     _check_sentinel(settings)
+    if settings.ui_cookie_key is not None and len(settings.ui_cookie_key) < 32:
+        raise ConfigError(f"{PREFIX}UI_COOKIE_KEY must be at least 32 characters")
     if settings.page_size_default > settings.page_size_max:
         raise ConfigError(
             f"{PREFIX}PAGE_SIZE_DEFAULT ({settings.page_size_default}) must not exceed "

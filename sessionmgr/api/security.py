@@ -18,7 +18,9 @@ from sessionmgr.api.ratelimit import RateLimiter
 from sessionmgr.domain.errors import MalformedRequest
 
 # Probes, scrapes and the API's own description are open; everything else needs a token.
-PUBLIC_PREFIXES = ("/health", "/metrics", "/schema", "/problems")
+# The inspector's pages (/ui) check their own signed cookie (sessionmgr.ui.access); /static
+# holds only the scripts and styles this service ships.
+PUBLIC_PREFIXES = ("/health", "/metrics", "/schema", "/problems", "/ui", "/static")
 # Every connection that can reach a route (a websocket route, should one come, included).
 _AUTHENTICATED = frozenset({ScopeType.HTTP, ScopeType.WEBSOCKET})
 

@@ -283,6 +283,7 @@ def test_dev_uses_the_backends_and_secret_the_environment_names() -> None:
     assert "mongodb://app:***@db:27017/  (from SESSIONMGR_MONGODB_URI)" in text
     assert "hunter2" not in text
     assert "export TOKEN=" in text
+    assert "ui       http://127.0.0.1:8080/ui " in text  # the inspector, beside the token
 
 
 def test_dev_prints_no_token_when_an_issuer_signs_them() -> None:

@@ -1,0 +1,1 @@
+"""The session inspector: server-rendered pages under `/ui` (docs/ui.md)."""
