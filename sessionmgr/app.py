@@ -10,6 +10,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 import sessionmgr
 from sessionmgr.api.bridge import forget_at_shutdown, freeze_startup_heap, resolve_at_startup
+from sessionmgr.api.changes import ChangesController
 from sessionmgr.api.health import HealthController
 from sessionmgr.api.metrics import metrics_endpoint, metrics_middleware
 from sessionmgr.api.openapi import complete_openapi
@@ -31,7 +32,13 @@ def create_app(container: Container | None = None) -> Litestar:
     # With a metrics port, /metrics is served there only (sessionmgr.api.metrics.serve_metrics).
     metrics_route = [metrics_endpoint] if settings.metrics_port is None else []
     return Litestar(
-        route_handlers=[SessionController, HealthController, problem_types_page, *metrics_route],
+        route_handlers=[
+            SessionController,
+            ChangesController,
+            HealthController,
+            problem_types_page,
+            *metrics_route,
+        ],
         lifespan=[Lifespan(container)],  # opens the resources before on_startup runs
         on_startup=[resolve_at_startup, complete_openapi, freeze_startup_heap],
         on_shutdown=[forget_at_shutdown],

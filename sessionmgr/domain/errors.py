@@ -240,3 +240,15 @@ class TooManyIdempotencyKeys(SessionError):
         )
         self.cap = cap
         self.retry_after_s = 60
+
+
+class TooManyStreams(SessionError):
+    """The caller has as many change feeds open on this replica as it may (HTTP 429)."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(
+            f"at most {cap} open change feeds per caller (SESSIONMGR_FEED_MAX_STREAMS_PER_"
+            "PRINCIPAL); close one before opening another"
+        )
+        self.cap = cap
+        self.retry_after_s = 5

@@ -189,6 +189,9 @@ class Archivist:
             extra={"session_id": session_id},
         )
         await self._purge(session_id, ref, archive)
+        # After MongoDB's commit (no MULTI spans MongoDB): a crash right here loses only the
+        # note, and a subscriber that reconnects reads the archived session anyway.
+        await self._hot.note(session_id, archive.record.version, "archived")
         stub = StoredSession(record=_stub_record(archive.record), archive=ref, cold_key=key)
         return Archived(stub=stub, by_us=True)
 
