@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessionmgr.domain.errors import BackendUnavailable, TooManyStreams
@@ -149,6 +149,7 @@ class FeedHub:
         self._open: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
         self._reader_id: int | None = None
+        self._waking: asyncio.Task[None] | None = None
         self._draining = False
         _HUBS.add(self)
 
@@ -262,15 +263,18 @@ class FeedHub:
             self._task_wake()
 
     def _task_wake(self) -> None:
-        """Cut the reader's current XREAD short, so that it reads the new stream too."""
-        if self._reader_id is not None:
-            asyncio.create_task(self._unblock(self._reader_id))  # noqa: RUF006 - fire and forget
+        """Cut the reader's current XREAD short, so that it reads the new stream too (one
+        CLIENT UNBLOCK at a time: the next XREAD reads every stream registered by then)."""
+        if self._reader_id is not None and self._waking is None:
+            self._waking = asyncio.create_task(self._unblock(self._reader_id))
 
     async def _unblock(self, client_id: int) -> None:
         try:
             await self._redis.client_unblock(client_id)
-        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+        except (RedisError, OSError) as exc:
             log.debug("feed reader not unblocked (%s); it wakes within its block time", exc)
+        finally:
+            self._waking = None
 
     async def _retained(self, key: str, position: str) -> bool:
         return bool(await self._call(self._redis.xrange(key, min=position, max=position, count=1)))
@@ -281,13 +285,15 @@ class FeedHub:
                 if self._reader_id is None:
                     self._reader_id = int(await self._reader.client_id())
                 streams = {feed.feed_key(s): p for s, p in self._positions.items()}
+                if not streams:  # the last subscriber left meanwhile
+                    continue
                 got: Any = await self._reader.xread(
                     streams,  # type: ignore[arg-type]
                     count=_READ_COUNT,
                     block=self._block_ms,
                 )
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("change feed reader: Redis not reachable (%s); retrying", exc)
+            except (RedisError, OSError) as exc:
+                log.warning("change feed reader: Redis failed (%s); retrying", exc)
                 self._reader_id = None
                 await asyncio.sleep(0.5)
                 continue
