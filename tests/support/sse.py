@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -34,6 +35,7 @@ class Stream:
     _ready: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _response: httpx.Response | None = None
     error: BaseException | None = None
 
     def start(self, timeout_s: float = 15.0) -> Stream:
@@ -44,11 +46,11 @@ class Stream:
 
     def _run(self) -> None:
         try:
-            timeout = httpx.Timeout(30.0, read=1.0)
             with (
-                httpx.Client(base_url=self.base_url, timeout=timeout) as http,
+                httpx.Client(base_url=self.base_url, timeout=30.0) as http,
                 http.stream("GET", self.path, headers=self.headers) as response,
             ):
+                self._response = response
                 self.status = response.status_code
                 self.content_type = response.headers.get("content-type", "")
                 self._ready.set()
@@ -57,18 +59,14 @@ class Stream:
                 self._parse(response)
             self.ended = not self._stop.is_set()
         except BaseException as exc:  # reported by the test that reads the stream
-            self.error = exc
+            if not self._stop.is_set():  # not the close() below cutting the connection
+                self.error = exc
             self._ready.set()
 
     def _parse(self, response: httpx.Response) -> None:
         fields: dict[str, str] = {}
-        lines = response.iter_lines()
-        while not self._stop.is_set():
-            try:
-                line = next(lines)
-            except httpx.ReadTimeout:
-                continue
-            except StopIteration:
+        for line in response.iter_lines():
+            if self._stop.is_set():
                 return
             if line == "":
                 if "data" in fields:
@@ -101,7 +99,11 @@ class Stream:
         return list(self.events)
 
     def close(self) -> None:
+        """Hang up, as a client whose connection drops would."""
         self._stop.set()
+        if self._response is not None:
+            with contextlib.suppress(Exception):
+                self._response.close()
         if self._thread is not None:
             self._thread.join(5)
 
