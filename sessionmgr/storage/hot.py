@@ -470,6 +470,9 @@ class RedisHotStore:
                     if recent:
                         pipe.rpush(tl, *[_encode(e) for e in recent])
                     pipe.xadd(OUTBOX_STREAM, {"sid": sid, "entry": _encode(entry)})
+                    # Versions and seqs moved: a subscriber must read the session again.
+                    rebased = feed.entry(sid, entry.record.version, "reset", reason="rebased")
+                    self._queue_feed(pipe, sid, [rebased])
                     pipe.hset(moved_key, mapping=dict.fromkeys([version_mark, *marks], b"1"))
                     pipe.expire(moved_key, self._idem_ttl * 7)
                     await self._guard(pipe.execute(), outcome_unknown=True, replayable=True)
