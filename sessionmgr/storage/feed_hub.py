@@ -151,6 +151,7 @@ class FeedHub:
         self._reader_id: int | None = None
         self._waking: asyncio.Task[None] | None = None
         self._draining = False
+        self._stopped = False
         _HUBS.add(self)
 
     @property
@@ -166,6 +167,16 @@ class FeedHub:
             raise BackendUnavailable("redis", "this replica is stopping; reconnect", 1)
         if self._open[principal] >= self._cap:
             raise TooManyStreams(self._cap)
+        self._open[principal] += 1  # held from here: concurrent opens count at once
+        try:
+            return await self._open_held(session_id, principal, since, version)
+        except BaseException:
+            self._release(principal)
+            raise
+
+    async def _open_held(
+        self, session_id: str, principal: str, since: str | None, version: int
+    ) -> tuple[Subscription, list[FeedItem]]:
         key = feed.feed_key(session_id)
         first: list[FeedItem] = []
         start = since
@@ -185,16 +196,22 @@ class FeedHub:
             # After registering: whatever the reader hands on from now on is after this.
             backlog = await self._call(self._redis.xrange(key, min="(" + start, max="+"))
         except BaseException:
-            self.close(sub)
+            self._unregister(sub)
             raise
         first += [FeedItem(i.decode(), f[b"k"].decode(), f[b"d"]) for i, f in backlog]
         return sub, first
 
-    async def events(
+    def events(self, sub: Subscription, first: list[FeedItem]) -> AsyncIterator[FeedItem | None]:
+        """What the stream sends, in order, once each: `first`, then the live entries past
+        them; None is a heartbeat. Ends when the replica drains; closes `sub` at the end,
+        or when the iterator is dropped unstarted (a client gone before its first byte)."""
+        stream = self._events(sub, first)
+        weakref.finalize(stream, self.close, sub)
+        return stream
+
+    async def _events(
         self, sub: Subscription, first: list[FeedItem]
     ) -> AsyncIterator[FeedItem | None]:
-        """What the stream sends, in order, once each: `first`, then the live entries past
-        them; None is a heartbeat. Ends when the replica drains; closes `sub` at the end."""
         try:
             last = sub.start  # nothing at or before it is sent again
             for item in first:
@@ -223,17 +240,25 @@ class FeedHub:
             self.close(sub)
 
     def close(self, sub: Subscription) -> None:
+        """End a subscription (idempotent): its queue and its place under the cap go."""
+        if self._unregister(sub):
+            self._release(sub.principal)
+
+    def _release(self, principal: str) -> None:
+        self._open[principal] -= 1
+        if self._open[principal] <= 0:
+            del self._open[principal]
+
+    def _unregister(self, sub: Subscription) -> bool:
         subs = self._subs.get(sub.session_id)
         if subs is None or sub not in subs:
-            return
+            return False
         subs.discard(sub)
-        self._open[sub.principal] -= 1
-        if self._open[sub.principal] <= 0:
-            del self._open[sub.principal]
         if not subs:
             del self._subs[sub.session_id]
             self._positions.pop(sub.session_id, None)
         self._metrics.feed_streams.dec()
+        return True
 
     def drain(self) -> None:
         """End every stream (their clients reconnect to another replica) and refuse new ones."""
@@ -244,6 +269,7 @@ class FeedHub:
 
     async def stop(self) -> None:
         self.drain()
+        self._stopped = True  # redis-py may turn the cancel below into a connection error
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -253,7 +279,6 @@ class FeedHub:
     def _register(self, sub: Subscription, start: str) -> None:
         new_session = sub.session_id not in self._subs
         self._subs.setdefault(sub.session_id, set()).add(sub)
-        self._open[sub.principal] += 1
         self._metrics.feed_streams.inc()
         if new_session:
             self._positions[sub.session_id] = start
@@ -280,7 +305,7 @@ class FeedHub:
         return bool(await self._call(self._redis.xrange(key, min=position, max=position, count=1)))
 
     async def _read_forever(self) -> None:
-        while self._subs:
+        while self._subs and not self._stopped:
             try:
                 if self._reader_id is None:
                     self._reader_id = int(await self._reader.client_id())

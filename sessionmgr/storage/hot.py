@@ -648,6 +648,9 @@ class RedisHotStore:
         version = await self._current_version(session_id) or await self._fed_version(session_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(gone_key(session_id), b"1", ex=self._deleted_ttl)
+            # No copy of the session's data outlives it: the feed keeps only `deleted` (a
+            # resume from before it gets `reset`, then sees the session is gone).
+            pipe.delete(feed.feed_key(session_id))
             self._queue_feed(pipe, session_id, [feed.entry(session_id, version, "deleted")])
             pipe.expire(feed.feed_key(session_id), self._feed[1])
             await self._guard(pipe.execute())

@@ -5,12 +5,14 @@ while a fast one on the same session gets everything, and a drain ends every str
 from __future__ import annotations
 
 import asyncio
+import gc
 import secrets
 from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
+from sessionmgr.domain.errors import TooManyStreams
 from sessionmgr.metrics import Metrics
 from sessionmgr.storage import feed
 from sessionmgr.storage.feed_hub import FeedHub, FeedItem, Subscription
@@ -111,3 +113,25 @@ async def test_a_drain_ends_every_stream_and_refuses_new_ones(hub: FeedHub) -> N
     assert all(item is None for item in rest)  # at most a heartbeat, then the end
     with pytest.raises(Exception, match="stopping"):
         await hub.open(sid, "p", None, 0)
+
+
+async def test_a_stream_dropped_unstarted_gives_its_place_back(hub: FeedHub) -> None:
+    """A client gone before its first byte: the iterator is dropped without ever running."""
+    sid = secrets.token_hex(16)
+    subs = [await hub.open(sid, "p", None, 0) for _ in range(16)]  # the cap (16)
+    with pytest.raises(TooManyStreams):
+        await hub.open(sid, "p", None, 0)
+    stream = hub.events(*subs[0])
+    del stream
+    gc.collect()
+    sub, _ = await hub.open(sid, "p", None, 0)  # its place was given back
+    hub.close(sub)
+
+
+async def test_concurrent_opens_cannot_pass_the_cap(hub: FeedHub) -> None:
+    sid = secrets.token_hex(16)
+    opened = await asyncio.gather(
+        *(hub.open(sid, "q", None, 0) for _ in range(20)), return_exceptions=True
+    )
+    refused = [o for o in opened if isinstance(o, TooManyStreams)]
+    assert len(refused) == 4
