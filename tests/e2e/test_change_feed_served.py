@@ -5,6 +5,7 @@ answers 429; a stranger gets no feed; SIGTERM ends the streams at once."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import signal
 import time
@@ -286,3 +287,21 @@ def test_sigterm_ends_the_streams_at_once(
         # uvicorn finished cleanly; the CLI then re-raises the signal (exit status -15)
         assert server.process.wait(timeout=10) in (0, -signal.SIGTERM)
         feed.close()
+
+
+def test_the_feed_metrics_count_streams_events_and_resets(served: Served) -> None:
+    owner = _owner()
+    with served.client() as http:
+        sid = _create(http, owner)
+        with _stream(served, owner, sid) as feed:
+            _patch(http, owner, sid, "m")
+            feed.wait_for(1)
+            during = http.get("/metrics").text
+        with _stream(served, owner, sid, since="1-0") as gone:  # never a position: reset
+            gone.wait_for(1)
+        after = http.get("/metrics").text
+    (open_now,) = re.findall(r"^sessionmgr_feed_open_streams (\S+)$", during, re.MULTILINE)
+    assert float(open_now) >= 1
+    assert 'sessionmgr_feed_events_delivered_total{kind="patched"}' in after
+    assert 'sessionmgr_feed_resets_total{reason="gone"}' in after
+    assert "sessionmgr_feed_lag_seconds_count" in after
