@@ -10,6 +10,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 import sessionmgr
 from sessionmgr.api.bridge import forget_at_shutdown, freeze_startup_heap, resolve_at_startup
+from sessionmgr.api.changes import ChangesController
 from sessionmgr.api.health import HealthController
 from sessionmgr.api.metrics import metrics_endpoint, metrics_middleware
 from sessionmgr.api.openapi import complete_openapi
@@ -34,6 +35,7 @@ def create_app(container: Container | None = None) -> Litestar:
     return Litestar(
         route_handlers=[
             SessionController,
+            ChangesController,
             HealthController,
             problem_types_page,
             *metrics_route,

@@ -22,6 +22,7 @@ from sessionmgr.services.sessions import Limits, SessionService
 from sessionmgr.services.write_behind import WriteBehindWorker, running
 from sessionmgr.settings import Settings, load_settings
 from sessionmgr.storage.cold import open_archive_store
+from sessionmgr.storage.feed_hub import open_feed_hub
 from sessionmgr.storage.hot import RedisHotStore, redis_client
 from sessionmgr.storage.idle import RedisIdleIndex, RedisSweepLock
 from sessionmgr.storage.outbox import RedisOutbox
@@ -29,6 +30,8 @@ from sessionmgr.storage.traced import traced
 from sessionmgr.storage.warm import open_warm_store
 from sessionmgr.telemetry import open_tracing, tracer_of
 
+# The change feed's shared reader blocks in XREAD this long (sessionmgr.storage.feed_hub).
+FEED_BLOCK_MS = 1000
 # XREADGROUP blocks this long; the worker's client waits a little longer for the reply.
 WORKER_BLOCK_MS = 1000
 
@@ -155,6 +158,7 @@ class Container(containers.DeclarativeContainer):
     worker_redis = providers.Resource(
         open_redis, settings, socket_timeout_s=WORKER_BLOCK_MS / 1000 + 2
     )
+    feed_redis = providers.Resource(open_redis, settings, socket_timeout_s=FEED_BLOCK_MS / 1000 + 2)
     warm = providers.Resource(open_warm_store, settings)
     verifier = providers.Resource(open_verifier, settings)
     cold = providers.Resource(open_archive_store, settings)
@@ -167,6 +171,8 @@ class Container(containers.DeclarativeContainer):
         idempotency_ttl_s=settings.provided.idempotency_ttl_s,
         wait_replicas=settings.provided.redis_wait_replicas,
         wait_timeout_ms=settings.provided.redis_wait_timeout_ms,
+        feed_maxlen=settings.provided.feed_maxlen,
+        feed_retention_s=settings.provided.feed_retention_s,
     )
     # The service, the health probes and the write-behind reach the backends through their
     # breakers; `hot` and `warm` stay the bare adapters (tests inspect the stores through them).
@@ -205,6 +211,7 @@ class Container(containers.DeclarativeContainer):
     sessions = providers.Singleton(
         SessionService, traced_hot, traced_warm, limits, archivist, metrics
     )
+    feed = providers.Resource(open_feed_hub, redis, feed_redis, metrics, settings)
     reconciler = providers.Singleton(Reconciler, traced_hot, traced_warm, metrics)
     write_behind = providers.Resource(
         run_worker,

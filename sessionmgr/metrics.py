@@ -189,6 +189,32 @@ class Metrics:
             registry=r,
         )
 
+        # The change feed (sessionmgr.services.feed).
+        self.feed_streams = Gauge(
+            "sessionmgr_feed_open_streams",
+            "Change feeds (GET /v1/sessions/{id}/changes) open on this replica.",
+            registry=r,
+        )
+        self.feed_events = Counter(
+            "sessionmgr_feed_events_delivered",
+            "Change-feed events handed to subscribers, by event name.",
+            ["kind"],
+            registry=r,
+        )
+        self.feed_resets = Counter(
+            "sessionmgr_feed_resets",
+            "`reset` events sent: position no longer retained (`gone`) or subscriber too slow "
+            "(`overflow`).",
+            ["reason"],
+            registry=r,
+        )
+        self.feed_lag = Histogram(
+            "sessionmgr_feed_lag_seconds",
+            "From a feed entry's commit (its stream id's time) to its hand-off to a subscriber.",
+            buckets=_FAST,
+            registry=r,
+        )
+
     # The per-request calls: `labels()` takes a lock and builds a key each time, so the
     # children of the label sets seen are kept (a bounded map; prometheus-client returns the
     # same child for the same labels, and nothing here ever removes one).

@@ -120,6 +120,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ui: bool = True
     ui_cookie_key: str | None = None
     ui_session_s: int = 900
+    # The change feed (GET /v1/sessions/{id}/changes, sessionmgr.services.feed): entries each
+    # session's feed stream keeps (approximately), heartbeat and client retry, open streams
+    # per principal, events a slow subscriber may have queued before it gets `reset`, and how
+    # long a dormant or deleted session's feed stays readable.
+    feed_maxlen: int = 1000
+    feed_heartbeat_s: float = 15.0
+    feed_retry_ms: int = 2000
+    feed_max_streams_per_principal: int = 16
+    feed_queue_size: int = 256
+    feed_retention_s: int = 3600
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -302,6 +312,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "ui": _bool,
     "ui_cookie_key": _text,
     "ui_session_s": _int(60, 86_400),
+    "feed_maxlen": _int(10, 10_000_000),
+    "feed_heartbeat_s": _float(0.1, 3600),
+    "feed_retry_ms": _int(0, 3_600_000),
+    "feed_max_streams_per_principal": _int(1, 100_000),
+    "feed_queue_size": _int(1, 1_000_000),
+    "feed_retention_s": _int(1, 30 * 86_400),
 }
 
 

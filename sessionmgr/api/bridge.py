@@ -16,7 +16,7 @@ from litestar import Litestar
 from litestar.connection import ASGIConnection
 
 log = logging.getLogger(__name__)
-PER_REQUEST = ("sessions", "verifier", "rate_limiter")
+PER_REQUEST = ("sessions", "verifier", "rate_limiter", "feed")
 
 
 async def resolve(provider: Any) -> Any:

@@ -34,6 +34,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from sessionmgr.settings import Settings, load_settings
+from sessionmgr.storage.feed_hub import drain_all
 
 BODY_RATE_GRACE_S = 5.0  # a body's first seconds are not held to the minimum rate
 LINGER_S = 1.0  # after a refusal, how long the client's remaining bytes are read and dropped
@@ -133,6 +134,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._body_check_s = min(BODY_CHECK_EVERY_S, self._limits.body_timeout_s / 4)
 
     # -- connection ----------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """SIGTERM: change feeds end now (their clients reconnect to another replica); a
+        stream never finishes by itself, so waiting for it would only burn the grace period."""
+        drain_all()
+        super().shutdown()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

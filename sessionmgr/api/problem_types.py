@@ -194,6 +194,15 @@ CATALOGUE: tuple[ProblemType, ...] = (
         "Use a new key per logical request only, and reuse it for that request's retries.",
     ),
     ProblemType(
+        "too-many-streams",
+        429,
+        "Too Many Requests",
+        "The caller already has as many change feeds (`GET /v1/sessions/{id}/changes`) open "
+        "on this replica as it may (`SESSIONMGR_FEED_MAX_STREAMS_PER_PRINCIPAL`).",
+        "Close a feed you no longer read, or watch fewer sessions at once; retry after "
+        "`Retry-After` seconds.",
+    ),
+    ProblemType(
         "internal",
         500,
         "Internal Server Error",

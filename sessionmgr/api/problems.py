@@ -33,6 +33,7 @@ from sessionmgr.domain.errors import (
     SessionError,
     SessionNotFound,
     TooManyIdempotencyKeys,
+    TooManyStreams,
     VersionRequired,
 )
 
@@ -87,6 +88,7 @@ _STATUS: list[tuple[type[SessionError], int, str]] = [
     (VersionRequired, 428, "version-required"),
     (RateLimited, 429, "rate-limited"),
     (TooManyIdempotencyKeys, 429, "idempotency-keys-exhausted"),
+    (TooManyStreams, 429, "too-many-streams"),
     (BackendUnavailable, 503, "backend-unavailable"),
 ]
 _TITLES = {
@@ -146,7 +148,7 @@ def domain_error(request: Request[Any, Any, Any], exc: SessionError) -> Response
         headers["WWW-Authenticate"] = 'Bearer realm="sessionmgr"'
     elif isinstance(exc, RateLimited):
         headers.update(rate_limit_headers(exc))
-    elif isinstance(exc, TooManyIdempotencyKeys):
+    elif isinstance(exc, TooManyIdempotencyKeys | TooManyStreams):
         headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, BackendUnavailable):
         problem.backend = exc.backend

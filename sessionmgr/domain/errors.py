@@ -247,3 +247,15 @@ def describe(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
     text = str(exc).splitlines()[0][:300] if str(exc) else ""
     return f"{type(exc).__name__}{f' (code {code})' if code is not None else ''}: {text}"
+
+
+class TooManyStreams(SessionError):
+    """The caller has as many change feeds open on this replica as it may (HTTP 429)."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(
+            f"at most {cap} open change feeds per caller (SESSIONMGR_FEED_MAX_STREAMS_PER_"
+            "PRINCIPAL); close one before opening another"
+        )
+        self.cap = cap
+        self.retry_after_s = 5

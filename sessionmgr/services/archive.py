@@ -147,6 +147,20 @@ class Archivist:
                 extra={"session_id": session_id},
             )
 
+    async def _note_archived(self, session_id: str, version: int) -> None:
+        """The feed's `archived` entry, after MongoDB's commit (no MULTI spans MongoDB). Best
+        effort, like the fence's release: the archive stands either way, and a subscriber
+        that misses the note finds the session archived when it next reads it."""
+        try:
+            await self._hot.note(session_id, version, "archived")
+        except BackendUnavailable as exc:
+            log.warning(
+                "archived session %s, but its change feed could not say so (%s)",
+                session_id,
+                exc,
+                extra={"session_id": session_id},
+            )
+
     async def _archive_fenced(
         self, session_id: str, deadline: float, check: RecordCheck | None = None
     ) -> Archived:
@@ -189,6 +203,7 @@ class Archivist:
             extra={"session_id": session_id},
         )
         await self._purge(session_id, ref, archive)
+        await self._note_archived(session_id, archive.record.version)
         stub = StoredSession(record=_stub_record(archive.record), archive=ref, cold_key=key)
         return Archived(stub=stub, by_us=True)
 

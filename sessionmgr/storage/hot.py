@@ -69,6 +69,7 @@ from sessionmgr.services.ports import (
     WriteDiverged,
 )
 from sessionmgr.settings import Settings
+from sessionmgr.storage import feed
 from sessionmgr.storage.redis_pool import BoundedPool, sentinel_client
 
 log = logging.getLogger(__name__)
@@ -254,8 +255,11 @@ class RedisHotStore:
         deleted_ttl_s: int = 86_400,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 500,
+        feed_maxlen: int = 1000,
+        feed_retention_s: int = 3600,
     ) -> None:
         self._redis = redis
+        self._feed = (feed_maxlen, feed_retention_s)
         self._wait = (wait_replicas, wait_timeout_ms)
         self._recent = recent_timeline
         self._lease_ms = lease_ttl_s * 1000
@@ -349,6 +353,10 @@ class RedisHotStore:
                 pipe.delete(timeline_key(session_id))
                 if recent:
                     pipe.rpush(timeline_key(session_id), *[_encode(e) for e in recent])
+                self._queue_feed(
+                    pipe, session_id, [feed.entry(session_id, record.version, "resumed")]
+                )
+                pipe.persist(feed.feed_key(session_id))  # kept while hot; see `suspend`
                 # Safe to run again: the WATCHed hash shows whether this one was applied.
                 await self._guard(pipe.execute(), outcome_unknown=True, replayable=True)
             except WatchError:
@@ -392,6 +400,7 @@ class RedisHotStore:
                 return None
             pipe.multi()  # type: ignore[no-untyped-call]
             self._queue_change(pipe, session_id, change)
+            self._queue_feed(pipe, session_id, feed.change_entries(view.record, change))
             if idem is not None:
                 record_key = idem_key(session_id, idem)
                 kept = change.result if change.stored is None else change.stored
@@ -400,6 +409,16 @@ class RedisHotStore:
             # With an idempotency record in the MULTI a re-run finds the first answer.
             await self._guard(pipe.execute(), outcome_unknown=True, replayable=idem is not None)
             return change
+
+    def _queue_feed(self, pipe: Any, session_id: str, entries: list[dict[str, bytes]]) -> None:
+        feed.queue(pipe, session_id, entries, self._feed[0])
+
+    async def note(self, session_id: str, version: int, kind: str) -> None:
+        """A feed entry for a change committed outside Redis (`archived`: MongoDB holds it)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            self._queue_feed(pipe, session_id, [feed.entry(session_id, version, kind)])
+            pipe.expire(feed.feed_key(session_id), self._feed[1])
+            await self._guard(pipe.execute())
 
     def _queue_change(self, pipe: Any, session_id: str, change: Change) -> None:
         if "version" in change.fields:  # a new version: a write of its own, named
@@ -455,6 +474,9 @@ class RedisHotStore:
                     if recent:
                         pipe.rpush(tl, *[_encode(e) for e in recent])
                     pipe.xadd(OUTBOX_STREAM, {"sid": sid, "entry": _encode(entry)})
+                    # Versions and seqs moved: a subscriber must read the session again.
+                    rebased = feed.entry(sid, entry.record.version, "reset", reason="rebased")
+                    self._queue_feed(pipe, sid, [rebased])
                     pipe.hset(moved_key, mapping=dict.fromkeys([version_mark, *marks], b"1"))
                     pipe.expire(moved_key, self._idem_ttl * 7)
                     await self._guard(pipe.execute(), outcome_unknown=True, replayable=True)
@@ -561,6 +583,12 @@ class RedisHotStore:
                     continue  # Redis had lost writes; the session moved above MongoDB
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.delete(key, tl, *[lease_key(session_id, m) for m in record.participants])
+                # The feed outlives the hot keys for a while: a subscriber reads `suspended`
+                # (and `resumed` when it comes back); once it expires, a resume gets `reset`.
+                self._queue_feed(
+                    pipe, session_id, [feed.entry(session_id, record.version, "suspended")]
+                )
+                pipe.expire(feed.feed_key(session_id), self._feed[1])
                 try:
                     await self._guard(pipe.execute(), outcome_unknown=True, replayable=True)
                 except WatchError:
@@ -620,7 +648,21 @@ class RedisHotStore:
         return bool(await self._guard(self._redis.exists(gone_key(session_id))))
 
     async def mark_deleted(self, session_id: str) -> None:
-        await self._guard(self._redis.set(gone_key(session_id), b"1", ex=self._deleted_ttl))
+        """The tombstone, and the feed's `deleted` entry in the same MULTI."""
+        version = await self._current_version(session_id) or await self._fed_version(session_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(gone_key(session_id), b"1", ex=self._deleted_ttl)
+            # No copy of the session's data outlives it: the feed keeps only `deleted` (a
+            # resume from before it gets `reset`, then sees the session is gone).
+            pipe.delete(feed.feed_key(session_id))
+            self._queue_feed(pipe, session_id, [feed.entry(session_id, version, "deleted")])
+            pipe.expire(feed.feed_key(session_id), self._feed[1])
+            await self._guard(pipe.execute())
+
+    async def _fed_version(self, session_id: str) -> int:
+        """The version the feed's newest entry named (0 when it has none)."""
+        last = await self._guard(self._redis.xrevrange(feed.feed_key(session_id), count=1))
+        return int(msgspec.json.decode(last[0][1][b"d"])["version"]) if last else 0
 
     async def drop(self, session_id: str) -> None:
         """Delete every key of the session but its tombstone: data, leases, idempotency records."""

@@ -11,6 +11,7 @@ import httpx
 from redis.asyncio import Redis
 
 from sessionmgr.domain.model import SessionRecord
+from sessionmgr.storage.feed import feed_key
 from sessionmgr.storage.hot import decode_record, hot_key
 
 T = TypeVar("T")
@@ -75,6 +76,12 @@ async def eventually(
 async def keys_of(redis: Redis, session_id: str) -> set[str]:
     """Every Redis key that carries the session's hash tag."""
     return {key.decode() async for key in redis.scan_iter(match=f"*{{{session_id}}}*")}
+
+
+async def only_deleted_in_feed(redis: Redis, session_id: str) -> bool:
+    """After a delete the change feed holds one entry, `deleted`, and none of the data."""
+    entries = await redis.xrange(feed_key(session_id))
+    return [fields[b"k"] for _, fields in entries] == [b"deleted"]
 
 
 async def hot_record(redis: Redis, session_id: str) -> SessionRecord | None:

@@ -9,6 +9,7 @@ import httpx
 from redis.asyncio import Redis
 
 from sessionmgr.container import RedisWriteBehindWorker as WriteBehindWorker
+from sessionmgr.storage.feed import feed_key
 from sessionmgr.storage.hot import (
     DEAD_LETTER_STREAM,
     OUTBOX_STREAM,
@@ -23,6 +24,7 @@ from tests.integration.session_api import (
     eventually,
     get_session,
     keys_of,
+    only_deleted_in_feed,
     patch_session,
 )
 
@@ -149,7 +151,8 @@ async def test_session_lifecycle_through_every_tier(
 
     # Nothing of the session may stay in Redis; only the bare tombstone that stops another
     # replica from bringing it back is allowed, and only for a bounded time.
-    assert await keys_of(redis, sid) == {gone_key(sid)}
+    assert await keys_of(redis, sid) == {gone_key(sid), feed_key(sid)}
+    assert await only_deleted_in_feed(redis, sid)
     assert await redis.get(gone_key(sid)) == b"1"
     assert 0 < await redis.ttl(gone_key(sid)) <= 86_400
     assert await eventually(lambda: outbox_mentions(redis, sid), lambda found: not found) == []
@@ -226,7 +229,8 @@ async def test_write_behind_after_delete_does_not_bring_the_session_back(
     assert await manual_warm.all_events(sid) == []
     assert await outbox_mentions(manual_redis, sid) == []
     assert (await manual_api.get(f"/v1/sessions/{sid}", headers=owner)).status_code == 404
-    assert await keys_of(manual_redis, sid) == {gone_key(sid)}
+    assert await keys_of(manual_redis, sid) == {gone_key(sid), feed_key(sid)}
+    assert await only_deleted_in_feed(manual_redis, sid)
 
 
 async def test_delete_leaves_no_copy_of_the_session_in_redis(
@@ -252,4 +256,5 @@ async def test_delete_leaves_no_copy_of_the_session_in_redis(
     response = await api.delete(f"/v1/sessions/{sid}", headers=owner)
     assert response.status_code == 204, response.text
 
-    assert await keys_of(redis, sid) == {gone_key(sid)}
+    assert await keys_of(redis, sid) == {gone_key(sid), feed_key(sid)}
+    assert await only_deleted_in_feed(redis, sid)

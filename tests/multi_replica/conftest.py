@@ -69,6 +69,7 @@ def stack(s3_server: S3Server) -> Iterator[Stack]:
         jwt_secret=JWT_SECRET,
         outbox_claim_idle_ms=str(CLAIM_IDLE_MS),
         rate_limit_per_s="0",
+        feed_heartbeat_s="0.5",  # the change feed: a closed stream is noticed quickly
         log_level="WARNING",
     )
     log_dir = Path(tempfile.mkdtemp(prefix="sessionmgr-replicas-"))

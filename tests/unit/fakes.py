@@ -422,6 +422,9 @@ class InMemoryHotStore:
         self._reachable()
         self.gone.add(session_id)
 
+    async def note(self, session_id: str, version: int, kind: str) -> None:
+        self._reachable()  # the change feed is Redis's (tests/integration/test_change_feed.py)
+
     async def drop(self, session_id: str) -> None:
         self._reachable()
         self._drop(session_id)

@@ -86,10 +86,10 @@ async def test_a_redis_that_cannot_write_is_a_redis_outage(
     async def read_only_replica(*args: Any, **kwargs: Any) -> None:
         raise ReadOnlyError("You can't write against a read only replica.")
 
-    monkeypatch.setattr(redis, "set", read_only_replica)
+    monkeypatch.setattr(redis, "eval", read_only_replica)
     breaker = Breaker("redis", fail_max=1)
     hot = Guarded(RedisHotStore(redis), breaker, RetryPolicy(), Metrics())
     with pytest.raises(BackendUnavailable) as info:
-        await hot.mark_deleted("s1")
+        await hot.unfence("s1", "token")  # a write (mark_deleted is a MULTI now)
     assert info.value.backend == "redis"
     assert breaker.state is BreakerState.OPEN
