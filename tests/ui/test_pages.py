@@ -266,16 +266,14 @@ async def test_sign_out_clears_the_cookie(ui: Client, sign_in: Callable[..., Any
     )
 
 
-async def test_feed_route_passes_the_api_answer_through(
-    ui: Client, auth: Callable[..., dict[str, str]], sign_in: Callable[..., Any]
+async def test_the_feed_relay_needs_a_sign_in(
+    ui: Client, auth: Callable[..., dict[str, str]]
 ) -> None:
+    """Signed in, the relay streams the real feed without end (the test client would wait for
+    its end): tests/ui/test_browser.py follows it in Chromium against a running serve."""
     session_id = await _create(ui, auth, "alice")
     refused = await ui.get(f"/ui/changes/{session_id}", follow_redirects=False)
     assert refused.status_code == 303
-    await sign_in("alice")
-    # This service has no /v1 change feed yet: the API's 404 reaches the page, which polls.
-    response = await ui.get(f"/ui/changes/{session_id}")
-    assert response.status_code in (200, 404)
 
 
 async def test_the_feed_relay_streams_as_the_cookies_principal(
