@@ -154,7 +154,9 @@ def test_sign_in_list_open_follow_live_suspend_and_resume(served: Served, browse
         assert '"plan"' in page.inner_text("#wip")
         assert page.inner_text("#state") == "active"
         page.wait_for_selector(".countdown:has-text('expires in')")
-        page.wait_for_selector("#live-status:has-text('polling'), #live-status:has-text('live')")
+        # The service has its change feed: the page follows it (through /ui/changes, as the
+        # cookie's principal), not the polling fallback.
+        page.wait_for_selector("#live-status:has-text('live')")
 
         # an append made through the API appears without a reload
         appended = http.post(

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
-import pytest
-from litestar import Request as LitestarRequest
-from litestar import get as litestar_get
-from litestar.params import PathParameter
-from litestar.response import ServerSentEvent
 from litestar.testing import AsyncTestClient
 
 from sessionmgr.api.auth import issue_token
-from sessionmgr.app import create_app
 from sessionmgr.ui.cookie import COOKIE_NAME
 from tests.conftest import JWT_SECRET
 from tests.ui.conftest import ORIGIN, csrf_of
@@ -274,44 +268,3 @@ async def test_the_feed_relay_needs_a_sign_in(
     session_id = await _create(ui, auth, "alice")
     refused = await ui.get(f"/ui/changes/{session_id}", follow_redirects=False)
     assert refused.status_code == 303
-
-
-async def test_the_feed_relay_streams_as_the_cookies_principal(
-    container: Any, token: Callable[..., str], auth: Callable[..., dict[str, str]]
-) -> None:
-    """Against a stand-in for `/v1/sessions/{id}/changes`: the relay sends the cookie's token
-    as a bearer token and passes the event stream through untouched."""
-    seen: list[str] = []
-
-    @litestar_get(
-        "/v1/sessions/{session_id:str}/changes",
-        include_in_schema=False,
-        media_type="text/event-stream",
-    )
-    async def fake_feed(
-        request: LitestarRequest[Any, Any, Any], session_id: Annotated[str, PathParameter()]
-    ) -> Any:
-        seen.append(request.user.sub)
-
-        async def events() -> Any:
-            yield {"id": "1-0", "event": "appended", "data": f'{{"session_id":"{session_id}"}}'}
-
-        return ServerSentEvent(events())
-
-    app = create_app(container)
-    if any(r.path == "/v1/sessions/{session_id:str}/changes" for r in app.routes):
-        pytest.skip("the service has its own change feed now: the browser tests cover it")
-    app.register(fake_feed)
-    async with AsyncTestClient(app=app, base_url=ORIGIN) as client:
-        session_id = await _create(client, auth, "alice")
-        signed = await client.post(
-            "/ui/sign-in", data={"token": token("alice")}, headers={"Origin": ORIGIN}
-        )
-        assert signed.status_code == 200  # followed to the list
-        response = await client.get(f"/ui/changes/{session_id}")
-        assert response.status_code == 200, (response.headers, response.text)
-        assert response.headers["content-type"].startswith("text/event-stream"), response.headers
-        assert "event: appended" in response.text
-        assert session_id in response.text
-        assert seen == ["alice"]
-        assert len(response.headers.get_list("x-request-id")) == 1
