@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from dependency_injector import containers, providers
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
+from redis.exceptions import RedisClusterException, RedisError
 
 from sessionmgr.api.auth import TokenVerifier
 from sessionmgr.api.metrics import serve_metrics
@@ -21,6 +23,7 @@ from sessionmgr.services.resilience import Breakers, Guarded, RetryPolicy, probi
 from sessionmgr.services.sessions import Limits, SessionService
 from sessionmgr.services.write_behind import WriteBehindWorker, running
 from sessionmgr.settings import Settings, load_settings
+from sessionmgr.storage import keys
 from sessionmgr.storage.cold import open_archive_store
 from sessionmgr.storage.feed_hub import open_feed_hub
 from sessionmgr.storage.hot import RedisHotStore, redis_client
@@ -30,6 +33,7 @@ from sessionmgr.storage.traced import traced
 from sessionmgr.storage.warm import open_warm_store
 from sessionmgr.telemetry import open_tracing, tracer_of
 
+log = logging.getLogger(__name__)
 # The change feed's shared reader blocks in XREAD this long (sessionmgr.storage.feed_hub).
 FEED_BLOCK_MS = 1000
 # XREADGROUP blocks this long; the worker's client waits a little longer for the reply.
@@ -37,13 +41,24 @@ WORKER_BLOCK_MS = 1000
 
 
 async def open_redis(
-    settings: Settings, socket_timeout_s: float | None = None
+    settings: Settings, socket_timeout_s: float | None = None, *, check: bool = False
 ) -> AsyncIterator[Redis]:
     client = redis_client(settings, socket_timeout_s=socket_timeout_s)
     try:
+        if check:
+            await checked_layout(client)
         yield client
     finally:
         await client.aclose()
+
+
+async def checked_layout(client: Redis) -> None:
+    """Refuse to start on a Redis laid out otherwise (storage/keys.py); a Redis that cannot be
+    reached now is checked by no one (the replica starts read-only and serves what it can)."""
+    try:
+        await keys.check_layout(client)
+    except (RedisError, RedisClusterException, OSError) as exc:
+        log.warning("Redis key layout not checked at start (%s): Redis is unreachable", exc)
 
 
 async def open_verifier(settings: Settings) -> AsyncIterator[TokenVerifier]:
@@ -154,7 +169,7 @@ class Container(containers.DeclarativeContainer):
     tracer_provider = providers.Resource(open_tracing)
     tracer = providers.Singleton(tracer_of, tracer_provider)
 
-    redis = providers.Resource(open_redis, settings)
+    redis = providers.Resource(open_redis, settings, check=True)
     worker_redis = providers.Resource(
         open_redis, settings, socket_timeout_s=WORKER_BLOCK_MS / 1000 + 2
     )

@@ -130,6 +130,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     feed_max_streams_per_principal: int = 16
     feed_queue_size: int = 256
     feed_retention_s: int = 3600
+    # Redis Cluster (sessionmgr.storage.keys): `redis_url` names any node. Every key of a
+    # session carries the hash tag of one of `redis_partitions` partitions, in every mode;
+    # the count is FIXED for the life of a deployment (Redis records it; a replica configured
+    # with another count refuses to start).
+    redis_cluster: bool = False
+    redis_partitions: int = 256
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -318,6 +324,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "feed_max_streams_per_principal": _int(1, 100_000),
     "feed_queue_size": _int(1, 1_000_000),
     "feed_retention_s": _int(1, 30 * 86_400),
+    "redis_cluster": _bool,
+    "redis_partitions": _int(1, 16_384),
 }
 
 
@@ -379,6 +387,17 @@ def _check_sentinel(s: Settings) -> None:
     if s.redis_sentinel_master and not s.redis_sentinels:
         raise ConfigError(
             f"{PREFIX}REDIS_SENTINEL_MASTER needs {PREFIX}REDIS_SENTINELS (host:port,host:port)"
+        )
+    if s.redis_cluster and s.redis_sentinels:
+        raise ConfigError(
+            f"set either {PREFIX}REDIS_CLUSTER or {PREFIX}REDIS_SENTINELS: a Redis Cluster "
+            "elects its own masters, without sentinels"
+        )
+    if s.redis_cluster and s.redis_wait_replicas:
+        raise ConfigError(
+            f"{PREFIX}REDIS_WAIT_REPLICAS is not supported with {PREFIX}REDIS_CLUSTER yet: "
+            "set it to 0 (a Cluster failover can then take writes acknowledged in its last "
+            "moments, as a Redis crash can; see the README)"
         )
 
 

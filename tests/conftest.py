@@ -18,12 +18,26 @@ from sessionmgr.app import create_app
 from sessionmgr.container import Container, build_container
 from sessionmgr.devstack import dev_aws_credentials
 from sessionmgr.settings import Settings, load_settings
+from sessionmgr.storage import keys
 from tests.support.redis_server import RedisServer
 from tests.support.s3_server import S3_BUCKET, S3Server, start_s3
 from tests.support.wire_mongo import LABEL as WIRE_LABEL
 from tests.support.wire_mongo import WireMongoServer
 
 JWT_SECRET = "test-secret-that-is-long-enough-0123456789"
+# Most of the suite reads the outbox, its dead letters and the idle index as one stream and
+# one set (`hot.OUTBOX_STREAM`, `DEAD_LETTER_STREAM`, `IDLE_INDEX`: partition 0's), so it runs
+# with one partition, and so do the `serve` processes it starts (they inherit this). The
+# partitioned layout itself, at the default of 256, is tested on its own:
+# tests/integration/test_partitions.py on one Redis, tests/cluster on a Redis Cluster.
+TEST_PARTITIONS = 1
+os.environ["SESSIONMGR_REDIS_PARTITIONS"] = str(TEST_PARTITIONS)
+
+
+@pytest.fixture(autouse=True)
+def _one_partition() -> None:
+    """Every test starts on the suite's layout (a test may configure another for itself)."""
+    keys.configure(TEST_PARTITIONS)
 
 
 @pytest.fixture(autouse=True)
@@ -92,6 +106,7 @@ def settings(redis_url: str, s3_server: S3Server) -> Settings:
         s3_endpoint_url=s3_server.url,
         s3_bucket=S3_BUCKET,
         jwt_secret=JWT_SECRET,
+        redis_partitions=TEST_PARTITIONS,
         outbox_claim_idle_ms=1000,
         rate_limit_per_s=0,  # load tests run as one principal; tests of the limit turn it on
         gc_freeze=False,  # hundreds of apps in one process; test_gc_freeze.py turns it on

@@ -30,6 +30,8 @@ from sessionmgr.services.ports import Delivery, Outbox, OutboxEntry, WarmStore, 
 
 log = logging.getLogger(__name__)
 DEPARTED_AFTER_MS = 3_600_000
+# The outbox gauges are read again at most this often (each read covers every partition).
+EXPORT_EVERY_S = 0.5
 
 
 def consumer_name() -> str:
@@ -77,6 +79,7 @@ class WriteBehindWorker:
         self._failures: dict[bytes, _Failure] = {}
         self._last_applied = 0.0  # monotonic time MongoDB last took an entry
         self._last_claim = 0.0
+        self._last_export = 0.0
         self._retry_own = True  # a restarted consumer may hold entries from before
         self.delivered = 0
         self.parked = 0
@@ -99,7 +102,8 @@ class WriteBehindWorker:
         log.info("write-behind worker %s started", self.consumer)
         while not stop.is_set():
             try:
-                await self.export_backlog()
+                if time.monotonic() - self._last_export >= EXPORT_EVERY_S:
+                    await self.export_backlog()
                 if not group_ready:
                     await self.ensure_group()
                     group_ready = True
@@ -314,7 +318,9 @@ class WriteBehindWorker:
         return await self._outbox.pending()
 
     async def export_backlog(self) -> None:
-        """Set the outbox gauges: entries not in MongoDB yet, and the age of the oldest."""
+        """Set the outbox gauges: entries not in MongoDB yet, and the age of the oldest (at
+        most every `EXPORT_EVERY_S` from `run`: each reads every partition of the outbox)."""
+        self._last_export = time.monotonic()
         pending = await self.pending()
         lag_s = await self._outbox.oldest_age_s() if pending else 0.0
         self._metrics.outbox_pending.set(pending)

@@ -1,4 +1,5 @@
-"""The write side of the change feed: one capped Redis Stream per session, `session_feed:{<id>}`.
+"""The write side of the change feed: one capped Redis Stream per session,
+`session_feed:{p<n>}:<id>` (storage/keys.py).
 
 Each committed change queues its feed entry (`XADD ... MAXLEN ~ N`) in the very MULTI that
 commits it, so an entry exists exactly when its change does: nothing is published after the
@@ -14,6 +15,7 @@ import msgspec
 
 from sessionmgr.domain.model import SessionRecord
 from sessionmgr.services.ports import Change
+from sessionmgr.storage import keys
 
 KINDS = (
     "patched",
@@ -35,7 +37,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 def feed_key(session_id: str) -> str:
-    return f"session_feed:{{{session_id}}}"
+    return keys.feed(session_id)
 
 
 def entry(session_id: str, version: int, kind: str, **extra: Any) -> dict[str, bytes]:

@@ -32,7 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessionmgr.domain.errors import BackendUnavailable, TooManyStreams
 from sessionmgr.metrics import Metrics
-from sessionmgr.storage import feed
+from sessionmgr.storage import feed, keys
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,13 @@ class FeedHub:
         queue_size: int = 256,
         max_per_principal: int = 16,
         heartbeat_s: float = 15.0,
+        poll_ms: int = 50,
     ) -> None:
         self._redis = redis  # the shared pool: backlogs, CLIENT UNBLOCK
         self._reader = reader  # one connection, blocked in XREAD most of the time
+        # On a Cluster the reader polls instead (`_poll`): no XREAD spans slots.
+        self._cluster = hasattr(reader, "nodes_manager")
+        self._poll_ms = poll_ms
         self._metrics = metrics
         self._block_ms = block_ms
         self._bound = queue_size
@@ -307,15 +311,19 @@ class FeedHub:
     async def _read_forever(self) -> None:
         while self._subs and not self._stopped:
             try:
-                if self._reader_id is None:
+                if self._reader_id is None and not self._cluster:
                     self._reader_id = int(await self._reader.client_id())
                 streams = {feed.feed_key(s): p for s, p in self._positions.items()}
                 if not streams:  # the last subscriber left meanwhile
                     continue
-                got: Any = await self._reader.xread(
-                    streams,  # type: ignore[arg-type]
-                    count=_READ_COUNT,
-                    block=self._block_ms,
+                got: Any = await (
+                    self._poll(streams)
+                    if self._cluster
+                    else self._reader.xread(
+                        streams,  # type: ignore[arg-type]
+                        count=_READ_COUNT,
+                        block=self._block_ms,
+                    )
                 )
             except (RedisError, OSError) as exc:
                 log.warning("change feed reader: Redis failed (%s); retrying", exc)
@@ -325,8 +333,20 @@ class FeedHub:
             for key, entries in got or []:
                 self._fan_out(key.decode(), entries)
 
+    async def _poll(self, streams: dict[str, str]) -> list[Any]:
+        """A Cluster refuses one XREAD across slots: read each stream without blocking, one
+        pipeline per node, and wait `poll_ms` after a round that found nothing."""
+        async with self._reader.pipeline(transaction=False) as pipe:
+            for key, position in streams.items():
+                pipe.xread({key: position}, count=_READ_COUNT)
+            replies = await pipe.execute()
+        got = [stream for reply in replies for stream in reply or []]
+        if not got:
+            await asyncio.sleep(self._poll_ms / 1000)
+        return got
+
     def _fan_out(self, key: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        session_id = key[key.index("{") + 1 : key.rindex("}")]
+        session_id = keys.session_id_in(key)
         subs = self._subs.get(session_id)
         if not subs or not entries:
             return

@@ -1,6 +1,7 @@
 """The hot tier: one Redis hash per active session, its recent timeline, leases and the outbox.
 
-Every key of a session carries the hash tag `{<id>}`. Each top-level field of the record is a
+Every key of a session carries the hash tag of its partition (storage/keys.py), so that each
+MULTI stays in one Redis Cluster slot. Each top-level field of the record is a
 hash field of its own (msgspec JSON), so a patch writes only what it changes. Updates run the
 optimistic transaction of DESIGN §2: WATCH, read, decide, MULTI, write + outbox entry +
 idempotency record, EXEC.
@@ -14,19 +15,23 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
     ExecAbortError,
     MasterDownError,
+    MovedError,
     NoScriptError,
     ReadOnlyError,
+    RedisClusterException,
     TryAgainError,
     WatchError,
 )
@@ -69,16 +74,16 @@ from sessionmgr.services.ports import (
     WriteDiverged,
 )
 from sessionmgr.settings import Settings
-from sessionmgr.storage import feed
+from sessionmgr.storage import feed, keys
+from sessionmgr.storage.redis_nodes import ClusterNodes, SessionmgrCluster, nodes_of
 from sessionmgr.storage.redis_pool import BoundedPool, sentinel_client
 
 log = logging.getLogger(__name__)
 
-OUTBOX_STREAM = "session_outbox"
-DEAD_LETTER_STREAM = "session_outbox_dead"
-# Active sessions scored by when they were last written or loaded (storage/idle.py): outside
-# every MULTI, so that each MULTI keeps to the keys of one session's hash tag.
-IDLE_INDEX = "session_idle"
+# Partition 0's streams and idle index: with SESSIONMGR_REDIS_PARTITIONS=1, every session's.
+OUTBOX_STREAM = keys.outbox(0)
+DEAD_LETTER_STREAM = keys.dead_letters(0)
+IDLE_INDEX = keys.idle_index(0)
 _RECORD_FIELDS = tuple(SessionRecord.__struct_fields__)
 _FIELD_DECODERS: dict[bytes, msgspec.json.Decoder[Any]] = {
     f.name.encode(): msgspec.json.Decoder(f.type) for f in msgspec.structs.fields(SessionRecord)
@@ -145,10 +150,12 @@ async def _run_read_script(client: Any, keys: list[str], lease_prefix: str) -> A
     or SCRIPT FLUSH; then the one EVAL that answers NOSCRIPT sends it (and caches it again).
     Not redis-py's `register_script`: on a WATCHing pipeline it would make EXEC check the
     script first, one more round trip for every update."""
+    # `execute_command`: redis-py's Cluster pipeline refuses its own `evalsha` method, not the
+    # command (the keys name the slot, which the WATCH already holds).
     try:
-        return await client.evalsha(_READ_SHA, len(keys), *keys, lease_prefix)
+        return await client.execute_command("EVALSHA", _READ_SHA, len(keys), *keys, lease_prefix)
     except NoScriptError:
-        return await client.eval(_READ_SCRIPT, len(keys), *keys, lease_prefix)
+        return await client.execute_command("EVAL", _READ_SCRIPT, len(keys), *keys, lease_prefix)
 
 
 _decode_outbox = msgspec.json.Decoder(OutboxEntry).decode
@@ -156,31 +163,44 @@ _decode_outbox = msgspec.json.Decoder(OutboxEntry).decode
 
 def fence_key(session_id: str) -> str:
     """Held while the session is archived: no replica may load it into Redis meanwhile."""
-    return f"session_archiving:{{{session_id}}}"
+    return keys.fence(session_id)
 
 
 def hot_key(session_id: str) -> str:
-    return f"session_hot:{{{session_id}}}"
+    return keys.hot(session_id)
 
 
 def timeline_key(session_id: str) -> str:
-    return f"session_timeline:{{{session_id}}}"
+    return keys.timeline(session_id)
 
 
 def lease_key(session_id: str, mad: str) -> str:
-    return f"session_lease:{{{session_id}}}:{mad}"
+    return keys.lease(session_id, mad)
 
 
 def idem_key(scope: str, idem: Idempotency) -> str:
-    return f"session_idem:{{{scope}}}:{idem.key_digest}"
+    """A request's record: in the slot of the session it is about, or (a create's, which
+    exists before its session does) in a slot of its own."""
+    if scope == CREATE_SCOPE:
+        return keys.create_idem(idem.key_digest)
+    return keys.idem(scope, idem.key_digest)
 
 
 def idem_index_key(session_id: str) -> str:
-    return f"session_idem_keys:{{{session_id}}}"
+    return keys.idem_index(session_id)
 
 
 def rebased_key(session_id: str) -> str:
-    return f"session_rebased:{{{session_id}}}"
+    return keys.rebased(session_id)
+
+
+def outbox_key(session_id: str) -> str:
+    """The outbox stream of the session's partition."""
+    return keys.outbox(keys.partition_of(session_id))
+
+
+def idle_key(session_id: str) -> str:
+    return keys.idle_index(keys.partition_of(session_id))
 
 
 def _event_mark(event: TimelineEvent) -> str:
@@ -219,11 +239,11 @@ def _rebased(
 
 
 def caller_keys_key(caller: str) -> str:
-    return f"session_idem_caller:{{{caller}}}"
+    return keys.caller_keys(caller)
 
 
 def gone_key(session_id: str) -> str:
-    return f"session_gone:{{{session_id}}}"
+    return keys.gone(session_id)
 
 
 def encode_record(record: SessionRecord, fields: frozenset[str] | None = None) -> dict[str, bytes]:
@@ -259,6 +279,8 @@ class RedisHotStore:
         feed_retention_s: int = 3600,
     ) -> None:
         self._redis = redis
+        self._at = nodes_of(redis).of  # the Redis (Cluster node) that holds a key
+        self._layout_checked = False
         self._feed = (feed_maxlen, feed_retention_s)
         self._wait = (wait_replicas, wait_timeout_ms)
         self._recent = recent_timeline
@@ -271,7 +293,7 @@ class RedisHotStore:
 
     async def load(self, session_id: str) -> HotView | None:
         """One round trip: the hash, the recent timeline and every lease's remaining life."""
-        view, _ = await self._read(self._redis, session_id, None)
+        view, _ = await self._read(await self._at(hot_key(session_id)), session_id, None)
         return view
 
     async def _read(
@@ -296,37 +318,65 @@ class RedisHotStore:
         return view, stored
 
     async def access_fields(self, session_id: str) -> tuple[str, list[str]] | None:
-        owner, acl = await self._guard(self._redis.hmget(hot_key(session_id), ["owner_id", "acl"]))
+        key = hot_key(session_id)
+        owner, acl = await self._guard((await self._at(key)).hmget(key, ["owner_id", "acl"]))
         if owner is None:
             return None
         return _decode_str(owner), _decode_acl(acl)
 
-    def _acknowledged(self) -> Pipeline:
+    async def _layout(self) -> None:
+        """Before this store's first write: Redis holds this key layout (storage/keys.py).
+        A replica checks it at start too, but one that started while Redis was unreachable
+        must not write under another partition count once it answers."""
+        if self._layout_checked:
+            return
+        try:
+            await self._guard(keys.check_layout(self._redis))
+        except keys.LayoutMismatch as exc:
+            log.critical("refusing to write: %s", exc)
+            raise BackendUnavailable("redis", str(exc), 30, retryable=False) from exc
+        self._layout_checked = True
+
+    async def _transaction(self, key: str) -> Pipeline:
+        """A transaction on the Redis (the Cluster node) that holds `key`'s slot."""
+        await self._layout()
+        return (await self._at(key)).pipeline(transaction=True)
+
+    async def _acknowledged(self, key: str) -> Pipeline:
         """A transaction whose EXEC counts as acknowledged: with `wait_replicas`, only once
         that many replicas hold it (Redis WAIT on the same connection, right after EXEC)."""
+        await self._layout()
+        client = await self._at(key)
         if not self._wait[0]:
-            return self._redis.pipeline(transaction=True)
-        pipe = ReplicatedPipeline(
-            self._redis.connection_pool, self._redis.response_callbacks, True, None
-        )
+            return client.pipeline(transaction=True)
+        pipe = ReplicatedPipeline(client.connection_pool, client.response_callbacks, True, None)
         pipe.replication = self._wait
         return pipe
 
-    async def _touch(self, session_id: str) -> None:
-        """Note the session in the idle index, BEFORE writing it: a MULTI that fails after
-        this only delays the idle sweep (which skips what is gone or recent), and one that
-        succeeds is always indexed; on one master the index entry replicates before it."""
-        await self._guard(self._redis.zadd(IDLE_INDEX, {session_id: time.time()}))
+    @staticmethod
+    def _touch(pipe: Any, session_id: str) -> None:
+        """Note the session in its partition's idle index, in the MULTI that writes it (the
+        index shares the session's slot): a session written is always indexed."""
+        pipe.zadd(idle_key(session_id), {session_id: time.time()})
 
     async def create(self, record: SessionRecord, idem: Idempotency | None, result: bytes) -> None:
-        await self._touch(record.id)
-        async with self._acknowledged() as pipe:
+        """The hash, then the create's answer for its key. The answer lives in a slot of its
+        own (the key's), so it is written after the MULTI: until it is, the key's claim says
+        "in flight", and a retry once the claim is released or lapsed finds the session by
+        its key-derived id and answers it (SessionService._finish_create)."""
+        async with await self._acknowledged(hot_key(record.id)) as pipe:
             pipe.hset(hot_key(record.id), mapping=encode_record(record))  # type: ignore[arg-type]
-            if idem is not None:
-                record_key = idem_key(CREATE_SCOPE, idem)
-                pipe.set(record_key, idem_value(idem, result), ex=self._idem_ttl)
-                self._index_idem(pipe, record.id, record_key)  # deleting the session drops it
+            self._touch(pipe, record.id)
+            if idem is not None:  # deleting the session drops the record (`drop`)
+                self._index_idem(pipe, record.id, idem_key(CREATE_SCOPE, idem))
             await self._guard(pipe.execute(), outcome_unknown=True)
+        if idem is not None:
+            try:
+                await self.remember(CREATE_SCOPE, idem, result)
+            except BackendUnavailable as exc:  # never write the hash again: not retryable
+                raise BackendUnavailable(
+                    "redis", "the session was stored, its answer was not", retryable=False
+                ) from exc
 
     async def activate(self, session_id: str, load: Loader) -> SessionRecord | None:
         """Load a dormant session into Redis unless it is there already or was deleted.
@@ -337,26 +387,28 @@ class RedisHotStore:
         Returns the record loaded, or None when the session was (or became) hot meanwhile.
         """
         key, gone, fence = hot_key(session_id), gone_key(session_id), fence_key(session_id)
-        await self._touch(session_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with await self._transaction(key) as pipe:
             try:
                 await self._guard(pipe.watch(key, gone, fence))
-                if await self._guard(pipe.exists(gone)):
+                # EXISTS as a bare command: a Cluster pipeline splits its `exists` by slot
+                # and, while WATCHing, hands back an un-run coroutine instead of the answer.
+                if await self._guard(pipe.execute_command("EXISTS", gone)):
                     raise SessionNotFound(session_id)
-                if await self._guard(pipe.exists(fence)):
+                if await self._guard(pipe.execute_command("EXISTS", fence)):
                     raise ArchiveInProgress(session_id)
-                if await self._guard(pipe.exists(key)):
+                if await self._guard(pipe.execute_command("EXISTS", key)):
                     return None
                 record, recent = await load()
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.hset(key, mapping=encode_record(record))  # type: ignore[arg-type]
+                self._touch(pipe, session_id)
                 pipe.delete(timeline_key(session_id))
                 if recent:
                     pipe.rpush(timeline_key(session_id), *[_encode(e) for e in recent])
                 self._queue_feed(
                     pipe, session_id, [feed.entry(session_id, record.version, "resumed")]
                 )
-                pipe.persist(feed.feed_key(session_id))  # kept while hot; see `suspend`
+                pipe.persist(keys.feed(session_id))  # kept while hot; see `suspend`
                 # Safe to run again: the WATCHed hash shows whether this one was applied.
                 await self._guard(pipe.execute(), outcome_unknown=True, replayable=True)
             except WatchError:
@@ -374,7 +426,6 @@ class RedisHotStore:
         and EXEC makes it run `decide` again on the new state: every decision re-checks the
         expected version, so a stale change is a `ConcurrencyConflict`, never applied.
         """
-        await self._touch(session_id)
         for _ in range(_RACE_RETRIES):
             try:
                 return await self._transact_once(session_id, decide, idem)
@@ -388,7 +439,7 @@ class RedisHotStore:
     ) -> Replayed | Change | None:
         key = hot_key(session_id)
         watched = [key] if idem is None else [key, idem_key(session_id, idem)]
-        async with self._acknowledged() as pipe:
+        async with await self._acknowledged(key) as pipe:
             await self._guard(pipe.watch(*watched))
             view, stored = await self._read(pipe, session_id, idem)
             if idem is not None and (replay := replay_of(idem, stored)) is not None:
@@ -400,6 +451,7 @@ class RedisHotStore:
                 return None
             pipe.multi()  # type: ignore[no-untyped-call]
             self._queue_change(pipe, session_id, change)
+            self._touch(pipe, session_id)
             self._queue_feed(pipe, session_id, feed.change_entries(view.record, change))
             if idem is not None:
                 record_key = idem_key(session_id, idem)
@@ -415,9 +467,9 @@ class RedisHotStore:
 
     async def note(self, session_id: str, version: int, kind: str) -> None:
         """A feed entry for a change committed outside Redis (`archived`: MongoDB holds it)."""
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with await self._transaction(keys.feed(session_id)) as pipe:
             self._queue_feed(pipe, session_id, [feed.entry(session_id, version, kind)])
-            pipe.expire(feed.feed_key(session_id), self._feed[1])
+            pipe.expire(keys.feed(session_id), self._feed[1])
             await self._guard(pipe.execute())
 
     def _queue_change(self, pipe: Any, session_id: str, change: Change) -> None:
@@ -436,7 +488,7 @@ class RedisHotStore:
             pipe.delete(lease_key(session_id, mad))
         if not change.hot_only and (change.fields or change.events or change.context):
             entry = OutboxEntry(record=change.record, events=change.events, context=change.context)
-            pipe.xadd(OUTBOX_STREAM, {"sid": session_id, "entry": _encode(entry)})
+            pipe.xadd(outbox_key(session_id), {"sid": session_id, "entry": _encode(entry)})
 
     async def rebase(self, diverged: WriteDiverged) -> str:
         """Move the hot session above what MongoDB holds after Redis lost writes it had.
@@ -453,7 +505,7 @@ class RedisHotStore:
         marks = [_event_mark(e) for e in diverged.events]
         version_mark = f"v{diverged.record.version}:{diverged.record.write_id}"
         for _ in range(_RACE_RETRIES):
-            async with self._acknowledged() as pipe:
+            async with await self._acknowledged(key) as pipe:
                 try:
                     await self._guard(pipe.watch(key, tl, moved_key))
                     done = await self._guard(pipe.hmget(moved_key, [version_mark, *marks]))
@@ -473,7 +525,7 @@ class RedisHotStore:
                     pipe.delete(tl)
                     if recent:
                         pipe.rpush(tl, *[_encode(e) for e in recent])
-                    pipe.xadd(OUTBOX_STREAM, {"sid": sid, "entry": _encode(entry)})
+                    pipe.xadd(outbox_key(sid), {"sid": sid, "entry": _encode(entry)})
                     # Versions and seqs moved: a subscriber must read the session again.
                     rebased = feed.entry(sid, entry.record.version, "reset", reason="rebased")
                     self._queue_feed(pipe, sid, [rebased])
@@ -492,24 +544,25 @@ class RedisHotStore:
         while another request with it is running. The claim lapses after `CLAIM_TTL_S`.
         """
         key = idem_key(scope, idem)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with await self._transaction(key) as pipe:
             pipe.set(key, pending_value(idem), nx=True, ex=CLAIM_TTL_S)
             self._index_idem(pipe, scope, key)
             # Not replayable: a re-run would find its own claim and call it in flight.
             claimed = (await self._guard(pipe.execute(), outcome_unknown=True))[0]
         if claimed:
             return None
-        return replay_of(idem, await self._guard(self._redis.get(key)))
+        return replay_of(idem, await self._guard((await self._at(key)).get(key)))
 
     async def replay(self, scope: str, idem: Idempotency) -> Replayed | None:
         """The first answer for this key, if there is one; writes nothing."""
-        return replay_of(idem, await self._guard(self._redis.get(idem_key(scope, idem))))
+        key = idem_key(scope, idem)
+        return replay_of(idem, await self._guard((await self._at(key)).get(key)))
 
     async def release(self, scope: str, idem: Idempotency) -> None:
         """Give this attempt's claim back after a failure; never an answer stored meanwhile,
         never the claim of a newer attempt with the same key."""
-        pending = pending_value(idem)
-        await self._guard(self._redis.eval(_RELEASE_SCRIPT, 1, idem_key(scope, idem), pending))
+        pending, key = pending_value(idem), idem_key(scope, idem)
+        await self._guard((await self._at(key)).eval(_RELEASE_SCRIPT, 1, key, pending))
 
     async def admit_key(self, idem: Idempotency, cap: int) -> None:
         """Count a new key against its caller's live keys; `TooManyIdempotencyKeys` past `cap`.
@@ -517,12 +570,12 @@ class RedisHotStore:
         One sorted set per caller, scored by expiry: a key counts until its records would
         have expired, so a caller cannot hold more than `cap` records at once.
         """
-        now = time.time()
+        now, key = time.time(), caller_keys_key(idem.caller)
         admitted = await self._guard(
-            self._redis.eval(
+            (await self._at(key)).eval(
                 _ADMIT_KEY_SCRIPT,
                 1,
-                caller_keys_key(idem.caller),
+                key,
                 now,
                 idem.key_digest,
                 cap,
@@ -534,8 +587,8 @@ class RedisHotStore:
             raise TooManyIdempotencyKeys(cap, self._idem_ttl)
 
     async def remember(self, scope: str, idem: Idempotency, result: bytes) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            key = idem_key(scope, idem)
+        key = idem_key(scope, idem)
+        async with await self._transaction(key) as pipe:
             pipe.set(key, idem_value(idem, result), ex=self._idem_ttl)
             self._index_idem(pipe, scope, key)
             await self._guard(pipe.execute())
@@ -563,7 +616,7 @@ class RedisHotStore:
         """
         key, tl = hot_key(session_id), timeline_key(session_id)
         for _ in range(_RACE_RETRIES):
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with await self._transaction(key) as pipe:
                 await self._guard(pipe.watch(key, tl))
                 view, _ = await self._read(pipe, session_id, None)
                 if view is None:
@@ -583,12 +636,13 @@ class RedisHotStore:
                     continue  # Redis had lost writes; the session moved above MongoDB
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.delete(key, tl, *[lease_key(session_id, m) for m in record.participants])
+                pipe.zrem(idle_key(session_id), session_id)
                 # The feed outlives the hot keys for a while: a subscriber reads `suspended`
                 # (and `resumed` when it comes back); once it expires, a resume gets `reset`.
                 self._queue_feed(
                     pipe, session_id, [feed.entry(session_id, record.version, "suspended")]
                 )
-                pipe.expire(feed.feed_key(session_id), self._feed[1])
+                pipe.expire(keys.feed(session_id), self._feed[1])
                 try:
                     await self._guard(pipe.execute(), outcome_unknown=True, replayable=True)
                 except WatchError:
@@ -602,10 +656,11 @@ class RedisHotStore:
         The outbox holds only undelivered entries (the worker deletes what it delivered), so
         this is one XLEN while the write-behind keeps up, and a scan of its backlog otherwise.
         """
-        client = client or self._redis
+        stream = outbox_key(session_id)
+        client = client or await self._at(stream)
         events: list[TimelineEvent] = []
         context: ContextUpdate | None = None
-        backlog = await self._guard(client.xlen(OUTBOX_STREAM))
+        backlog = await self._guard(client.xlen(stream))
         if not backlog:
             return Undelivered(events=events, context=context)
         if backlog > SCAN_LIMIT:
@@ -616,9 +671,7 @@ class RedisHotStore:
         start = "-"
         sid = session_id.encode()
         while True:
-            batch = await self._guard(
-                client.xrange(OUTBOX_STREAM, min=start, max="+", count=_SCAN_BATCH)
-            )
+            batch = await self._guard(client.xrange(stream, min=start, max="+", count=_SCAN_BATCH))
             for _, fields in batch:
                 if fields.get(b"sid") != sid:
                     continue
@@ -632,54 +685,63 @@ class RedisHotStore:
 
     async def parked(self, session_id: str) -> int:
         """How many of this session's writes sit on the dead-letter stream (usually empty)."""
-        if not await self._guard(self._redis.xlen(DEAD_LETTER_STREAM)):
+        dead = keys.dead_letters(keys.partition_of(session_id))
+        client = await self._at(dead)
+        if not await self._guard(client.xlen(dead)):
             return 0
         sid, count, start = session_id.encode(), 0, "-"
         while True:
-            batch = await self._guard(
-                self._redis.xrange(DEAD_LETTER_STREAM, min=start, max="+", count=_SCAN_BATCH)
-            )
+            batch = await self._guard(client.xrange(dead, min=start, max="+", count=_SCAN_BATCH))
             count += sum(1 for _, fields in batch if fields.get(b"sid") == sid)
             if len(batch) < _SCAN_BATCH:
                 return count
             start = "(" + batch[-1][0].decode()
 
     async def is_deleted(self, session_id: str) -> bool:
-        return bool(await self._guard(self._redis.exists(gone_key(session_id))))
+        key = gone_key(session_id)
+        return bool(await self._guard((await self._at(key)).exists(key)))
 
     async def mark_deleted(self, session_id: str) -> None:
         """The tombstone, and the feed's `deleted` entry in the same MULTI."""
         version = await self._current_version(session_id) or await self._fed_version(session_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with await self._transaction(gone_key(session_id)) as pipe:
             pipe.set(gone_key(session_id), b"1", ex=self._deleted_ttl)
             # No copy of the session's data outlives it: the feed keeps only `deleted` (a
             # resume from before it gets `reset`, then sees the session is gone).
-            pipe.delete(feed.feed_key(session_id))
+            pipe.delete(keys.feed(session_id))
             self._queue_feed(pipe, session_id, [feed.entry(session_id, version, "deleted")])
-            pipe.expire(feed.feed_key(session_id), self._feed[1])
+            pipe.expire(keys.feed(session_id), self._feed[1])
             await self._guard(pipe.execute())
 
     async def _fed_version(self, session_id: str) -> int:
         """The version the feed's newest entry named (0 when it has none)."""
-        last = await self._guard(self._redis.xrevrange(feed.feed_key(session_id), count=1))
+        key = keys.feed(session_id)
+        last = await self._guard((await self._at(key)).xrevrange(key, count=1))
         return int(msgspec.json.decode(last[0][1][b"d"])["version"]) if last else 0
 
     async def drop(self, session_id: str) -> None:
         """Delete every key of the session but its tombstone: data, leases, idempotency records."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        node = await self._at(hot_key(session_id))
+        async with node.pipeline(transaction=False) as pipe:
             pipe.hget(hot_key(session_id), "participants")
             pipe.zrange(idem_index_key(session_id), 0, -1)
             participants, idem_keys = await self._guard(pipe.execute())
         mads = list(_decode_participants(participants)) if participants else []
-        await self._guard(
-            self._redis.delete(
+        # The records first (a keyed create's lives in its key's slot: one DEL each), then
+        # the session's keys in one MULTI; a failure in between leaves only expiring records.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in idem_keys:
+                pipe.delete(key)
+            await self._guard(pipe.execute())
+        async with node.pipeline(transaction=True) as pipe:
+            pipe.delete(
                 hot_key(session_id),
                 timeline_key(session_id),
                 idem_index_key(session_id),
                 *[lease_key(session_id, m) for m in mads],
-                *idem_keys,
             )
-        )
+            pipe.zrem(idle_key(session_id), session_id)
+            await self._guard(pipe.execute())
 
     async def fence(self, session_id: str, ttl_s: int) -> str | None:
         """Take the archive fence of a session that is not hot; None when it is hot.
@@ -690,11 +752,17 @@ class RedisHotStore:
         """
         token = secrets.token_hex(16)
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with await self._transaction(hot_key(session_id)) as pipe:
                 # One script: a hot session is never fenced, so there is nothing to give back
                 # (a failed give-back would hold the session for the fence's whole TTL).
-                pipe.eval(
-                    _FENCE_SCRIPT, 2, fence_key(session_id), hot_key(session_id), token, ttl_s
+                pipe.execute_command(
+                    "EVAL",
+                    _FENCE_SCRIPT,
+                    2,
+                    fence_key(session_id),
+                    hot_key(session_id),
+                    token,
+                    ttl_s,
                 )
                 (outcome,) = await self._guard(pipe.execute(), outcome_unknown=True)
         except BackendUnavailable:
@@ -711,10 +779,12 @@ class RedisHotStore:
         return token
 
     async def unfence(self, session_id: str, token: str) -> None:
-        await self._guard(self._redis.eval(_RELEASE_SCRIPT, 1, fence_key(session_id), token))
+        key = fence_key(session_id)
+        await self._guard((await self._at(key)).eval(_RELEASE_SCRIPT, 1, key, token))
 
     async def _current_version(self, session_id: str) -> int | None:
-        raw = await self._guard(self._redis.hget(hot_key(session_id), "version"))
+        key = hot_key(session_id)
+        raw = await self._guard((await self._at(key)).hget(key, "version"))
         return int(raw) if raw is not None else None
 
     @staticmethod
@@ -731,10 +801,15 @@ class RedisHotStore:
         except WatchError as exc:
             # redis-py reports a connection lost while WATCHing as a WatchError: that is no
             # concurrent writer, and re-deciding after a lost EXEC reply could apply it twice.
+            # Nor is a slot that moved to another Cluster node (resharding, failover).
             lost = exc.__context__
+            if isinstance(lost, _REDIRECTS):
+                raise _moved() from lost
             if not isinstance(lost, _CONNECTION_ERRORS):
                 raise
             raise _unavailable(outcome_unknown, replayable) from lost
+        except _REDIRECTS as exc:
+            raise _moved() from exc
         except _CONNECTION_ERRORS as exc:
             raise _unavailable(outcome_unknown, replayable) from exc
 
@@ -750,7 +825,21 @@ _CONNECTION_ERRORS = (
     MasterDownError,
     TryAgainError,
     ClusterDownError,
+    # redis-py's Cluster client: no node of the Cluster answered at all
+    RedisClusterException,
 )
+
+
+# A Cluster node answered MOVED or ASK: the command was not run there, so whatever it was
+# (a MULTI aborts as a whole) may run again once the client knows the slot's new node.
+_REDIRECTS = (MovedError, AskError)
+
+
+def _moved() -> BackendUnavailable:
+    ClusterNodes.moved()  # every slot map is read again before its next use
+    return BackendUnavailable(
+        "redis", "the session's slot is moving between cluster nodes", 1, retryable=True
+    )
 
 
 def _unavailable(outcome_unknown: bool, replayable: bool) -> BackendUnavailable:
@@ -813,6 +902,11 @@ def redis_client(settings: Settings, *, socket_timeout_s: float | None = None) -
     }
     if settings.redis_url.startswith("rediss://") and settings.redis_ca_file:
         options["ssl_ca_certs"] = settings.redis_ca_file
+    keys.configure(settings.redis_partitions)
+    if settings.redis_cluster:
+        # Not a `Redis`, but it answers every command sessionmgr sends one outside a
+        # session's transaction (and those run on `ClusterNodes`' per-node clients).
+        return cast(Redis, cluster_client(settings, options))
     # A full pool makes a request wait briefly for a connection instead of failing at once.
     pool_timeout = max(1.0, settings.redis_socket_timeout_s * 4)
     if settings.redis_sentinels:
@@ -824,3 +918,32 @@ def redis_client(settings: Settings, *, socket_timeout_s: float | None = None) -
         **options,
     )
     return Redis(connection_pool=pool)
+
+
+def cluster_client(settings: Settings, options: dict[str, Any]) -> SessionmgrCluster:
+    """redis-py's Cluster client on the node `redis_url` names (it finds the others), with a
+    plain client per master for each session's transactions (storage/redis_nodes.py).
+
+    No hidden retries here either: a connection lost is `BackendUnavailable` as with one
+    Redis, and a MOVED or ASK (the slot moved) is a 503 the caller may retry at once, after
+    which the slot map is read again.
+    """
+    # Credentials, database and TLS as the URL gives them; each node's own host and port.
+    from_url = {k: v for k, v in parse_url(settings.redis_url).items() if k not in ("host", "port")}
+    node_options = {
+        **from_url,
+        **options,
+        "max_connections": settings.redis_pool_size,
+        "pool_timeout": max(1.0, settings.redis_socket_timeout_s * 4),
+    }
+    cluster_options = {
+        k: v for k, v in options.items() if k not in ("health_check_interval", "retry_on_timeout")
+    }
+    client = SessionmgrCluster.from_url(
+        settings.redis_url,
+        node_options=node_options,
+        max_connections=settings.redis_pool_size,
+        require_full_coverage=False,
+        **cluster_options,
+    )
+    return cast(SessionmgrCluster, client)

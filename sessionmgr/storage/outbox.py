@@ -8,6 +8,7 @@ delivery of the same write harmless, so replaying everything is always safe.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable
@@ -15,11 +16,12 @@ from typing import Any, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.services.ports import Delivery, OutboxConsumer, OutboxEntry
-from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM
+from sessionmgr.storage import keys
+from sessionmgr.storage.redis_nodes import nodes_of
 
 log = logging.getLogger(__name__)
 GROUP = "writebehind"  # the write-behind's consumer group (services/write_behind.py)
@@ -81,49 +83,69 @@ def dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
 
 
 class OutboxAdmin:
+    """What an operator sees and does: over every partition's outbox and dead-letter stream.
+    A dead letter's id is `<partition>/<id in that partition's dead-letter stream>`."""
+
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
+        self._outbox = RedisOutbox(redis)
 
     async def status(self, limit: int = 100) -> OutboxStatus:
-        pending = int(await self._redis.xlen(OUTBOX_STREAM))
-        oldest: Any = await self._redis.xrange(OUTBOX_STREAM, count=1) if pending else []
-        age = time.time() - int(oldest[0][0].split(b"-")[0]) / 1000 if oldest else 0.0
-        consumers = [
-            Consumer(name=_text(c["name"]), pending=int(c["pending"]), idle_ms=int(c["idle"]))
-            for c in await self._consumers()
-        ]
-        dead: Any = await self._redis.xrange(DEAD_LETTER_STREAM, count=limit)
+        pending = await self._outbox.pending()
+        consumers = await self._outbox.consumers()
+        dead = await self._dead(limit)
         return OutboxStatus(
             pending=pending,
-            oldest_age_s=max(0.0, age),
-            consumers=consumers,
-            dead_letters=int(await self._redis.xlen(DEAD_LETTER_STREAM)),
+            oldest_age_s=await self._outbox.oldest_age_s() if pending else 0.0,
+            consumers=[
+                Consumer(name=c.name, pending=c.pending, idle_ms=c.idle_ms) for c in consumers
+            ],
+            dead_letters=await self._outbox.dead_letters(),
             dead=[dead_letter(i, f) for i, f in dead],
         )
 
-    async def _consumers(self) -> list[dict[str, Any]]:
+    async def _dead(self, limit: int | None = None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Parked entries, oldest first over every partition, ids with their partition."""
+        replies = await self._outbox._each(
+            lambda pipe, p: pipe.xrange(keys.dead_letters(p), count=limit)
+        )
+        found = [
+            (_id(p, i), f)
+            for p, reply in enumerate(replies)
+            if not isinstance(reply, Exception)
+            for i, f in reply
+        ]
+        found.sort(key=lambda item: _stream_order(item[0]))
+        return found if limit is None else found[:limit]
+
+    async def _one(self, letter_id: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
         try:
-            return list(await self._redis.xinfo_consumers(OUTBOX_STREAM, GROUP))
-        except ResponseError as exc:  # no stream or no group yet: nobody consumes
-            if "no such key" in str(exc).lower() or "nogroup" in str(exc).lower():
-                return []
-            raise
+            partition, entry_id = _split(letter_id)
+        except ValueError:
+            return []
+        if not 0 <= partition < keys.partitions():
+            return []
+        found: Any = await self._redis.xrange(keys.dead_letters(partition), entry_id, entry_id)
+        return [(_id(partition, i), f) for i, f in found]
 
     async def replay(self, ids: list[str] | None = None) -> list[DeadLetter]:
         """Put parked entries (these ids, or all) back into the outbox; returns them."""
         if ids is None:
-            found: Any = await self._redis.xrange(DEAD_LETTER_STREAM)
+            found = await self._dead()
         else:
             found = []
             for i in ids:
-                found += await self._redis.xrange(DEAD_LETTER_STREAM, i, i)
+                found += await self._one(i)
         replayed = []
-        for entry_id, fields in found:
-            letter = dead_letter(entry_id, fields)
-            original = {k: v for k, v in fields.items() if k in (b"sid", b"entry")}
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(OUTBOX_STREAM, original)
-                pipe.xdel(DEAD_LETTER_STREAM, entry_id)
+        for letter_id, fields in found:
+            letter = dead_letter(letter_id, fields)
+            partition, entry_id = _split(letter_id)
+            original: dict[Any, Any] = {k: v for k, v in fields.items() if k in (b"sid", b"entry")}
+            async with (await self._outbox._at(keys.outbox(partition))).pipeline(
+                transaction=True
+            ) as pipe:
+                pipe.xadd(keys.outbox(partition), original)
+                pipe.xdel(keys.dead_letters(partition), entry_id)
                 await pipe.execute()
             log.warning(
                 "outbox dead letter %s (session %s v%s) replayed into the outbox",
@@ -137,11 +159,12 @@ class OutboxAdmin:
 
     async def drop(self, entry_id: str) -> DeadLetter | None:
         """Delete one parked entry for good; its write never reaches MongoDB."""
-        found: Any = await self._redis.xrange(DEAD_LETTER_STREAM, entry_id, entry_id)
+        found = await self._one(entry_id)
         if not found:
             return None
         letter = dead_letter(*found[0])
-        await self._redis.xdel(DEAD_LETTER_STREAM, entry_id)
+        partition, stream_id = _split(found[0][0])
+        await self._redis.xdel(keys.dead_letters(partition), stream_id)
         log.warning(
             "outbox dead letter %s (session %s v%s) dropped by an operator; last error: %s",
             letter.id,
@@ -151,6 +174,11 @@ class OutboxAdmin:
             extra={"session_id": letter.session_id},
         )
         return letter
+
+
+def _stream_order(delivery_id: bytes) -> tuple[int, int]:
+    ms, _, seq = _split(delivery_id)[1].partition("-")
+    return int(ms), int(seq or 0)
 
 
 # -- the write-behind's side: the `Outbox` port on a Redis Stream and its consumer group ---------
@@ -177,90 +205,202 @@ def delivery(entry_id: bytes, fields: dict[bytes, bytes] | None) -> Delivery:
         return Delivery(id=entry_id, raw=raw, problem=f"undecodable entry: {exc}")
 
 
+def _is_cluster(redis: Any) -> bool:
+    return hasattr(redis, "nodes_manager")
+
+
+def _id(partition: int, entry_id: bytes | str) -> bytes:
+    """A delivery's id: its partition and its id in that partition's stream."""
+    raw = entry_id.encode() if isinstance(entry_id, str) else entry_id
+    return b"%d/%s" % (partition, raw)
+
+
+def _split(delivery_id: str | bytes) -> tuple[int, str]:
+    text = delivery_id.decode() if isinstance(delivery_id, bytes) else delivery_id
+    partition, _, entry_id = text.partition("/")
+    return int(partition), entry_id
+
+
 class RedisOutbox:
-    """`Outbox`: the `session_outbox` stream, consumed by the group `GROUP`. An entry is
-    deleted from the stream when it is acknowledged, so the stream holds exactly what MongoDB
-    does not have yet; parked entries go to `session_outbox_dead`, never trimmed."""
+    """`Outbox`: one stream per partition (`session_outbox:{p<n>}`, storage/keys.py), each
+    consumed by the group `GROUP`. An entry is deleted from its stream when it is
+    acknowledged, so the streams hold exactly what MongoDB does not have yet; parked entries
+    go to the partition's `session_outbox_dead:{p<n>}`, never trimmed.
 
-    dead_letter_name = DEAD_LETTER_STREAM
+    A delivery's id names its partition (`<n>/<stream id>`). On one Redis (standalone or
+    Sentinel) new entries of every partition come from one blocking XREADGROUP; a Cluster
+    refuses a read across slots, so there each partition is read without blocking, one
+    pipeline per node, and an empty round waits `poll_ms` before the next.
+    """
 
-    def __init__(self, redis: Redis) -> None:
+    dead_letter_name = "session_outbox_dead:{p*}"
+
+    def __init__(self, redis: Redis, *, poll_ms: int = 50) -> None:
         self._redis = redis
+        self._at = nodes_of(redis).of  # a partition's transactions run on its node
+        self._cluster = _is_cluster(redis)
+        self._poll_ms = poll_ms
+
+    @staticmethod
+    def _partitions(first: int = 0) -> range:
+        return range(first, keys.partitions())
+
+    async def _each(self, command: Any, first: int = 0) -> list[Any]:
+        """Run `command(pipe, partition)` for every partition in one pipeline (one per node
+        on a Cluster); each reply or the error that partition met, in partition order."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for partition in self._partitions(first):
+                command(pipe, partition)
+            return list(await _redis(pipe.execute(raise_on_error=False)))
 
     async def ensure_group(self) -> None:
-        try:
-            await self._redis.xgroup_create(OUTBOX_STREAM, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise BackendUnavailable("redis", str(exc)) from exc
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
+        replies = await self._each(
+            lambda pipe, p: pipe.xgroup_create(keys.outbox(p), GROUP, id="0", mkstream=True)
+        )
+        for reply in replies:
+            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+                raise BackendUnavailable("redis", f"{type(reply).__name__}: {reply}")
 
     async def read(
         self, consumer: str, after: str | bytes, count: int, block_ms: int | None = None
     ) -> list[Delivery]:
-        """New entries (`after` is `>`), or this consumer's pending ones after an id."""
-        reply: Any = await _redis(
-            self._redis.xreadgroup(
-                GROUP, consumer, {OUTBOX_STREAM: after}, count=count, block=block_ms
-            )
+        """New entries (`after` is `>`), or this consumer's pending ones after a delivery id
+        (`0`: all of them), in partition order."""
+        if after == ">":
+            return await self._read_new(consumer, count, block_ms)
+        first, start = (0, "0") if after in ("0", b"0") else _split(after)
+        replies = await self._each(
+            lambda pipe, p: pipe.xreadgroup(
+                GROUP, consumer, {keys.outbox(p): start if p == first else "0"}, count=count
+            ),
+            first,
         )
-        return [delivery(i, f) for i, f in (reply[0][1] if reply else [])]
+        found = self._deliveries(replies, first)
+        return found[:count]
+
+    def _deliveries(self, replies: list[Any], first: int = 0) -> list[Delivery]:
+        found: list[Delivery] = []
+        for partition, reply in enumerate(replies, start=first):
+            if isinstance(reply, Exception):
+                raise BackendUnavailable("redis", f"{type(reply).__name__}: {reply}")
+            for _stream, entries in reply or []:
+                found += [delivery(_id(partition, i), f) for i, f in entries]
+        return found
+
+    async def _read_new(self, consumer: str, count: int, block_ms: int | None) -> list[Delivery]:
+        if not self._cluster:
+            streams = {keys.outbox(p): ">" for p in self._partitions()}
+            reply: Any = await _redis(
+                self._redis.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)  # type: ignore[arg-type]
+            )
+            return [
+                delivery(_id(keys.partition_of_key(stream), i), f)
+                for stream, entries in reply or []
+                for i, f in entries
+            ]
+        replies = await self._each(
+            lambda pipe, p: pipe.xreadgroup(GROUP, consumer, {keys.outbox(p): ">"}, count=count)
+        )
+        found = self._deliveries(replies)
+        if not found and block_ms:
+            await asyncio.sleep(min(block_ms, self._poll_ms) / 1000)
+        return found
 
     async def claim(
         self, consumer: str, min_idle_ms: int, start: str, count: int
     ) -> tuple[str, list[Delivery]]:
-        """XAUTOCLAIM: entries pending on any consumer for `min_idle_ms`; the next start
-        (`0-0` once the whole pending list was seen)."""
-        reply: Any = await _redis(
-            self._redis.xautoclaim(OUTBOX_STREAM, GROUP, consumer, min_idle_ms, start, count=count)
+        """XAUTOCLAIM in every partition from `start` (`0-0`, or the cursor this returned):
+        entries pending on any consumer for `min_idle_ms`; the next cursor (`0-0` once every
+        partition's whole pending list was seen)."""
+        first, begin = (0, "0-0") if start == "0-0" else _split(start)
+        replies = await self._each(
+            lambda pipe, p: pipe.xautoclaim(
+                keys.outbox(p),
+                GROUP,
+                consumer,
+                min_idle_ms,
+                begin if p == first else "0-0",
+                count=count,
+            ),
+            first,
         )
-        following = _text(reply[0])
-        return following, [delivery(i, f) for i, f in reply[1]]
+        found: list[Delivery] = []
+        following = "0-0"
+        for partition, reply in enumerate(replies, start=first):
+            if isinstance(reply, Exception):
+                if "NOGROUP" in str(reply):
+                    continue  # a partition never written to since Redis started empty
+                raise BackendUnavailable("redis", f"{type(reply).__name__}: {reply}")
+            found += [delivery(_id(partition, i), f) for i, f in reply[1]]
+            if following == "0-0" and _text(reply[0]) != "0-0":
+                following = f"{partition}/{_text(reply[0])}"
+        return following, found
 
     async def consumers(self) -> list[OutboxConsumer]:
-        found: Any = await _redis(self._redis.xinfo_consumers(OUTBOX_STREAM, GROUP))
-        return [
-            OutboxConsumer(name=_text(c["name"]), pending=int(c["pending"]), idle_ms=int(c["idle"]))
-            for c in found
-        ]
+        """The group's consumers over every partition: entries pending on each, and the
+        least time any partition saw it idle."""
+        replies = await self._each(lambda pipe, p: pipe.xinfo_consumers(keys.outbox(p), GROUP))
+        pending: dict[str, int] = {}
+        idle: dict[str, int] = {}
+        for reply in replies:
+            if isinstance(reply, Exception):
+                if "NOGROUP" in str(reply) or "no such key" in str(reply).lower():
+                    continue
+                raise BackendUnavailable("redis", f"{type(reply).__name__}: {reply}")
+            for c in reply:
+                name = _text(c["name"])
+                pending[name] = pending.get(name, 0) + int(c["pending"])
+                idle[name] = min(idle.get(name, int(c["idle"])), int(c["idle"]))
+        return [OutboxConsumer(name=n, pending=pending[n], idle_ms=idle[n]) for n in pending]
 
     async def remove_consumer(self, name: str) -> None:
-        await _redis(self._redis.xgroup_delconsumer(OUTBOX_STREAM, GROUP, name))
+        await self._each(lambda pipe, p: pipe.xgroup_delconsumer(keys.outbox(p), GROUP, name))
 
     async def ack(self, entry_id: bytes) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(OUTBOX_STREAM, GROUP, entry_id)
-            pipe.xdel(OUTBOX_STREAM, entry_id)
+        partition, stream_id = _split(entry_id)
+        stream = keys.outbox(partition)
+        async with (await self._at(stream)).pipeline(transaction=True) as pipe:
+            pipe.xack(stream, GROUP, stream_id)
+            pipe.xdel(stream, stream_id)
             await _redis(pipe.execute())
 
     async def park(self, delivery: Delivery, error: str, attempts: int) -> int:
-        """Move the entry to the dead-letter stream with its last error, in one MULTI;
-        returns how many entries that stream holds now."""
-        async with self._redis.pipeline(transaction=True) as pipe:
+        """Move the entry to its partition's dead-letter stream with its last error, in one
+        MULTI; returns how many entries the dead-letter streams hold now."""
+        partition, stream_id = _split(delivery.id)
+        stream = keys.outbox(partition)
+        async with (await self._at(stream)).pipeline(transaction=True) as pipe:
             dead: dict[Any, Any] = {
                 **delivery.raw,
                 b"error": error.encode(),
-                b"id": delivery.id,
+                b"id": stream_id.encode(),
                 b"attempts": str(attempts).encode(),
                 b"parked_at": str(int(time.time())).encode(),
             }
-            pipe.xadd(DEAD_LETTER_STREAM, dead)
-            pipe.xack(OUTBOX_STREAM, GROUP, delivery.id)
-            pipe.xdel(OUTBOX_STREAM, delivery.id)
-            pipe.xlen(DEAD_LETTER_STREAM)
-            *_, dead_letters = await _redis(pipe.execute())
-        return int(dead_letters)
+            pipe.xadd(keys.dead_letters(partition), dead)
+            pipe.xack(stream, GROUP, stream_id)
+            pipe.xdel(stream, stream_id)
+            await _redis(pipe.execute())
+        return await self.dead_letters()
 
     async def dead_letters(self) -> int:
-        return int(await _redis(self._redis.xlen(DEAD_LETTER_STREAM)))
+        return await self._sum_xlen(keys.dead_letters)
 
     async def pending(self) -> int:
-        return int(await _redis(self._redis.xlen(OUTBOX_STREAM)))
+        return await self._sum_xlen(keys.outbox)
+
+    async def _sum_xlen(self, stream: Any) -> int:
+        replies = await self._each(lambda pipe, p: pipe.xlen(stream(p)))
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise BackendUnavailable("redis", f"{type(reply).__name__}: {reply}")
+        return sum(int(r) for r in replies)
 
     async def oldest_age_s(self) -> float:
         """How long the oldest entry not yet in MongoDB has waited (0 with none)."""
-        oldest: Any = await _redis(self._redis.xrange(OUTBOX_STREAM, count=1))
+        replies = await self._each(lambda pipe, p: pipe.xrange(keys.outbox(p), count=1))
         # A stream id starts with its entry's creation time in milliseconds.
-        lag_s = time.time() - int(oldest[0][0].split(b"-")[0]) / 1000 if oldest else 0.0
-        return max(0.0, lag_s)
+        oldest = [
+            int(r[0][0].split(b"-")[0]) for r in replies if r and not isinstance(r, Exception)
+        ]
+        return max(0.0, time.time() - min(oldest) / 1000) if oldest else 0.0

@@ -13,15 +13,57 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from sessionmgr.settings import Settings
+from sessionmgr.storage import keys
 
 
 async def describe(client: Redis, settings: Settings) -> tuple[str, list[str]]:
     """A one-line topology note and the warnings, from the server `client` talks to."""
+    if settings.redis_cluster:
+        return await _cluster(client)
     info: dict[str, Any] = await client.info()
-    parts = [f"redis {info.get('redis_version', '?')}", _role(info)]
+    parts = [f"redis {info.get('redis_version', '?')}", _role(info), await _layout(client)]
     if settings.redis_sentinels:
         parts.append(await _sentinels(client, settings))
     return ", ".join(parts), [*_eviction(info), *await _persistence(client, info)]
+
+
+async def _layout(client: Any) -> str:
+    found = await client.get(keys.LAYOUT_KEY)
+    wanted = keys.expected_layout()
+    if found is None:
+        return f"key layout {wanted} (not recorded yet: the first replica records it)"
+    if found.decode() != wanted:
+        raise ValueError(
+            f"Redis holds the key layout {found.decode()!r}, this configuration is {wanted!r} "
+            "(SESSIONMGR_REDIS_PARTITIONS is fixed for the life of a deployment)"
+        )
+    return f"key layout {wanted}"
+
+
+async def _cluster(client: Any) -> tuple[str, list[str]]:
+    """A Cluster: its state, its masters and replicas, and each master's settings."""
+    state: dict[str, Any] = await client.cluster_info()
+    primaries = client.get_primaries()
+    nodes: dict[str, Any] = await client.cluster_nodes()
+    replicas = [n for n in nodes.values() if "slave" in n["flags"] and "fail" not in n["flags"]]
+    parts = [
+        f"redis cluster {state.get('cluster_state', '?')}",
+        f"{len(primaries)} master(s), {len(replicas)} replica(s)",
+        f"{state.get('cluster_slots_ok', '?')} of 16384 slots served",
+        await _layout(client),
+    ]
+    warnings: list[str] = []
+    if state.get("cluster_state") != "ok":
+        warnings.append("the cluster is not ok: some slots have no master; writes to them fail")
+    for node in primaries:
+        info: dict[str, Any] = await client.info(target_nodes=node)
+        warnings += [f"{node.name}: {w}" for w in _eviction(info)]
+        if not int(info.get("aof_enabled", 0)):
+            warnings.append(
+                f"{node.name}: AOF is off: a restart of this master (without a replica taking "
+                "over) loses the writes the write-behind had not carried to MongoDB yet"
+            )
+    return ", ".join(parts), warnings
 
 
 def _role(info: dict[str, Any]) -> str:

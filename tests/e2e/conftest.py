@@ -22,7 +22,7 @@ from sessionmgr.app import create_app
 from sessionmgr.container import Container, build_container
 from sessionmgr.settings import Settings, load_settings
 from sessionmgr.storage.hot import hot_key
-from tests.conftest import JWT_SECRET
+from tests.conftest import JWT_SECRET, TEST_PARTITIONS
 from tests.e2e.served import check_problem
 from tests.support.redis_server import RedisServer
 from tests.support.s3_server import S3_BUCKET, S3Server
@@ -44,6 +44,7 @@ def e2e_settings(redis_server: RedisServer, s3_server: S3Server) -> Settings:
         s3_bucket=S3_BUCKET,
         jwt_secret=JWT_SECRET,
         outbox_claim_idle_ms=1000,
+        redis_partitions=TEST_PARTITIONS,
     )
 
 

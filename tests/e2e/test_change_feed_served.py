@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from sessionmgr.storage.feed import feed_key
 from tests.e2e.served import Served, check_problem, headers, serve
 from tests.support.redis_server import RedisServer
 from tests.support.s3_server import S3_BUCKET, S3Server
@@ -221,8 +222,8 @@ def test_a_dormant_sessions_expired_feed_gets_reset(
             (old,) = first.wait_for(1)
         assert http.post(f"/v1/sessions/{sid}/suspend", headers=owner).status_code == 200
         with redis_sync.Redis.from_url(redis_server.url) as r:
-            assert 0 < r.ttl(f"session_feed:{{{sid}}}") <= 3600
-            r.delete(f"session_feed:{{{sid}}}")  # its retention ran out
+            assert 0 < r.ttl(feed_key(sid)) <= 3600
+            r.delete(feed_key(sid))  # its retention ran out
         with _stream(served, owner, sid, since=str(old.id)) as again:
             (reset,) = again.wait_for(1)
             assert http.post(f"/v1/sessions/{sid}/resume", headers=owner).status_code == 200

@@ -74,8 +74,8 @@ async def eventually(
 
 
 async def keys_of(redis: Redis, session_id: str) -> set[str]:
-    """Every Redis key that carries the session's hash tag."""
-    return {key.decode() async for key in redis.scan_iter(match=f"*{{{session_id}}}*")}
+    """Every Redis key of the session (each names it after its partition's hash tag)."""
+    return {key.decode() async for key in redis.scan_iter(match=f"*}}:{session_id}*")}
 
 
 async def only_deleted_in_feed(redis: Redis, session_id: str) -> bool:

@@ -22,7 +22,7 @@ from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.services.archive import Archivist, sweep
 from sessionmgr.settings import Settings
 from sessionmgr.storage.cold import S3ArchiveStore
-from sessionmgr.storage.hot import OUTBOX_STREAM
+from sessionmgr.storage.hot import OUTBOX_STREAM, hot_key
 from sessionmgr.storage.warm import MongoWarmStore
 from tests.integration.conftest import serving
 from tests.integration.session_api import (
@@ -400,7 +400,7 @@ async def test_a_bad_s3_object_is_a_clear_503_and_the_stub_stays(
     assert any(sid in rec.getMessage() for rec in caplog.records), caplog.text
     assert await mongo_doc(warm, sid) == stub, "the stub is untouched"
     assert await event_count(warm, sid) == 0, "no half-restored timeline"
-    assert not await redis.exists(f"session_hot:{{{sid}}}")
+    assert not await redis.exists(hot_key(sid))
     await cold.put(key, body)  # the object comes back (from a backup, say): so does the session
     same_session(await get_session(api, owner, sid, full=True), before)
 

@@ -52,10 +52,11 @@ def writes_outbox(pipe: Pipeline) -> bool:
 
 
 def creates_session(pipe: Pipeline) -> bool:
-    """The transaction of a create: HSET of a new hot hash and its idempotency record."""
+    """The transaction of a keyed create: HSET of a new hot hash, noting its create record
+    in the session's index of records (the record itself follows, in the key's slot)."""
     names = [(a[0], str(a[1])) for a in commands(pipe)]
     return any(c == "HSET" and k.startswith("session_hot:") for c, k in names) and any(
-        c == "SET" and k.startswith("session_idem:{create}") for c, k in names
+        c == "ZADD" and k.startswith("session_idem_keys:") for c, k in names
     )
 
 

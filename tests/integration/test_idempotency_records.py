@@ -183,8 +183,8 @@ async def test_deleting_a_session_drops_its_create_record(
     owner = auth()
     key = {**owner, "Idempotency-Key": "made-once"}
     sid = (await api.post("/v1/sessions", json={}, headers=key)).json()["id"]
-    assert [k async for k in redis.scan_iter(match="session_idem:{create}:*")]
+    assert [k async for k in redis.scan_iter(match="session_idem_create:*")]
     assert (await api.delete(f"/v1/sessions/{sid}", headers=owner)).status_code == 204
-    assert not [k async for k in redis.scan_iter(match="session_idem:{create}:*")]
+    assert not [k async for k in redis.scan_iter(match="session_idem_create:*")]
     again = await api.post("/v1/sessions", json={}, headers=key)
     assert again.status_code == 422, "the key made a session since deleted: it is spent"

@@ -9,12 +9,12 @@ import httpx
 from redis.asyncio import Redis
 
 from sessionmgr.container import RedisWriteBehindWorker as WriteBehindWorker
+from sessionmgr.storage import keys
 from sessionmgr.storage.feed import feed_key
 from sessionmgr.storage.hot import (
-    DEAD_LETTER_STREAM,
-    OUTBOX_STREAM,
     gone_key,
     hot_key,
+    outbox_key,
     timeline_key,
 )
 from sessionmgr.storage.warm import MongoWarmStore
@@ -92,7 +92,8 @@ def same_content(dormant: dict[str, Any], active: dict[str, Any]) -> None:
 async def outbox_mentions(redis: Redis, session_id: str) -> list[str]:
     """Outbox or dead-letter entries that still carry this session's data."""
     found = []
-    for stream in (OUTBOX_STREAM, DEAD_LETTER_STREAM):
+    dead = keys.dead_letters(keys.partition_of(session_id))
+    for stream in (outbox_key(session_id), dead):
         for entry_id, fields in await redis.xrange(stream):
             if any(session_id.encode() in value for value in fields.values()):
                 found.append(f"{stream}/{entry_id.decode()}")

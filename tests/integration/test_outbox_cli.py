@@ -20,6 +20,7 @@ from sessionmgr import cli
 from sessionmgr.domain.model import SessionRecord
 from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM
 from sessionmgr.storage.warm import MongoWarmStore
+from tests.conftest import TEST_PARTITIONS
 from tests.integration.session_api import append_events, create_session, patch_session
 from tests.integration.test_write_behind import FaultyWarm, worker
 
@@ -32,6 +33,7 @@ def operator_env(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> None:
         if name.startswith("SESSIONMGR_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("SESSIONMGR_REDIS_URL", redis_url)
+    monkeypatch.setenv("SESSIONMGR_REDIS_PARTITIONS", str(TEST_PARTITIONS))  # the app's layout
     monkeypatch.setenv("SESSIONMGR_LOG_LEVEL", "WARNING")
 
 

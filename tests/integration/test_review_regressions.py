@@ -17,7 +17,7 @@ from sessionmgr.services.ports import Idempotency
 from sessionmgr.settings import load_settings
 from sessionmgr.storage.hot import RedisHotStore, idem_index_key
 from sessionmgr.storage.warm import MongoWarmStore
-from tests.conftest import JWT_SECRET
+from tests.conftest import JWT_SECRET, TEST_PARTITIONS
 from tests.integration.conftest import serving
 from tests.integration.session_api import append_events, create_session, keys_of
 from tests.unit.factories import SessionRecordFactory
@@ -35,6 +35,7 @@ async def test_concurrent_suspends_do_not_starve_a_small_pool(
         mongodb_uri="mongomock://",
         jwt_secret=JWT_SECRET,
         redis_pool_size=4,
+        redis_partitions=TEST_PARTITIONS,
     )
     async with serving(build_container(settings, write_behind=False)) as api:
         h = auth()

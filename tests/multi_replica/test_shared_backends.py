@@ -12,7 +12,7 @@ import pytest
 import redis as redis_sync
 from pymongo import MongoClient
 
-from sessionmgr.storage.hot import OUTBOX_STREAM
+from sessionmgr.storage import keys
 from sessionmgr.storage.outbox import GROUP
 from tests.multi_replica.conftest import Stack, bearer
 
@@ -150,10 +150,27 @@ async def test_deleted_on_one_replica_is_gone_on_all(
     assert sid not in [s["id"] for s in listed.json()["items"]]
 
 
+# The replicas run with the default layout (their environment has no SESSIONMGR_* variable).
+STREAMS = [keys.outbox(p) for p in range(keys.DEFAULT_PARTITIONS)]
+
+
 def _pending_by_consumer(redis_url: str) -> dict[str, int]:
+    held: dict[str, int] = {}
     with redis_sync.Redis.from_url(redis_url) as r:
-        summary = r.xpending(OUTBOX_STREAM, GROUP)
-    return {c["name"].decode(): int(c["pending"]) for c in summary["consumers"]}
+        for stream in STREAMS:
+            if not r.exists(stream):
+                continue
+            for c in r.xpending(stream, GROUP)["consumers"]:
+                name = c["name"].decode()
+                held[name] = held.get(name, 0) + int(c["pending"])
+    return held
+
+
+def _outbox_len(r: redis_sync.Redis) -> int:
+    with r.pipeline(transaction=False) as pipe:
+        for stream in STREAMS:
+            pipe.xlen(stream)
+        return sum(pipe.execute())
 
 
 def _wait_until_pending_for(redis_url: str, pid: int, timeout_s: float = 10.0) -> int:
@@ -170,10 +187,10 @@ def _wait_until_outbox_empty(redis_url: str) -> None:
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     with redis_sync.Redis.from_url(redis_url) as r:
         while time.monotonic() < deadline:
-            if r.xlen(OUTBOX_STREAM) == 0:
+            if _outbox_len(r) == 0:
                 return
             time.sleep(0.1)
-        pytest.fail(f"outbox not drained: {r.xlen(OUTBOX_STREAM)} entries left")
+        pytest.fail(f"outbox not drained: {_outbox_len(r)} entries left")
 
 
 def _assert_in_mongodb(stack: Stack, sid: str, kept: dict[str, Any]) -> None:

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import uuid
+
 import msgspec
 import pytest
+from redis.crc import key_slot
 
 from sessionmgr.domain.model import SessionRecord, SessionState
-from sessionmgr.services.ports import Idempotency
+from sessionmgr.services.ports import CREATE_SCOPE, Idempotency
+from sessionmgr.storage import keys as layout
 from sessionmgr.storage.hot import (
     OutboxEntry,
     decode_record,
     encode_record,
+    fence_key,
     gone_key,
     hot_key,
+    idem_index_key,
     idem_key,
+    idle_key,
     lease_key,
+    outbox_key,
+    rebased_key,
     timeline_key,
 )
 from tests.unit.factories import SessionRecordFactory, TimelineEventFactory
@@ -79,15 +88,39 @@ def test_an_outbox_entry_round_trips_with_its_events() -> None:
     assert msgspec.json.decode(msgspec.json.encode(entry), type=OutboxEntry) == entry
 
 
-def test_every_key_of_a_session_shares_its_hash_tag() -> None:
-    sid = "0123456789abcdef0123456789abcdef"
-    idem = Idempotency(key_digest="d", fingerprint="f")
-    keys = [
-        hot_key(sid),
-        timeline_key(sid),
-        lease_key(sid, "planner"),
-        gone_key(sid),
-        idem_key(sid, idem),
-    ]
-    assert all(f"{{{sid}}}" in key for key in keys)
-    assert len(set(keys)) == len(keys)
+@pytest.mark.parametrize("partitions", [1, 7, 256])
+def test_every_key_a_write_touches_is_in_the_session_slot(partitions: int) -> None:
+    """What one MULTI of a session writes shares one Redis Cluster slot (CRC16 of the tag)."""
+    layout.configure(partitions)
+    for sid in ("0123456789abcdef0123456789abcdef", "ffffffffffffffffffffffffffffffff", "a"):
+        idem = Idempotency(key_digest="d", fingerprint="f")
+        names = [
+            hot_key(sid),
+            timeline_key(sid),
+            lease_key(sid, "planner"),
+            gone_key(sid),
+            idem_key(sid, idem),
+            idem_index_key(sid),
+            rebased_key(sid),
+            fence_key(sid),
+            outbox_key(sid),
+            idle_key(sid),
+            layout.feed(sid),
+            layout.dead_letters(layout.partition_of(sid)),
+        ]
+        assert len({key_slot(n.encode()) for n in names}) == 1, names
+        assert len(set(names)) == len(names)
+        assert layout.session_id_in(hot_key(sid)) == sid
+        assert layout.session_id_in(lease_key(sid, "planner")) == sid
+
+
+def test_sessions_spread_over_every_partition() -> None:
+    layout.configure(256)
+    seen = {layout.partition_of(uuid.uuid4().hex) for _ in range(20_000)}
+    assert seen == set(range(256))
+    assert len({key_slot(layout.outbox(p).encode()) for p in range(256)}) == 256
+
+
+def test_a_create_record_lives_in_the_slot_of_its_key() -> None:
+    idem = Idempotency(key_digest="abc", fingerprint="f")
+    assert key_slot(idem_key(CREATE_SCOPE, idem).encode()) == key_slot(b"{abc}")
