@@ -143,7 +143,54 @@ def _parser() -> argparse.ArgumentParser:
     )
     idle.set_defaults(handler=_idle_sweep)
     _add_outbox_commands(commands)
+    redis_commands = commands.add_parser("redis", help="the Redis key layout")
+    redis_actions = redis_commands.add_subparsers(
+        dest="redis_command", metavar="ACTION", required=True
+    )
+    migrate = redis_actions.add_parser(
+        "migrate-layout",
+        help="move the keys of sessionmgr < 0.2 to the partitioned layout (replicas stopped)",
+    )
+    migrate.set_defaults(handler=_migrate_layout)
     return parser
+
+
+def _migrate_layout(args: argparse.Namespace) -> int:
+    from sessionmgr.telemetry import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return asyncio.run(_run_migrate_layout(settings))
+
+
+async def _run_migrate_layout(settings: Settings) -> int:
+    from sessionmgr.storage import keys
+    from sessionmgr.storage.hot import redis_client
+    from sessionmgr.storage.migrate import migrate_layout
+
+    if settings.redis_cluster:
+        print("sessionmgr redis migrate-layout: a Redis Cluster never held the old layout")
+        return 0
+    client = redis_client(settings, socket_timeout_s=max(5.0, settings.redis_socket_timeout_s))
+    try:
+        raw = await client.get(keys.LAYOUT_KEY)
+        found = raw.decode() if isinstance(raw, bytes) else raw
+        if found is not None and found != keys.expected_layout():
+            print(
+                f"sessionmgr redis migrate-layout: Redis holds the layout {found!r}, "
+                f"not {keys.expected_layout()!r}: set {PREFIX}REDIS_PARTITIONS back",
+                file=sys.stderr,
+            )
+            return 2
+        done = await migrate_layout(client)
+    finally:
+        await client.aclose()
+    print(
+        f"moved {done.keys} keys, {done.outbox_entries} outbox entries, "
+        f"{done.dead_letters} dead letters and {done.idle_entries} idle-index entries; "
+        f"Redis now holds the layout {keys.expected_layout()}"
+    )
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -503,11 +550,17 @@ def _outbox(args: argparse.Namespace) -> int:
 
 
 async def _run_outbox(settings: Settings, args: argparse.Namespace) -> int:
+    from sessionmgr.storage import keys
     from sessionmgr.storage.hot import redis_client
     from sessionmgr.storage.outbox import OutboxAdmin
 
     client = redis_client(settings, socket_timeout_s=max(5.0, settings.redis_socket_timeout_s))
     try:
+        try:
+            await keys.check_layout(client)  # another partition count would read other streams
+        except keys.LayoutMismatch as exc:
+            print(f"sessionmgr outbox: {exc}", file=sys.stderr)
+            return 2
         admin = OutboxAdmin(client)
         if args.outbox_command == "status":
             status = await admin.status(limit=args.limit)
