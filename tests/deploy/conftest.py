@@ -20,6 +20,7 @@ TARGETS = {
     "dev": KUSTOMIZE / "overlays" / "dev",
     "prod": KUSTOMIZE / "overlays" / "prod",
     "prod-sentinel": KUSTOMIZE / "overlays" / "prod-sentinel",
+    "prod-cluster": KUSTOMIZE / "overlays" / "prod-cluster",
 }
 # Settings the observability branch adds in parallel (the contract of issue 5); drop a name
 # here once sessionmgr.settings knows it.

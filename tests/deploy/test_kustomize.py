@@ -35,7 +35,7 @@ NAMESPACES = {"dev": "sessionmgr-dev", "prod": "sessionmgr"}
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("target", ["base", "dev", "prod", "prod-sentinel"])
+@pytest.mark.parametrize("target", ["base", "dev", "prod", "prod-sentinel", "prod-cluster"])
 def test_every_rendered_object_validates_offline(target: str, version: str) -> None:
     objs = rendered(target)
     assert objs
@@ -381,6 +381,26 @@ def test_prod_sentinel_finds_the_redis_master_through_three_sentinels_over_tls(p
     prod = _policies_for(rendered("prod"), pod(objs)["metadata"]["labels"], "Egress")
     ports = _ports([rule for p in egress for rule in p.get("egress", [])])
     assert ports - _ports([rule for p in prod for rule in p.get("egress", [])]) == {(26379, "TCP")}
+
+
+@pytest.mark.parametrize("pod", [api_pod, sweep_pod], ids=["api", "archive-sweep"])
+def test_prod_cluster_reaches_the_redis_cluster_with_prods_credentials(pod: Any) -> None:
+    objs = rendered("prod-cluster")
+    (container,) = pod(objs)["spec"]["containers"]
+    env = _settings_env(effective_env(objs, container))
+    assert not unknown_variables(env)
+    settings = load_settings(env)
+    require_jwt(settings)
+    assert settings.redis_cluster and not settings.redis_sentinels
+    assert settings.redis_partitions == 256  # the default, fixed for the deployment's life
+    assert settings.redis_url.startswith("rediss://sessionmgr:")
+    assert "@redis-cluster.sessionmgr-data.svc.cluster.local:6380/0" in settings.redis_url
+    names = [e["name"] for e in container["env"]]
+    assert names.index("REDIS_PASSWORD") < names.index("SESSIONMGR_REDIS_URL")  # $(…) resolves
+    egress = _policies_for(objs, pod(objs)["metadata"]["labels"], "Egress")
+    prod = _policies_for(rendered("prod"), pod(objs)["metadata"]["labels"], "Egress")
+    rules = [rule for p in egress for rule in p.get("egress", [])]
+    assert _ports(rules) == _ports([rule for p in prod for rule in p.get("egress", [])])
 
 
 def test_prod_passwords_come_from_the_secret_and_nothing_secret_is_shipped() -> None:
