@@ -63,4 +63,7 @@ def settings(cluster_url: str, s3_server: S3Server) -> Settings:
         outbox_claim_idle_ms=1000,
         rate_limit_per_s=0,
         gc_freeze=False,
+        # The participants' race of test_concurrency holds 50 leases for its whole run, which
+        # takes longer than 30 s on a loaded 2-core machine with six Redis processes.
+        lease_ttl_s=120,
     )
