@@ -54,7 +54,8 @@ async def measure(sessions: int, wip_bytes: int, events: int) -> None:
     from sessionmgr.devstack import RedisServer, dev_aws_credentials
     from sessionmgr.domain.model import NewEvent, Principal
     from sessionmgr.settings import load_settings
-    from sessionmgr.storage.hot import IDLE_INDEX, OUTBOX_STREAM, hot_key, timeline_key
+    from sessionmgr.storage import keys
+    from sessionmgr.storage.hot import hot_key, timeline_key
 
     dev_aws_credentials(os.environ)
     server = RedisServer().start()
@@ -86,17 +87,20 @@ async def measure(sessions: int, wip_bytes: int, events: int) -> None:
             await service.append(owner, created.id, batch)
             ids.append(created.id)
         took = time.monotonic() - started
-        outbox = await redis.memory_usage(OUTBOX_STREAM, samples=0) or 0
-        outbox_entries = await redis.xlen(OUTBOX_STREAM)
-        await redis.delete(OUTBOX_STREAM)  # as delivered: the write-behind deletes each entry
+        streams = [keys.outbox(p) for p in range(keys.partitions())]
+        indexes = [keys.idle_index(p) for p in range(keys.partitions())]
+        outbox = sum([await redis.memory_usage(s, samples=0) or 0 for s in streams])
+        outbox_entries = sum([await redis.xlen(s) for s in streams])
+        await redis.delete(*streams)  # as delivered: the write-behind deletes each entry
         after = await _memory(redis)
         per_session = (after - before) / sessions
         one = ids[-1]
         usage = {
             "hash": await redis.memory_usage(hot_key(one), samples=0),
             "timeline": await redis.memory_usage(timeline_key(one), samples=0),
+            "feed": await redis.memory_usage(keys.feed(one), samples=0),
         }
-        index = await redis.memory_usage(IDLE_INDEX, samples=0) or 0
+        index = sum([await redis.memory_usage(i, samples=0) or 0 for i in indexes])
         stored = await redis.hget(hot_key(one), "work_in_progress")
         print(f"redis {info['redis_version']}, {sessions} active sessions in {took:.1f} s")
         print(f"  shape: work_in_progress {len(stored)} bytes of JSON, {events} recent events")
@@ -108,7 +112,8 @@ async def measure(sessions: int, wip_bytes: int, events: int) -> None:
         )
         print(
             f"  one session's keys (MEMORY USAGE): hash {usage['hash']}, "
-            f"timeline {usage['timeline']}, idle index {index / sessions:.0f} (its share)"
+            f"timeline {usage['timeline']}, change feed {usage['feed']}, "
+            f"idle index {index / sessions:.0f} (its share)"
         )
         print(f"  sessions per GiB of used_memory: {GIB / per_session:,.0f}")
     finally:

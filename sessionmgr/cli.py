@@ -167,6 +167,7 @@ async def _run_migrate_layout(settings: Settings) -> int:
     from sessionmgr.storage import keys
     from sessionmgr.storage.hot import redis_client
     from sessionmgr.storage.migrate import migrate_layout
+    from sessionmgr.storage.redis_nodes import close as close_redis
 
     if settings.redis_cluster:
         print("sessionmgr redis migrate-layout: a Redis Cluster never held the old layout")
@@ -184,7 +185,7 @@ async def _run_migrate_layout(settings: Settings) -> int:
             return 2
         done = await migrate_layout(client)
     finally:
-        await client.aclose()
+        await close_redis(client)
     print(
         f"moved {done.keys} keys, {done.outbox_entries} outbox entries, "
         f"{done.dead_letters} dead letters and {done.idle_entries} idle-index entries; "
@@ -386,6 +387,7 @@ def _fetch_jwks_keys(url: str) -> int:
 
 async def _ping_redis(settings: Settings) -> Checked:
     from sessionmgr.storage.hot import redis_client
+    from sessionmgr.storage.redis_nodes import close as close_redis
     from sessionmgr.storage.redis_report import describe
 
     client = redis_client(settings, socket_timeout_s=CHECK_TIMEOUT_S)
@@ -393,7 +395,7 @@ async def _ping_redis(settings: Settings) -> Checked:
         await client.ping()
         note, warnings = await describe(client, settings)
     finally:
-        await client.aclose()
+        await close_redis(client)
     return Checked(note, warnings)
 
 
@@ -553,6 +555,7 @@ async def _run_outbox(settings: Settings, args: argparse.Namespace) -> int:
     from sessionmgr.storage import keys
     from sessionmgr.storage.hot import redis_client
     from sessionmgr.storage.outbox import OutboxAdmin
+    from sessionmgr.storage.redis_nodes import close as close_redis
 
     client = redis_client(settings, socket_timeout_s=max(5.0, settings.redis_socket_timeout_s))
     try:
@@ -582,7 +585,7 @@ async def _run_outbox(settings: Settings, args: argparse.Namespace) -> int:
         print(f"dropped {dropped.id} (session {dropped.session_id} v{dropped.version}) for good")
         return 0
     finally:
-        await client.aclose()
+        await close_redis(client)
 
 
 def _print_outbox_status(status: Any, *, as_json: bool) -> None:

@@ -29,6 +29,7 @@ from sessionmgr.storage.feed_hub import open_feed_hub
 from sessionmgr.storage.hot import RedisHotStore, redis_client
 from sessionmgr.storage.idle import RedisIdleIndex, RedisSweepLock
 from sessionmgr.storage.outbox import RedisOutbox
+from sessionmgr.storage.redis_nodes import SessionmgrCluster
 from sessionmgr.storage.traced import traced
 from sessionmgr.storage.warm import open_warm_store
 from sessionmgr.telemetry import open_tracing, tracer_of
@@ -49,7 +50,7 @@ async def open_redis(
             await checked_layout(client)
         yield client
     finally:
-        await client.aclose()
+        await (client.close_all() if isinstance(client, SessionmgrCluster) else client.aclose())
 
 
 async def checked_layout(client: Redis) -> None:

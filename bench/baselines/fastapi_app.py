@@ -28,6 +28,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import WatchError
 
 from bench.baselines import freeze_after_startup
+from sessionmgr.storage import keys as layout
 
 POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "64"))
 OUTBOX = "bench_fastapi_outbox"  # not sessionmgr's stream: its write-behind must not see these
@@ -121,7 +122,7 @@ def require_access(caller: Principal, owner_id: str, acl: list[str]) -> None:
 
 
 def keys(session_id: str) -> tuple[str, str]:
-    return f"session_hot:{{{session_id}}}", f"session_timeline:{{{session_id}}}"
+    return layout.hot(session_id), layout.timeline(session_id)  # sessionmgr's keys
 
 
 def to_session(raw: dict[bytes, bytes], recent: list[bytes]) -> Session:

@@ -19,6 +19,7 @@ from litestar.exceptions import NotFoundException
 from redis.asyncio import Redis
 
 from bench.baselines import freeze_after_startup
+from sessionmgr.storage.keys import hot
 from sessionmgr.storage.redis_pool import BoundedPool
 
 POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "64"))
@@ -39,7 +40,7 @@ async def redis_lifespan(app: Litestar) -> AsyncIterator[None]:
 
 @get("/floor/{session_id:str}")
 async def floor_get(session_id: str, state: State) -> dict[str, str]:
-    raw = await state.redis.hgetall(f"session_hot:{{{session_id}}}")
+    raw = await state.redis.hgetall(hot(session_id))  # sessionmgr's key: its partition's tag
     if not raw:
         raise NotFoundException()
     return {k.decode(): v.decode() for k, v in raw.items()}

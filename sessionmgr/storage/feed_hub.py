@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessionmgr.domain.errors import BackendUnavailable, TooManyStreams
@@ -300,7 +300,7 @@ class FeedHub:
     async def _unblock(self, client_id: int) -> None:
         try:
             await self._redis.client_unblock(client_id)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             log.debug("feed reader not unblocked (%s); it wakes within its block time", exc)
         finally:
             self._waking = None
@@ -325,7 +325,7 @@ class FeedHub:
                         block=self._block_ms,
                     )
                 )
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 log.warning("change feed reader: Redis failed (%s); retrying", exc)
                 self._reader_id = None
                 await asyncio.sleep(0.5)
@@ -360,7 +360,13 @@ class FeedHub:
     async def _call(awaitable: Any) -> Any:
         try:
             return await awaitable
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (
+            RedisConnectionError,
+            RedisTimeoutError,
+            ClusterDownError,
+            RedisClusterException,
+            OSError,
+        ) as exc:
             raise BackendUnavailable("redis", "not reachable") from exc
 
 

@@ -279,7 +279,7 @@ class RedisHotStore:
         feed_retention_s: int = 3600,
     ) -> None:
         self._redis = redis
-        self._at = nodes_of(redis).of  # the Redis (Cluster node) that holds a key
+        self._nodes = nodes_of(redis)
         self._layout_checked = False
         self._feed = (feed_maxlen, feed_retention_s)
         self._wait = (wait_replicas, wait_timeout_ms)
@@ -288,8 +288,16 @@ class RedisHotStore:
         self._idem_ttl = idempotency_ttl_s
         self._deleted_ttl = deleted_ttl_s
 
+    async def _at(self, key: str) -> Redis:
+        """The Redis (the Cluster node) that holds `key`; finding it may read the slot map,
+        whose failures are Redis' like any other (`BackendUnavailable`)."""
+        return await self._guard(self._nodes.of(key))  # type: ignore[no-any-return]
+
     async def ping(self) -> None:
-        await self._guard(self._redis.ping())
+        if isinstance(self._redis, SessionmgrCluster):  # the masters: replicas serve no one
+            await self._guard(self._redis.ping(target_nodes=SessionmgrCluster.PRIMARIES))
+        else:
+            await self._guard(self._redis.ping())
 
     async def load(self, session_id: str) -> HotView | None:
         """One round trip: the hash, the recent timeline and every lease's remaining life."""
@@ -804,13 +812,15 @@ class RedisHotStore:
             # Nor is a slot that moved to another Cluster node (resharding, failover).
             lost = exc.__context__
             if isinstance(lost, _REDIRECTS):
-                raise _moved() from lost
+                raise _moved(lost) from lost
             if not isinstance(lost, _CONNECTION_ERRORS):
                 raise
+            ClusterNodes.moved()  # a node gone: its slots may have a new master
             raise _unavailable(outcome_unknown, replayable) from lost
         except _REDIRECTS as exc:
-            raise _moved() from exc
+            raise _moved(exc) from exc
         except _CONNECTION_ERRORS as exc:
+            ClusterNodes.moved()
             raise _unavailable(outcome_unknown, replayable) from exc
 
 
@@ -835,8 +845,9 @@ _CONNECTION_ERRORS = (
 _REDIRECTS = (MovedError, AskError)
 
 
-def _moved() -> BackendUnavailable:
-    ClusterNodes.moved()  # every slot map is read again before its next use
+def _moved(redirect: Exception) -> BackendUnavailable:
+    if isinstance(redirect, MovedError):  # an ASK is a migration under way: the map holds
+        ClusterNodes.moved()  # every slot map is read again before its next use
     return BackendUnavailable(
         "redis", "the session's slot is moving between cluster nodes", 1, retryable=True
     )

@@ -14,6 +14,7 @@ start (`check_layout`).
 
 from __future__ import annotations
 
+import re
 import zlib
 from typing import Any
 
@@ -127,7 +128,9 @@ def caller_keys(caller: str) -> str:
 LEGACY_OUTBOX = "session_outbox"
 LEGACY_DEAD_LETTERS = "session_outbox_dead"
 LEGACY_IDLE_INDEX = "session_idle"
-LEGACY_HOT_MATCH = "session_hot:{*}"
+# Any per-session key of the old layout: its tag is a session id (hex) or `create`, never
+# `p<n>` (session ids are hex: they never start with "p").
+LEGACY_KEY_MATCH = "session_*:{[^p]*}*"
 
 
 def expected_layout() -> str:
@@ -161,8 +164,19 @@ async def check_layout(redis: Any) -> None:
 
 
 async def has_legacy_data(redis: Any) -> bool:
-    if await redis.exists(LEGACY_OUTBOX, LEGACY_DEAD_LETTERS):
+    if await redis.exists(LEGACY_OUTBOX, LEGACY_DEAD_LETTERS, LEGACY_IDLE_INDEX):
         return True
-    async for _ in redis.scan_iter(match=LEGACY_HOT_MATCH, count=1000):
-        return True
+    async for key in redis.scan_iter(match=LEGACY_KEY_MATCH, count=1000):
+        if is_legacy(key):
+            return True
     return False
+
+
+_LEGACY = re.compile(
+    r"^session_(hot|timeline|lease|feed|archiving|gone|rebased|idem_keys|idem):\{(?!p\d+\})"
+)
+
+
+def is_legacy(key: str | bytes) -> bool:
+    """A per-session key of the old layout (not a caller's key, which did not change)."""
+    return bool(_LEGACY.match(key.decode() if isinstance(key, bytes) else key))

@@ -63,8 +63,14 @@ def new_name(old: str) -> str | None:
 async def migrate_layout(redis: Any) -> Migrated:
     if hasattr(redis, "nodes_manager"):
         raise ValueError("a Redis Cluster never held the old layout: there is nothing to move")
+    found = await redis.get(keys.LAYOUT_KEY)
+    if found is not None and found.decode() != keys.expected_layout():
+        raise keys.LayoutMismatch(
+            f"Redis holds the layout {found.decode()!r}, not {keys.expected_layout()!r}: "
+            "set SESSIONMGR_REDIS_PARTITIONS back before moving anything"
+        )
     done = Migrated()
-    async for raw in redis.scan_iter(match="session_*:{*", count=_BATCH):
+    async for raw in redis.scan_iter(match=keys.LEGACY_KEY_MATCH, count=_BATCH):
         old = raw.decode()
         new = new_name(old)
         if new is None:

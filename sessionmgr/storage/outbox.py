@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.services.ports import Delivery, OutboxConsumer, OutboxEntry
@@ -25,6 +25,7 @@ from sessionmgr.storage.redis_nodes import nodes_of
 
 log = logging.getLogger(__name__)
 GROUP = "writebehind"  # the write-behind's consumer group (services/write_behind.py)
+PER_PARTITION_MIN = 4  # entries a read takes from each partition at least
 _decode_entry = msgspec.json.Decoder(OutboxEntry).decode
 
 
@@ -191,7 +192,7 @@ async def _redis(awaitable: Awaitable[T]) -> T:
     empty) is the store being unavailable: the worker backs off and sets its group up again."""
     try:
         return await awaitable
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise BackendUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -245,6 +246,13 @@ class RedisOutbox:
     def _partitions(first: int = 0) -> range:
         return range(first, keys.partitions())
 
+    @staticmethod
+    def _per_partition(count: int) -> int:
+        """COUNT for each partition's read, so that one call takes about `count` entries, not
+        `count` from every partition (256 x the batch): at least a few each, so that a
+        backlog in one partition still drains in batches."""
+        return max(PER_PARTITION_MIN, -(-count // keys.partitions()))
+
     async def _each(self, command: Any, first: int = 0) -> list[Any]:
         """Run `command(pipe, partition)` for every partition in one pipeline (one per node
         on a Cluster); each reply or the error that partition met, in partition order."""
@@ -290,16 +298,18 @@ class RedisOutbox:
     async def _read_new(self, consumer: str, count: int, block_ms: int | None) -> list[Delivery]:
         if not self._cluster:
             streams = {keys.outbox(p): ">" for p in self._partitions()}
+            each = self._per_partition(count)
             reply: Any = await _redis(
-                self._redis.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)  # type: ignore[arg-type]
+                self._redis.xreadgroup(GROUP, consumer, streams, count=each, block=block_ms)  # type: ignore[arg-type]
             )
             return [
                 delivery(_id(keys.partition_of_key(stream), i), f)
                 for stream, entries in reply or []
                 for i, f in entries
             ]
+        each = self._per_partition(count)
         replies = await self._each(
-            lambda pipe, p: pipe.xreadgroup(GROUP, consumer, {keys.outbox(p): ">"}, count=count)
+            lambda pipe, p: pipe.xreadgroup(GROUP, consumer, {keys.outbox(p): ">"}, count=each)
         )
         found = self._deliveries(replies)
         if not found and block_ms:
@@ -313,6 +323,7 @@ class RedisOutbox:
         entries pending on any consumer for `min_idle_ms`; the next cursor (`0-0` once every
         partition's whole pending list was seen)."""
         first, begin = (0, "0-0") if start == "0-0" else _split(start)
+        each = self._per_partition(count)
         replies = await self._each(
             lambda pipe, p: pipe.xautoclaim(
                 keys.outbox(p),
@@ -320,7 +331,7 @@ class RedisOutbox:
                 consumer,
                 min_idle_ms,
                 begin if p == first else "0-0",
-                count=count,
+                count=each,
             ),
             first,
         )
@@ -359,7 +370,7 @@ class RedisOutbox:
     async def ack(self, entry_id: bytes) -> None:
         partition, stream_id = _split(entry_id)
         stream = keys.outbox(partition)
-        async with (await self._at(stream)).pipeline(transaction=True) as pipe:
+        async with (await _redis(self._at(stream))).pipeline(transaction=True) as pipe:
             pipe.xack(stream, GROUP, stream_id)
             pipe.xdel(stream, stream_id)
             await _redis(pipe.execute())
@@ -369,7 +380,7 @@ class RedisOutbox:
         MULTI; returns how many entries the dead-letter streams hold now."""
         partition, stream_id = _split(delivery.id)
         stream = keys.outbox(partition)
-        async with (await self._at(stream)).pipeline(transaction=True) as pipe:
+        async with (await _redis(self._at(stream))).pipeline(transaction=True) as pipe:
             dead: dict[Any, Any] = {
                 **delivery.raw,
                 b"error": error.encode(),

@@ -32,9 +32,11 @@ class SessionmgrCluster(RedisCluster):
         self.node_options: dict[str, Any] = node_options
         self.nodes = ClusterNodes(self)
 
-    async def aclose(self, *args: Any, **kwargs: Any) -> None:
+    async def close_all(self) -> None:
+        """At shutdown: the per-node clients, then the Cluster client. (redis-py calls its
+        own `aclose` whenever it resets its slot map; the per-node clients outlive that.)"""
         await self.nodes.aclose()
-        await super().aclose(*args, **kwargs)
+        await self.aclose()
 
 
 class SingleNode:
@@ -66,9 +68,12 @@ class ClusterNodes:
         cluster = self._cluster
         if cluster._initialize:
             await cluster.initialize()
+            await self._forget_departed()
         elif self._seen != ClusterNodes.generation:
-            self._seen = ClusterNodes.generation
+            seen = ClusterNodes.generation
             await cluster.nodes_manager.initialize()
+            self._seen = seen  # only once the map was read: a failed read is tried again
+            await self._forget_departed()
         node = cluster.nodes_manager.get_node_from_slot(key_slot(key.encode()))
         client = self._clients.get(node.name)
         if client is None:
@@ -80,13 +85,25 @@ class ClusterNodes:
                 timeout=options.pop("pool_timeout"),
                 **options,
             )
-            client = self._clients[node.name] = Redis(connection_pool=pool)
+            # `from_pool`: closing the client disconnects its pool too.
+            client = self._clients[node.name] = Redis.from_pool(pool)
         return client
+
+    async def _forget_departed(self) -> None:
+        """Close the clients of nodes the slot map no longer has as masters."""
+        masters = {n.name for n in self._cluster.get_primaries()}
+        for name in [n for n in self._clients if n not in masters]:
+            await self._clients.pop(name).aclose()
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
+
+
+async def close(redis: Any) -> None:
+    """Close a client of `redis_client`: with a Cluster, its per-node clients too."""
+    await (redis.close_all() if isinstance(redis, SessionmgrCluster) else redis.aclose())
 
 
 def nodes_of(redis: Any) -> SingleNode | ClusterNodes:

@@ -121,7 +121,12 @@ class RedisClusterServer:
                 if all(s["cluster_state"] == "ok" for s in states) and all(
                     int(s["cluster_known_nodes"]) == len(self.ports) for s in states
                 ):
-                    return
+                    masters, replicas = self.roles()
+                    if (len(masters), len(replicas)) == (
+                        self.masters,
+                        self.masters * self.per_master,
+                    ):
+                        return
             except redis_sync.RedisError:
                 pass
             time.sleep(0.1)
@@ -134,7 +139,7 @@ class RedisClusterServer:
         masters = [
             {"id": v["node_id"], "port": int(k.split(":")[1].split("@")[0]), **v}
             for k, v in nodes.items()
-            if "master" in v["flags"] and "fail" not in v["flags"]
+            if "master" in v["flags"] and "fail" not in v["flags"] and v.get("slots")
         ]
         replicas = [
             {"id": v["node_id"], "port": int(k.split(":")[1].split("@")[0]), **v}
