@@ -136,6 +136,36 @@ async def pool_figures(redis_url: str, n: int) -> None:
         await client.aclose()
 
 
+WHAT_IFS = ("touch", "warm-insert", "quota-count")
+
+
+def what_if(skipped: Sequence[str]) -> None:
+    """Measure without a step, to size what removing or moving it could give (never a
+    configuration: the service is wrong without them). `touch`: the idle-index ZADD before
+    each hot write, its own round trip; `warm-insert`: a create's MongoDB writes (as if they
+    went through the outbox); `quota-count`: a create's count of the owner's sessions."""
+    from sessionmgr.storage.hot import RedisHotStore
+    from sessionmgr.storage.warm import MongoWarmStore
+
+    async def touch(self: Any, session_id: str) -> None:
+        return None
+
+    async def insert(self: Any, record: Any) -> bool:
+        return True
+
+    async def count_owned(self: Any, owner_id: str, limit: int, other_than: Any = None) -> int:
+        return 0
+
+    for name in skipped:
+        if name == "touch":
+            RedisHotStore._touch = touch  # type: ignore[method-assign]
+        elif name == "warm-insert":
+            MongoWarmStore.insert = insert  # type: ignore[method-assign]
+        elif name == "quota-count":
+            MongoWarmStore.count_owned = count_owned  # type: ignore[method-assign]
+        print(f"what-if: without {name}", flush=True)
+
+
 async def measure(what: str, n: int, wire: bool) -> None:
     from bench.stack import running_stack
     from sessionmgr.devstack import RedisServer
@@ -162,7 +192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="MongoDB: the wire-compatible server in its own process, not mongomock in this one",
     )
+    parser.add_argument(
+        "--without",
+        default="",
+        help=f"what-if, comma-separated, of: {', '.join(WHAT_IFS)} (see what_if)",
+    )
     args = parser.parse_args(argv)
+    skipped = [w for w in args.without.split(",") if w]
+    if unknown := set(skipped) - set(WHAT_IFS):
+        parser.error(f"--without: unknown {sorted(unknown)}")
+    what_if(skipped)
     try:
         import uvloop
 

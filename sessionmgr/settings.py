@@ -130,6 +130,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     feed_max_streams_per_principal: int = 16
     feed_queue_size: int = 256
     feed_retention_s: int = 3600
+    # How long a count of an owner's sessions (MongoDB, before a create) stands in for the
+    # next creates of that owner on this replica, while it is under half the quota; 0 counts
+    # before every create (sessionmgr.services.quotas.OwnerCounts).
+    quota_count_ttl_s: float = 1.0
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -318,6 +322,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "feed_max_streams_per_principal": _int(1, 100_000),
     "feed_queue_size": _int(1, 1_000_000),
     "feed_retention_s": _int(1, 30 * 86_400),
+    "quota_count_ttl_s": _float(0, 3600),
 }
 
 

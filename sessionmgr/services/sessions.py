@@ -97,6 +97,7 @@ class Limits(msgspec.Struct, frozen=True):
     quota_privileged_factor: int = 10
     timeline_page_max: int = 500
     full_timeline_max: int = 1000
+    quota_count_ttl_s: float = 1.0
 
 
 # Checked before a decision, and on a session at rest before waking it: (record, live leases).
@@ -118,6 +119,7 @@ class SessionService:
         self._archivist = archivist
         self._metrics = metrics or Metrics()
         self._reconciler = Reconciler(hot, warm, self._metrics)
+        self._owner_counts = quotas.OwnerCounts(limits.quota_count_ttl_s)
 
     # -- create and read -------------------------------------------------------------------
 
@@ -143,7 +145,9 @@ class SessionService:
         rules.check_value(wip, "work_in_progress", self._limits.max_field_bytes)
         rules.check_value(ctx, "context_summary", self._limits.max_field_bytes)
         if idem is None:
-            await quotas.check_owner(self._limits, self._warm, principal, owner)
+            await quotas.check_owner(
+                self._limits, self._warm, principal, owner, counts=self._owner_counts
+            )
             return await self._create(new_session_id(), owner, wip, ctx, None)
         await self._hot.admit_key(idem, self._limits.idempotency_max_keys_per_caller)
         if replay := await self._claim(CREATE_SCOPE, idem):
