@@ -137,6 +137,18 @@ class SessionService:
         With an Idempotency-Key the session's id comes from the key (and the request), so a
         retry after any failure finds the session the first attempt may have stored and
         finishes it, instead of creating a second one.
+
+        Why a create does not go through the outbox like every other write (issue 16, measured
+        and decided; README "The write path"): the hash and an outbox entry in one MULTI would
+        keep "no half session is ever visible", and `python -m bench.micro app --wire
+        --without warm-insert` puts the MongoDB writes at about half of a create's CPU in the
+        service. But DESIGN §2 promises that an acknowledged create exists in MongoDB (a Redis
+        loss within AOF's second cannot take a session whose id the client holds), the owner
+        quota is counted in MongoDB (sessions still in the outbox would not count), and on the
+        benchmark's warm tier the write-behind drains far fewer entries a second than the
+        API takes creates (docs/benchmarks.md: the outbox backlog after each write scenario),
+        so such a create rate would only be a growing backlog. The quota count, the third
+        MongoDB round trip, is what changed instead (`quotas.OwnerCounts`).
         """
         owner = owner_id or principal.sub
         if owner != principal.sub and not principal.may_act_for_others:
