@@ -117,8 +117,13 @@ def peer_rows(results: dict[str, Any]) -> list[str]:
         "connections, one replica on one core) against the peer's better figure of the two "
         f"concurrencies; target of issue 16: ≥ {PEER_TARGET:g}x.",
         "",
-        "| operation | sessionmgr req/s | peer ops/s (best) | ratio | target held? |",
-        "|---|---:|---:|---:|---|",
+        "The capacity column sets CPU per operation against CPU per operation: the peer's "
+        "process and PostgreSQL at its better concurrency, against sessionmgr's service, "
+        "write-behind and Redis. The warm tier's server's CPU is in neither (not measured).",
+        "",
+        "| operation | sessionmgr req/s | peer ops/s (best) | ratio | target held? "
+        "| CPU ms/op: sessionmgr / peer | capacity ratio |",
+        "|---|---:|---:|---:|---|---:|---:|",
     ]
     for op, name in PEER_PAIRS.items():
         ours = find(results, name, "sessionmgr")
@@ -126,9 +131,21 @@ def peer_rows(results: dict[str, Any]) -> list[str]:
         if ours is None or not theirs or not max(theirs):
             continue
         ratio = ours["throughput"] / max(theirs)
+        best = max((r for r in peer["results"] if r["op"] == op), key=lambda r: r["throughput"])
+        peer_cpu = (best["cpu_ms_per_request"] or 0) + (best["postgres_cpu_ms_per_request"] or 0)
+        our_cpu = sum(
+            ours.get(k) or 0
+            for k in (
+                "cpu_ms_per_request",
+                "write_behind_cpu_ms_per_request",
+                "redis_cpu_ms_per_request",
+            )
+        )
+        capacity = f"{peer_cpu / our_cpu:.1f}x" if our_cpu else "-"
         rows.append(
             f"| {op} ({name}) | {ours['throughput']:.0f} | {max(theirs):.0f} "
-            f"| **{ratio:.1f}x** | {'yes' if ratio >= PEER_TARGET else '**no**'} |"
+            f"| **{ratio:.1f}x** | {'yes' if ratio >= PEER_TARGET else '**no**'} "
+            f"| {our_cpu:.2f} / {peer_cpu:.2f} | {capacity} |"
         )
     return rows
 
@@ -561,8 +578,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("results", type=Path)
     parser.add_argument("--after", type=Path, default=None)
     parser.add_argument("--output", type=Path, default=DOCS / "benchmarks.md")
+    parser.add_argument(
+        "--conditions",
+        default=None,
+        help="what else ran on the machine during the run (stored in the results file)",
+    )
     args = parser.parse_args(argv)
     results = json.loads(args.results.read_text())
+    if args.conditions:
+        results["conditions"] = args.conditions
+        args.results.write_text(json.dumps(results, indent=1) + "\n")
     after = json.loads(args.after.read_text()) if args.after else None
     described = after or results  # with --after, the report describes the newer run
     images = plots(described, "benchmarks")

@@ -128,7 +128,8 @@ def test_peer_ratio_is_against_the_peers_better_concurrency() -> None:
 
     assert "| get | 64 | 400 | 2.0 | 9.0 | 1.50 | 0.50 |" in text
     # sessionmgr's hot GET: 3000 req/s, against the peer's 400 (not its 250).
-    assert "| get (hot GET) | 3000 | 400 | **7.5x** | **no** |" in text
+    # CPU: sessionmgr's 0.40 + 0.05 (Redis) against the peer's 1.5 + 0.5 (PostgreSQL).
+    assert "| get (hot GET) | 3000 | 400 | **7.5x** | **no** | 0.45 / 2.00 | 4.4x |" in text
 
 
 def test_a_skipped_peer_says_why() -> None:
