@@ -82,6 +82,10 @@ def bench(session: nox.Session) -> None:
     Needs redis-server, wrk and taskset on PATH (apt-get install redis-server wrk). Arguments
     go to `python -m bench.run`: `nox -s bench -- --quick` is a smoke run, `--profile` adds
     py-spy profiles of the hot GET and the update under bench/profiles/.
+
+    The peer scenario (issue 16, `bench/peer.py`: google-adk's DatabaseSessionService) needs a
+    PostgreSQL: `--peer-url postgresql+asyncpg://...` or $BENCH_PEER_URL, by default
+    postgres@127.0.0.1:5432/test; when none answers, the run says so and skips the peer.
     """
     install_groups(session, "bench")
     session.run("python", "-m", "bench.run", *session.posargs)

@@ -17,7 +17,12 @@ SECRET = "bench-inprocess-secret-0123456789abcdef"
 
 
 def build_app(
-    redis_url: str, *, s3: InProcessS3 | None = None, write_behind: bool = False, **settings: Any
+    redis_url: str,
+    *,
+    s3: InProcessS3 | None = None,
+    write_behind: bool = False,
+    mongodb_uri: str = "mongomock://",
+    **settings: Any,
 ) -> Litestar:
     from sessionmgr.app import create_app
     from sessionmgr.container import build_container
@@ -28,7 +33,7 @@ def build_app(
     loaded = load_settings(
         {},
         redis_url=redis_url,
-        mongodb_uri="mongomock://",
+        mongodb_uri=mongodb_uri,
         jwt_secret=SECRET,
         rate_limit_per_s=0,
         s3_endpoint_url=s3.url if s3 else "http://127.0.0.1:9",  # without S3: never called

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from bench import shape
 from bench.stack import pinned, require_tool
 
 LUA_DIR = Path(__file__).resolve().parent / "wrk"
@@ -36,17 +37,11 @@ class Part:
 
 
 async def _seed_one(client: httpx.AsyncClient, events: int) -> str:
-    body = {
-        "work_in_progress": {"step": 1, "plan": "benchmark session", "notes": ["a", "b", "c"]},
-        "context_summary": {"goal": "measure sessionmgr", "constraints": {"latency_ms": 10}},
-    }
-    resp = await client.post("/v1/sessions", json=body)
+    resp = await client.post("/v1/sessions", json=shape.seed_state())
     resp.raise_for_status()
     sid: str = resp.json()["id"]
     if events:
-        batch = [
-            {"kind": "note", "data": {"text": f"seed event {i}", "n": i}} for i in range(events)
-        ]
+        batch = [shape.seed_event(i) for i in range(events)]
         (
             await client.post(f"/v1/sessions/{sid}/timeline", json={"events": batch})
         ).raise_for_status()
@@ -100,14 +95,37 @@ async def drain_outbox(redis_url: str, timeout_s: float = 180) -> int:
     """Wait until the write-behind has carried the outbox to MongoDB; returns what is left."""
     from redis.asyncio import Redis
 
+    from sessionmgr.storage.outbox import RedisOutbox
+
     client = Redis.from_url(redis_url)
+    outbox = RedisOutbox(client)  # every partition's stream (the replicas' default layout)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
-            left = int(await client.xlen("session_outbox"))
+            left = await outbox.pending()
             if not left or time.monotonic() > deadline:
                 return left
             await asyncio.sleep(0.5)
+    finally:
+        await client.aclose()
+
+
+async def outbox_drain(redis_url: str, timeout_s: float = 120) -> dict[str, Any]:
+    """The outbox's backlog now, and how long the write-behind takes to carry it to MongoDB
+    (polled every 0.1 s; `left` is what remained if `timeout_s` ran out first)."""
+    from redis.asyncio import Redis
+
+    from sessionmgr.storage.outbox import RedisOutbox
+
+    client = Redis.from_url(redis_url)
+    outbox = RedisOutbox(client)  # every partition's stream (the replicas' default layout)
+    try:
+        started = time.monotonic()
+        backlog = left = await outbox.pending()
+        while left and time.monotonic() - started < timeout_s:
+            await asyncio.sleep(0.1)
+            left = await outbox.pending()
+        return {"backlog": backlog, "drain_s": round(time.monotonic() - started, 2), "left": left}
     finally:
         await client.aclose()
 
@@ -135,6 +153,8 @@ async def run_wrk(
         "BENCH_OUT": str(out),
         "BENCH_IDS": str(part.ids or ""),
         "BENCH_PORTS": ",".join(map(str, ports)) if len(ports) > 1 else "",
+        "BENCH_CREATE_BODY": shape.CREATE_BODY,
+        "BENCH_APPEND_BODY": shape.APPEND_BODY,
     }
     if part.path:
         env["BENCH_PATH"] = part.path

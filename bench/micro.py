@@ -19,7 +19,7 @@ from typing import Any
 
 
 async def per_call_us(fn: Callable[[], Awaitable[Any]], n: int) -> float:
-    for _ in range(min(2000, n)):  # warm-up
+    for _ in range(min(2000, n // 4)):  # warm-up
         await fn()
     started = time.process_time()
     for _ in range(n):
@@ -27,10 +27,12 @@ async def per_call_us(fn: Callable[[], Awaitable[Any]], n: int) -> float:
     return (time.process_time() - started) / n * 1e6
 
 
-async def app_figures(redis_url: str, n: int) -> None:
+async def app_figures(redis_url: str, n: int, mongodb_uri: str = "mongomock://") -> None:
+    from bench import shape
     from bench.inprocess import bearer, build_app
 
-    app = build_app(redis_url)
+    # Creates by the thousand for one owner: no quota (its count is measured all the same).
+    app = build_app(redis_url, mongodb_uri=mongodb_uri, max_sessions_per_owner=100_000_000)
     auth = bearer().encode()
     answer: dict[str, Any] = {}
 
@@ -87,10 +89,30 @@ async def app_figures(redis_url: str, n: int) -> None:
             await call("PATCH", path, body)
             version[0] += 1
 
-        for name, fn in (("hot GET", hot_get), ("update", update)):
-            us = await per_call_us(fn, n)
-            assert answer["status"] == 200, answer
-            print(f"{name}: {us:.1f} us of CPU per request (app only, in-process)")
+        timeline = f"{path}/timeline"
+        create_body, append_body = shape.CREATE_BODY.encode(), shape.APPEND_BODY.encode()
+
+        async def append() -> None:
+            await call("POST", timeline, append_body)
+
+        async def create() -> None:
+            await call("POST", "/v1/sessions/", create_body)
+
+        figures = (
+            ("hot GET", hot_get, 200),
+            ("update", update, 200),
+            ("append", append, 200),
+            ("create", create, 201),
+        )
+        for name, fn, status in figures:
+            # Each create adds a session the next one's quota count may scan: fewer of them.
+            us = await per_call_us(fn, n if name != "create" else min(n, 500))
+            assert answer["status"] == status, answer
+            print(
+                f"{name}: {us:.1f} us of CPU per request (app only, in-process; "
+                f"MongoDB: {mongodb_uri.split(':')[0]})",
+                flush=True,
+            )
 
 
 async def pool_figures(redis_url: str, n: int) -> None:
@@ -114,13 +136,47 @@ async def pool_figures(redis_url: str, n: int) -> None:
         await client.aclose()
 
 
-async def measure(what: str, n: int) -> None:
+WHAT_IFS = ("touch", "warm-insert", "quota-count")
+
+
+def what_if(skipped: Sequence[str]) -> None:
+    """Measure without a step, to size what removing or moving it could give (never a
+    configuration: the service is wrong without them). `touch`: the idle-index ZADD before
+    each hot write, its own round trip; `warm-insert`: a create's MongoDB writes (as if they
+    went through the outbox); `quota-count`: a create's count of the owner's sessions."""
+    from sessionmgr.storage.hot import RedisHotStore
+    from sessionmgr.storage.warm import MongoWarmStore
+
+    async def touch(self: Any, session_id: str) -> None:
+        return None
+
+    async def insert(self: Any, record: Any) -> bool:
+        return True
+
+    async def count_owned(self: Any, owner_id: str, limit: int, other_than: Any = None) -> int:
+        return 0
+
+    for name in skipped:
+        if name == "touch":
+            RedisHotStore._touch = touch  # type: ignore[method-assign]
+        elif name == "warm-insert":
+            MongoWarmStore.insert = insert  # type: ignore[method-assign]
+        elif name == "quota-count":
+            MongoWarmStore.count_owned = count_owned  # type: ignore[method-assign]
+        print(f"what-if: without {name}", flush=True)
+
+
+async def measure(what: str, n: int, wire: bool) -> None:
+    from bench.stack import running_stack
     from sessionmgr.devstack import RedisServer
 
     redis = RedisServer().start()
     try:
         if what in ("app", "all"):
-            await app_figures(redis.url, n)
+            with running_stack(None, None) as stack:
+                # --wire: the warm tier in a process of its own (its CPU not counted here).
+                uri = stack.start_wire_mongo() if wire else "mongomock://"
+                await app_figures(redis.url, n, uri)
         if what in ("pool", "all"):
             await pool_figures(redis.url, n)
     finally:
@@ -131,13 +187,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__)
     parser.add_argument("what", choices=["app", "pool", "all"], nargs="?", default="all")
     parser.add_argument("-n", type=int, default=20_000, help="calls per figure")
+    parser.add_argument(
+        "--wire",
+        action="store_true",
+        help="MongoDB: the wire-compatible server in its own process, not mongomock in this one",
+    )
+    parser.add_argument(
+        "--without",
+        default="",
+        help=f"what-if, comma-separated, of: {', '.join(WHAT_IFS)} (see what_if)",
+    )
     args = parser.parse_args(argv)
+    skipped = [w for w in args.without.split(",") if w]
+    if unknown := set(skipped) - set(WHAT_IFS):
+        parser.error(f"--without: unknown {sorted(unknown)}")
+    what_if(skipped)
     try:
         import uvloop
 
-        uvloop.run(measure(args.what, args.n))
+        uvloop.run(measure(args.what, args.n, args.wire))
     except ImportError:
-        asyncio.run(measure(args.what, args.n))
+        asyncio.run(measure(args.what, args.n, args.wire))
     return 0
 
 

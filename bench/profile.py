@@ -102,7 +102,9 @@ def _short(frame: str) -> str:
     return f"{match['func']} ({path})"
 
 
-async def profile_one(name: str, part: Part, seconds: float, rate: int) -> str:
+async def profile_one(
+    name: str, part: Part, seconds: float, rate: int, warm_tier: str = "inprocess"
+) -> str:
     py_spy = require_tool("py-spy", "py-spy (the bench dependency group)")
     from sessionmgr.api.auth import issue_token
 
@@ -111,7 +113,10 @@ async def profile_one(name: str, part: Part, seconds: float, rate: int) -> str:
         stack.start_s3()
         secret = secrets.token_urlsafe(32)
         token = issue_token(secret, "bench-user", ttl_s=3600)
-        env = stack.service_env(secret, "mongomock://", "sessionmgr-bench")
+        mongodb = stack.start_wire_mongo() if warm_tier == "wire" else "mongomock://"
+        env = stack.service_env(secret, mongodb, "sessionmgr-bench")
+        if warm_tier == "wire":  # the write-behind apart, as bench/run.py runs it
+            stack.start_worker(env, "1")
         # Seed through a replica that is not profiled, then stop it: the profile then holds
         # the load alone, and the profiled replica serves the seeded sessions from Redis.
         seeder, port = stack.start_replica(f"{name}-seeder", env, "0")
@@ -130,9 +135,21 @@ async def profile_one(name: str, part: Part, seconds: float, rate: int) -> str:
             str(raw),
             "--",
         ]
-        spy, port = stack.start_replica(f"{name}-profiled", env, "0", wrap=wrap)
+        spy, port = stack.start_replica(
+            f"{name}-profiled", env, "0", wrap=wrap, write_behind=warm_tier != "wire"
+        )
         part = Part(part.op, part.script, part.connections, load.write_ids(Path(tmp) / "ids", ids))
-        await load.run_wrk(part, [port], token, seconds, 1, "1", Path(tmp) / "wrk.json")
+        served = _children(spy.pid)
+        cpu_before = sum(_cpu_s(pid) for pid in served)
+        done = await load.run_wrk(part, [port], token, seconds, 1, "1", Path(tmp) / "wrk.json")
+        cpu = sum(_cpu_s(pid) for pid in served) - cpu_before
+        requests = done["requests"]
+        rate = requests / (done["duration_us"] / 1e6) if done["duration_us"] else 0.0
+        headline = (
+            f"{name}: {requests} requests, {rate:.0f} req/s, "
+            f"{cpu * 1000 / max(1, requests):.3f} ms of replica CPU per request "
+            f"(warm tier: {warm_tier}; under py-spy, which slows it)\n"
+        )
         # Stop the service, not py-spy: py-spy writes its file when its target exits.
         for child in _children(spy.pid):
             os.kill(child, signal.SIGINT)
@@ -143,9 +160,17 @@ async def profile_one(name: str, part: Part, seconds: float, rate: int) -> str:
     PROFILES.mkdir(parents=True, exist_ok=True)
     with gzip.open(PROFILES / f"{name}.collapsed.gz", "wt") as f:
         f.write(text)
-    summary = summarize(text)
+    summary = headline + summarize(text)
     (PROFILES / f"{name}.txt").write_text(summary)
     return summary
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _children(pid: int) -> list[int]:
@@ -160,17 +185,35 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+PARTS = {
+    "hot_get": Part("GET hot", "get.lua", 64),
+    "update": Part("PATCH", "update.lua", 64),
+    "append": Part("POST timeline", "append.lua", 64),
+    "create": Part("POST create", "create.lua", 64),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=100, help="samples per second")
+    parser.add_argument(
+        "--only", default="hot_get,update", help=f"comma-separated, of: {','.join(PARTS)}"
+    )
+    parser.add_argument(
+        "--warm-tier",
+        choices=["wire", "inprocess"],
+        default="inprocess",
+        help="inprocess: mongomock in the replica (and the write-behind in it); wire: the "
+        "wire-compatible server in its own process and the write-behind apart, as bench.run",
+    )
     args = parser.parse_args(argv)
-    for name, part in (
-        ("hot_get", Part("GET hot", "get.lua", 64)),
-        ("update", Part("PATCH", "update.lua", 64)),
-    ):
+    for name in args.only.split(","):
         print(f"profiling {name} ...", flush=True)
-        print(asyncio.run(profile_one(name, part, args.seconds, args.rate)), flush=True)
+        summary = asyncio.run(
+            profile_one(name, PARTS[name], args.seconds, args.rate, args.warm_tier)
+        )
+        print(summary, flush=True)
     return 0
 
 

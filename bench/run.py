@@ -25,7 +25,9 @@ from typing import Any
 
 from bench import load
 from bench.load import Part
-from bench.stack import REPO, Proc, Stack, StackError, require_tool, running_stack
+from bench.peer import DEFAULT_URL as PEER_URL
+from bench.peer import URL_ENV as PEER_URL_ENV
+from bench.stack import REPO, Proc, Stack, StackError, pinned, require_tool, running_stack
 
 RESULTS = REPO / "bench" / "results"
 OWNER = "bench-user"
@@ -50,6 +52,7 @@ class Plan:
     only: set[str] = field(default_factory=set)
     cold_in_mix: bool = True
     warm_tier: str = "wire"
+    peer_url: str = ""
 
     def wants(self, name: str) -> bool:
         return not self.only or name in self.only
@@ -151,8 +154,13 @@ async def scenario(
     threads: int = 1,
     probes: Sequence[Awaitable[dict[str, Any]]] = (),
     note: str = "",
+    writes: bool = False,
 ) -> dict[str, Any]:
-    """Warm up, then measure: every part at once (one wrk each), CPU and memory around it."""
+    """Warm up, then measure: every part at once (one wrk each), CPU and memory around it.
+
+    After a scenario that `writes`, the outbox's backlog at the end of the measured window
+    and the time the write-behind then takes to drain it: a rate the write-behind cannot keep
+    up with only fills Redis."""
     print(f"  {name} ({target}, {len(ports)} replica(s)) ...", flush=True)
     if plan.warmup > 0:
         await asyncio.gather(
@@ -215,6 +223,8 @@ async def scenario(
         "memory": memory,
         "note": note,
     }
+    if writes:
+        result["outbox"] = await load.outbox_drain(env.stack.redis_url)
     for r in results:
         r["throughput"] = part_rate(r)
     ok = sum(r.get("ok", 0) for r in results)
@@ -224,6 +234,13 @@ async def scenario(
         f"{result['cpu_ms_per_request'] or 0:.2f} ms CPU/req, ok {ok}, other {other}",
         flush=True,
     )
+    if writes:
+        o = result["outbox"]
+        print(
+            f"    outbox: {o['backlog']} entries at the end, drained in {o['drain_s']:.1f} s"
+            + ("" if o["left"] == 0 else f" ({o['left']} left when the wait ended)"),
+            flush=True,
+        )
     return result
 
 
@@ -369,7 +386,13 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
         if plan.wants("update"):
             scenarios.append(
                 await scenario(
-                    env, plan, "update", "sessionmgr", *one, [Part("PATCH", "update.lua", c, hot)]
+                    env,
+                    plan,
+                    "update",
+                    "sessionmgr",
+                    *one,
+                    [Part("PATCH", "update.lua", c, hot)],
+                    writes=True,
                 )
             )
             if fast:
@@ -395,6 +418,7 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                     "sessionmgr",
                     *one,
                     [Part("POST timeline", "append.lua", c, hot)],
+                    writes=True,
                 )
             )
         half = len(env.cold_ids) // 2
@@ -430,6 +454,7 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                 parts,
                 probes=readers(env, plan, base, env.cold_ids[half : half + half // 2]),
                 note="closed loop: as fast as the replica answers",
+                writes=True,
             )
             scenarios.append(saturated)
             # The same mix at half the load the replica sustained: latency at a given load,
@@ -448,6 +473,7 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                     paced,
                     probes=readers(env, plan, base, env.cold_ids[half + half // 2 :]),
                     note=f"each connection waits 0-{2 * delay} ms between requests",
+                    writes=True,
                 )
             )
             # The same again without the warm and cold readers: what the hot path holds when
@@ -461,6 +487,7 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                     *one,
                     paced,
                     note="as above, without the warm and cold readers",
+                    writes=True,
                 )
             )
         if plan.wants("replicas") and plan.replicas > 1:
@@ -469,11 +496,53 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
         if plan.wants("create"):
             scenarios.append(
                 await scenario(
-                    env, plan, "create", "sessionmgr", *one, [Part("POST create", "create.lua", c)]
+                    env,
+                    plan,
+                    "create",
+                    "sessionmgr",
+                    *one,
+                    [Part("POST create", "create.lua", c)],
+                    writes=True,
                 )
             )
+    if plan.wants("peer"):
+        out["peer"] = await peer(plan, tmp)
     out["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     return out
+
+
+async def peer(plan: Plan, tmp: Path) -> dict[str, Any]:
+    """The peer (`bench/peer.py`): ADK's DatabaseSessionService on PostgreSQL, in a process
+    pinned where the service ran, once the stack is down; sequential, then with as many
+    concurrent tasks as the wrk runs have connections."""
+    print("  peer (google-adk DatabaseSessionService on PostgreSQL, in-process) ...", flush=True)
+    out = tmp / "peer.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.peer",
+        "--url",
+        plan.peer_url,
+        "--seconds",
+        str(plan.seconds),
+        "--warmup",
+        str(min(plan.warmup, 2.0)),
+        "--sessions",
+        str(min(plan.sessions, 500)),
+        "--concurrency",
+        str(plan.connections),
+        "--out",
+        str(out),
+    ]
+    proc = await asyncio.create_subprocess_exec(*pinned(plan.server_cpus, argv), cwd=REPO)
+    if await proc.wait() != 0 or not out.exists():
+        why = f"bench.peer exited with {proc.returncode}; its output is above"
+        print(f"  skip peer: {why}", flush=True)
+        return {"skip": why}
+    result: dict[str, Any] = json.loads(out.read_text())
+    if "skip" in result:
+        print(f"  skip peer: {result['skip']}", flush=True)
+    return result
 
 
 def readers(
@@ -547,6 +616,7 @@ async def replicas(env: Env, plan: Plan, stack: Stack, first: Proc, port: int) -
         threads=plan.replicas,
         probes=probes,
         note=note,
+        writes=True,
     )
 
 
@@ -568,7 +638,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated: get,update,append,create,warm,cold,mixed,replicas",
+        help="comma-separated: get,update,append,create,warm,cold,mixed,replicas,peer",
     )
     parser.add_argument(
         "--write-behind",
@@ -589,6 +659,12 @@ def parse(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         action="store_true",
         help="leave the warm and cold readers out of the mixed workload (both read the "
         "in-memory MongoDB, whose scans run inside the replica's loop)",
+    )
+    parser.add_argument(
+        "--peer-url",
+        default=os.environ.get(PEER_URL_ENV, PEER_URL),
+        help=f"the peer's PostgreSQL, a postgresql+asyncpg:// URL (default ${PEER_URL_ENV} or "
+        f"{PEER_URL}); when none answers there the peer scenario says so and is skipped",
     )
     parser.add_argument("--label", default="latest", help="results file bench/results/<label>.json")
     parser.add_argument("--no-report", action="store_true", help="skip docs/benchmarks.md")
@@ -614,6 +690,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         write_behind=args.write_behind,
         cold_in_mix=not args.no_cold_in_mix,
         warm_tier=args.warm_tier,
+        peer_url=args.peer_url,
     )
     return plan, args
 

@@ -196,6 +196,10 @@ class Stack:
             "SESSIONMGR_LOG_LEVEL": "WARNING",
             # One token drives every connection: a per-principal limit would measure itself.
             "SESSIONMGR_RATE_LIMIT_PER_S": "0",
+            # One owner creates tens of thousands of sessions (seeding, the create scenario):
+            # past the default quota (1 000) every create would be a 403. Each create still
+            # counts the owner's sessions in MongoDB, up to this cap.
+            "SESSIONMGR_MAX_SESSIONS_PER_OWNER": "100000000",
             "AWS_ACCESS_KEY_ID": "bench",
             "AWS_SECRET_ACCESS_KEY": "bench-secret",
             "AWS_DEFAULT_REGION": "us-east-1",

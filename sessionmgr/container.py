@@ -159,6 +159,7 @@ def limits_from(settings: Settings) -> Limits:
         quota_privileged_factor=settings.quota_privileged_factor,
         timeline_page_max=settings.timeline_page_max,
         full_timeline_max=settings.full_timeline_max,
+        quota_count_ttl_s=settings.quota_count_ttl_s,
     )
 
 

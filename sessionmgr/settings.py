@@ -136,6 +136,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # with another count refuses to start).
     redis_cluster: bool = False
     redis_partitions: int = 256
+    # How long a count of an owner's sessions (MongoDB, before a create) stands in for the
+    # next creates of that owner on this replica, while it is under half the quota; 0 counts
+    # before every create (sessionmgr.services.quotas.OwnerCounts).
+    quota_count_ttl_s: float = 1.0
 
     @property
     def mongodb_in_memory(self) -> bool:
@@ -326,6 +330,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "feed_retention_s": _int(1, 30 * 86_400),
     "redis_cluster": _bool,
     "redis_partitions": _int(1, 16_384),
+    "quota_count_ttl_s": _float(0, 3600),
 }
 
 

@@ -1,7 +1,8 @@
 -- POST /v1/sessions/<random id>/timeline: one event, no expected_version.
 local common = dofile(os.getenv("BENCH_LUA_DIR") .. "/common.lua")
 local headers
-local body = '{"events":[{"kind":"note","data":{"text":"benchmark event","n":1}}]}'
+-- The body comes from bench/shape.py (the peer scenario appends the same event).
+local body = assert(os.getenv("BENCH_APPEND_BODY"), "BENCH_APPEND_BODY is not set")
 
 function init(args)
   common.init()

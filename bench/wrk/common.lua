@@ -63,14 +63,15 @@ function common.headers(extra)
   return h
 end
 
--- Count statuses; learn versions from Session answers and from 409 problems, like a client
+-- Count statuses; learn versions from Session answers and from 409/412 problems, like a client
 -- that keeps the last version it saw of each session.
 function common.track(status, body)
   if status >= 200 and status < 300 then
     ok = ok + 1
     local id, v = body:match('^{"id":"(%x+)","version":(%d+)')
     if id then versions[id] = tonumber(v) end
-  elseif status == 409 then
+  elseif status == 409 or status == 412 then
+    -- 412: a stale If-Match (update.lua), the same conflict as a stale expected_version's 409
     conflicts = conflicts + 1
     local id = body:match('"instance":"/v1/sessions/(%x+)"')
     local v = body:match('"current_version":(%d+)')

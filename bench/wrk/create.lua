@@ -1,8 +1,8 @@
 -- POST /v1/sessions: a new session owned by the caller.
 local common = dofile(os.getenv("BENCH_LUA_DIR") .. "/common.lua")
 local headers
-local body = '{"work_in_progress":{"step":1,"plan":"benchmark create"},' ..
-  '"context_summary":{"goal":"measure","owner":"bench"}}'
+-- The body comes from bench/shape.py (the peer scenario stores the same session).
+local body = assert(os.getenv("BENCH_CREATE_BODY"), "BENCH_CREATE_BODY is not set")
 
 function init(args)
   common.init()

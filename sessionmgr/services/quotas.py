@@ -3,6 +3,8 @@ timeline may have. Roles admin and service get `quota_privileged_factor` times e
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sessionmgr.domain.errors import QuotaExceeded
@@ -18,21 +20,71 @@ def quota(limits: Limits, principal: Principal, base: int) -> int:
     return base * limits.quota_privileged_factor if principal.may_act_for_others else base
 
 
+class OwnerCounts:
+    """This replica's recent counts of each owner's sessions, so that a create need not count
+    in MongoDB every time (issue 16: the count was one of a create's three MongoDB round
+    trips, and against a slow server the one that bounded the create rate).
+
+    A count stands in for `ttl_s` seconds, raised by each create this replica lets through
+    meanwhile, and only while it is under half the quota: an owner nearer the quota is
+    counted before every create, as without this. What it gives up: creates of the same
+    owner through other replicas within `ttl_s` are not in the estimate, so the quota can be
+    passed only if more than half of it is created elsewhere within `ttl_s` (500 creates in
+    one second for one owner at the default quota and TTL). Deletes are not subtracted: an
+    estimate is never lower than the count it comes from (it only recounts sooner).
+    """
+
+    MAX_OWNERS = 10_000  # forgotten all at once past this: a bound, not an LRU
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl_s
+        self._clock = clock
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def admit(self, owner: str, cap: int) -> bool:
+        """True when the last count lets this create through without counting again (the
+        create is then added to the estimate)."""
+        seen = self._seen.get(owner)
+        if seen is None or self._ttl <= 0:
+            return False
+        at, count = seen
+        if self._clock() - at > self._ttl or 2 * (count + 1) > cap:
+            return False
+        self._seen[owner] = (at, count + 1)
+        return True
+
+    def counted(self, owner: str, count: int) -> None:
+        """MongoDB counted `count` sessions of `owner` just now, before a create it admits."""
+        if self._ttl <= 0:
+            return
+        if len(self._seen) >= self.MAX_OWNERS:
+            self._seen.clear()
+        self._seen[owner] = (self._clock(), count + 1)
+
+
 async def check_owner(
     limits: Limits,
     warm: WarmStore,
     principal: Principal,
     owner: str,
     other_than: str | None = None,
+    *,
+    counts: OwnerCounts | None = None,
 ) -> None:
-    """Before a create: counted in MongoDB, where every session of every state is.
+    """Before a create: counted in MongoDB, where every session of every state is, or taken
+    from `counts` (see `OwnerCounts` for what that gives up).
 
     Creates racing each other may pass the quota by the number in flight. `other_than` is a
     session the count leaves out: a keyed create's own id, stored by an earlier attempt.
     """
     cap = quota(limits, principal, limits.max_sessions_per_owner)
-    if await warm.count_owned(owner, cap, other_than) >= cap:
+    if counts is not None and counts.admit(owner, cap):
+        return
+    count = await warm.count_owned(owner, cap, other_than)
+    if count >= cap:
         raise QuotaExceeded(f"{owner} owns too many sessions", "max_sessions_per_owner", cap)
+    if counts is not None:
+        counts.counted(owner, count)
 
 
 def check_participants(limits: Limits, principal: Principal, record: SessionRecord) -> None:

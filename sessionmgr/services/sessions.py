@@ -97,6 +97,7 @@ class Limits(msgspec.Struct, frozen=True):
     quota_privileged_factor: int = 10
     timeline_page_max: int = 500
     full_timeline_max: int = 1000
+    quota_count_ttl_s: float = 1.0
 
 
 # Checked before a decision, and on a session at rest before waking it: (record, live leases).
@@ -118,6 +119,7 @@ class SessionService:
         self._archivist = archivist
         self._metrics = metrics or Metrics()
         self._reconciler = Reconciler(hot, warm, self._metrics)
+        self._owner_counts = quotas.OwnerCounts(limits.quota_count_ttl_s)
 
     # -- create and read -------------------------------------------------------------------
 
@@ -135,6 +137,18 @@ class SessionService:
         With an Idempotency-Key the session's id comes from the key (and the request), so a
         retry after any failure finds the session the first attempt may have stored and
         finishes it, instead of creating a second one.
+
+        Why a create does not go through the outbox like every other write (issue 16, measured
+        and decided; README "The write path"): the hash and an outbox entry in one MULTI would
+        keep "no half session is ever visible", and `python -m bench.micro app --wire
+        --without warm-insert` puts the MongoDB writes at about half of a create's CPU in the
+        service. But DESIGN §2 promises that an acknowledged create exists in MongoDB (a Redis
+        loss within AOF's second cannot take a session whose id the client holds), the owner
+        quota is counted in MongoDB (sessions still in the outbox would not count), and on the
+        benchmark's warm tier the write-behind drains far fewer entries a second than the
+        API takes creates (docs/benchmarks.md: the outbox backlog after each write scenario),
+        so such a create rate would only be a growing backlog. The quota count, the third
+        MongoDB round trip, is what changed instead (`quotas.OwnerCounts`).
         """
         owner = owner_id or principal.sub
         if owner != principal.sub and not principal.may_act_for_others:
@@ -143,7 +157,9 @@ class SessionService:
         rules.check_value(wip, "work_in_progress", self._limits.max_field_bytes)
         rules.check_value(ctx, "context_summary", self._limits.max_field_bytes)
         if idem is None:
-            await quotas.check_owner(self._limits, self._warm, principal, owner)
+            await quotas.check_owner(
+                self._limits, self._warm, principal, owner, counts=self._owner_counts
+            )
             return await self._create(new_session_id(), owner, wip, ctx, None)
         await self._hot.admit_key(idem, self._limits.idempotency_max_keys_per_caller)
         if replay := await self._claim(CREATE_SCOPE, idem):
