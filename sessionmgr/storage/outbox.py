@@ -26,6 +26,7 @@ from sessionmgr.storage.redis_nodes import nodes_of
 log = logging.getLogger(__name__)
 GROUP = "writebehind"  # the write-behind's consumer group (services/write_behind.py)
 PER_PARTITION_MIN = 4  # entries a read takes from each partition at least
+BUSY_BATCHES = 4  # a read takes up to this many batches from the partitions with a backlog
 _decode_entry = msgspec.json.Decoder(OutboxEntry).decode
 
 
@@ -241,6 +242,7 @@ class RedisOutbox:
         self._at = nodes_of(redis).of  # a partition's transactions run on its node
         self._cluster = _is_cluster(redis)
         self._poll_ms = poll_ms
+        self._busy: set[int] = set()  # partitions whose last read left more behind
 
     @staticmethod
     def _partitions(first: int = 0) -> range:
@@ -296,24 +298,47 @@ class RedisOutbox:
         return found
 
     async def _read_new(self, consumer: str, count: int, block_ms: int | None) -> list[Delivery]:
+        """New entries, about `count` of them: a few from every partition, and more from the
+        partitions that had more than that last time (`_busy`), so that one busy session
+        drains in batches and a backlog everywhere (after an outage) does not put 256 batches
+        on this consumer at once. Every partition is read every round: none starves."""
+        found: list[Delivery] = []
+        if self._busy:
+            busy = sorted(self._busy)
+            share = max(self._per_partition(count), count * BUSY_BATCHES // len(busy))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for p in busy:
+                    pipe.xreadgroup(GROUP, consumer, {keys.outbox(p): ">"}, count=share)
+                replies = list(await _redis(pipe.execute(raise_on_error=False)))
+            self._busy = set()
+            for partition, answer in zip(busy, replies, strict=True):
+                taken = self._deliveries([answer], partition)
+                found += taken
+                if len(taken) >= share:
+                    self._busy.add(partition)
+        each = self._per_partition(count)
+        wait = None if found else block_ms
         if not self._cluster:
             streams = {keys.outbox(p): ">" for p in self._partitions()}
-            each = self._per_partition(count)
             reply: Any = await _redis(
-                self._redis.xreadgroup(GROUP, consumer, streams, count=each, block=block_ms)  # type: ignore[arg-type]
+                self._redis.xreadgroup(GROUP, consumer, streams, count=each, block=wait)  # type: ignore[arg-type]
             )
-            return [
-                delivery(_id(keys.partition_of_key(stream), i), f)
-                for stream, entries in reply or []
-                for i, f in entries
-            ]
-        each = self._per_partition(count)
+            for stream, entries in reply or []:
+                partition = keys.partition_of_key(stream)
+                found += [delivery(_id(partition, i), f) for i, f in entries]
+                if len(entries) >= each:
+                    self._busy.add(partition)
+            return found
         replies = await self._each(
             lambda pipe, p: pipe.xreadgroup(GROUP, consumer, {keys.outbox(p): ">"}, count=each)
         )
-        found = self._deliveries(replies)
-        if not found and block_ms:
-            await asyncio.sleep(min(block_ms, self._poll_ms) / 1000)
+        for partition, answer in enumerate(replies):
+            taken = self._deliveries([answer], partition)
+            found += taken
+            if len(taken) >= each:
+                self._busy.add(partition)
+        if not found and wait:
+            await asyncio.sleep(min(wait, self._poll_ms) / 1000)
         return found
 
     async def claim(

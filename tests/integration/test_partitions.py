@@ -257,3 +257,30 @@ async def _as_the_old_layout(redis: Redis, sid: str) -> None:
         await redis.zadd(keys.LEGACY_IDLE_INDEX, {member: score})
     await redis.delete(keys.idle_index(p), keys.LAYOUT_KEY)
     assert GROUP  # the group is set up again by the write-behind on its own
+
+
+async def test_a_busy_partition_drains_in_batches_and_starves_no_other(
+    redis_url: str, partitioned: Settings
+) -> None:
+    """One session with a backlog: a few entries in the first read, then batches; an entry of
+    another partition written meanwhile is read in the very next round."""
+    redis = Redis.from_url(redis_url)
+    outbox = RedisOutbox(redis)
+    await outbox.ensure_group()
+    busy, other = uuid.uuid4().hex, uuid.uuid4().hex
+    while keys.partition_of(other) == keys.partition_of(busy):
+        other = uuid.uuid4().hex
+    for _ in range(200):
+        await redis.xadd(keys.outbox(keys.partition_of(busy)), {"sid": busy, "entry": b"{}"})
+    reads = [len(await outbox.read("w", ">", 10))]
+    await redis.xadd(keys.outbox(keys.partition_of(other)), {"sid": other, "entry": b"{}"})
+    second = await outbox.read("w", ">", 10)
+    assert other.encode() in [d.raw[b"sid"] for d in second], "the other partition is read too"
+    reads.append(len(second))
+    while (taken := len(await outbox.read("w", ">", 10))) and len(reads) < 50:
+        reads.append(taken)
+    assert reads[0] == 4  # a few from each partition at first
+    # never more than BUSY_BATCHES batches from the busy one, plus the few of every round
+    assert max(reads) <= 10 * 4 + 4 + 1
+    assert sum(reads) == 201 and len(reads) <= 8, reads
+    await redis.aclose()
