@@ -15,6 +15,8 @@ import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
+from sessionmgr import container as container_module
+from sessionmgr.api.auth import issue_token
 from sessionmgr.container import build_container
 from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.settings import Settings
@@ -24,6 +26,7 @@ from sessionmgr.storage.idle import RedisIdleIndex
 from sessionmgr.storage.migrate import migrate_layout, new_name
 from sessionmgr.storage.outbox import GROUP, OutboxAdmin, RedisOutbox
 from sessionmgr.storage.warm import MongoWarmStore
+from tests.conftest import JWT_SECRET
 from tests.integration.conftest import serving
 from tests.integration.session_api import create_session, eventually, get_session, patch_session
 from tests.unit.factories import SessionRecordFactory
@@ -50,17 +53,23 @@ async def app(partitioned: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, A
         yield http, container
 
 
-async def start_refused(settings: Settings) -> keys.LayoutMismatch:
-    """The replica does not start: its error, however the lifespan wraps it."""
+async def start_refused(settings: Settings) -> str:
+    """Why the replica refuses this Redis: at start, or (when Redis did not answer its check
+    in time at start, as happens on a loaded machine) at its first write, a 503."""
     try:
-        async with serving(build_container(settings)):
-            pass
+        async with serving(build_container(settings)) as api:
+            created = await api.post("/v1/sessions", json={}, headers=_anyone())
+            assert created.status_code == 503, created.text
+            return str(created.json()["detail"])
     except BaseException as exc:
         found = _find(exc)
         if found is None:
             raise
-        return found
-    raise AssertionError("the replica started")
+        return str(found)
+
+
+def _anyone() -> Headers:
+    return {"Authorization": f"Bearer {issue_token(JWT_SECRET, 'layout-check')}"}
 
 
 def _find(exc: BaseException) -> keys.LayoutMismatch | None:
@@ -284,3 +293,19 @@ async def test_a_busy_partition_drains_in_batches_and_starves_no_other(
     assert max(reads) <= 10 * 4 + 4 + 1
     assert sum(reads) == 201 and len(reads) <= 8, reads
     await redis.aclose()
+
+
+async def test_a_replica_whose_start_up_check_found_no_redis_refuses_its_first_write(
+    redis_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up check is skipped when Redis does not answer in time; the replica starts
+    (read-only until Redis answers) and its first write checks the layout instead."""
+    await Redis.from_url(redis_url).set(keys.LAYOUT_KEY, "v2 partitions=64")
+
+    async def unreachable(_client: object) -> None:
+        return None
+
+    monkeypatch.setattr(container_module, "checked_layout", unreachable)
+    detail = await start_refused(msgspec.structs.replace(settings, redis_partitions=8))
+    assert "fixed for the life of a deployment" in detail
+    assert await Redis.from_url(redis_url).get(keys.LAYOUT_KEY) == b"v2 partitions=64"
