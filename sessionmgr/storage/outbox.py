@@ -312,10 +312,7 @@ class RedisOutbox:
                 replies = list(await _redis(pipe.execute(raise_on_error=False)))
             self._busy = set()
             for partition, answer in zip(busy, replies, strict=True):
-                taken = self._deliveries([answer], partition)
-                found += taken
-                if len(taken) >= share:
-                    self._busy.add(partition)
+                found += self._taken(partition, self._deliveries([answer], partition), share)
         each = self._per_partition(count)
         wait = None if found else block_ms
         if not self._cluster:
@@ -325,21 +322,23 @@ class RedisOutbox:
             )
             for stream, entries in reply or []:
                 partition = keys.partition_of_key(stream)
-                found += [delivery(_id(partition, i), f) for i, f in entries]
-                if len(entries) >= each:
-                    self._busy.add(partition)
+                taken = [delivery(_id(partition, i), f) for i, f in entries]
+                found += self._taken(partition, taken, each)
             return found
         replies = await self._each(
             lambda pipe, p: pipe.xreadgroup(GROUP, consumer, {keys.outbox(p): ">"}, count=each)
         )
         for partition, answer in enumerate(replies):
-            taken = self._deliveries([answer], partition)
-            found += taken
-            if len(taken) >= each:
-                self._busy.add(partition)
+            found += self._taken(partition, self._deliveries([answer], partition), each)
         if not found and wait:
             await asyncio.sleep(min(wait, self._poll_ms) / 1000)
         return found
+
+    def _taken(self, partition: int, taken: list[Delivery], asked: int) -> list[Delivery]:
+        """Note a partition that gave all it was asked for (it may hold more: `_busy`)."""
+        if len(taken) >= asked:
+            self._busy.add(partition)
+        return taken
 
     async def claim(
         self, consumer: str, min_idle_ms: int, start: str, count: int
