@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -167,6 +167,14 @@ class WarmStore(Protocol):
         events: list[TimelineEvent],
         context: ContextUpdate | None = None,
     ) -> bool: ...
+    async def apply_many(self, entries: Sequence[OutboxEntry]) -> list[int]:
+        """Write-behind of a batch: what `apply` of each entry would do, in a few round trips
+        for the whole batch. Returns the indexes of the entries it left to `apply` one at a
+        time (a session gone, archived, or whose write clashes). An outage raises
+        `BackendUnavailable`; any other error means "deliver these one at a time". Every part
+        is idempotent, so what a failed batch did write is harmless to write again."""
+        ...
+
     async def flush(
         self,
         record: SessionRecord,
@@ -349,6 +357,7 @@ class Outbox(Protocol):
     async def consumers(self) -> list[OutboxConsumer]: ...
     async def remove_consumer(self, name: str) -> None: ...
     async def ack(self, entry_id: bytes) -> None: ...
+    async def ack_many(self, entry_ids: Sequence[bytes]) -> None: ...
     async def park(self, delivery: Delivery, error: str, attempts: int) -> int: ...
     async def dead_letters(self) -> int: ...
     async def pending(self) -> int: ...

@@ -6,6 +6,10 @@ after MongoDB has it; entries a dead consumer left pending are claimed after
 anything: it stays pending and the worker backs off. Only an entry MongoDB refuses for its own
 content, `max_deliveries` times over at least `park_after_s` while others go through, is
 parked on a dead-letter stream that is never trimmed, with its last error.
+
+What one read brings is written as a batch (`WarmStore.apply_many`: a few round trips for the
+whole batch) and acknowledged at once (`Outbox.ack_many`); what the batch leaves (a clash, a
+session gone), or a whole batch MongoDB refuses for its content, goes one entry at a time.
 """
 
 from __future__ import annotations
@@ -217,18 +221,53 @@ class WriteBehindWorker:
             context=context.Context(),
             attributes={"sessionmgr.outbox_entries": len(entries)},
         ):
+            ready: list[Delivery] = []
             for delivery in entries:
-                if self._stop.is_set():
-                    break  # shutting down: the rest stay pending for another replica to claim
                 if delivery.deleted:  # deleted from the stream, still in our pending list
                     await self._outbox.ack(delivery.id)
                     continue
                 failure = self._failures.get(delivery.id)
                 if failure is not None and failure.next_at > time.monotonic():
                     continue  # refused before; its next try is not due yet
+                ready.append(delivery)
+            if len(ready) > 1 and not self._stop.is_set():
+                done, ready = await self._deliver_batch(ready)
+            for delivery in ready:
+                if self._stop.is_set():
+                    break  # shutting down: the rest stay pending for another replica to claim
                 if await self._deliver_one(delivery):
                     done += 1
         return done
+
+    async def _deliver_batch(self, ready: list[Delivery]) -> tuple[int, list[Delivery]]:
+        """Deliver many entries in one `apply_many` and acknowledge them in one go; returns
+        how many, and the entries left to deliver one at a time: those the warm store left
+        (a clash, a session gone), or all of them when it refused the batch for its content.
+        An outage raises as for one entry: the whole batch stays pending."""
+        whole = [d for d in ready if d.entry is not None]
+        try:
+            left = set(await self._warm.apply_many([d.entry for d in whole if d.entry]))
+        except BackendUnavailable:
+            self._retry_own = True
+            self._metrics.write_behind_entries.labels("retried").inc(len(whole))
+            raise
+        except Exception as exc:
+            log.warning(
+                "write-behind batch of %d refused (%s); delivering it one entry at a time",
+                len(whole),
+                describe(exc),
+            )
+            return 0, ready
+        applied = [d for i, d in enumerate(whole) if i not in left]
+        await self._outbox.ack_many([d.id for d in applied])
+        for delivery in applied:
+            self._failures.pop(delivery.id, None)
+        if applied:
+            self._last_applied = time.monotonic()
+            self.delivered += len(applied)
+            self._metrics.write_behind_entries.labels("applied").inc(len(applied))
+        taken = {d.id for d in applied}
+        return len(applied), [d for d in ready if d.id not in taken]
 
     async def _deliver_one(self, delivery: Delivery) -> bool:
         entry = delivery.entry

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -398,6 +398,32 @@ class RedisOutbox:
             pipe.xack(stream, GROUP, stream_id)
             pipe.xdel(stream, stream_id)
             await _redis(pipe.execute())
+
+    async def ack_many(self, entry_ids: Sequence[bytes]) -> None:
+        """`ack` of many entries: XACK and XDEL of each partition's ids in one MULTI (so that
+        an entry is never acknowledged yet left in its stream, counted as pending forever).
+        On one Redis every partition is in one MULTI; a Cluster refuses a MULTI across
+        slots, so there each partition has its own, sent side by side."""
+        by_partition: dict[int, list[str]] = {}
+        for entry_id in entry_ids:
+            partition, stream_id = _split(entry_id)
+            by_partition.setdefault(partition, []).append(stream_id)
+        if not by_partition:
+            return
+
+        async def ack(partitions: list[int]) -> None:
+            client = await _redis(self._at(keys.outbox(partitions[0])))
+            async with client.pipeline(transaction=True) as pipe:
+                for partition in partitions:
+                    stream = keys.outbox(partition)
+                    pipe.xack(stream, GROUP, *by_partition[partition])
+                    pipe.xdel(stream, *by_partition[partition])
+                await _redis(pipe.execute())
+
+        if not self._cluster:
+            await ack(list(by_partition))
+            return
+        await asyncio.gather(*(ack([p]) for p in by_partition))
 
     async def park(self, delivery: Delivery, error: str, attempts: int) -> int:
         """Move the entry to its partition's dead-letter stream with its last error, in one

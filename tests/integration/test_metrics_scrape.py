@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from sessionmgr.container import build_container
 from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.domain.model import ContextUpdate, SessionRecord, TimelineEvent
+from sessionmgr.services.ports import OutboxEntry
 from sessionmgr.settings import Settings
 from sessionmgr.storage.hot import OUTBOX_STREAM, RedisHotStore
 from sessionmgr.storage.warm import MongoWarmStore
@@ -77,7 +78,11 @@ async def test_the_scrape_shows_exactly_what_the_workload_did(
             raise RuntimeError("document failed validation")  # retried, then delivered
         return await real_apply(self, record, events, context)
 
+    async def one_at_a_time(self: MongoWarmStore, entries: Sequence[OutboxEntry]) -> list[int]:
+        return list(range(len(entries)))  # every entry through `apply`, whatever the batch
+
     monkeypatch.setattr(MongoWarmStore, "apply", rejects_the_first)
+    monkeypatch.setattr(MongoWarmStore, "apply_many", one_at_a_time)
     h = auth()
 
     hot = (await create_session(api, h))["id"]

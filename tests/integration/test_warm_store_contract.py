@@ -24,7 +24,7 @@ from sessionmgr.domain.model import (
     TimelineEvent,
     utcnow,
 )
-from sessionmgr.services.ports import ListAfter
+from sessionmgr.services.ports import ListAfter, OutboxEntry, WriteDiverged
 from sessionmgr.settings import load_settings
 from sessionmgr.storage.warm import MongoWarmStore, open_warm_store
 from tests.conftest import JWT_SECRET
@@ -413,3 +413,107 @@ async def test_http_archive_and_rehydrate_on_a_mongodb_server(
         again = await client.patch(f"/v1/sessions/{sid}", json=body, headers=auth())
         assert (again.json()["state"], again.json()["version"]) == ("active", before["version"] + 1)
         assert (await client.delete(f"/v1/sessions/{sid}", headers=auth())).status_code == 204
+
+
+# -- the write-behind's batches: `apply_many` has the effect of `apply` on each entry ------------
+
+
+def history(session: SessionRecord, versions: int) -> list[OutboxEntry]:
+    """The outbox entries of `versions` writes after `session`'s create: every other one
+    appends two events, every third changes `full_context`; each has its own write id."""
+    entries, seq = [], 0
+    for version in range(2, versions + 2):
+        events = []
+        if version % 2 == 0:
+            events = [event(seq + 1), event(seq + 2)]
+            seq += 2
+        context = ContextUpdate(version=version, value={"v": version}) if version % 3 == 0 else None
+        changed = msgspec.structs.replace(
+            session,
+            version=version,
+            timeline_seq=seq,
+            work_in_progress={"step": version},
+            write_id=secrets.token_hex(8),
+        )
+        entries.append(OutboxEntry(record=changed, events=events, context=context))
+    return entries
+
+
+async def state_of(warm: MongoWarmStore, session_id: str) -> tuple[Any, ...]:
+    return (
+        await warm.get(session_id),
+        await warm.all_events(session_id),
+        await warm.context(session_id),
+    )
+
+
+async def test_a_batch_has_the_effect_of_its_entries_one_by_one(warm: MongoWarmStore) -> None:
+    """Three sessions' writes interleaved, some delivered twice and out of order, one session
+    already past part of its history: the batch leaves nothing to `apply`, and MongoDB ends
+    as with each entry applied one by one (on twin sessions)."""
+    batch: list[OutboxEntry] = []
+    twins: list[tuple[str, str, list[OutboxEntry]]] = []
+    for n in range(3):
+        session = record(write_id=secrets.token_hex(8))
+        twin = msgspec.structs.replace(session, id=secrets.token_hex(16))
+        await warm.insert(session)
+        await warm.insert(twin)
+        entries = history(session, 5 + n)
+        if n == 2:  # MongoDB already has the first two writes of this one
+            for entry in entries[:2]:
+                await warm.apply(entry.record, entry.events, entry.context)
+        batch += entries
+        twins.append((session.id, twin.id, [retarget(e, twin.id) for e in entries]))
+    batch = batch[::2] + batch[1::2] + batch[:4]  # out of order, four delivered again
+
+    assert await warm.apply_many(batch) == []
+
+    for session_id, twin_id, entries in twins:
+        for entry in entries:
+            await warm.apply(entry.record, entry.events, entry.context)
+        mine, theirs = await state_of(warm, session_id), await state_of(warm, twin_id)
+        assert mine[0] == msgspec.structs.replace(theirs[0], id=session_id)
+        assert mine[1:] == theirs[1:]
+        assert mine[0] is not None and mine[0].version == entries[-1].record.version
+
+
+def retarget(entry: OutboxEntry, session_id: str) -> OutboxEntry:
+    return msgspec.structs.replace(
+        entry, record=msgspec.structs.replace(entry.record, id=session_id)
+    )
+
+
+async def test_a_batch_leaves_what_apply_must_answer_to_apply(warm: MongoWarmStore) -> None:
+    """Gone, archived, another write at a version, another event at a seq: those sessions'
+    entries are left (and `apply` then answers each as it always does); the rest is written."""
+    plain, gone, archived, clashing, other_event = (
+        record(write_id=secrets.token_hex(8)) for _ in range(5)
+    )
+    for session in (plain, archived, clashing, other_event):
+        await warm.insert(session)
+    await warm.apply(archived, [])
+    assert await warm.to_stub(archived, archive_ref(archived.id))
+    entries = {s.id: history(s, 2) for s in (plain, gone, archived, clashing, other_event)}
+    rival = msgspec.structs.replace(entries[clashing.id][0].record, write_id="another write")
+    await warm.apply(rival, [])  # MongoDB holds v2 of `clashing` from another write
+    await warm.apply(  # and another event at seq 1 of `other_event`
+        record(1, id=other_event.id), [TimelineEvent(seq=1, at=utcnow(), actor="x", kind="other")]
+    )
+    batch = [e for group in entries.values() for e in group]
+
+    left = await warm.apply_many(batch)
+
+    assert {batch[i].record.id for i in left} == {gone.id, archived.id, clashing.id, other_event.id}
+    assert [batch[i] for i in left] == [e for e in batch if e.record.id != plain.id]
+    stored = await warm.get(plain.id)
+    assert stored is not None and stored.version == 3
+    assert len(await warm.all_events(plain.id)) == 2
+    assert await warm.get(gone.id) is None
+    assert await warm.all_events(gone.id) == [], "no orphan events of a session that is gone"
+    stub = await warm.stored(archived.id)
+    assert stub is not None and stub.archive is not None
+    assert await warm.all_events(archived.id) == []
+    for session in (clashing, other_event):
+        first = entries[session.id][0]
+        with pytest.raises(WriteDiverged):
+            await warm.apply(first.record, first.events, first.context)

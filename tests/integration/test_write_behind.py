@@ -8,7 +8,7 @@ write, between that write and the XACK, on a poison entry, while MongoDB is down
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -42,7 +42,13 @@ class ProcessDied(BaseException):
 
 
 class FaultyWarm:
-    """The real warm store, with a fault that can strike before or after `apply` writes."""
+    """The real warm store, with a fault that can strike before or after it writes.
+
+    `batches`: the worker's batches reach the real `apply_many`, the fault striking before
+    or after the whole batch (`before`/`after` are called for each of its records). Without,
+    `apply_many` leaves every entry to `apply` (as the port allows), and a fault strikes
+    between the entries of a batch: both ways of dying are tested.
+    """
 
     def __init__(
         self,
@@ -50,14 +56,17 @@ class FaultyWarm:
         *,
         before: Callable[[SessionRecord], None] = lambda _r: None,
         after: Callable[[SessionRecord], None] = lambda _r: None,
+        batches: bool = False,
     ) -> None:
         self._real = real
         self._before = before
         self._after = after
-        self.attempts: dict[int, int] = {}
+        self.batches = batches
+        self.attempts: dict[int, int] = {}  # `apply` calls by version
+        self.batch_attempts = 0
 
     async def total_attempts(self) -> int:
-        return sum(self.attempts.values())
+        return sum(self.attempts.values()) + self.batch_attempts
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -73,6 +82,23 @@ class FaultyWarm:
         written = await self._real.apply(record, events, context)
         self._after(record)
         return written
+
+    async def apply_many(self, entries: Sequence[OutboxEntry]) -> list[int]:
+        if not self.batches:
+            return list(range(len(entries)))
+        self.batch_attempts += 1
+        for entry in entries:
+            self._before(entry.record)
+        left = await self._real.apply_many(entries)
+        for entry in entries:
+            self._after(entry.record)
+        return left
+
+
+@pytest.fixture(params=[True, False], ids=["batches", "one-by-one"])
+def batches(request: pytest.FixtureRequest) -> bool:
+    """Whether a `FaultyWarm` takes the worker's batches whole (see there)."""
+    return bool(request.param)
 
 
 class MongoSwitch:
@@ -141,13 +167,14 @@ async def assert_converged(redis: Redis, warm: MongoWarmStore, sid: str, version
 
 
 async def test_entries_of_a_worker_that_died_before_writing_are_claimed(
+    batches: bool,
     manual_api: httpx.AsyncClient,
     auth: Callable[..., Headers],
     manual_redis: Redis,
     manual_warm: MongoWarmStore,
 ) -> None:
     sid, latest = await make_history(manual_api, auth())
-    a = worker(manual_redis, FaultyWarm(manual_warm, before=die), "A")
+    a = worker(manual_redis, FaultyWarm(manual_warm, before=die, batches=batches), "A")
     await a.ensure_group()
 
     with pytest.raises(ProcessDied):
@@ -170,6 +197,7 @@ async def test_entries_of_a_worker_that_died_before_writing_are_claimed(
 
 @pytest.mark.parametrize("dies_after", ["first", "last"])
 async def test_entries_of_a_worker_that_died_before_its_ack_are_reapplied_once(
+    batches: bool,
     dies_after: str,
     manual_api: httpx.AsyncClient,
     auth: Callable[..., Headers],
@@ -178,16 +206,18 @@ async def test_entries_of_a_worker_that_died_before_its_ack_are_reapplied_once(
 ) -> None:
     sid, latest = await make_history(manual_api, auth())
     version = 2 if dies_after == "first" else latest
-    a = worker(manual_redis, FaultyWarm(manual_warm, after=die_at(version)), "A")
+    a = worker(manual_redis, FaultyWarm(manual_warm, after=die_at(version), batches=batches), "A")
     await a.ensure_group()
 
     with pytest.raises(ProcessDied):
         await a.step(block_ms=10)
 
+    # One by one, A died after writing `version`; with batches, after writing the whole batch.
+    written = latest if batches else version
     stored = await manual_warm.get(sid)
     assert stored is not None
-    assert stored.version == version, "A wrote MongoDB before it died"
-    left = latest - version + 1
+    assert stored.version == written, "A wrote MongoDB before it died"
+    left = latest - 1 if batches else latest - version + 1
     assert (await pending(manual_redis))["pending"] == left
     b = worker(manual_redis, manual_warm, "B")
 
@@ -253,6 +283,7 @@ async def test_an_undecodable_entry_is_parked_and_the_rest_delivered(
 
 
 async def test_an_entry_that_keeps_failing_is_parked_after_max_deliveries(
+    batches: bool,
     manual_api: httpx.AsyncClient,
     auth: Callable[..., Headers],
     manual_redis: Redis,
@@ -264,7 +295,7 @@ async def test_an_entry_that_keeps_failing_is_parked_after_max_deliveries(
         if record.version == 2:
             raise ValueError("a bug in this entry's write")
 
-    faulty = FaultyWarm(manual_warm, before=bug_at_version_2)
+    faulty = FaultyWarm(manual_warm, before=bug_at_version_2, batches=batches)
     w = worker(manual_redis, faulty, "W", max_deliveries=3, park_after_s=0, refused_retry_s=0)
     await w.ensure_group()
     poison_id = (await manual_redis.xrange(OUTBOX_STREAM, count=1))[0][0]
@@ -287,6 +318,7 @@ async def test_an_entry_that_keeps_failing_is_parked_after_max_deliveries(
 
 
 async def test_entries_wait_while_mongodb_is_down_and_drain_when_it_is_back(
+    batches: bool,
     manual_api: httpx.AsyncClient,
     auth: Callable[..., Headers],
     manual_redis: Redis,
@@ -297,7 +329,10 @@ async def test_entries_wait_while_mongodb_is_down_and_drain_when_it_is_back(
     mongodb = MongoSwitch()
 
     w = worker(
-        manual_redis, FaultyWarm(manual_warm, before=mongodb.fail_if_down), "W", max_deliveries=2
+        manual_redis,
+        FaultyWarm(manual_warm, before=mongodb.fail_if_down, batches=batches),
+        "W",
+        max_deliveries=2,
     )
     await w.ensure_group()
     for _ in range(5):
@@ -331,6 +366,7 @@ async def _step_and_count(w: WriteBehindWorker) -> int:
 
 
 async def test_the_running_worker_catches_up_within_seconds_after_a_mongodb_outage(
+    batches: bool,
     manual_api: httpx.AsyncClient,
     auth: Callable[..., Headers],
     manual_redis: Redis,
@@ -341,7 +377,7 @@ async def test_the_running_worker_catches_up_within_seconds_after_a_mongodb_outa
     sid, latest = await make_history(manual_api, owner)
     mongodb = MongoSwitch()
 
-    faulty = FaultyWarm(manual_warm, before=mongodb.fail_if_down)
+    faulty = FaultyWarm(manual_warm, before=mongodb.fail_if_down, batches=batches)
     w = worker(manual_redis, faulty, "W", claim_idle_ms=30_000, block_ms=100)
     await w.ensure_group()
     async with running(w):
@@ -371,3 +407,60 @@ async def test_consumers_of_departed_replicas_are_forgotten(
     assert await alive.forget_departed() == 1
     names = {c["name"] for c in await manual_redis.xinfo_consumers(OUTBOX_STREAM, GROUP)}
     assert b"gone" not in names and "gone" not in names
+
+
+async def test_a_batch_is_written_in_one_call_and_acknowledged_at_once(
+    manual_api: httpx.AsyncClient,
+    auth: Callable[..., Headers],
+    manual_redis: Redis,
+    manual_warm: MongoWarmStore,
+) -> None:
+    owner = auth()
+    histories = [await make_history(manual_api, owner) for _ in range(3)]
+    counting = FaultyWarm(manual_warm, batches=True)
+    w = worker(manual_redis, counting, "W")
+    await w.ensure_group()
+
+    assert await w.step(block_ms=10) == sum(latest - 1 for _sid, latest in histories)
+
+    assert counting.batch_attempts == 1
+    assert counting.attempts == {}, "an entry went through `apply` one at a time"
+    for sid, latest in histories:
+        await assert_converged(manual_redis, manual_warm, sid, latest)
+
+
+async def test_a_batch_refused_for_its_content_is_delivered_one_entry_at_a_time(
+    manual_api: httpx.AsyncClient,
+    auth: Callable[..., Headers],
+    manual_redis: Redis,
+    manual_warm: MongoWarmStore,
+) -> None:
+    """MongoDB refuses the batch (say one document is too large): nothing is lost or parked,
+    each entry goes through `apply`, and the one MongoDB refuses alone is retried alone."""
+    owner = auth()
+    good, latest = await make_history(manual_api, owner)
+    bad, bad_latest = await make_history(manual_api, owner)
+
+    def too_large(record: SessionRecord) -> None:
+        if record.id == bad and record.version == bad_latest:
+            raise ValueError("document too large")
+
+    faulty = FaultyWarm(manual_warm, before=too_large, batches=True)
+    w = worker(manual_redis, faulty, "W", refused_retry_s=60)
+    await w.ensure_group()
+
+    assert await w.step(block_ms=10) == latest - 1 + bad_latest - 2
+
+    assert faulty.batch_attempts == 1
+    assert faulty.attempts[bad_latest] == 2  # `good`'s last entry, and `bad`'s refused one
+    await assert_converged_but(manual_redis, manual_warm, good, latest)
+    stored = await manual_warm.get(bad)
+    assert stored is not None and stored.version == bad_latest - 1
+    assert (await pending(manual_redis))["pending"] == 1
+    assert w.parked == 0
+
+
+async def assert_converged_but(redis: Redis, warm: MongoWarmStore, sid: str, version: int) -> None:
+    stored = await warm.get(sid)
+    assert stored is not None and stored.version == version
+    assert stored == await hot_record(redis, sid)
