@@ -4,6 +4,7 @@ exists (SESSIONMGR_TEST_MONGODB_URI, or testcontainers with a Docker engine)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -517,3 +518,92 @@ async def test_a_batch_leaves_what_apply_must_answer_to_apply(warm: MongoWarmSto
         first = entries[session.id][0]
         with pytest.raises(WriteDiverged):
             await warm.apply(first.record, first.events, first.context)
+
+
+class FaultyCollection:
+    """A Motor collection whose `nth` awaited call (counting every collection of the store)
+    fails: before it is sent, applied with its reply lost, or applied and timed out."""
+
+    def __init__(self, real: Any, plan: dict[str, Any]) -> None:
+        self._real, self._plan = real, plan
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._real, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = attribute(*args, **kwargs)
+            if hasattr(result, "to_list"):  # a cursor: its `to_list` is the round trip
+                to_list = result.to_list
+                result.to_list = lambda *a, **k: self._fault(lambda: to_list(*a, **k))
+                return result
+            return self._fault(lambda: result)
+
+        return call
+
+    async def _fault(self, send: Any) -> Any:
+        from pymongo.errors import AutoReconnect, NetworkTimeout
+
+        plan = self._plan
+        plan["calls"] += 1
+        if plan["calls"] != plan.get("nth"):
+            return await send()
+        if plan["mode"] == "before":
+            unsent = send()
+            if inspect.iscoroutine(unsent):
+                unsent.close()  # created, never sent
+            raise AutoReconnect("injected: failed before it was sent")
+        await send()
+        if plan["mode"] == "timeout":
+            raise NetworkTimeout("injected: applied, timed out")
+        raise AutoReconnect("injected: applied, reply lost")
+
+
+async def test_a_batch_cut_short_at_any_call_is_whole_after_its_retry(
+    warm: MongoWarmStore,
+) -> None:
+    """Each MongoDB call of `apply_many` fails in turn (before it is sent, applied with its
+    reply lost, applied and timed out): the batch raises `BackendUnavailable` (the worker
+    keeps it pending), and its redelivery leaves MongoDB as one clean delivery would."""
+    from sessionmgr.domain.errors import BackendUnavailable
+
+    plan: dict[str, Any] = {"calls": 0}
+    real = warm._sessions, warm._events, warm._writes
+    warm._sessions, warm._events, warm._writes = (FaultyCollection(c, plan) for c in real)
+
+    async def batch_and_twin() -> tuple[list[OutboxEntry], list[OutboxEntry]]:
+        batch, twin_batch = [], []
+        for n in range(3):
+            session = record(write_id=secrets.token_hex(8))
+            twin = msgspec.structs.replace(session, id=secrets.token_hex(16))
+            await warm.insert(session)
+            await warm.insert(twin)
+            entries = history(session, 3 + n)
+            batch += entries
+            twin_batch += [retarget(e, twin.id) for e in entries]
+        return batch, twin_batch
+
+    batch, _twins = await batch_and_twin()
+    plan["calls"] = 0
+    assert await warm.apply_many(batch) == []
+    calls = plan["calls"]
+    assert calls >= 5, "sessions, ledger, documents, events, deleted-meanwhile"
+
+    for nth in range(1, calls + 1):
+        for mode in ("before", "lost", "timeout"):
+            batch, twins = await batch_and_twin()
+            plan.update(calls=0, nth=nth, mode=mode)
+            with pytest.raises(BackendUnavailable):
+                await warm.apply_many(batch)
+            plan.update(nth=None)
+            assert await warm.apply_many(batch) == [], (nth, mode)
+            for entry in twins:
+                await warm.apply(entry.record, entry.events, entry.context)
+            for mine, theirs in zip(batch, twins, strict=True):
+                (record_a, *rest_a), (record_b, *rest_b) = (
+                    await state_of(warm, mine.record.id),
+                    await state_of(warm, theirs.record.id),
+                )
+                assert record_a == msgspec.structs.replace(record_b, id=mine.record.id)
+                assert rest_a == rest_b, (nth, mode)
