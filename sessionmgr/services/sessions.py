@@ -147,8 +147,10 @@ class SessionService:
         quota is counted in MongoDB (sessions still in the outbox would not count), and on the
         benchmark's warm tier the write-behind drains far fewer entries a second than the
         API takes creates (docs/benchmarks.md: the outbox backlog after each write scenario),
-        so such a create rate would only be a growing backlog. The quota count, the third
-        MongoDB round trip, is what changed instead (`quotas.OwnerCounts`).
+        so such a create rate would only be a growing backlog. What changed instead: the
+        quota count is reused and made once at a time per owner (`quotas.OwnerCounts`), and
+        the write-id ledger gets no entry for version 1, which the document names
+        (`MongoWarmStore.insert`): one MongoDB write per create.
         """
         owner = owner_id or principal.sub
         if owner != principal.sub and not principal.may_act_for_others:

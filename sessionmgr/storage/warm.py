@@ -175,9 +175,14 @@ class MongoWarmStore:
         await _guard(self._db.command("ping"))
 
     async def insert(self, record: SessionRecord) -> bool:
-        """Store a new session; False when one with its id exists (a retried keyed create)."""
+        """Store a new session; False when one with its id exists (a retried keyed create).
+
+        One write: the document is the note of which write made version 1 (it carries
+        `write_id`, and the unique `_id` lets one create's document in), so the ledger gets
+        no entry for it (`_written_by`). Issue 16: that entry was half of a create's MongoDB
+        writes, and one noted by an attempt whose document insert then failed made the
+        retry's own version 1 look like a divergence at its first flush."""
         doc = {**_to_doc(record), "full_context": {}, "context_version": 0}
-        await self._written_by(record)
         try:
             await _guard(self._sessions.insert_one(doc))
         except DuplicateKeyError:
@@ -186,9 +191,20 @@ class MongoWarmStore:
 
     async def _written_by(self, record: SessionRecord) -> str | None:
         """Note which write made `record.version`; returns the write MongoDB had noted for it
-        before, if another. Harmless to repeat: the same write is noted once."""
+        before, if another. Harmless to repeat: the same write is noted once.
+
+        Version 1 is noted by the document itself (`insert`): it is compared with the stored
+        document while that is at version 1. Once past it, a write of version 1 can change
+        no field (`apply` and `flush` are guarded on the version), and its events are checked
+        on their own (`_insert_events`)."""
         if not record.write_id:
             return None  # written before write ids existed
+        if record.version == 1:
+            stored = await _guard(
+                self._sessions.find_one({"_id": record.id, "version": 1}, {"write_id": 1})
+            )
+            created_by = (stored or {}).get("write_id")
+            return str(created_by) if created_by and created_by != record.write_id else None
         key = f"{record.id}:{record.version}"
         try:
             await _guard(

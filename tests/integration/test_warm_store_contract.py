@@ -14,15 +14,18 @@ from typing import Any
 import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
+from pymongo.errors import AutoReconnect
 
 from sessionmgr.app import create_app
 from sessionmgr.container import build_container
+from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.domain.model import (
     ArchiveRef,
     ContextUpdate,
     SessionRecord,
     SessionState,
     TimelineEvent,
+    new_write_id,
     utcnow,
 )
 from sessionmgr.services.ports import ListAfter, OutboxEntry, WriteDiverged
@@ -119,6 +122,65 @@ async def test_insert_then_get_returns_every_field(warm: MongoWarmStore) -> None
     original = record()
     await warm.insert(original)
     assert await warm.get(original.id) == original
+
+
+async def test_a_create_is_one_write_its_document_names_the_write(warm: MongoWarmStore) -> None:
+    # Issue 16: the ledger entry for version 1 was a second insert per create; the document,
+    # which carries the write id, is that note.
+    created = record(write_id=new_write_id())
+    assert await warm.insert(created)
+    assert await warm._writes.count_documents({"session_id": created.id}) == 0
+    assert await warm.flush(created, [])  # its own version 1 again: no divergence
+    assert written(await warm.get(created.id)) == written(created)
+
+
+async def test_a_first_version_from_another_write_diverges(warm: MongoWarmStore) -> None:
+    created = record(write_id=new_write_id())
+    await warm.insert(created)
+    other = record(id=created.id, write_id=new_write_id(), work_in_progress={"other": 1})
+    with pytest.raises(WriteDiverged) as info:
+        await warm.flush(other, [])
+    assert info.value.version_clash
+    assert await warm.get(created.id) == created  # MongoDB's version 1 is kept
+
+
+async def test_a_create_retried_after_its_insert_failed_is_not_a_divergence(
+    warm: MongoWarmStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A keyed create retried with the same id and a new write id, after the first attempt's
+    # document insert failed: the retry's version 1 is the only one, and its flush no
+    # divergence (the ledger entry the first attempt noted made it one).
+    first = record(write_id=new_write_id())
+    monkeypatch.setattr(warm, "_sessions", FailsToInsertOnce(warm._sessions))
+    with pytest.raises(BackendUnavailable):
+        await warm.insert(first)
+    retry = msgspec.structs.replace(first, write_id=new_write_id())
+    assert await warm.insert(retry)
+    assert await warm.flush(retry, [])
+    assert written(await warm.get(first.id)) == written(retry)
+
+
+def written(stored: SessionRecord | None) -> tuple[int, str, dict[str, Any]] | None:
+    """Which write a stored record is (the wire-compatible server hands back the dates of an
+    updated document without their time zone)."""
+    return None if stored is None else (stored.version, stored.write_id, stored.work_in_progress)
+
+
+class FailsToInsertOnce:
+    """A collection whose first insert_one is lost with its connection."""
+
+    def __init__(self, collection: Any) -> None:
+        self._collection = collection
+        self._failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+    async def insert_one(self, doc: dict[str, Any]) -> Any:
+        if not self._failed:
+            self._failed = True
+            raise AutoReconnect("connection reset")
+        return await self._collection.insert_one(doc)
 
 
 async def test_apply_never_replaces_a_newer_version(warm: MongoWarmStore) -> None:
