@@ -272,16 +272,18 @@ class MongoWarmStore:
 
         The guards are `apply`'s (`version` and `context_version` below the incoming one,
         events keyed by seq), so the newest record of a session stands for the older ones in
-        the batch. A session that is gone or archived, or whose write clashes (the ledger
-        holds another write at its version, or MongoDB another event at its seq), is left to
-        `apply` one entry at a time: its indexes are returned, and `apply` meets the same
-        thing again and answers it as it always does (`WriteDiverged` for a clash).
+        the batch. A session that is gone or archived, that has an entry of version 1 (the
+        document notes that version, `insert`), or whose write clashes (the ledger holds
+        another write at its version, or MongoDB another event at its seq) is left to `apply`
+        one entry at a time: its indexes are returned, and `apply` meets the same thing
+        again and answers it as it always does (`WriteDiverged` for a clash).
         """
         by_session: dict[str, list[int]] = {}
         for index, entry in enumerate(entries):
             by_session.setdefault(entry.record.id, []).append(index)
         found = self._sessions.find({"_id": {"$in": list(by_session)}}, {"archive": 1})
         live = {d["_id"] for d in await _guard(found.to_list(None)) if d.get("archive") is None}
+        live -= {entry.record.id for entry in entries if entry.record.version == 1}
         left = {i for sid, indexes in by_session.items() if sid not in live for i in indexes}
         clashed = await self._note_writes(
             [entries[i].record for sid in live for i in by_session[sid]]

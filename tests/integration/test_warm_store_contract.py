@@ -549,10 +549,10 @@ def retarget(entry: OutboxEntry, session_id: str) -> OutboxEntry:
 async def test_a_batch_leaves_what_apply_must_answer_to_apply(warm: MongoWarmStore) -> None:
     """Gone, archived, another write at a version, another event at a seq: those sessions'
     entries are left (and `apply` then answers each as it always does); the rest is written."""
-    plain, gone, archived, clashing, other_event = (
-        record(write_id=secrets.token_hex(8)) for _ in range(5)
+    plain, gone, archived, clashing, other_event, created_by_another = (
+        record(write_id=secrets.token_hex(8)) for _ in range(6)
     )
-    for session in (plain, archived, clashing, other_event):
+    for session in (plain, archived, clashing, other_event, created_by_another):
         await warm.insert(session)
     await warm.apply(archived, [])
     assert await warm.to_stub(archived, archive_ref(archived.id))
@@ -562,11 +562,21 @@ async def test_a_batch_leaves_what_apply_must_answer_to_apply(warm: MongoWarmSto
     await warm.apply(  # and another event at seq 1 of `other_event`
         record(1, id=other_event.id), [TimelineEvent(seq=1, at=utcnow(), actor="x", kind="other")]
     )
+    # A version 1 that another write made (the document notes version 1, not the ledger).
+    entries[created_by_another.id] = [
+        OutboxEntry(record=msgspec.structs.replace(created_by_another, write_id="another"))
+    ]
     batch = [e for group in entries.values() for e in group]
 
     left = await warm.apply_many(batch)
 
-    assert {batch[i].record.id for i in left} == {gone.id, archived.id, clashing.id, other_event.id}
+    assert {batch[i].record.id for i in left} == {
+        gone.id,
+        archived.id,
+        clashing.id,
+        other_event.id,
+        created_by_another.id,
+    }
     assert [batch[i] for i in left] == [e for e in batch if e.record.id != plain.id]
     stored = await warm.get(plain.id)
     assert stored is not None and stored.version == 3
@@ -576,7 +586,7 @@ async def test_a_batch_leaves_what_apply_must_answer_to_apply(warm: MongoWarmSto
     stub = await warm.stored(archived.id)
     assert stub is not None and stub.archive is not None
     assert await warm.all_events(archived.id) == []
-    for session in (clashing, other_event):
+    for session in (clashing, other_event, created_by_another):
         first = entries[session.id][0]
         with pytest.raises(WriteDiverged):
             await warm.apply(first.record, first.events, first.context)
