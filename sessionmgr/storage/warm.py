@@ -315,12 +315,16 @@ class MongoWarmStore:
             errors = exc.details.get("writeErrors", [])
             if any(err.get("code") != DUPLICATE_KEY for err in errors):
                 raise
-            taken = {docs[err["index"]]["_id"]: records[err["index"]] for err in errors}
-            noted = self._writes.find({"_id": {"$in": list(taken)}})
+            # Each refused record on its own: two records of one version (a divergent write
+            # and a duplicate of the noted one) share a key, and either may be the clash.
+            refused = [records[err["index"]] for err in errors]
+            keys = sorted({f"{r.id}:{r.version}" for r in refused})
+            noted = self._writes.find({"_id": {"$in": keys}})
+            holders = {d["_id"]: d.get("wid") for d in await _guard(noted.to_list(None))}
             return {
-                taken[d["_id"]].id
-                for d in await _guard(noted.to_list(None))
-                if d.get("wid") != taken[d["_id"]].write_id
+                r.id
+                for r in refused
+                if f"{r.id}:{r.version}" in holders and holders[f"{r.id}:{r.version}"] != r.write_id
             }
         return set()
 
@@ -403,6 +407,8 @@ class MongoWarmStore:
             if result.matched_count == 0:
                 exists = await _guard(self._sessions.find_one({"_id": session_id}, {"archive": 1}))
                 if exists is None:
+                    # An earlier delivery cut short may have added events after a delete.
+                    await _guard(self._events.delete_many({"session_id": session_id}))
                     return False
                 if exists.get("archive") is not None:
                     return True  # a late replay: the archive already holds all of it

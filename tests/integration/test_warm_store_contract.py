@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -679,3 +679,105 @@ async def test_a_batch_cut_short_at_any_call_is_whole_after_its_retry(
                 )
                 assert record_a == msgspec.structs.replace(record_b, id=mine.record.id)
                 assert rest_a == rest_b, (nth, mode)
+
+
+# -- reviewer probes: a ledger clash hidden by a duplicate; events left by a cut-short batch ----
+
+
+def at(
+    session: SessionRecord, version: int, wid: str, events: Sequence[TimelineEvent] = ()
+) -> OutboxEntry:
+    return OutboxEntry(
+        record=msgspec.structs.replace(session, version=version, write_id=wid),
+        events=list(events),
+    )
+
+
+async def _diverges_one_by_one(warm: MongoWarmStore, entries: list[OutboxEntry]) -> bool:
+    try:
+        for e in entries:
+            await warm.apply(e.record, e.events, e.context)
+    except WriteDiverged:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("order", ["A,B,A", "A,A,B", "B,A,A"])
+async def test_ledger_clash_with_a_duplicate_in_the_batch(warm: MongoWarmStore, order: str) -> None:
+    """Two writes at v2 (A and B) and A delivered twice: `apply` raises WriteDiverged for B."""
+    session = record(write_id="w1")
+    twin = msgspec.structs.replace(session, id=session.id[::-1])
+    await warm.insert(session)
+    await warm.insert(twin)
+    wid = {"A": "wid-A", "B": "wid-B"}
+    batch = [at(session, 2, wid[x]) for x in order.split(",")]
+    twins = [at(twin, 2, wid[x]) for x in order.split(",")]
+
+    assert await _diverges_one_by_one(warm, twins), "apply meets the divergence"
+    left = await warm.apply_many(batch)
+    assert left, f"apply_many acknowledged a divergent write ({order}); left={left}"
+
+
+async def test_ledger_already_holds_one_of_two_in_the_batch(warm: MongoWarmStore) -> None:
+    """MongoDB noted A at v2 (delivered, ack lost); the batch holds B then A redelivered."""
+    session = record(write_id="w1")
+    await warm.insert(session)
+    a = at(session, 2, "wid-A")
+    await warm.apply(a.record, [])
+    left = await warm.apply_many([at(session, 2, "wid-B"), a])
+    assert left, "B clashes with A in the ledger, yet the batch leaves nothing to apply"
+
+
+class _Wrap:
+    def __init__(self, real: Any, **overrides: Any) -> None:
+        self._real, self._overrides = real, overrides
+
+    def __getattr__(self, name: str) -> Any:
+        return self._overrides.get(name) or getattr(self._real, name)
+
+
+async def test_a_delete_racing_a_batch_cut_short_leaves_no_orphan_events(
+    warm: MongoWarmStore,
+) -> None:
+    """The session is deleted while the batch writes; the batch's last check (the find that
+    takes back events of sessions gone) is lost with its connection. Redelivered, the batch
+    finds the session gone and leaves it to `apply`, which (before the fix on this branch)
+    returned False before it looked at events: the events stayed, with no session."""
+    from pymongo.errors import AutoReconnect
+
+    from sessionmgr.domain.errors import BackendUnavailable
+
+    session = record(write_id="w1")
+    await warm.insert(session)
+    batch = [at(session, 2, "w2", [event(1), event(2)]), at(session, 3, "w3", [event(3)])]
+    real_sessions, real_events = warm._sessions, warm._events
+    finds = {"n": 0}
+
+    async def insert_many(docs: list[dict[str, Any]], **kw: Any) -> Any:
+        await real_sessions.delete_one({"_id": session.id})  # `delete` runs meanwhile...
+        await real_events.delete_many({"session_id": session.id})
+        return await real_events.insert_many(docs, **kw)
+
+    def find(*a: Any, **kw: Any) -> Any:
+        finds["n"] += 1
+        cursor = real_sessions.find(*a, **kw)
+        if finds["n"] == 2:
+
+            async def lost(*_a: Any, **_k: Any) -> Any:
+                raise AutoReconnect("injected: the deleted-meanwhile check is lost")
+
+            cursor.to_list = lost
+        return cursor
+
+    warm._events = _Wrap(real_events, insert_many=insert_many)
+    warm._sessions = _Wrap(real_sessions, find=find)
+    with pytest.raises(BackendUnavailable):
+        await warm.apply_many(batch)
+    warm._events, warm._sessions = real_events, real_sessions
+
+    left = await warm.apply_many(batch)  # the redelivery
+    assert left == [0, 1]
+    for i in left:
+        assert await warm.apply(batch[i].record, batch[i].events) is False
+    assert await warm.get(session.id) is None
+    assert await warm.all_events(session.id) == [], "orphan events of a deleted session"
