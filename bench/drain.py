@@ -25,14 +25,18 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def one_at_a_time() -> None:
-    """The worker before batches: `apply_many` leaves every entry to `apply`."""
-    from sessionmgr.storage.warm import MongoWarmStore
+class OneAtATime:
+    """The warm store as the worker met it before batches: `apply_many` leaves every entry
+    to `apply`."""
 
-    async def leave_all(self: Any, entries: Sequence[Any]) -> list[int]:
+    def __init__(self, warm: Any) -> None:
+        self._warm = warm
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._warm, name)
+
+    async def apply_many(self, entries: Sequence[Any]) -> list[int]:
         return list(range(len(entries)))
-
-    MongoWarmStore.apply_many = leave_all  # type: ignore[method-assign]
 
 
 async def fill(app: Any, entries: int, sessions: int) -> None:
@@ -60,7 +64,9 @@ async def fill(app: Any, entries: int, sessions: int) -> None:
             await asyncio.gather(*(append(n) for n in range(start, min(entries, start + 32))))
 
 
-async def drain(redis_url: str, mongodb_uri: str, db: str, batch: int) -> tuple[int, float, float]:
+async def drain(
+    redis_url: str, mongodb_uri: str, db: str, batch: int, one_at_a_time: bool = False
+) -> tuple[int, float, float]:
     """Run one worker until the outbox is empty: (entries, wall seconds, CPU seconds)."""
     from sessionmgr.container import RedisWriteBehindWorker
     from sessionmgr.settings import load_settings
@@ -72,7 +78,13 @@ async def drain(redis_url: str, mongodb_uri: str, db: str, batch: int) -> tuple[
     resource = open_warm_store(settings)
     warm = await anext(resource)
     try:
-        worker = RedisWriteBehindWorker(redis, warm, consumer="drain", batch=batch, block_ms=10)
+        worker = RedisWriteBehindWorker(
+            redis,
+            OneAtATime(warm) if one_at_a_time else warm,
+            consumer="drain",
+            batch=batch,
+            block_ms=10,
+        )
         await worker.ensure_group()
         backlog = await worker.pending()
         wall, cpu = time.perf_counter(), time.process_time()
@@ -93,8 +105,6 @@ async def measure(args: argparse.Namespace) -> tuple[int, float]:
     from bench.stack import running_stack
     from sessionmgr.devstack import RedisServer
 
-    if args.one_at_a_time:
-        one_at_a_time()
     redis = RedisServer().start()
     try:
         with running_stack(None, None) as stack:
@@ -105,7 +115,7 @@ async def measure(args: argparse.Namespace) -> tuple[int, float]:
             )
             async with app.lifespan():
                 await fill(app, args.entries, args.sessions)
-            entries, wall_s, cpu_s = await drain(redis.url, uri, db, args.batch)
+            entries, wall_s, cpu_s = await drain(redis.url, uri, db, args.batch, args.one_at_a_time)
             how = "one entry at a time" if args.one_at_a_time else f"batches of {args.batch}"
             print(
                 f"write-behind, {how}: {entries} entries over {args.sessions} sessions drained "

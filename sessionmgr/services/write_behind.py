@@ -230,23 +230,28 @@ class WriteBehindWorker:
                 if failure is not None and failure.next_at > time.monotonic():
                     continue  # refused before; its next try is not due yet
                 ready.append(delivery)
-            if len(ready) > 1 and not self._stop.is_set():
-                done, ready = await self._deliver_batch(ready)
-            for delivery in ready:
+            for start in range(0, len(ready), self._batch):  # a claim may bring more
                 if self._stop.is_set():
                     break  # shutting down: the rest stay pending for another replica to claim
-                if await self._deliver_one(delivery):
-                    done += 1
+                applied, left = await self._deliver_batch(ready[start : start + self._batch])
+                done += applied
+                for delivery in left:  # before the next batch: a session's order is kept
+                    if self._stop.is_set():
+                        break
+                    if await self._deliver_one(delivery):
+                        done += 1
         return done
 
-    async def _deliver_batch(self, ready: list[Delivery]) -> tuple[int, list[Delivery]]:
-        """Deliver many entries in one `apply_many` and acknowledge them in one go; returns
-        how many, and the entries left to deliver one at a time: those the warm store left
-        (a clash, a session gone), or all of them when it refused the batch for its content.
-        An outage raises as for one entry: the whole batch stays pending."""
-        whole = [d for d in ready if d.entry is not None]
+    async def _deliver_batch(self, batch: list[Delivery]) -> tuple[int, list[Delivery]]:
+        """Deliver a batch in one `apply_many` and acknowledge it in one go; returns how many,
+        and the entries left to deliver one at a time: those the warm store left (a clash, a
+        session gone), undecodable ones (to be parked), or all of them when MongoDB refused
+        the batch for its content. An outage raises as for one entry: it all stays pending."""
+        whole = [(d, d.entry) for d in batch if d.entry is not None]
+        if len(whole) < 2:
+            return 0, batch
         try:
-            left = set(await self._warm.apply_many([d.entry for d in whole if d.entry]))
+            left = set(await self._warm.apply_many([entry for _d, entry in whole]))
         except BackendUnavailable:
             self._retry_own = True
             self._metrics.write_behind_entries.labels("retried").inc(len(whole))
@@ -257,9 +262,13 @@ class WriteBehindWorker:
                 len(whole),
                 describe(exc),
             )
-            return 0, ready
-        applied = [d for i, d in enumerate(whole) if i not in left]
-        await self._outbox.ack_many([d.id for d in applied])
+            return 0, batch
+        applied = [d for i, (d, _entry) in enumerate(whole) if i not in left]
+        try:
+            await self._outbox.ack_many([d.id for d in applied])
+        except BackendUnavailable:
+            self._retry_own = True  # in MongoDB, still pending: read again soon, harmlessly
+            raise
         for delivery in applied:
             self._failures.pop(delivery.id, None)
         if applied:
@@ -267,7 +276,7 @@ class WriteBehindWorker:
             self.delivered += len(applied)
             self._metrics.write_behind_entries.labels("applied").inc(len(applied))
         taken = {d.id for d in applied}
-        return len(applied), [d for d in ready if d.id not in taken]
+        return len(applied), [d for d in batch if d.id not in taken]
 
     async def _deliver_one(self, delivery: Delivery) -> bool:
         entry = delivery.entry

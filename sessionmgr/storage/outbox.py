@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 GROUP = "writebehind"  # the write-behind's consumer group (services/write_behind.py)
 PER_PARTITION_MIN = 4  # entries a read takes from each partition at least
 BUSY_BATCHES = 4  # a read takes up to this many batches from the partitions with a backlog
+ACKS_AT_ONCE = 8  # on a Cluster, partitions acknowledged side by side (one MULTI each)
 _decode_entry = msgspec.json.Decoder(OutboxEntry).decode
 
 
@@ -423,7 +424,14 @@ class RedisOutbox:
         if not self._cluster:
             await ack(list(by_partition))
             return
-        await asyncio.gather(*(ack([p]) for p in by_partition))
+        # A few at a time: each holds a connection of its node's pool, which requests share.
+        at_once = asyncio.Semaphore(ACKS_AT_ONCE)
+
+        async def ack_one(partition: int) -> None:
+            async with at_once:
+                await ack([partition])
+
+        await asyncio.gather(*(ack_one(p) for p in by_partition))
 
     async def park(self, delivery: Delivery, error: str, attempts: int) -> int:
         """Move the entry to its partition's dead-letter stream with its last error, in one

@@ -5,14 +5,12 @@ from __future__ import annotations
 import pytest
 
 from bench import drain
-from sessionmgr.storage.warm import MongoWarmStore
 
 
 @pytest.mark.parametrize("one_at_a_time", [False, True], ids=["batches", "one-at-a-time"])
 async def test_the_drain_bench_carries_every_append_to_the_warm_tier(
-    one_at_a_time: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    one_at_a_time: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(MongoWarmStore, "apply_many", MongoWarmStore.apply_many)  # undone after
     args = drain.parser().parse_args(["--entries", "120", "--sessions", "12"])
     args.one_at_a_time = one_at_a_time
 

@@ -21,7 +21,7 @@ from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.domain.model import ContextUpdate, SessionRecord, TimelineEvent
 from sessionmgr.services.write_behind import running
 from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry, timeline_key
-from sessionmgr.storage.outbox import GROUP
+from sessionmgr.storage.outbox import GROUP, RedisOutbox
 from sessionmgr.storage.warm import MongoWarmStore
 from tests.integration.session_api import (
     append_events,
@@ -64,6 +64,7 @@ class FaultyWarm:
         self.batches = batches
         self.attempts: dict[int, int] = {}  # `apply` calls by version
         self.batch_attempts = 0
+        self.batch_sizes: list[int] = []
 
     async def total_attempts(self) -> int:
         return sum(self.attempts.values()) + self.batch_attempts
@@ -87,6 +88,7 @@ class FaultyWarm:
         if not self.batches:
             return list(range(len(entries)))
         self.batch_attempts += 1
+        self.batch_sizes.append(len(entries))
         for entry in entries:
             self._before(entry.record)
         left = await self._real.apply_many(entries)
@@ -464,3 +466,60 @@ async def assert_converged_but(redis: Redis, warm: MongoWarmStore, sid: str, ver
     stored = await warm.get(sid)
     assert stored is not None and stored.version == version
     assert stored == await hot_record(redis, sid)
+
+
+async def test_a_read_larger_than_the_batch_is_written_a_batch_at_a_time(
+    manual_api: httpx.AsyncClient,
+    auth: Callable[..., Headers],
+    manual_redis: Redis,
+    manual_warm: MongoWarmStore,
+) -> None:
+    """A read (or a claim) may bring more than `batch` entries: MongoDB gets them `batch`
+    at a time, so one bulk write stays the size the operator set."""
+    owner = auth()
+    histories = [await make_history(manual_api, owner) for _ in range(4)]
+    counting = FaultyWarm(manual_warm, batches=True)
+    w = worker(manual_redis, counting, "W", batch=3)
+    await w.ensure_group()
+
+    while await w.pending():
+        await w.step(block_ms=10)
+
+    assert counting.batch_sizes and max(counting.batch_sizes) <= 3
+    assert sum(counting.batch_sizes) + sum(counting.attempts.values()) == 4 * 5
+    for sid, latest in histories:
+        await assert_converged(manual_redis, manual_warm, sid, latest)
+
+
+async def test_a_batch_whose_ack_failed_is_read_again_at_once(
+    manual_api: httpx.AsyncClient,
+    auth: Callable[..., Headers],
+    manual_redis: Redis,
+    manual_warm: MongoWarmStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch is in MongoDB but Redis did not take the XACK: the worker reads its own
+    pending entries again on its next round (not after `claim_idle_ms`), harmlessly."""
+    sid, latest = await make_history(manual_api, auth())
+    real_ack_many = RedisOutbox.ack_many
+    failed: list[int] = []
+
+    async def ack_fails_once(self: RedisOutbox, entry_ids: Sequence[bytes]) -> None:
+        if not failed:
+            failed.append(len(entry_ids))
+            raise BackendUnavailable("redis", "injected: XACK lost")
+        await real_ack_many(self, entry_ids)
+
+    monkeypatch.setattr(RedisOutbox, "ack_many", ack_fails_once)
+    w = worker(manual_redis, manual_warm, "W", claim_idle_ms=60_000)
+    await w.ensure_group()
+    with pytest.raises(BackendUnavailable):
+        await w.step(block_ms=10)
+    assert failed == [latest - 1]
+    stored = await manual_warm.get(sid)
+    assert stored is not None and stored.version == latest  # written, not acknowledged
+    assert (await pending(manual_redis))["pending"] == latest - 1
+
+    assert await w.step(block_ms=10) == latest - 1
+
+    await assert_converged(manual_redis, manual_warm, sid, latest)

@@ -126,7 +126,8 @@ class InMemoryWarmStore:
         return written
 
     async def apply_many(self, entries: Sequence[OutboxEntry]) -> list[int]:
-        """One `apply` each, in order: the same effect as MongoDB's batch; leaves nothing."""
+        """One `apply` each, in order (the effect the port asks for); it leaves nothing to
+        `apply`, since it has done just that. An error stops it, as MongoDB's may."""
         for entry in entries:
             await self.apply(entry.record, entry.events, entry.context)
         return []
