@@ -32,8 +32,14 @@ def master() -> Iterator[RedisServer]:
 
 @pytest.fixture
 async def api(settings: Settings, master: RedisServer) -> AsyncIterator[httpx.AsyncClient]:
+    # WAIT for 1 s, on connections that allow 2 s: a loaded CI machine does not make a
+    # replicated write late (a refused write waits it out once).
     waiting = msgspec.structs.replace(
-        settings, redis_url=master.url, redis_wait_replicas=1, redis_wait_timeout_ms=200
+        settings,
+        redis_url=master.url,
+        redis_wait_replicas=1,
+        redis_wait_timeout_ms=1000,
+        redis_socket_timeout_s=2.0,
     )
     async with serving(build_container(waiting, write_behind=False)) as http:
         yield http
@@ -48,13 +54,16 @@ def attach_replica(master: RedisServer) -> RedisServer:
     replica.start()
     probe = redis_sync.Redis.from_url(master.url)
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        slaves = [v for k, v in probe.info("replication").items() if k.startswith("slave")]
-        if slaves and all(s.get("state") == "online" for s in slaves):
-            break
-        time.sleep(0.05)
-    probe.close()
-    return replica
+    try:
+        while time.monotonic() < deadline:
+            slaves = [v for k, v in probe.info("replication").items() if k.startswith("slave")]
+            if slaves and all(s.get("state") == "online" for s in slaves):
+                return replica
+            time.sleep(0.05)
+    finally:
+        probe.close()
+    replica.stop()
+    raise AssertionError("the replica did not come online within 15 s")
 
 
 async def test_unreplicated_writes_are_503_and_replicated_ones_are_on_the_replica(
