@@ -88,9 +88,14 @@ async def api(container: Container) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def write_steadily(
-    api: httpx.AsyncClient, owner: Headers, history: History, stop: asyncio.Event
+    api: httpx.AsyncClient,
+    owner: Headers,
+    history: History,
+    stop: asyncio.Event,
+    pause_s: float = 0.02,
 ) -> None:
-    """Patch and append to every session in turn until `stop`, recording every answer."""
+    """Patch and append to every session in turn until `stop`, recording every answer, with
+    `pause_s` between rounds."""
     while not stop.is_set():
         for sid in history.versions:
             answer = await api.patch(
@@ -113,7 +118,7 @@ async def write_steadily(
                 history.seqs[sid].append(body["last_seq"])
             else:
                 history.refused += 1
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(pause_s)
 
 
 async def outage(
@@ -128,7 +133,13 @@ async def outage(
     sids = [(await create_session(api, owner, work_in_progress={"i": i}))["id"] for i in range(3)]
     history = History(versions=dict.fromkeys(sids, 1), seqs={s: [] for s in sids})
     stop = asyncio.Event()
-    writer = asyncio.create_task(write_steadily(api, owner, history, stop))
+    # A longer outage writes less often, so that its backlog is about the 10 s one's: what it
+    # adds is the length (the backoff at its cap and the breaker opening and closing for
+    # minutes), not a larger backlog. (At the 10 s pace, 120 s queue about 20 000 entries,
+    # which the in-memory MongoDB of these tests, whose inserts scan its collections, takes
+    # far longer than seconds to take: `python -m bench.drain` measures drain rates.)
+    pause_s = 0.02 if seconds <= 10 else 0.05 * seconds / 10
+    writer = asyncio.create_task(write_steadily(api, owner, history, stop, pause_s))
     await asyncio.sleep(0.3)
 
     real = {a: getattr(warm, a) for a in ("_db", "_sessions", "_events")}
