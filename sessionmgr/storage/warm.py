@@ -127,6 +127,11 @@ def _to_doc(record: SessionRecord) -> dict[str, Any]:
     return doc
 
 
+def _write_key(record: SessionRecord) -> str:
+    """The ledger's id for the write that made `record.version`."""
+    return f"{record.id}:{record.version}"
+
+
 def _from_doc(doc: dict[str, Any]) -> SessionRecord:
     doc = {k: v for k, v in doc.items() if k not in _NOT_IN_RECORD}
     doc["id"] = doc.pop("_id")
@@ -205,7 +210,7 @@ class MongoWarmStore:
             )
             created_by = (stored or {}).get("write_id")
             return str(created_by) if created_by and created_by != record.write_id else None
-        key = f"{record.id}:{record.version}"
+        key = _write_key(record)
         try:
             await _guard(
                 self._writes.insert_one(
@@ -306,9 +311,7 @@ class MongoWarmStore:
         records = [r for r in records if r.write_id]
         if not records:
             return set()
-        docs = [
-            {"_id": f"{r.id}:{r.version}", "session_id": r.id, "wid": r.write_id} for r in records
-        ]
+        docs = [{"_id": _write_key(r), "session_id": r.id, "wid": r.write_id} for r in records]
         try:
             await _guard(self._writes.insert_many(docs, ordered=False))
         except BulkWriteError as exc:
@@ -317,15 +320,10 @@ class MongoWarmStore:
                 raise
             # Each refused record on its own: two records of one version (a divergent write
             # and a duplicate of the noted one) share a key, and either may be the clash.
-            refused = [records[err["index"]] for err in errors]
-            keys = sorted({f"{r.id}:{r.version}" for r in refused})
-            noted = self._writes.find({"_id": {"$in": keys}})
+            refused = [(docs[err["index"]]["_id"], records[err["index"]]) for err in errors]
+            noted = self._writes.find({"_id": {"$in": sorted({key for key, _r in refused})}})
             holders = {d["_id"]: d.get("wid") for d in await _guard(noted.to_list(None))}
-            return {
-                r.id
-                for r in refused
-                if f"{r.id}:{r.version}" in holders and holders[f"{r.id}:{r.version}"] != r.write_id
-            }
+            return {r.id for key, r in refused if holders.get(key, r.write_id) != r.write_id}
         return set()
 
     async def _write_documents(self, settled: dict[str, list[OutboxEntry]]) -> None:

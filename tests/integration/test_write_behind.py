@@ -455,14 +455,16 @@ async def test_a_batch_refused_for_its_content_is_delivered_one_entry_at_a_time(
 
     assert faulty.batch_attempts == 1
     assert faulty.attempts[bad_latest] == 2  # `good`'s last entry, and `bad`'s refused one
-    await assert_converged_but(manual_redis, manual_warm, good, latest)
+    await assert_stored_as_in_redis(manual_redis, manual_warm, good, latest)
     stored = await manual_warm.get(bad)
     assert stored is not None and stored.version == bad_latest - 1
     assert (await pending(manual_redis))["pending"] == 1
     assert w.parked == 0
 
 
-async def assert_converged_but(redis: Redis, warm: MongoWarmStore, sid: str, version: int) -> None:
+async def assert_stored_as_in_redis(
+    redis: Redis, warm: MongoWarmStore, sid: str, version: int
+) -> None:
     stored = await warm.get(sid)
     assert stored is not None and stored.version == version
     assert stored == await hot_record(redis, sid)
