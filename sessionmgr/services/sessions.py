@@ -345,8 +345,8 @@ class SessionService:
             fields = frozenset(small) | {"version", "last_active"}
             return Change(record=new, fields=fields, context=context, result=_encode(session))
 
-        # Re-running after a WATCH abort re-checks expected_version, so a stale patch is a 409,
-        # never applied; and a retry that raced its own original finds its first answer.
+        # Re-running after a refused commit re-checks expected_version, so a stale patch is a
+        # 409, never applied; and a retry that raced its own original finds its first answer.
         return await self._mutate(
             principal,
             session_id,
@@ -735,7 +735,7 @@ class SessionService:
         def guarded(view: HotView) -> Change:
             view, gone = self._reaped(view, utcnow())
             rules.require_access(principal, view.record.owner_id, view.record.acl)
-            check(if_match, session_id, view.record.version)  # inside the WATCH: atomic
+            check(if_match, session_id, view.record.version)  # the commit is conditional on it
             if permit is not None:
                 permit(view.record, view.lease_ttl_ms)
             change = decide(view)

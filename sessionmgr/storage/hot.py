@@ -3,8 +3,9 @@
 Every key of a session carries the hash tag of its partition (storage/keys.py), so that each
 MULTI stays in one Redis Cluster slot. Each top-level field of the record is a
 hash field of its own (msgspec JSON), so a patch writes only what it changes. Updates run the
-optimistic transaction of DESIGN §2: WATCH, read, decide, MULTI, write + outbox entry +
-idempotency record, EXEC.
+optimistic transaction of DESIGN §2 in two round trips: read (one script), decide, then one
+commit script that applies the write + outbox entry + idempotency record only if the hash is
+still the one the decision read (its `rev` stamp, see `_COMMIT_SCRIPT`), else decide again.
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ _DEFAULTED = frozenset(
     f.name.encode() for f in msgspec.structs.fields(SessionRecord) if f.required is False
 )
 _RACE_RETRIES = 8
+
+
+class _Stale:
+    """A commit refused: the hash (or the idempotency record) changed since the read."""
+
+
+_STALE = _Stale()
 CLAIM_TTL_S = 60
 _SCAN_BATCH = 500
 SCAN_LIMIT = 20_000  # outbox entries; past this a full read or suspend answers 503
@@ -156,6 +164,41 @@ async def _run_read_script(client: Any, keys: list[str], lease_prefix: str) -> A
         return await client.execute_command("EVALSHA", _READ_SHA, len(keys), *keys, lease_prefix)
     except NoScriptError:
         return await client.execute_command("EVAL", _READ_SCRIPT, len(keys), *keys, lease_prefix)
+
+
+# Commits a decided change: the compare-and-set that replaces WATCH ... MULTI/EXEC (one
+# round trip, where WATCH, the read and MULTI/EXEC took three). The write applies only if the
+# hash is the one the decision read: still there, the same `rev` (a stamp every write of the
+# hash sets anew: a commit that writes fields, a create, a load, a rebase) and the same
+# version; and only if the request's idempotency record is still absent. Then it runs the
+# change's commands in order, atomically as a script runs. Every key they name carries the
+# session's hash tag (its partition's), so they live in the slot of KEYS[1], as with MULTI.
+# ARGV: rev as read ('' for none), version as read, then each command as its length and words.
+_COMMIT_SCRIPT = """-- sessionmgr commit
+local now = redis.call('HMGET', KEYS[1], 'rev', 'version')
+if not now[2] then return 0 end
+if (now[1] or '') ~= ARGV[1] or now[2] ~= ARGV[2] then return 0 end
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"""
+COMMIT_SHA = hashlib.sha1(_COMMIT_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+REV = "rev"  # the hash's write stamp: not a field of the record (`decode_record` skips it)
+
+
+def _new_rev() -> str:
+    return secrets.token_hex(8)
+
+
+def _stamped(record: SessionRecord) -> dict[str, bytes | str]:
+    """The whole record as hash fields, with a new `rev`: a hash written afresh never
+    carries the stamp a decision read from an earlier one."""
+    return {**encode_record(record), REV: _new_rev()}
 
 
 _decode_outbox = msgspec.json.Decoder(OutboxEntry).decode
@@ -301,12 +344,13 @@ class RedisHotStore:
 
     async def load(self, session_id: str) -> HotView | None:
         """One round trip: the hash, the recent timeline and every lease's remaining life."""
-        view, _ = await self._read(await self._at(hot_key(session_id)), session_id, None)
+        view, _, _ = await self._read(await self._at(hot_key(session_id)), session_id, None)
         return view
 
     async def _read(
         self, client: Any, session_id: str, idem: Idempotency | None
-    ) -> tuple[HotView | None, bytes | None]:
+    ) -> tuple[HotView | None, bytes | None, bytes]:
+        """The session's view, the request's idempotency record and the hash's `rev`."""
         keys = [hot_key(session_id), timeline_key(session_id)]
         if idem is not None:
             keys.append(idem_key(session_id, idem))
@@ -314,7 +358,7 @@ class RedisHotStore:
             _run_read_script(client, keys, lease_key(session_id, ""))
         )
         if not raw:
-            return None, stored
+            return None, stored, b""
         fields = dict(zip(raw[::2], raw[1::2], strict=True))
         view = HotView(
             record=decode_record(fields),
@@ -323,7 +367,7 @@ class RedisHotStore:
                 mad.decode(): ttl for mad, ttl in zip(ttls[::2], ttls[1::2], strict=True) if ttl > 0
             },
         )
-        return view, stored
+        return view, stored, fields.get(REV.encode(), b"")
 
     async def access_fields(self, session_id: str) -> tuple[str, list[str]] | None:
         key = hot_key(session_id)
@@ -373,7 +417,7 @@ class RedisHotStore:
         "in flight", and a retry once the claim is released or lapsed finds the session by
         its key-derived id and answers it (SessionService._finish_create)."""
         async with await self._acknowledged(hot_key(record.id)) as pipe:
-            pipe.hset(hot_key(record.id), mapping=encode_record(record))  # type: ignore[arg-type]
+            pipe.hset(hot_key(record.id), mapping=_stamped(record))  # type: ignore[arg-type]
             self._touch(pipe, record.id)
             if idem is not None:  # deleting the session drops the record (`drop`)
                 self._index_idem(pipe, record.id, idem_key(CREATE_SCOPE, idem))
@@ -408,7 +452,7 @@ class RedisHotStore:
                     return None
                 record, recent = await load()
                 pipe.multi()  # type: ignore[no-untyped-call]
-                pipe.hset(key, mapping=encode_record(record))  # type: ignore[arg-type]
+                pipe.hset(key, mapping=_stamped(record))  # type: ignore[arg-type]
                 self._touch(pipe, session_id)
                 pipe.delete(timeline_key(session_id))
                 if recent:
@@ -430,45 +474,76 @@ class RedisHotStore:
         """Run `decide` on the current state and write its change atomically, or raise.
 
         Returns None when the session is not hot, a `Replayed` answer for a repeated
-        Idempotency-Key, or the `Change` that was committed. A concurrent writer between WATCH
-        and EXEC makes it run `decide` again on the new state: every decision re-checks the
-        expected version, so a stale change is a `ConcurrencyConflict`, never applied.
+        Idempotency-Key, or the `Change` that was committed. A concurrent writer between the
+        read and the commit makes it run `decide` again on the new state: every decision
+        re-checks the expected version, so a stale change is a `ConcurrencyConflict`, never
+        applied.
         """
         for _ in range(_RACE_RETRIES):
-            try:
-                return await self._transact_once(session_id, decide, idem)
-            except WatchError:
-                continue
+            outcome = await self._transact_once(session_id, decide, idem)
+            if not isinstance(outcome, _Stale):
+                return outcome
         current = await self._current_version(session_id)
         raise ConcurrencyConflict(session_id, current)
 
     async def _transact_once(
         self, session_id: str, decide: Decide, idem: Idempotency | None
-    ) -> Replayed | Change | None:
+    ) -> Replayed | Change | _Stale | None:
+        """One read, one decision, one commit (`_COMMIT_SCRIPT`); `_STALE` when the hash or
+        the idempotency record changed in between."""
+        await self._layout()
         key = hot_key(session_id)
-        watched = [key] if idem is None else [key, idem_key(session_id, idem)]
-        async with await self._acknowledged(key) as pipe:
-            await self._guard(pipe.watch(*watched))
-            view, stored = await self._read(pipe, session_id, idem)
-            if idem is not None and (replay := replay_of(idem, stored)) is not None:
-                return replay
-            if view is None:
-                return None
-            change = decide(view)
-            if change is None:
-                return None
-            pipe.multi()  # type: ignore[no-untyped-call]
-            self._queue_change(pipe, session_id, change)
-            self._touch(pipe, session_id)
-            self._queue_feed(pipe, session_id, feed.change_entries(view.record, change))
-            if idem is not None:
-                record_key = idem_key(session_id, idem)
-                kept = change.result if change.stored is None else change.stored
-                pipe.set(record_key, idem_value(idem, kept), ex=self._idem_ttl)
-                self._index_idem(pipe, session_id, record_key)
-            # With an idempotency record in the MULTI a re-run finds the first answer.
-            await self._guard(pipe.execute(), outcome_unknown=True, replayable=idem is not None)
-            return change
+        client = await self._at(key)
+        view, stored, rev = await self._read(client, session_id, idem)
+        if idem is not None and (replay := replay_of(idem, stored)) is not None:
+            return replay
+        if view is None:
+            return None
+        change = decide(view)
+        if change is None:
+            return None
+        # The change's commands, built by redis-py's own command methods and never sent as
+        # such: the commit script runs them once its check passes.
+        todo = client.pipeline(transaction=False)
+        self._queue_change(todo, session_id, change)
+        self._touch(todo, session_id)
+        self._queue_feed(todo, session_id, feed.change_entries(view.record, change))
+        guarded = [key]
+        if idem is not None:
+            record_key = idem_key(session_id, idem)
+            kept = change.result if change.stored is None else change.stored
+            todo.set(record_key, idem_value(idem, kept), ex=self._idem_ttl)
+            self._index_idem(todo, session_id, record_key)
+            guarded.append(record_key)
+        words: list[Any] = [rev, view.record.version]
+        for args, _options in todo.command_stack:
+            words += [len(args), *args]
+        # With an idempotency record in the commit a re-run finds the first answer.
+        committed = await self._guard(
+            self._commit(client, guarded, words), outcome_unknown=True, replayable=idem is not None
+        )
+        return change if committed else _STALE
+
+    async def _commit(self, client: Any, guarded: list[str], words: list[Any]) -> bool:
+        """EVALSHA of the commit script (EVAL once Redis has forgotten it), and with
+        `wait_replicas` the WAIT after it on the same connection: acknowledged only once that
+        many replicas hold it."""
+        script: tuple[Any, ...] = ("EVALSHA", COMMIT_SHA)
+        for _ in range(2):
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.execute_command(*script, len(guarded), *guarded, *words)
+                if self._wait[0]:
+                    pipe.execute_command("WAIT", *self._wait)
+                answers = await pipe.execute(raise_on_error=False)
+            if isinstance(answers[0], NoScriptError):
+                script = ("EVAL", _COMMIT_SCRIPT)  # nothing ran: the script was unknown
+                continue
+            if isinstance(answers[0], Exception):
+                raise answers[0]
+            if self._wait[0]:
+                _check_replicas(int(answers[1]), *self._wait)
+            return bool(answers[0])
+        raise AssertionError("unreachable: EVAL does not answer NOSCRIPT")
 
     def _queue_feed(self, pipe: Any, session_id: str, entries: list[dict[str, bytes]]) -> None:
         feed.queue(pipe, session_id, entries, self._feed[0])
@@ -484,8 +559,9 @@ class RedisHotStore:
         if "version" in change.fields:  # a new version: a write of its own, named
             change.record.write_id = new_write_id()
             change.fields = change.fields | {"write_id"}
-        if change.fields:
-            pipe.hset(hot_key(session_id), mapping=encode_record(change.record, change.fields))
+        if change.fields:  # a new `rev`: a decision that read the hash before this is stale
+            mapping: dict[str, bytes | str] = {**encode_record(change.record, change.fields)}
+            pipe.hset(hot_key(session_id), mapping={**mapping, REV: _new_rev()})
         if change.events:
             tl = timeline_key(session_id)
             pipe.rpush(tl, *[_encode(e) for e in change.events])
@@ -523,13 +599,13 @@ class RedisHotStore:
                     bump = diverged.version_clash and not done[0]
                     if not todo and not bump:
                         return DONE
-                    view, _ = await self._read(pipe, sid, None)
+                    view, _, _ = await self._read(pipe, sid, None)
                     if view is None:
                         return AT_REST
                     backlog = await self.undelivered(sid, pipe)
                     entry, recent = _rebased(view, diverged, todo, backlog, self._recent)
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.hset(key, mapping=encode_record(entry.record))  # type: ignore[arg-type]
+                    pipe.hset(key, mapping=_stamped(entry.record))  # type: ignore[arg-type]
                     pipe.delete(tl)
                     if recent:
                         pipe.rpush(tl, *[_encode(e) for e in recent])
@@ -626,7 +702,7 @@ class RedisHotStore:
         for _ in range(_RACE_RETRIES):
             async with await self._transaction(key) as pipe:
                 await self._guard(pipe.watch(key, tl))
-                view, _ = await self._read(pipe, session_id, None)
+                view, _, _ = await self._read(pipe, session_id, None)
                 if view is None:
                     return None
                 record = view.record
@@ -891,15 +967,18 @@ class ReplicatedPipeline(Pipeline):
         result = await super()._execute_transaction(connection, commands, raise_on_error)
         replicas, timeout_ms = self.replication
         await connection.send_command("WAIT", replicas, timeout_ms)
-        acked = int(await connection.read_response())
-        if acked < replicas:
-            raise BackendUnavailable(
-                "redis",
-                f"the write reached {acked} of the {replicas} replicas asked for within "
-                f"{timeout_ms} ms (SESSIONMGR_REDIS_WAIT_REPLICAS): its outcome is unknown",
-                retryable=False,
-            )
+        _check_replicas(int(await connection.read_response()), replicas, timeout_ms)
         return result
+
+
+def _check_replicas(acked: int, replicas: int, timeout_ms: int) -> None:
+    if acked < replicas:
+        raise BackendUnavailable(
+            "redis",
+            f"the write reached {acked} of the {replicas} replicas asked for within "
+            f"{timeout_ms} ms (SESSIONMGR_REDIS_WAIT_REPLICAS): its outcome is unknown",
+            retryable=False,
+        )
 
 
 def redis_client(settings: Settings, *, socket_timeout_s: float | None = None) -> Redis:

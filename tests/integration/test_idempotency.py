@@ -1,11 +1,11 @@
 """Idempotency-Key: a repeated request gets the first answer, even when that answer was lost.
 
-A lost EXEC reply is simulated in redis-py itself: the transaction runs on the real
-redis-server, then the caller sees `ConnectionError`, as it would if the connection dropped
-after Redis executed EXEC and before its reply arrived. The outcome is then unknown to the
-service; its own retries (stamina, `SESSIONMGR_RETRY_ATTEMPTS`, 3 in tests) re-run the
-transaction, which finds the idempotency record and answers as the first run would have.
-Without a key the outcome stays unknown: 503, not retried, applied at most once.
+A lost reply is simulated in redis-py itself: the write (a MULTI/EXEC, or an update's commit
+script) runs on the real redis-server, then the caller sees `ConnectionError`, as it would if
+the connection dropped after Redis executed it and before its reply arrived. The outcome is
+then unknown to the service; its own retries (stamina, `SESSIONMGR_RETRY_ATTEMPTS`, 3 in
+tests) re-run the transaction, which finds the idempotency record and answers as the first
+run would have. Without a key the outcome stays unknown: 503, not retried, applied at most once.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sessionmgr.storage.hot import OUTBOX_STREAM, OutboxEntry, timeline_key
 from tests.integration.session_api import create_session, get_session, hot_record
+from tests.support.faults import committed_commands, is_commit
 
 Headers = dict[str, str]
 PipeTest = Callable[[Pipeline], bool]
@@ -41,12 +42,16 @@ class LostReplies:
 
 
 def commands(pipe: Pipeline) -> list[tuple[Any, ...]]:
-    return [args for args, _options in pipe.command_stack]
+    """The pipeline's commands, with a commit script's own commands in its place."""
+    found: list[tuple[Any, ...]] = []
+    for args, _options in pipe.command_stack:
+        found += committed_commands(args) if is_commit(args) else [args]
+    return found
 
 
 def writes_outbox(pipe: Pipeline) -> bool:
-    """The EXEC of an update: MULTI ... XADD session_outbox ... EXEC."""
-    return pipe.explicit_transaction and any(
+    """The commit of an update: the commit script, whose commands XADD to session_outbox."""
+    return any(is_commit(args) for args, _options in pipe.command_stack) and any(
         a[0] == "XADD" and a[1] == OUTBOX_STREAM for a in commands(pipe)
     )
 
@@ -107,7 +112,7 @@ async def test_a_lost_update_reply_is_answered_by_the_retry_with_the_same_key(
 
     retry = await manual_api.patch(f"/v1/sessions/{sid}", json=body, headers=keyed)
 
-    assert lost_replies.dropped == 1, "the service's retry replayed without a second EXEC"
+    assert lost_replies.dropped == 1, "the service's retry replayed without a second commit"
     assert retry.status_code == 200, retry.text
     assert retry.json()["version"] == 2
     assert retry.json()["work_in_progress"] == {"n": 1}
@@ -149,7 +154,7 @@ async def test_a_lost_reply_without_a_key_is_a_503_and_applied_once(
     assert lost_replies.dropped == 1, "an unknown outcome without a key is never retried"
     record = await hot_record(manual_redis, sid)
     assert record is not None
-    assert record.version == 2, "the EXEC did run on Redis, once"
+    assert record.version == 2, "the commit did run on Redis, once"
     assert await manual_redis.llen(timeline_key(sid)) == 1
 
 

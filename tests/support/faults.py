@@ -10,6 +10,31 @@ import shutil
 import signal
 
 from sessionmgr.devstack import RedisServer
+from sessionmgr.storage.hot import COMMIT_SHA
+
+# What a write's last round trip carries: EXEC of a MULTI, or the commit script of an update
+# (by its digest, or by its text after Redis forgot it: the script opens with this comment).
+WRITE_MARKERS = (b"\r\nEXEC\r\n", COMMIT_SHA.encode(), b"-- sessionmgr commit")
+
+
+def committed_commands(args: tuple[object, ...]) -> list[tuple[object, ...]]:
+    """The commands a commit script call carries (`RedisHotStore._commit`): after the script,
+    its keys, the rev and the version read, each command as its length and then its words."""
+    keys = int(str(args[2]))
+    words, found, i = args[3 + keys + 2 :], [], 0
+    while i < len(words):
+        n = int(str(words[i]))
+        found.append(tuple(words[i + 1 : i + 1 + n]))
+        i += n + 1
+    return found
+
+
+def is_commit(args: tuple[object, ...]) -> bool:
+    """A call of the commit script: EVALSHA of its digest, or EVAL of its text."""
+    script = str(args[1]) if len(args) > 1 else ""
+    return args[0] in ("EVALSHA", "EVAL") and (
+        script == COMMIT_SHA or script.startswith("-- sessionmgr commit")
+    )
 
 
 class DurableRedis(RedisServer):
@@ -43,9 +68,10 @@ class DurableRedis(RedisServer):
 
 
 class ReplyDropper:
-    """A TCP proxy in front of Redis. Armed, it forwards the next transaction (a chunk holding
-    EXEC) to the server, throws away whatever the server answers on that connection, and
-    then closes it: the client cannot know whether its write was applied."""
+    """A TCP proxy in front of Redis. Armed, it forwards the next write (a chunk holding EXEC
+    or the commit script, `WRITE_MARKERS`) to the server, throws away whatever the server
+    answers on that connection, and then closes it: the client cannot know whether its write
+    was applied."""
 
     LINGER_S = 0.1  # long enough for the server to execute and answer the whole chunk
 
@@ -102,7 +128,7 @@ class ReplyDropper:
         self, client: asyncio.StreamReader, server: asyncio.StreamWriter, lost: asyncio.Event
     ) -> None:
         while data := await client.read(65536):
-            if self.armed and b"\r\nEXEC\r\n" in data:
+            if self.armed and any(marker in data for marker in WRITE_MARKERS):
                 self.armed -= 1
                 lost.set()
             server.write(data)

@@ -75,7 +75,7 @@ async def test_the_services_retry_applies_a_keyed_update_once(
         f"/v1/sessions/{sid}", json=body, headers={**owner, "Idempotency-Key": "k-1"}
     )
 
-    assert proxy.dropped == 1, "the EXEC reply was lost"
+    assert proxy.dropped == 1, "the commit's reply was lost"
     assert answer.status_code == 200, answer.text
     assert answer.json()["version"] == 2
     record = await hot_record(direct_redis, sid)

@@ -1,0 +1,224 @@
+"""The commit script: an update applies only to the hash its decision read (DESIGN §2).
+
+An update reads the session (one script), decides in Python, then commits in one script that
+first checks the hash is still the one it read (there, the same `rev`, the same version) and
+the request's idempotency record still absent. Each test puts another write between one
+update's read and its commit and checks that the update was decided again on the new state,
+never applied over it. On redis-server and on fakeredis with Lua.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import fakeredis
+import msgspec
+import pytest
+from redis.asyncio import Redis
+
+from sessionmgr.domain.model import Participant
+from sessionmgr.services.ports import Change, HotView, Idempotency, Replayed
+from sessionmgr.storage.hot import COMMIT_SHA, RedisHotStore, hot_key
+from tests.unit.factories import SessionRecordFactory
+
+JOINED = datetime(2026, 11, 30, tzinfo=UTC)
+RENEWED = JOINED + timedelta(seconds=60)
+
+
+@pytest.fixture(params=["redis-server", "fakeredis"])
+async def client(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Redis]:
+    if request.param == "fakeredis":
+        redis: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    else:
+        redis = Redis.from_url(redis_url)
+    yield redis
+    await redis.aclose()
+
+
+def between_read_and_commit(
+    monkeypatch: pytest.MonkeyPatch, action: Callable[[], Awaitable[Any]]
+) -> list[int]:
+    """Run `action` once, right after the next read of the hash; returns the versions read."""
+    real_read = RedisHotStore._read
+    versions: list[int] = []
+
+    async def read(self: RedisHotStore, client: Any, session_id: str, idem: Any) -> Any:
+        result = await real_read(self, client, session_id, idem)
+        view = result[0]
+        versions.append(view.record.version if view else -1)
+        if len(versions) == 1:
+            await action()
+        return result
+
+    monkeypatch.setattr(RedisHotStore, "_read", read)
+    return versions
+
+
+def bump(work: dict[str, Any]) -> Callable[[HotView], Change]:
+    """A patch: the next version, `work` merged into work_in_progress."""
+
+    def decide(view: HotView) -> Change:
+        record = msgspec.structs.replace(
+            view.record,
+            version=view.record.version + 1,
+            work_in_progress={**view.record.work_in_progress, **work},
+        )
+        return Change(record=record, fields=frozenset({"version", "work_in_progress"}))
+
+    return decide
+
+
+def join(mad: str) -> Callable[[HotView], Change]:
+    """A MAD joins: the next version, `participants` written whole from what was read."""
+
+    def decide(view: HotView) -> Change:
+        joined = Participant(joined_at=JOINED, lease_expires_at=JOINED, token=1)
+        participants = {**view.record.participants, mad: joined}
+        record = msgspec.structs.replace(
+            view.record, version=view.record.version + 1, participants=participants
+        )
+        return Change(record=record, fields=frozenset({"version", "participants"}))
+
+    return decide
+
+
+def renew(mad: str) -> Callable[[HotView], Change]:
+    """A lease renewal: `participants` rewritten at the same version (no new version)."""
+
+    def decide(view: HotView) -> Change:
+        renewed = Participant(joined_at=JOINED, lease_expires_at=RENEWED, token=1)
+        participants = {**view.record.participants, mad: renewed}
+        record = msgspec.structs.replace(view.record, participants=participants)
+        return Change(record=record, fields=frozenset({"participants"}), hot_only=True)
+
+    return decide
+
+
+async def hot(store: RedisHotStore, session_id: str) -> HotView:
+    view = await store.load(session_id)
+    assert view is not None
+    return view
+
+
+async def test_a_write_between_read_and_commit_makes_the_update_decide_again(
+    client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisHotStore(client)
+    record = SessionRecordFactory.build(version=1, work_in_progress={})
+    await store.create(record, None, b"{}")
+    read = between_read_and_commit(
+        monkeypatch, lambda: store.transact(record.id, bump({"b": 1}), None)
+    )
+
+    change = await store.transact(record.id, bump({"a": 1}), None)
+
+    assert isinstance(change, Change)
+    assert read == [1, 1, 2], "read, the other write read and committed, read again"
+    view = await hot(store, record.id)
+    assert view.record.version == 3
+    assert view.record.work_in_progress == {"a": 1, "b": 1}
+
+
+async def test_a_write_at_the_same_version_also_makes_it_decide_again(
+    client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal rewrites `participants` without a new version: only `rev` shows it. A join
+    decided before it would otherwise write `participants` back without the renewal."""
+    store = RedisHotStore(client)
+    record = SessionRecordFactory.build(version=1, participants={})
+    await store.create(record, None, b"{}")
+    read = between_read_and_commit(
+        monkeypatch, lambda: store.transact(record.id, renew("renewed"), None)
+    )
+
+    assert isinstance(await store.transact(record.id, join("joiner"), None), Change)
+
+    assert read == [1, 1, 1], "read, the renewal read and committed, read again"
+    view = await hot(store, record.id)
+    assert view.record.version == 2
+    assert set(view.record.participants) == {"renewed", "joiner"}
+    assert view.record.participants["renewed"].lease_expires_at == RENEWED
+
+
+async def test_a_session_suspended_between_read_and_commit_is_not_written_back(
+    client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hash deleted in between: the commit writes nothing (no hash of one field), and
+    the update answers "not hot" so that the service loads the session and decides again."""
+    store = RedisHotStore(client)
+    record = SessionRecordFactory.build(version=1)
+    await store.create(record, None, b"{}")
+    between_read_and_commit(monkeypatch, lambda: client.delete(hot_key(record.id)))
+
+    assert await store.transact(record.id, bump({"a": 1}), None) is None
+
+    assert await client.exists(hot_key(record.id)) == 0
+
+
+async def test_a_session_written_and_reloaded_between_read_and_commit_is_decided_again(
+    client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Suspended and loaded again in between, at the same version: a load stamps the hash
+    with a new `rev`, so the commit of the decision read before is refused all the same."""
+    store = RedisHotStore(client)
+    record = SessionRecordFactory.build(version=1, participants={})
+    await store.create(record, None, b"{}")
+
+    async def renew_suspend_reload() -> None:
+        await store.transact(record.id, renew("renewed"), None)
+        current = (await hot(store, record.id)).record
+        await client.delete(hot_key(record.id))
+
+        async def loader() -> Any:
+            return current, []
+
+        assert await store.activate(record.id, loader) is not None
+
+    read = between_read_and_commit(monkeypatch, renew_suspend_reload)
+
+    assert isinstance(await store.transact(record.id, join("joiner"), None), Change)
+
+    assert read[0] == 1 and read[-1] == 1, "decided again on the reloaded hash"
+    assert len(read) >= 3
+    view = await hot(store, record.id)
+    assert set(view.record.participants) == {"renewed", "joiner"}
+
+
+async def test_the_same_key_committed_in_between_answers_the_first_result(
+    client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change that writes no field leaves the hash as it was: the idempotency record alone
+    shows that a request with this key committed in between, and this one replays it."""
+    store = RedisHotStore(client)
+    record = SessionRecordFactory.build(version=1)
+    await store.create(record, None, b"{}")
+    idem = Idempotency(key_digest="k" * 16, fingerprint="f")
+    calls: list[str] = []
+
+    def lease_only(view: HotView) -> Change:
+        calls.append("decided")
+        return Change(record=view.record, fields=frozenset(), leases_set=["m"], result=b"first")
+
+    other = Idempotency(key_digest="k" * 16, fingerprint="f")
+    between_read_and_commit(monkeypatch, lambda: store.transact(record.id, lease_only, other))
+
+    outcome = await store.transact(record.id, lease_only, idem)
+
+    assert outcome == Replayed(result=b"first")
+    assert calls == ["decided", "decided"], "the other request, then this one once"
+
+
+async def test_the_commit_runs_after_redis_forgot_its_script(client: Redis) -> None:
+    store = RedisHotStore(client)
+    record = SessionRecordFactory.build(version=1, work_in_progress={})
+    await store.create(record, None, b"{}")
+    await client.script_flush()
+
+    assert isinstance(await store.transact(record.id, bump({"a": 1}), None), Change)
+
+    assert await client.script_exists(COMMIT_SHA) == [True]
+    assert (await hot(store, record.id)).record.version == 2
+    assert isinstance(await store.transact(record.id, bump({"b": 2}), None), Change)
+    assert (await hot(store, record.id)).record.work_in_progress == {"a": 1, "b": 2}
