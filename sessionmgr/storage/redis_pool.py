@@ -11,20 +11,83 @@ when it waits.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessionmgr.settings import Settings
+
+
+class _TimedWrite(AbstractConnection):
+    """redis-py's `send_packed_command` with its write timeout (`socket_timeout`) kept by
+    `asyncio.timeout` instead of `asyncio.wait_for`.
+
+    On Python 3.11 `wait_for` runs the write in a Task of its own: a task, a future and one
+    more turn of the event loop (an epoll call) for every command sent (3.12 implements
+    `wait_for` with `asyncio.timeout`, so there this is redis-py's own method). Same
+    outcomes: a write that does not finish within `socket_timeout` disconnects and raises
+    `TimeoutError("Timeout writing to socket")`, an OS error disconnects and raises
+    `ConnectionError`, a cancelled write disconnects (its data may be half sent).
+    """
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        if not self.socket_timeout or sys.version_info >= (3, 12):
+            await super().send_packed_command(command, check_health)
+            return
+        if not self.is_connected:
+            await self.connect_check_health(check_health=False)
+        if check_health:
+            await self.check_health()  # type: ignore[no-untyped-call]
+        try:
+            if isinstance(command, str):
+                command = command.encode()
+            if isinstance(command, bytes):
+                command = [command]
+            async with asyncio.timeout(self.socket_timeout):
+                await self._send_packed_command(command)
+        except TimeoutError:
+            await self.disconnect(nowait=True)
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        except OSError as e:
+            await self.disconnect(nowait=True)
+            if len(e.args) == 1:
+                err_no, errmsg = "UNKNOWN", e.args[0]
+            else:
+                err_no, errmsg = e.args[0], e.args[1]
+            raise RedisConnectionError(f"Error {err_no} while writing to socket. {errmsg}.") from e
+        except BaseException:
+            await self.disconnect(nowait=True)
+            raise
+
+
+_TIMED: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def _timed_write(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`connection_class` (TCP, TLS, Unix socket, Sentinel-managed) with `_TimedWrite`'s send."""
+    if issubclass(connection_class, _TimedWrite):
+        return connection_class
+    timed = _TIMED.get(connection_class)
+    if timed is None:
+        timed = _TIMED[connection_class] = type(
+            connection_class.__name__, (_TimedWrite, connection_class), {}
+        )
+    return timed
 
 
 class BoundedPool(ConnectionPool):
     def __init__(self, *, timeout: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.connection_class = _timed_write(self.connection_class)
         self.timeout = timeout
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._in_maintenance = False

@@ -1,0 +1,107 @@
+"""`BoundedPool`'s connections keep redis-py's write timeout without `asyncio.wait_for`
+(storage/redis_pool.py `_TimedWrite`): a write that does not finish within `socket_timeout`
+still disconnects and raises redis-py's TimeoutError, an OS error its ConnectionError."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import pytest
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sessionmgr.storage.redis_pool import BoundedPool
+
+
+class _Writer:
+    """A socket whose buffer is full (`drain` waits for ever), or that fails with `error`."""
+
+    def __init__(self, error: OSError | None = None) -> None:
+        self.sent: list[bytes] = []
+        self.error = error
+
+    def writelines(self, data: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.sent.extend(data)
+
+    async def drain(self) -> None:
+        await asyncio.get_running_loop().create_future()  # never done
+
+
+def _connected(writer: _Writer, socket_timeout: float | None = 0.05) -> Any:
+    pool = BoundedPool.from_url(
+        "redis://127.0.0.1:9/0", max_connections=1, timeout=1, socket_timeout=socket_timeout
+    )
+    connection = pool.make_connection()  # type: ignore[no-untyped-call]
+    connection._reader, connection._writer = object(), writer  # "connected"
+    disconnects: list[bool] = []
+
+    async def disconnect(nowait: bool = False, **_: Any) -> None:
+        disconnects.append(nowait)
+        connection._reader = connection._writer = None
+
+    connection.disconnect = disconnect
+    return connection, disconnects
+
+
+@pytest.mark.parametrize(
+    ("url", "base"),
+    [
+        ("redis://127.0.0.1:9/0", Connection),
+        ("rediss://127.0.0.1:9/0", SSLConnection),
+        ("unix:///tmp/none.sock", UnixDomainSocketConnection),
+    ],
+)
+def test_each_kind_of_connection_keeps_its_class(url: str, base: type) -> None:
+    pool = BoundedPool.from_url(url, max_connections=1, timeout=1, socket_timeout=0.5)
+    assert issubclass(pool.connection_class, base)
+    assert pool.connection_class.__name__ == base.__name__
+
+
+async def test_a_write_that_does_not_finish_in_time_disconnects_and_times_out() -> None:
+    connection, disconnects = _connected(_Writer())
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(RedisTimeoutError, match="Timeout writing to socket"):
+        await connection.send_packed_command(b"*1\r\n$4\r\nPING\r\n", check_health=False)
+    assert 0.04 <= asyncio.get_running_loop().time() - started < 1.0
+    assert disconnects == [True]
+
+
+async def test_an_os_error_while_writing_disconnects_as_a_connection_error() -> None:
+    connection, disconnects = _connected(_Writer(ConnectionResetError(104, "reset by peer")))
+    with pytest.raises(RedisConnectionError, match="Error 104 while writing to socket"):
+        await connection.send_packed_command([b"*1\r\n$4\r\nPING\r\n"], check_health=False)
+    assert disconnects == [True]
+
+
+async def test_a_cancelled_write_disconnects() -> None:
+    connection, disconnects = _connected(_Writer(), socket_timeout=30)
+    task = asyncio.create_task(connection.send_packed_command(b"PING", check_health=False))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert disconnects == [True]
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12's wait_for runs no task")
+async def test_a_write_runs_in_the_callers_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.11's `asyncio.wait_for` would run the write in a task of its own."""
+
+    class Drained(_Writer):
+        async def drain(self) -> None:
+            self.sent.append(b"drained in %d" % id(asyncio.current_task()))
+
+    def no_wait_for(*_: Any, **__: Any) -> None:
+        raise AssertionError("asyncio.wait_for used")
+
+    monkeypatch.setattr(asyncio, "wait_for", no_wait_for)
+    writer = Drained()
+    connection, disconnects = _connected(writer)
+    await connection.send_packed_command(b"PING", check_health=False)
+    assert writer.sent == [b"PING", b"drained in %d" % id(asyncio.current_task())]
+    assert disconnects == []
