@@ -1,11 +1,11 @@
-"""`BoundedPool`'s connections keep redis-py's write timeout without `asyncio.wait_for`
-(storage/redis_pool.py `_TimedWrite`): a write that does not finish within `socket_timeout`
-still disconnects and raises redis-py's TimeoutError, an OS error its ConnectionError."""
+"""`BoundedPool`'s connections keep redis-py's write timeout, armed only on a write that can
+wait (storage/redis_pool.py `_TimedWrite`): a write that does not finish within
+`socket_timeout` still disconnects and raises redis-py's TimeoutError, an OS error or a
+connection lost its ConnectionError, and no write runs in a task of its own."""
 
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Any
 
 import pytest
@@ -17,19 +17,27 @@ from sessionmgr.storage.redis_pool import BoundedPool
 
 
 class _Writer:
-    """A socket whose buffer is full (`drain` waits for ever), or that fails with `error`."""
+    """A stream writer whose socket takes everything at once, or whose transport keeps
+    `pending` bytes (its `drain` then waits for ever), or that fails with `error`."""
 
-    def __init__(self, error: OSError | None = None) -> None:
+    def __init__(self, *, pending: int = 0, error: OSError | None = None) -> None:
         self.sent: list[bytes] = []
+        self.pending = pending
         self.error = error
+        self.transport = self
+
+    def get_write_buffer_size(self) -> int:
+        return self.pending
 
     def writelines(self, data: Any) -> None:
-        if self.error is not None:
-            raise self.error
         self.sent.extend(data)
 
     async def drain(self) -> None:
-        await asyncio.get_running_loop().create_future()  # never done
+        if self.error is not None:
+            raise self.error
+        if self.pending:
+            await asyncio.get_running_loop().create_future()  # never done
+        self.sent.append(b"drained in %d" % id(asyncio.current_task()))
 
 
 def _connected(writer: _Writer, socket_timeout: float | None = 0.05) -> Any:
@@ -63,7 +71,7 @@ def test_each_kind_of_connection_keeps_its_class(url: str, base: type) -> None:
 
 
 async def test_a_write_that_does_not_finish_in_time_disconnects_and_times_out() -> None:
-    connection, disconnects = _connected(_Writer())
+    connection, disconnects = _connected(_Writer(pending=100))
     started = asyncio.get_running_loop().time()
     with pytest.raises(RedisTimeoutError, match="Timeout writing to socket"):
         await connection.send_packed_command(b"*1\r\n$4\r\nPING\r\n", check_health=False)
@@ -72,14 +80,22 @@ async def test_a_write_that_does_not_finish_in_time_disconnects_and_times_out() 
 
 
 async def test_an_os_error_while_writing_disconnects_as_a_connection_error() -> None:
-    connection, disconnects = _connected(_Writer(ConnectionResetError(104, "reset by peer")))
+    writer = _Writer(pending=100, error=ConnectionResetError(104, "reset by peer"))
+    connection, disconnects = _connected(writer)
     with pytest.raises(RedisConnectionError, match="Error 104 while writing to socket"):
         await connection.send_packed_command([b"*1\r\n$4\r\nPING\r\n"], check_health=False)
     assert disconnects == [True]
 
 
+async def test_a_connection_lost_is_reported_by_a_write_the_socket_took() -> None:
+    connection, disconnects = _connected(_Writer(error=ConnectionResetError("Connection lost")))
+    with pytest.raises(RedisConnectionError, match=r"while writing to socket\. Connection lost"):
+        await connection.send_packed_command(b"PING", check_health=False)
+    assert disconnects == [True]
+
+
 async def test_a_cancelled_write_disconnects() -> None:
-    connection, disconnects = _connected(_Writer(), socket_timeout=30)
+    connection, disconnects = _connected(_Writer(pending=100), socket_timeout=30)
     task = asyncio.create_task(connection.send_packed_command(b"PING", check_health=False))
     await asyncio.sleep(0.01)
     task.cancel()
@@ -88,19 +104,18 @@ async def test_a_cancelled_write_disconnects() -> None:
     assert disconnects == [True]
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12's wait_for runs no task")
-async def test_a_write_runs_in_the_callers_task(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Python 3.11's `asyncio.wait_for` would run the write in a task of its own."""
+async def test_a_write_the_socket_takes_at_once_arms_no_timer_and_runs_in_the_callers_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python 3.11's `asyncio.wait_for` would run the write in a task of its own, and a
+    timeout around a `drain` that cannot wait bounds nothing."""
 
-    class Drained(_Writer):
-        async def drain(self) -> None:
-            self.sent.append(b"drained in %d" % id(asyncio.current_task()))
+    def unexpected(*_: Any, **__: Any) -> None:
+        raise AssertionError("a timeout armed")
 
-    def no_wait_for(*_: Any, **__: Any) -> None:
-        raise AssertionError("asyncio.wait_for used")
-
-    monkeypatch.setattr(asyncio, "wait_for", no_wait_for)
-    writer = Drained()
+    monkeypatch.setattr(asyncio, "wait_for", unexpected)
+    monkeypatch.setattr(asyncio, "timeout", unexpected)
+    writer = _Writer()
     connection, disconnects = _connected(writer)
     await connection.send_packed_command(b"PING", check_health=False)
     assert writer.sent == [b"PING", b"drained in %d" % id(asyncio.current_task())]
