@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from redis.asyncio import ConnectionPool, Redis
@@ -20,12 +20,24 @@ from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT
 
 from sessionmgr.settings import Settings
 
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:  # a runtime dependency (redis[hiredis]); without it redis-py packs commands itself
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover
+    _hiredis_pack = None
 
-class _TimedWrite(AbstractConnection):
-    """redis-py's `send_packed_command`, with its write timeout (`socket_timeout`) set only on
+# Arguments hiredis writes byte for byte as redis-py's Encoder does (UTF-8, strict); floats,
+# bools, enums, memoryviews and every other type are redis-py's to encode (or refuse).
+_C_PACKED = frozenset({str, bytes, int})
+
+
+class _LeanConnection(AbstractConnection):
+    """A connection of `BoundedPool`: redis-py's, packing commands in C (below), and its
+    `send_packed_command` with its write timeout (`socket_timeout`) set only on
     a write that can wait, and by `asyncio.timeout` instead of `asyncio.wait_for`.
 
     On Python 3.11 `wait_for` runs the write in a Task of its own: a task, a future and one
@@ -76,26 +88,47 @@ class _TimedWrite(AbstractConnection):
             await self.disconnect(nowait=True)
             raise
 
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        """The command in RESP, packed by hiredis in C as redis-py's synchronous client does
+        when hiredis is installed (`HiredisRespSerializer`): the asyncio client packs in
+        Python, about 7 us per command on the benchmark's VM against 1. The same bytes
+        (tests/unit/test_redis_connection.py); an argument hiredis could write otherwise
+        (see `_C_PACKED`), or an encoding other than UTF-8 strict, goes to redis-py's own."""
+        encoder = self.encoder
+        if (
+            _hiredis_pack is None
+            or encoder.encoding != "utf-8"
+            or encoder.encoding_errors != "strict"
+            or not _C_PACKED.issuperset(map(type, args))
+        ):
+            return super().pack_command(*args)
+        first = args[0]
+        if isinstance(first, str):  # 'CONFIG GET': the server wants its words apart
+            args = (*first.encode().split(), *args[1:])
+        elif b" " in first:  # type: ignore[operator]
+            args = (*first.split(), *args[1:])  # type: ignore[union-attr]
+        return [_hiredis_pack(args)]
 
-_TIMED: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+_LEAN: dict[type[AbstractConnection], type[AbstractConnection]] = {}
 
 
-def _timed_write(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
-    """`connection_class` (TCP, TLS, Unix socket, Sentinel-managed) with `_TimedWrite`'s send."""
-    if issubclass(connection_class, _TimedWrite):
+def _lean(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`connection_class` (TCP, TLS, Unix socket, Sentinel-managed) as a `_LeanConnection`."""
+    if issubclass(connection_class, _LeanConnection):
         return connection_class
-    timed = _TIMED.get(connection_class)
-    if timed is None:
-        timed = _TIMED[connection_class] = type(
-            connection_class.__name__, (_TimedWrite, connection_class), {}
+    lean = _LEAN.get(connection_class)
+    if lean is None:
+        lean = _LEAN[connection_class] = type(
+            connection_class.__name__, (_LeanConnection, connection_class), {}
         )
-    return timed
+    return lean
 
 
 class BoundedPool(ConnectionPool):
     def __init__(self, *, timeout: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.connection_class = _timed_write(self.connection_class)
+        self.connection_class = _lean(self.connection_class)
         self.timeout = timeout
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._in_maintenance = False

@@ -1,16 +1,19 @@
-"""`BoundedPool`'s connections keep redis-py's write timeout, armed only on a write that can
-wait (storage/redis_pool.py `_TimedWrite`): a write that does not finish within
+"""`BoundedPool`'s connections (storage/redis_pool.py `_LeanConnection`) keep redis-py's
+write timeout, armed only on a write that can wait: a write that does not finish within
 `socket_timeout` still disconnects and raises redis-py's TimeoutError, an OS error or a
-connection lost its ConnectionError, and no write runs in a task of its own."""
+connection lost its ConnectionError, and no write runs in a task of its own. They pack
+commands in C into the very bytes redis-py's Python packer writes."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from typing import Any
 
 import pytest
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessionmgr.storage.redis_pool import BoundedPool
@@ -120,3 +123,43 @@ async def test_a_write_the_socket_takes_at_once_arms_no_timer_and_runs_in_the_ca
     await connection.send_packed_command(b"PING", check_health=False)
     assert writer.sent == [b"PING", b"drained in %d" % id(asyncio.current_task())]
     assert disconnects == []
+
+
+class _Kind(enum.IntEnum):
+    ONE = 1
+
+
+PACKED = [
+    ("EVALSHA", "f" * 40, 3, "session_hot:{p7}:ab", "session_timeline:{p7}:ab", "lease:{p7}:"),
+    ("HGETALL", b"session_hot:{p7}:ab"),
+    ("SET", "k", "\u00e9t\u00e9 \u2713", -5, 0, 2**63 - 1),
+    ("CONFIG GET", "maxmemory"),  # two words in the command's name
+    (b"CLIENT LIST",),
+    ("SET", "big", b"x" * 10_000),  # redis-py sends these in pieces: the same bytes
+    ("XADD", "s", "MAXLEN", "~", 1000, "*", "f", b'{"a": [1, 2]}'),
+    ("ZADD", "idle", 1733000000.125, "ab"),  # a float: redis-py's own encoding
+    ("SET", "k", _Kind.ONE),  # an int subclass: redis-py's own encoding
+    ("SET", "k", memoryview(b"view")),
+]
+
+
+@pytest.mark.parametrize("args", PACKED)
+def test_a_command_is_packed_into_redis_pys_bytes(args: tuple[Any, ...]) -> None:
+    ours = BoundedPool.from_url("redis://127.0.0.1:9/0", max_connections=1, timeout=1)
+    packed = ours.make_connection().pack_command(*args)  # type: ignore[no-untyped-call]
+    assert b"".join(packed) == b"".join(Connection().pack_command(*args))
+
+
+@pytest.mark.parametrize("value", [True, None, 1.5j])
+def test_what_redis_py_refuses_is_still_refused(value: Any) -> None:
+    ours = BoundedPool.from_url("redis://127.0.0.1:9/0", max_connections=1, timeout=1)
+    with pytest.raises(DataError):
+        ours.make_connection().pack_command("SET", "k", value)  # type: ignore[no-untyped-call]
+
+
+def test_another_encoding_is_redis_pys_to_pack() -> None:
+    ours = BoundedPool.from_url(
+        "redis://127.0.0.1:9/0", max_connections=1, timeout=1, encoding="latin-1"
+    )
+    packed = ours.make_connection().pack_command("SET", "k", "\u00e9")  # type: ignore[no-untyped-call]
+    assert b"".join(packed) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n\xe9\r\n"
