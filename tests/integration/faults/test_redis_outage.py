@@ -9,6 +9,7 @@ every update acknowledged before the fault is there.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -99,9 +100,13 @@ def check_read_only_answers(answers: list[Any], versions: dict[str, int]) -> Non
             assert int(response.headers["retry-after"]) >= 1
     writes = [a for a in answers if a[0] == "write"]
     assert writes, "writes were tried during the outage"
-    # Once the breaker is open a write does not even ask Redis.
-    fast = [elapsed for _k, _s, r, elapsed in writes[len(writes) // 2 :]]
-    assert max(fast) < 1.0, fast
+    # Once the breaker is open a write does not even ask Redis: each one asking it would wait
+    # out the 0.5 s socket timeout. The median and the 90th percentile, not the maximum: the
+    # test process itself stalls its loop now and then (gen-2 collections of 0.3-0.4 s were
+    # measured), and a write in flight then takes that long whatever the breaker does.
+    fast = sorted(elapsed for _k, _s, r, elapsed in writes[len(writes) // 2 :])
+    assert statistics.median(fast) < 0.25, fast
+    assert fast[int(len(fast) * 0.9)] < 1.0, fast
 
 
 async def check_degraded(api: httpx.AsyncClient) -> None:
