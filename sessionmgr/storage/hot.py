@@ -93,13 +93,6 @@ _DEFAULTED = frozenset(
     f.name.encode() for f in msgspec.structs.fields(SessionRecord) if f.required is False
 )
 _RACE_RETRIES = 8
-
-
-class _Stale:
-    """A commit refused: the hash (or the idempotency record) changed since the read."""
-
-
-_STALE = _Stale()
 CLAIM_TTL_S = 60
 _SCAN_BATCH = 500
 SCAN_LIMIT = 20_000  # outbox entries; past this a full read or suspend answers 503
@@ -174,7 +167,8 @@ async def _run_read_script(client: Any, keys: list[str], lease_prefix: str) -> A
 # change's commands in order, atomically as a script runs. Every key they name carries the
 # session's hash tag (its partition's), so they live in the slot of KEYS[1], as with MULTI.
 # ARGV: rev as read ('' for none), version as read, then each command as its length and words.
-_COMMIT_SCRIPT = """-- sessionmgr commit
+COMMIT_MARK = "-- sessionmgr commit"  # the script's first line: what names it on the wire
+_COMMIT_SCRIPT = f"""{COMMIT_MARK}
 local now = redis.call('HMGET', KEYS[1], 'rev', 'version')
 if not now[2] then return 0 end
 if (now[1] or '') ~= ARGV[1] or now[2] ~= ARGV[2] then return 0 end
@@ -195,10 +189,17 @@ def _new_rev() -> str:
     return secrets.token_hex(8)
 
 
-def _stamped(record: SessionRecord) -> dict[str, bytes | str]:
-    """The whole record as hash fields, with a new `rev`: a hash written afresh never
-    carries the stamp a decision read from an earlier one."""
-    return {**encode_record(record), REV: _new_rev()}
+def _stamped(record: SessionRecord, fields: frozenset[str] | None = None) -> dict[str, bytes | str]:
+    """The record's `fields` (all of them by default) as hash fields, with a new `rev`: a
+    decision that read the hash before this write is stale."""
+    return {**encode_record(record, fields), REV: _new_rev()}
+
+
+class _Stale:
+    """A commit refused: the hash (or the idempotency record) changed since the read."""
+
+
+_STALE = _Stale()
 
 
 _decode_outbox = msgspec.json.Decoder(OutboxEntry).decode
@@ -559,9 +560,8 @@ class RedisHotStore:
         if "version" in change.fields:  # a new version: a write of its own, named
             change.record.write_id = new_write_id()
             change.fields = change.fields | {"write_id"}
-        if change.fields:  # a new `rev`: a decision that read the hash before this is stale
-            mapping: dict[str, bytes | str] = {**encode_record(change.record, change.fields)}
-            pipe.hset(hot_key(session_id), mapping={**mapping, REV: _new_rev()})
+        if change.fields:
+            pipe.hset(hot_key(session_id), mapping=_stamped(change.record, change.fields))
         if change.events:
             tl = timeline_key(session_id)
             pipe.rpush(tl, *[_encode(e) for e in change.events])

@@ -17,6 +17,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import fakeredis
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -100,3 +101,15 @@ async def manual_redis(manual_api: httpx.AsyncClient, manual_container: Containe
 @pytest.fixture
 async def manual_warm(manual_api: httpx.AsyncClient, manual_container: Container) -> MongoWarmStore:
     return await resolve(manual_container.warm)
+
+
+@pytest.fixture(params=["redis-server", "fakeredis"])
+async def store_redis(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Redis]:
+    """A client for tests of `RedisHotStore` itself: the private redis-server, then fakeredis
+    with Lua (the scripts run on both)."""
+    if request.param == "fakeredis":
+        redis: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    else:
+        redis = Redis.from_url(redis_url)
+    yield redis
+    await redis.aclose()

@@ -9,11 +9,10 @@ never applied over it. On redis-server and on fakeredis with Lua.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import fakeredis
 import msgspec
 import pytest
 from redis.asyncio import Redis
@@ -25,16 +24,6 @@ from tests.unit.factories import SessionRecordFactory
 
 JOINED = datetime(2026, 11, 30, tzinfo=UTC)
 RENEWED = JOINED + timedelta(seconds=60)
-
-
-@pytest.fixture(params=["redis-server", "fakeredis"])
-async def client(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Redis]:
-    if request.param == "fakeredis":
-        redis: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    else:
-        redis = Redis.from_url(redis_url)
-    yield redis
-    await redis.aclose()
 
 
 def between_read_and_commit(
@@ -70,12 +59,17 @@ def bump(work: dict[str, Any]) -> Callable[[HotView], Change]:
     return decide
 
 
-def join(mad: str) -> Callable[[HotView], Change]:
-    """A MAD joins: the next version, `participants` written whole from what was read."""
+def with_participant(mad: str, *, renewal: bool) -> Callable[[HotView], Change]:
+    """`participants` written whole from what was read, with `mad` in it: a join (the next
+    version) or a lease renewal (the same version, Redis only)."""
 
     def decide(view: HotView) -> Change:
-        joined = Participant(joined_at=JOINED, lease_expires_at=JOINED, token=1)
-        participants = {**view.record.participants, mad: joined}
+        expires = RENEWED if renewal else JOINED
+        mine = Participant(joined_at=JOINED, lease_expires_at=expires, token=1)
+        participants = {**view.record.participants, mad: mine}
+        if renewal:
+            record = msgspec.structs.replace(view.record, participants=participants)
+            return Change(record=record, fields=frozenset({"participants"}), hot_only=True)
         record = msgspec.structs.replace(
             view.record, version=view.record.version + 1, participants=participants
         )
@@ -84,16 +78,12 @@ def join(mad: str) -> Callable[[HotView], Change]:
     return decide
 
 
+def join(mad: str) -> Callable[[HotView], Change]:
+    return with_participant(mad, renewal=False)
+
+
 def renew(mad: str) -> Callable[[HotView], Change]:
-    """A lease renewal: `participants` rewritten at the same version (no new version)."""
-
-    def decide(view: HotView) -> Change:
-        renewed = Participant(joined_at=JOINED, lease_expires_at=RENEWED, token=1)
-        participants = {**view.record.participants, mad: renewed}
-        record = msgspec.structs.replace(view.record, participants=participants)
-        return Change(record=record, fields=frozenset({"participants"}), hot_only=True)
-
-    return decide
+    return with_participant(mad, renewal=True)
 
 
 async def hot(store: RedisHotStore, session_id: str) -> HotView:
@@ -103,9 +93,9 @@ async def hot(store: RedisHotStore, session_id: str) -> HotView:
 
 
 async def test_a_write_between_read_and_commit_makes_the_update_decide_again(
-    client: Redis, monkeypatch: pytest.MonkeyPatch
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = RedisHotStore(client)
+    store = RedisHotStore(store_redis)
     record = SessionRecordFactory.build(version=1, work_in_progress={})
     await store.create(record, None, b"{}")
     read = between_read_and_commit(
@@ -122,11 +112,11 @@ async def test_a_write_between_read_and_commit_makes_the_update_decide_again(
 
 
 async def test_a_write_at_the_same_version_also_makes_it_decide_again(
-    client: Redis, monkeypatch: pytest.MonkeyPatch
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A renewal rewrites `participants` without a new version: only `rev` shows it. A join
     decided before it would otherwise write `participants` back without the renewal."""
-    store = RedisHotStore(client)
+    store = RedisHotStore(store_redis)
     record = SessionRecordFactory.build(version=1, participants={})
     await store.create(record, None, b"{}")
     read = between_read_and_commit(
@@ -143,33 +133,33 @@ async def test_a_write_at_the_same_version_also_makes_it_decide_again(
 
 
 async def test_a_session_suspended_between_read_and_commit_is_not_written_back(
-    client: Redis, monkeypatch: pytest.MonkeyPatch
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The hash deleted in between: the commit writes nothing (no hash of one field), and
     the update answers "not hot" so that the service loads the session and decides again."""
-    store = RedisHotStore(client)
+    store = RedisHotStore(store_redis)
     record = SessionRecordFactory.build(version=1)
     await store.create(record, None, b"{}")
-    between_read_and_commit(monkeypatch, lambda: client.delete(hot_key(record.id)))
+    between_read_and_commit(monkeypatch, lambda: store_redis.delete(hot_key(record.id)))
 
     assert await store.transact(record.id, bump({"a": 1}), None) is None
 
-    assert await client.exists(hot_key(record.id)) == 0
+    assert await store_redis.exists(hot_key(record.id)) == 0
 
 
 async def test_a_session_written_and_reloaded_between_read_and_commit_is_decided_again(
-    client: Redis, monkeypatch: pytest.MonkeyPatch
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Suspended and loaded again in between, at the same version: a load stamps the hash
     with a new `rev`, so the commit of the decision read before is refused all the same."""
-    store = RedisHotStore(client)
+    store = RedisHotStore(store_redis)
     record = SessionRecordFactory.build(version=1, participants={})
     await store.create(record, None, b"{}")
 
     async def renew_suspend_reload() -> None:
         await store.transact(record.id, renew("renewed"), None)
         current = (await hot(store, record.id)).record
-        await client.delete(hot_key(record.id))
+        await store_redis.delete(hot_key(record.id))
 
         async def loader() -> Any:
             return current, []
@@ -187,11 +177,11 @@ async def test_a_session_written_and_reloaded_between_read_and_commit_is_decided
 
 
 async def test_the_same_key_committed_in_between_answers_the_first_result(
-    client: Redis, monkeypatch: pytest.MonkeyPatch
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A change that writes no field leaves the hash as it was: the idempotency record alone
     shows that a request with this key committed in between, and this one replays it."""
-    store = RedisHotStore(client)
+    store = RedisHotStore(store_redis)
     record = SessionRecordFactory.build(version=1)
     await store.create(record, None, b"{}")
     idem = Idempotency(key_digest="k" * 16, fingerprint="f")
@@ -210,15 +200,15 @@ async def test_the_same_key_committed_in_between_answers_the_first_result(
     assert calls == ["decided", "decided"], "the other request, then this one once"
 
 
-async def test_the_commit_runs_after_redis_forgot_its_script(client: Redis) -> None:
-    store = RedisHotStore(client)
+async def test_the_commit_runs_after_redis_forgot_its_script(store_redis: Redis) -> None:
+    store = RedisHotStore(store_redis)
     record = SessionRecordFactory.build(version=1, work_in_progress={})
     await store.create(record, None, b"{}")
-    await client.script_flush()
+    await store_redis.script_flush()
 
     assert isinstance(await store.transact(record.id, bump({"a": 1}), None), Change)
 
-    assert await client.script_exists(COMMIT_SHA) == [True]
+    assert await store_redis.script_exists(COMMIT_SHA) == [True]
     assert (await hot(store, record.id)).record.version == 2
     assert isinstance(await store.transact(record.id, bump({"b": 2}), None), Change)
     assert (await hot(store, record.id)).record.work_in_progress == {"a": 1, "b": 2}

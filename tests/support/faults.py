@@ -10,11 +10,11 @@ import shutil
 import signal
 
 from sessionmgr.devstack import RedisServer
-from sessionmgr.storage.hot import COMMIT_SHA
+from sessionmgr.storage.hot import COMMIT_MARK, COMMIT_SHA
 
 # What a write's last round trip carries: EXEC of a MULTI, or the commit script of an update
-# (by its digest, or by its text after Redis forgot it: the script opens with this comment).
-WRITE_MARKERS = (b"\r\nEXEC\r\n", COMMIT_SHA.encode(), b"-- sessionmgr commit")
+# (by its digest, or by its text after Redis forgot it: the script opens with COMMIT_MARK).
+WRITE_MARKERS = (b"\r\nEXEC\r\n", COMMIT_SHA.encode(), COMMIT_MARK.encode())
 
 
 def committed_commands(args: tuple[object, ...]) -> list[tuple[object, ...]]:
@@ -33,7 +33,7 @@ def is_commit(args: tuple[object, ...]) -> bool:
     """A call of the commit script: EVALSHA of its digest, or EVAL of its text."""
     script = str(args[1]) if len(args) > 1 else ""
     return args[0] in ("EVALSHA", "EVAL") and (
-        script == COMMIT_SHA or script.startswith("-- sessionmgr commit")
+        script == COMMIT_SHA or script.startswith(COMMIT_MARK)
     )
 
 
