@@ -14,6 +14,7 @@ fixtures serve one without it, so a test can drive `WriteBehindWorker`s by hand.
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -57,7 +58,26 @@ async def serving(container: Container) -> AsyncIterator[httpx.AsyncClient]:
             yield c
     finally:
         stop.set()
-        await lifespan
+        await _shut_down(lifespan)
+
+
+# Generous: a shutdown drains the write-behind for at most its own grace period.
+SHUTDOWN_BOUND_S = 60.0
+
+
+async def _shut_down(lifespan: asyncio.Task[None]) -> None:
+    """Wait for the app's shutdown, but never for ever: a shutdown that hangs fails the test
+    with where it hung, instead of holding the whole run until CI's limit."""
+    done, _ = await asyncio.wait([lifespan], timeout=SHUTDOWN_BOUND_S)
+    if done:
+        lifespan.result()
+        return
+    where = io.StringIO()
+    lifespan.print_stack(file=where)
+    lifespan.cancel()
+    raise AssertionError(
+        f"the app's shutdown took over {SHUTDOWN_BOUND_S:.0f} s; it was at:\n{where.getvalue()}"
+    )
 
 
 @pytest.fixture
