@@ -15,7 +15,7 @@ import redis as redis_sync
 
 from sessionmgr.settings import Settings, load_settings
 from sessionmgr.storage import keys
-from tests.conftest import JWT_SECRET
+from tests.conftest import JWT_SECRET, REDIS_TIMEOUT_S
 from tests.integration.conftest import (  # noqa: F401 - fixtures, reused as they are
     api,
     app_container,
@@ -71,4 +71,5 @@ def settings(cluster_url: str, s3_server: S3Server) -> Settings:
         # The participants' race of test_concurrency holds 50 leases for its whole run, which
         # takes longer than 30 s on a loaded 2-core machine with six Redis processes.
         lease_ttl_s=120,
+        redis_socket_timeout_s=REDIS_TIMEOUT_S,  # as on one Redis: above the test loop's stalls
     )
