@@ -125,9 +125,13 @@ def keys(session_id: str) -> tuple[str, str]:
     return layout.hot(session_id), layout.timeline(session_id)  # sessionmgr's keys
 
 
+_NOT_FIELDS = frozenset({b"timeline_seq", b"rev"})
+
+
 def to_session(raw: dict[bytes, bytes], recent: list[bytes]) -> Session:
-    fields = {k.decode(): json.loads(v) for k, v in raw.items()}
-    fields.pop("timeline_seq", None)
+    # The hash's bookkeeping fields are not the session's (sessionmgr's `decode_record` skips
+    # them too): `rev`, its write stamp, is not even JSON.
+    fields = {k.decode(): json.loads(v) for k, v in raw.items() if k not in _NOT_FIELDS}
     return Session(**fields, recent_timeline=[json.loads(e) for e in recent])
 
 
