@@ -39,9 +39,22 @@ def p(part: dict[str, Any], key: str) -> float | None:
 
 
 def find(results: dict[str, Any], name: str, target: str) -> dict[str, Any] | None:
-    return next(
+    """The scenario, if it ran and measured something: one that answered mostly errors (a
+    baseline broken by a change of the stored shape, say) is no term of a ratio."""
+    found = next(
         (s for s in results["scenarios"] if s["name"] == name and s["target"] == target), None
     )
+    return None if found is None or failed_share(found) > ERRORS_ALLOWED else found
+
+
+# Above this share of non-2xx answers (409 conflicts excepted) a scenario is not a measurement.
+ERRORS_ALLOWED = 0.01
+
+
+def failed_share(scenario: dict[str, Any]) -> float:
+    ok = sum(x.get("ok", 0) for x in scenario["parts"])
+    other = sum(x.get("other", 0) for x in scenario["parts"])
+    return other / (ok + other) if ok + other else 0.0
 
 
 def scenario_rows(results: dict[str, Any]) -> list[str]:

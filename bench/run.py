@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import load
+from bench import load, report
 from bench.load import Part
 from bench.peer import DEFAULT_URL as PEER_URL
 from bench.peer import URL_ENV as PEER_URL_ENV
@@ -234,6 +234,12 @@ async def scenario(
         f"{result['cpu_ms_per_request'] or 0:.2f} ms CPU/req, ok {ok}, other {other}",
         flush=True,
     )
+    if other > report.ERRORS_ALLOWED * (ok + other):
+        print(
+            f"    NOT A MEASUREMENT: {other} of {ok + other} answers were errors; the report "
+            "leaves this scenario out of every ratio",
+            flush=True,
+        )
     if writes:
         o = result["outbox"]
         print(
@@ -739,8 +745,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         profile.main(["--seconds", "2" if args.quick else "10"])
     if not args.no_report:
-        from bench import report
-
         report.main([str(path)])
     return 0
 
