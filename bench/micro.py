@@ -2,8 +2,9 @@
 Redis command through each connection pool, in one process, no HTTP server, no load tool.
 
 The steadier figure for a change to the hot path: no network stack, no wrk, no scheduler
-noise from other processes, only `time.process_time()` around N calls. `app` sends a hot GET
-and an update (PATCH) of one session straight to the Litestar app (a private redis-server,
+noise from other processes, only `time.process_time()` around N calls. `app` sends a hot GET,
+an update (PATCH), an append and a create straight to the Litestar app, and the hot GET's
+session to the floor (`bench.baselines.floor`) the same way (a private redis-server,
 the in-memory MongoDB, tracing off); `pool` times HGETALL through redis-py's
 `BlockingConnectionPool`, its plain `ConnectionPool` and sessionmgr's `BoundedPool`.
 """
@@ -42,7 +43,7 @@ async def app_figures(redis_url: str, n: int, mongodb_uri: str = "mongomock://")
         elif message["type"] == "http.response.body":
             answer["body"] = message.get("body", b"")
 
-    async def call(method: str, path: str, body: bytes = b"") -> None:
+    async def call(method: str, path: str, body: bytes = b"", to: Any = app) -> None:
         headers = [(b"host", b"bench"), (b"authorization", auth)]
         if body:
             headers += [
@@ -68,7 +69,7 @@ async def app_figures(redis_url: str, n: int, mongodb_uri: str = "mongomock://")
         async def receive() -> dict[str, Any]:
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await app(scope, receive, send)  # type: ignore[arg-type]
+        await to(scope, receive, send)
 
     async with app.lifespan():
         await call("POST", "/v1/sessions/", b'{"work_in_progress": {"step": 0}}')
@@ -98,21 +99,38 @@ async def app_figures(redis_url: str, n: int, mongodb_uri: str = "mongomock://")
         async def create() -> None:
             await call("POST", "/v1/sessions/", create_body)
 
+        floor = floor_app(redis_url)
+
+        async def floor_get() -> None:
+            await call("GET", f"/floor/{created['id']}", to=floor)
+
         figures = (
             ("hot GET", hot_get, 200),
+            ("floor GET", floor_get, 200),
             ("update", update, 200),
             ("append", append, 200),
             ("create", create, 201),
         )
-        for name, fn, status in figures:
-            # Each create adds a session the next one's quota count may scan: fewer of them.
-            us = await per_call_us(fn, n if name != "create" else min(n, 500))
-            assert answer["status"] == status, answer
-            print(
-                f"{name}: {us:.1f} us of CPU per request (app only, in-process; "
-                f"MongoDB: {mongodb_uri.split(':')[0]})",
-                flush=True,
-            )
+        async with floor.lifespan():
+            for name, fn, status in figures:
+                # Each create adds a session the next one's quota count may scan: fewer of them.
+                us = await per_call_us(fn, n if name != "create" else min(n, 500))
+                assert answer["status"] == status, answer
+                print(
+                    f"{name}: {us:.1f} us of CPU per request (app only, in-process; "
+                    f"MongoDB: {mongodb_uri.split(':')[0]})",
+                    flush=True,
+                )
+
+
+def floor_app(redis_url: str) -> Any:
+    """`bench.baselines.floor`'s app on `redis_url` (it reads the URL when it starts)."""
+    import os
+
+    os.environ["BENCH_REDIS_URL"] = redis_url
+    from bench.baselines.floor import app
+
+    return app
 
 
 async def pool_figures(redis_url: str, n: int) -> None:
