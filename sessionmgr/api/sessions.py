@@ -276,6 +276,34 @@ async def _merge_patch(request: Req) -> Response[Session] | None:
     return _with_etag(session)
 
 
+async def _read_session(
+    request: Req, session_id: str, include: str | None, if_none_match: str | None
+) -> Response[Session]:
+    """`get_session`'s answer (and `_plain_read`'s)."""
+    if include not in (None, "full"):
+        raise InvalidInput("include accepts only 'full'", "include")
+    full = include == "full"
+    session = await _service(request).get(request.user, _sid(session_id), full=full)
+    tag = etag(session, full=full)
+    if conditional.none_match(if_none_match, tag):
+        return _not_modified(tag)
+    return _with_etag(session, full=full)
+
+
+async def _plain_read(request: Req) -> Response[Session] | None:
+    """A GET or HEAD of a session with no query string and no If-None-Match (nearly every
+    read), answered before Litestar extracts `get_session`'s arguments: they would all be
+    their defaults (`include` and `if_none_match` None) and the path's `session_id`, and the
+    extraction (the headers parsed into a `Headers`, the query string, the signature model)
+    is most of what Litestar spends on a read. Any other read goes to `get_session` (None)."""
+    scope = request.scope
+    if scope["query_string"] or any(
+        name == b"if-none-match" or name.lower() == b"if-none-match" for name, _ in scope["headers"]
+    ):
+        return None
+    return await _read_session(request, request.path_params["session_id"], None, None)
+
+
 class SessionController(Controller):
     path = "/v1/sessions"
     tags = ["sessions"]
@@ -355,6 +383,7 @@ class SessionController(Controller):
         operation_id=_head_or("getSession"),
         summary="Read a session",
         response_headers=SESSION_HEADERS,
+        before_request=_plain_read,
     )
     async def get_session(
         self,
@@ -369,14 +398,7 @@ class SessionController(Controller):
         304 Not Modified (no body) while nothing changed; lease state counts as a change.
         HEAD answers the same headers without the body. An archived session is brought back
         from S3 first (it then reads as `dormant`)."""
-        if include not in (None, "full"):
-            raise InvalidInput("include accepts only 'full'", "include")
-        full = include == "full"
-        session = await _service(request).get(request.user, _sid(session_id), full=full)
-        tag = etag(session, full=full)
-        if conditional.none_match(if_none_match, tag):
-            return _not_modified(tag)
-        return _with_etag(session, full=full)
+        return await _read_session(request, session_id, include, if_none_match)
 
     @get("/{session_id:str}/timeline", responses=responses(*READ, 422))
     async def read_timeline(

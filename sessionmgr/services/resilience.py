@@ -105,6 +105,19 @@ class Breaker:
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run `fn` unless the breaker is open; raises `CircuitOpen` when it fails fast."""
+        cb = self._cb
+        if cb.current_state is CircuitBreakerState.CLOSED and not cb.fail_counter:
+            # Closed with no failure counted (nearly every call): what aiobreaker would do
+            # with an answer, or with an error that is not this backend's outage, is reset a
+            # count that is 0 and notify listeners that do nothing on it. Only this backend's
+            # outage goes through aiobreaker, which counts it (and may open).
+            try:
+                return await fn()
+            except Exception as exc:
+                if self._not_ours(exc):
+                    raise
+                failure = exc
+            return await self._through(functools.partial(_raise, failure))
         state = self.state
         if state is BreakerState.CLOSED:
             return await self._through(fn)
@@ -150,6 +163,10 @@ class Breaker:
             self._opened_at = self._clock()
         if self._on_change is not None:
             self._on_change(self.backend, state)
+
+
+async def _raise(failure: Exception) -> Any:
+    raise failure
 
 
 class Breakers:

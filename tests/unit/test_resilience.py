@@ -130,6 +130,22 @@ async def test_a_success_resets_the_count_of_consecutive_failures(clock: Clock) 
     assert breaker.state is BreakerState.CLOSED
 
 
+async def test_the_caller_gets_the_very_error_and_only_outages_count(clock: Clock) -> None:
+    """Closed with nothing counted, a call runs outside aiobreaker: the same outcomes."""
+    breaker, backend = Breaker("redis", fail_max=2, reset_s=5, clock=clock), Backend()
+    outage, other = BackendUnavailable("redis", "down"), SessionNotFound("x")
+    for answer in (other, outage, other, outage):
+        backend.fail_with = answer
+        with pytest.raises(type(answer)) as raised:
+            await breaker.call(backend.op)
+        assert raised.value is answer
+        # An answer that is not an outage resets the count, as aiobreaker's success does.
+        assert breaker._cb.fail_counter == (1 if answer is outage else 0)
+    assert breaker.state is BreakerState.CLOSED
+    await trip(breaker, backend, 1)  # the second outage in a row
+    assert breaker.state is BreakerState.OPEN
+
+
 async def test_after_the_timeout_one_trial_call_closes_it(clock: Clock) -> None:
     breaker, backend = Breaker("redis", fail_max=1, reset_s=5, clock=clock), Backend()
     await trip(breaker, backend, 1)

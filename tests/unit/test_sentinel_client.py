@@ -35,7 +35,7 @@ async def test_the_master_is_reached_through_the_sentinels_with_the_same_limits(
         pool = client.connection_pool
         assert isinstance(pool, SentinelBoundedPool)
         assert (pool.service_name, pool.max_connections, pool.timeout) == ("sessionmgr", 7, 2.0)
-        assert pool.connection_class is SentinelManagedConnection
+        assert issubclass(pool.connection_class, SentinelManagedConnection)
         kwargs = pool.connection_kwargs
         assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("app", "pw", 3)
         assert kwargs["socket_timeout"] == settings.redis_socket_timeout_s
@@ -63,7 +63,7 @@ async def test_rediss_means_tls_to_the_master_and_sentinel_tls_to_the_sentinels(
     )
     client = redis_client(settings)
     try:
-        assert client.connection_pool.connection_class is SentinelManagedSSLConnection
+        assert issubclass(client.connection_pool.connection_class, SentinelManagedSSLConnection)
         manager = client.sentinel_manager  # type: ignore[attr-defined]
         assert manager.sentinels[0].connection_pool.connection_class is SSLConnection
     finally:
