@@ -12,6 +12,7 @@ import sessionmgr
 from sessionmgr.api.bridge import forget_at_shutdown, freeze_startup_heap, resolve_at_startup
 from sessionmgr.api.changes import ChangesController
 from sessionmgr.api.health import HealthController
+from sessionmgr.api.lane import install as install_read_lane
 from sessionmgr.api.metrics import metrics_endpoint, metrics_middleware
 from sessionmgr.api.openapi import complete_openapi
 from sessionmgr.api.problem_types import problem_types_page
@@ -32,7 +33,7 @@ def create_app(container: Container | None = None) -> Litestar:
     configure_logging(settings.log_level)
     # With a metrics port, /metrics is served there only (sessionmgr.api.metrics.serve_metrics).
     metrics_route = [metrics_endpoint] if settings.metrics_port is None else []
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             SessionController,
             ChangesController,
@@ -78,3 +79,5 @@ def create_app(container: Container | None = None) -> Litestar:
         logging_config=None,
         debug=False,
     )
+    install_read_lane(app)  # a plain session read skips the request cycle (its docstring)
+    return app

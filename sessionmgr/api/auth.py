@@ -177,6 +177,20 @@ class TokenVerifier:
         self._clock = clock
         self._monotonic = monotonic
 
+    def cached(self, authorization: str | None) -> Principal | None:
+        """The principal of a bearer token `verify` accepted and still trusts, from its cache;
+        None for any other value (no token, a new one, one expired or due to be checked
+        again): `verify` answers those. Changes nothing."""
+        if authorization is None or not authorization.startswith(("Bearer ", "bearer ")):
+            return None
+        hit = self._verified.get(authorization[7:])
+        if hit is None:
+            return None
+        principal, exp, until = hit
+        if self._clock() >= exp + self._leeway or self._monotonic() >= until:
+            return None
+        return principal
+
     async def verify(self, authorization: str | None) -> Principal:
         """Check the bearer token in a raw Authorization header value; return its principal."""
         parts = (authorization or "").split()

@@ -60,22 +60,39 @@ class RateLimiter:
 
     def take(self, principal: str, *, service: bool = False) -> None:
         """Spend one request of `principal`'s budget, or raise `RateLimited`."""
+        refused = self._spend(principal, service)
+        if refused is None:
+            return
+        policy, tokens = refused
+        if self._metrics is not None:
+            self._metrics.rate_limited.inc()
+        raise RateLimited(
+            max(1, math.ceil((1 - tokens) / policy.per_s)),
+            quota=int(policy.burst),
+            window_s=policy.window_s,
+            policy=policy.name,
+        )
+
+    def admits(self, principal: str, *, service: bool = False) -> bool:
+        """Spend one request of `principal`'s budget if it has one; a refusal changes and
+        counts nothing (`take` then refuses the same request, and counts it)."""
+        return self._spend(principal, service) is None
+
+    def _spend(self, principal: str, service: bool) -> tuple[_Policy, float] | None:
+        """None when one request was spent (or there is no limit); else the policy and the
+        tokens the bucket holds (fewer than one). A refusal leaves the bucket's count as it was
+        (its refill runs from when it was last spent from) and keeps it most recently used."""
         policy = self._service if service else self._default
         if policy.per_s <= 0:
-            return
+            return None
         now = self._clock()
-        tokens, at = self._buckets.pop(principal, (policy.burst, now))
+        tokens, at = self._buckets.get(principal, (policy.burst, now))
         tokens = min(policy.burst, tokens + (now - at) * policy.per_s)
-        allowed = tokens >= 1
-        self._buckets[principal] = (tokens - 1 if allowed else tokens, now)
+        if tokens < 1:
+            self._buckets.move_to_end(principal)  # a caller kept refused stays refused
+            return policy, tokens
+        self._buckets.pop(principal, None)
+        self._buckets[principal] = (tokens - 1, now)
         if len(self._buckets) > self._max:
             self._buckets.popitem(last=False)
-        if not allowed:
-            if self._metrics is not None:
-                self._metrics.rate_limited.inc()
-            raise RateLimited(
-                max(1, math.ceil((1 - tokens) / policy.per_s)),
-                quota=int(policy.burst),
-                window_s=policy.window_s,
-                policy=policy.name,
-            )
+        return None

@@ -14,6 +14,7 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from sessionmgr.api.auth import TokenVerifier
+from sessionmgr.api.lane import ADMITTED
 from sessionmgr.api.ratelimit import RateLimiter
 from sessionmgr.domain.errors import MalformedRequest
 
@@ -43,6 +44,11 @@ def authentication_middleware(app: ASGIApp) -> ASGIApp:
             or scope["path"].startswith(PUBLIC_PREFIXES)
             or scope.get("method") == "OPTIONS"  # Litestar answers it itself, with no data
         ):
+            await app(scope, receive, send)
+            return
+        if (admitted := scope["state"].get(ADMITTED)) is not None:  # the lane verified, charged
+            scope["user"] = admitted
+            scope["auth"] = None
             await app(scope, receive, send)
             return
         resolved = scope["litestar_app"].state.resolved

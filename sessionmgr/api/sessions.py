@@ -29,8 +29,10 @@ from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
 from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 
 from sessionmgr.api import conditional
+from sessionmgr.api.answer import session_answer
 from sessionmgr.api.bridge import resolved
 from sessionmgr.api.conditional import etag
+from sessionmgr.api.lane import FAILED
 from sessionmgr.api.problems import responses, validation_errors
 from sessionmgr.api.schemas import AppendBody, CreateSessionBody, ParticipantBody, PatchBody
 from sessionmgr.domain.errors import InvalidInput, SessionNotFound, VersionRequired
@@ -197,19 +199,8 @@ class SessionResponse(Response[Session]):
             or self.media_type not in (None, MediaType.JSON, "application/json")
         ):
             return super().to_asgi_response(app, request, **options)  # extras: Litestar's way
-        body = msgspec.json.encode(self.content)
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),  # a HEAD says how long a GET would be
-            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()),
-        ]
         return _Answer(
-            {"type": "http.response.start", "status": self.status_code or 200, "headers": headers},
-            {
-                "type": "http.response.body",
-                "body": b"" if request.method == "HEAD" else body,
-                "more_body": False,
-            },
+            *session_answer(self.content, self.status_code or 200, self.headers, request.method)
         )
 
 
@@ -297,6 +288,8 @@ async def _plain_read(request: Req) -> Response[Session] | None:
     extraction (the headers parsed into a `Headers`, the query string, the signature model)
     is most of what Litestar spends on a read. Any other read goes to `get_session` (None)."""
     scope = request.scope
+    if (failed := scope["state"].get(FAILED)) is not None:  # the read lane's: answer it
+        raise failed
     if scope["query_string"] or any(
         name == b"if-none-match" or name.lower() == b"if-none-match" for name, _ in scope["headers"]
     ):

@@ -55,6 +55,9 @@ def tracing_middleware(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         tracer: Tracer = scope["litestar_app"].state.tracer
+        if TRACE_ID in scope["state"]:  # handed over by the read lane, under its log span
+            await app(scope, receive, send)
+            return
         if not records(tracer):
             log_span = _log_span(scope)
             _note_trace_id(scope, log_span)

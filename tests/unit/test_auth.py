@@ -516,6 +516,29 @@ async def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(calls) == 3
 
 
+async def test_cached_answers_only_what_verify_would_answer_from_its_cache() -> None:
+    """The read lane's question (sessionmgr/api/lane.py): no verification, no change."""
+    now = time.time()
+    clock, ticks = _Clock(now), _Clock(1000.0)
+    verifier = TokenVerifier(
+        settings(jwt_secret=SECRET, jwt_leeway_s="5"), clock=clock, monotonic=ticks, cache_ttl_s=60
+    )
+    token = hs_token(claims(exp=int(now) + 30))
+    assert verifier.cached(f"Bearer {token}") is None  # never verified
+    principal = await verifier.verify(f"Bearer {token}")
+    assert verifier.cached(f"Bearer {token}") == principal
+    assert verifier.cached(f"bearer {token}") == principal
+    for other in (None, "", token, f"Basic {token}", f"Bearer  {token}", f"Bearer {token}x"):
+        assert verifier.cached(other) is None  # verify decides those
+    ticks.now += 61  # due to be verified again
+    assert verifier.cached(f"Bearer {token}") is None
+    ticks.now -= 61
+    clock.now = int(now) + 30 + 5  # expired beyond the leeway
+    assert verifier.cached(f"Bearer {token}") is None
+    assert len(verifier._verified) == 1  # nothing dropped: verify drops it, and says why
+    await refused(verifier, token, "token expired")
+
+
 async def test_a_jwks_refresh_forgets_the_verified_tokens(
     jwks_server: JwksServer, rsa_pair: KeyPair, rsa_pair2: KeyPair
 ) -> None:

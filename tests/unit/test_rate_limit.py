@@ -24,6 +24,36 @@ class Clock:
         return self.now
 
 
+def test_admits_spends_as_take_does_and_a_refusal_changes_and_counts_nothing() -> None:
+    """The read lane's question (sessionmgr/api/lane.py): it hands a refusal to `take`."""
+    clock, metrics = Clock(), Metrics()
+    limiter = RateLimiter(per_s=2, burst=2, metrics=metrics, clock=clock)
+    assert limiter.admits("alice")
+    limiter.take("alice")
+    for _ in range(3):
+        assert not limiter.admits("alice")
+    assert metrics.registry.get_sample_value("sessionmgr_rate_limited_requests_total") == 0
+    with pytest.raises(RateLimited) as refused:
+        limiter.take("alice")
+    assert refused.value.retry_after_s == 1  # as if no refusal came before it
+    assert metrics.registry.get_sample_value("sessionmgr_rate_limited_requests_total") == 1
+    clock.now += 0.5
+    assert limiter.admits("alice")  # the refill ran through the refusals
+    assert not limiter.admits("alice")
+    assert RateLimiter(per_s=0, burst=1).admits("bob")  # no limit
+
+
+def test_a_refused_caller_stays_the_most_recent_and_keeps_its_empty_bucket() -> None:
+    clock = Clock()
+    limiter = RateLimiter(per_s=1, burst=1, clock=clock, max_principals=2)
+    limiter.take("alice")
+    limiter.take("bob")
+    assert not limiter.admits("alice")  # refused: alice is now the most recent of the two
+    limiter.take("carol")  # drops the least recent: bob
+    with pytest.raises(RateLimited):
+        limiter.take("alice")  # still empty: not dropped, so not refilled
+
+
 def test_a_burst_then_the_steady_rate() -> None:
     clock, metrics = Clock(), Metrics()
     limiter = RateLimiter(per_s=2, burst=3, metrics=metrics, clock=clock)

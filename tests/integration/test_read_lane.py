@@ -1,0 +1,195 @@
+"""The read lane (sessionmgr/api/lane.py): a plain read of a session by a token already
+verified is answered in front of Litestar's request cycle, with the cycle's own answer; every
+other request, and every read the lane cannot answer, goes the whole way, verified, charged
+and counted once."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from sessionmgr.api import lane
+from sessionmgr.api.auth import issue_token
+from sessionmgr.container import Container, build_container
+from sessionmgr.settings import Settings
+from tests.conftest import JWT_SECRET
+from tests.integration.conftest import serving
+from tests.integration.session_api import create_session
+
+Headers = Callable[..., dict[str, str]]
+NO_MATCH = {"If-None-Match": '"no-such-tag"'}  # the whole way: a tag no session has
+REQUESTS = "sessionmgr_http_requests_total"
+ROUTE = "/v1/sessions/{session_id}"
+
+
+def _answer(response: httpx.Response) -> tuple[int, dict[str, str], bytes]:
+    headers = {k: v for k, v in response.headers.items() if k != "x-request-id"}
+    return response.status_code, headers, response.content
+
+
+@pytest.fixture
+def lane_answers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The session ids the lane answered itself."""
+    answered: list[str] = []
+    answer = lane.session_answer
+
+    def counted(session: Any, *args: Any) -> Any:
+        answered.append(session.id)
+        return answer(session, *args)
+
+    monkeypatch.setattr(lane, "session_answer", counted)
+    return answered
+
+
+def _bearer(sub: str = "alice") -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_token(JWT_SECRET, sub)}"}
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_a_plain_read_with_a_known_token_is_the_lanes_with_the_cycles_answer(
+    api: httpx.AsyncClient, lane_answers: list[str], method: str
+) -> None:
+    owner = _bearer()
+    sid = (await create_session(api, owner, work_in_progress={"step": 1}))["id"]
+    joined = await api.post(
+        f"/v1/sessions/{sid}/participants", json={"mad_name": "planner"}, headers=owner
+    )
+    assert joined.status_code == 200  # a lease: the answer and ETag carry its expiry
+
+    by_lane = await api.request(method, f"/v1/sessions/{sid}", headers=owner)
+    whole_way = await api.request(method, f"/v1/sessions/{sid}", headers={**owner, **NO_MATCH})
+
+    assert lane_answers == [sid]
+    assert by_lane.status_code == 200
+    assert _answer(by_lane) == _answer(whole_way)
+    assert len(by_lane.headers["x-request-id"]) == 32
+
+
+async def test_a_token_seen_first_goes_the_whole_way_then_the_lane(
+    api: httpx.AsyncClient, lane_answers: list[str]
+) -> None:
+    sid = (await create_session(api, _bearer()))["id"]
+    first_use = _bearer("bob")  # bob is no reader: the cycle refuses him, and learns his token
+
+    refused = await api.get(f"/v1/sessions/{sid}", headers=first_use)
+    assert refused.status_code == 403
+    again = await api.get(f"/v1/sessions/{sid}", headers=first_use)
+    assert again.status_code == 403
+    assert _answer(again) == _answer(refused)
+    assert lane_answers == []  # an answer the lane cannot give is never the lane's
+
+    fresh = {"Authorization": f"Bearer {issue_token(JWT_SECRET, 'alice', roles=('admin',))}"}
+    assert (await api.get(f"/v1/sessions/{sid}", headers=fresh)).status_code == 200
+    assert lane_answers == []  # verified the whole way the first time
+    assert (await api.get(f"/v1/sessions/{sid}", headers=fresh)).status_code == 200
+    assert lane_answers == [sid]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # no token
+        {"Authorization": "Bearer not-a-jwt"},
+        {"Authorization": "Basic YWxpY2U6cHc="},
+    ],
+)
+async def test_a_read_with_no_good_token_is_refused_the_whole_way(
+    api: httpx.AsyncClient, lane_answers: list[str], headers: dict[str, str]
+) -> None:
+    sid = (await create_session(api, _bearer()))["id"]
+    refused = await api.get(f"/v1/sessions/{sid}", headers=headers)
+    assert refused.status_code == 401
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert lane_answers == []
+
+
+async def test_two_authorization_headers_are_the_cycles_400(api: httpx.AsyncClient) -> None:
+    owner = _bearer()
+    sid = (await create_session(api, owner))["id"]
+    twice = httpx.Headers([("authorization", owner["Authorization"])] * 2)
+    answer = await api.get(f"/v1/sessions/{sid}", headers=twice)
+    assert answer.status_code == 400
+
+
+def sample(container: Container, name: str, **labels: str) -> float:
+    return container.metrics().registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def limited(settings: Settings) -> Container:
+    """Five requests at once per principal, then one every 100 s: none refills in a test."""
+    return build_container(
+        msgspec.structs.replace(settings, rate_limit_per_s=0.01, rate_limit_burst=5)
+    )
+
+
+@pytest.fixture
+async def limited_api(limited: Container) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(limited) as http:
+        yield http
+
+
+async def test_the_lane_spends_one_request_of_the_budget_per_read_answered_or_refused(
+    limited_api: httpx.AsyncClient, limited: Container, lane_answers: list[str]
+) -> None:
+    owner = _bearer()
+    sid = (await create_session(limited_api, owner))["id"]  # 1: verified, charged
+    assert (await limited_api.get(f"/v1/sessions/{sid}", headers=owner)).status_code == 200
+    missing = f"/v1/sessions/{'0' * 32}"
+    # 3, 4: the lane admits them, then hands the 404 over; handed over, nothing is spent again.
+    for _ in range(2):
+        assert (await limited_api.get(missing, headers=owner)).status_code == 404
+    assert (await limited_api.get(f"/v1/sessions/{sid}", headers=owner)).status_code == 200  # 5
+    assert lane_answers == [sid, sid]
+
+    refused = await limited_api.get(f"/v1/sessions/{sid}", headers=owner)
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"]
+    assert (
+        sample(limited, "sessionmgr_rate_limited_requests_total") == 1
+    )  # counted once, the cycle's
+    assert lane_answers == [sid, sid]
+
+
+async def test_each_read_is_counted_once_under_the_routes_template(
+    api: httpx.AsyncClient, app_container: Container, lane_answers: list[str]
+) -> None:
+    owner = _bearer()
+    sid = (await create_session(api, owner))["id"]
+    for _ in range(3):
+        assert (await api.get(f"/v1/sessions/{sid}", headers=owner)).status_code == 200
+    assert (await api.get(f"/v1/sessions/{'0' * 32}", headers=owner)).status_code == 404
+    assert (await api.head(f"/v1/sessions/{sid}", headers=owner)).status_code == 200
+
+    for method, status, count in (("GET", "200", 3), ("GET", "404", 1), ("HEAD", "200", 1)):
+        counted = sample(app_container, REQUESTS, route=ROUTE, method=method, status=status)
+        assert counted == count, (method, status)
+    assert lane_answers == [sid] * 4
+
+
+async def test_a_read_handed_over_answers_under_the_lanes_trace_id(
+    api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, lane_answers: list[str]
+) -> None:
+    """Its log lines (written under the lane's span) and its X-Request-ID name one request."""
+    owner = _bearer()
+    await create_session(api, owner)
+    spans: list[str] = []
+    log_span = lane._log_span
+
+    def noted(scope: Any) -> Any:
+        span = log_span(scope)
+        spans.append(f"{span.get_span_context().trace_id:032x}")
+        return span
+
+    monkeypatch.setattr(lane, "_log_span", noted)
+    missing = await api.get(f"/v1/sessions/{'0' * 32}", headers=owner)
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert spans == [missing.headers["x-request-id"]]
+    given = await api.get(f"/v1/sessions/{'0' * 32}", headers={**owner, "X-Request-ID": "mine"})
+    assert given.headers["x-request-id"] == "mine"
+    assert lane_answers == []
