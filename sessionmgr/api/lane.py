@@ -23,7 +23,7 @@ such session, not the caller's, a backend down) goes the whole way too, once: it
 principal it was admitted as (`ADMITTED`, so it is neither verified nor charged again) and
 the error (`FAILED`, which `_plain_read` raises at once instead of reading again), so that
 Litestar's exception handlers answer it as they answer every error, under the lane's trace id.
-`tests/e2e/test_read_lane.py` holds both ways to the same answers.
+`tests/integration/test_read_lane.py` holds both ways to the same answers.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
+from litestar._asgi.utils import is_valid_host
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 from opentelemetry import context, trace
@@ -50,6 +51,7 @@ ROUTE = "/v1/sessions/{session_id}"  # the route's template, as Litestar names i
 # In the `state` of a read the lane hands over after admitting it (the module's docstring).
 ADMITTED = "sessionmgr.lane.admitted"
 FAILED = "sessionmgr.lane.failed"
+STARTED = "sessionmgr.lane.started"
 _ID_LENGTH = 32
 _HEX = frozenset("0123456789abcdef")
 _READS = frozenset({"GET", "HEAD"})
@@ -62,10 +64,11 @@ def install(app: Any) -> None:
 
 def _plain_session_read(scope: Scope) -> str | None:
     """The session id of a GET or HEAD of `/v1/sessions/{id}` with a well-formed id, no query
-    string and no If-None-Match; otherwise None."""
+    string, no If-None-Match and a Host the router accepts (it refuses the others before any
+    middleware), served at no root path (the router would strip one); otherwise None."""
     if scope["type"] != ScopeType.HTTP:
         return None
-    if scope["method"] not in _READS or scope["query_string"]:
+    if scope["method"] not in _READS or scope["query_string"] or scope.get("root_path"):
         return None
     path: str = scope["path"]
     if not path.startswith(PREFIX):
@@ -73,10 +76,30 @@ def _plain_session_read(scope: Scope) -> str | None:
     session_id = path[len(PREFIX) :]
     if len(session_id) != _ID_LENGTH or not _HEX.issuperset(session_id):
         return None
-    for name, _ in scope["headers"]:
-        if name == b"if-none-match" or name.lower() == b"if-none-match":
+    for name, value in scope["headers"]:
+        lowered = name.lower()
+        if lowered == b"if-none-match" or (lowered == b"host" and not is_valid_host(value)):
             return None
     return session_id
+
+
+def admitted(scope: Scope) -> Principal | None:
+    """The principal the lane admitted this request as, when it handed it over; else None.
+
+    Only for the very request the lane matched: a request made inside the app from another's
+    state (a relay, say) is verified and charged as any other."""
+    handed = scope["state"].get(ADMITTED)
+    if handed is None or handed[0] is not scope:
+        return None
+    principal: Principal = handed[1]
+    return principal
+
+
+def handed_over_error(scope: Scope) -> Exception | None:
+    """The error the lane met on this request, taken out of its state (a caught exception
+    left there would hold the request's frames in a reference cycle)."""
+    failed: Exception | None = scope["state"].pop(FAILED, None)
+    return failed
 
 
 def _authorization(scope: Scope) -> str | None:
@@ -131,19 +154,23 @@ class ReadLane:
         started: float,
     ) -> None:
         service: SessionService = resolved["sessions"]
-        try:
-            session = await service.get(principal, session_id)
-        except Exception as exc:  # answered the whole way, as every error is
-            scope["state"][ADMITTED] = principal
-            scope["state"][FAILED] = exc
-            await self.app(scope, receive, send)
-            return
-        start, body = session_answer(session, 200, {"ETag": etag(session)}, scope["method"])
         status = 500  # as `metrics_middleware` counts an answer that was never started
         try:
+            try:
+                session = await service.get(principal, session_id)
+                start, body = session_answer(session, 200, {"ETag": etag(session)}, scope["method"])
+            except Exception as exc:  # answered the whole way, as every error is
+                scope["state"][ADMITTED] = (scope, principal)
+                scope["state"][FAILED] = exc
+                scope["state"][STARTED] = started  # the cycle's metrics time the whole request
+                status = 0  # counted by the cycle
+                await self.app(scope, receive, send)
+                return
+            status = 200  # as `metrics_middleware` notes it: before the start is sent
             await send(start)
-            status = 200
             await send(body)
         finally:
-            metrics: Metrics = scope["litestar_app"].state.metrics
-            metrics.request_answered(ROUTE, scope["method"], status, time.perf_counter() - started)
+            if status:
+                metrics: Metrics = scope["litestar_app"].state.metrics
+                elapsed = time.perf_counter() - started
+                metrics.request_answered(ROUTE, scope["method"], status, elapsed)

@@ -12,6 +12,7 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 
+from sessionmgr.api.lane import STARTED
 from sessionmgr.metrics import Metrics
 from sessionmgr.settings import Settings
 
@@ -25,7 +26,8 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         status = 500
-        started = time.perf_counter()
+        # A read the read lane handed over started there (sessionmgr/api/lane.py).
+        started = scope["state"].get(STARTED) or time.perf_counter()
 
         async def capture(message: Message) -> None:
             nonlocal status

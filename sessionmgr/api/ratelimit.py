@@ -89,7 +89,8 @@ class RateLimiter:
         tokens, at = self._buckets.get(principal, (policy.burst, now))
         tokens = min(policy.burst, tokens + (now - at) * policy.per_s)
         if tokens < 1:
-            self._buckets.move_to_end(principal)  # a caller kept refused stays refused
+            if principal in self._buckets:
+                self._buckets.move_to_end(principal)  # a caller kept refused stays refused
             return policy, tokens
         self._buckets.pop(principal, None)
         self._buckets[principal] = (tokens - 1, now)

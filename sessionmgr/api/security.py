@@ -14,7 +14,7 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from sessionmgr.api.auth import TokenVerifier
-from sessionmgr.api.lane import ADMITTED
+from sessionmgr.api.lane import admitted
 from sessionmgr.api.ratelimit import RateLimiter
 from sessionmgr.domain.errors import MalformedRequest
 
@@ -46,8 +46,8 @@ def authentication_middleware(app: ASGIApp) -> ASGIApp:
         ):
             await app(scope, receive, send)
             return
-        if (admitted := scope["state"].get(ADMITTED)) is not None:  # the lane verified, charged
-            scope["user"] = admitted
+        if (principal := admitted(scope)) is not None:  # the read lane verified and charged it
+            scope["user"] = principal
             scope["auth"] = None
             await app(scope, receive, send)
             return

@@ -32,7 +32,7 @@ from sessionmgr.api import conditional
 from sessionmgr.api.answer import session_answer
 from sessionmgr.api.bridge import resolved
 from sessionmgr.api.conditional import etag
-from sessionmgr.api.lane import FAILED
+from sessionmgr.api.lane import handed_over_error
 from sessionmgr.api.problems import responses, validation_errors
 from sessionmgr.api.schemas import AppendBody, CreateSessionBody, ParticipantBody, PatchBody
 from sessionmgr.domain.errors import InvalidInput, SessionNotFound, VersionRequired
@@ -288,7 +288,7 @@ async def _plain_read(request: Req) -> Response[Session] | None:
     extraction (the headers parsed into a `Headers`, the query string, the signature model)
     is most of what Litestar spends on a read. Any other read goes to `get_session` (None)."""
     scope = request.scope
-    if (failed := scope["state"].get(FAILED)) is not None:  # the read lane's: answer it
+    if (failed := handed_over_error(scope)) is not None:  # the read lane's: answer it
         raise failed
     if scope["query_string"] or any(
         name == b"if-none-match" or name.lower() == b"if-none-match" for name, _ in scope["headers"]

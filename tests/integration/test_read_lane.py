@@ -5,6 +5,7 @@ and counted once."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from sessionmgr.api import lane
 from sessionmgr.api.auth import issue_token
 from sessionmgr.container import Container, build_container
+from sessionmgr.domain.errors import SessionNotFound
 from sessionmgr.settings import Settings
 from tests.conftest import JWT_SECRET
 from tests.integration.conftest import serving
@@ -193,3 +195,53 @@ async def test_a_read_handed_over_answers_under_the_lanes_trace_id(
     given = await api.get(f"/v1/sessions/{'0' * 32}", headers={**owner, "X-Request-ID": "mine"})
     assert given.headers["x-request-id"] == "mine"
     assert lane_answers == []
+
+
+async def test_a_read_with_a_host_the_router_refuses_is_its_400_uncharged_and_unread(
+    limited_api: httpx.AsyncClient, limited: Container, lane_answers: list[str]
+) -> None:
+    owner = _bearer()
+    sid = (await create_session(limited_api, owner))["id"]  # 1 of 5
+    for _ in range(6):
+        bad_host = await limited_api.get(f"/v1/sessions/{sid}", headers={**owner, "Host": "a b"})
+        assert bad_host.status_code == 400
+    for _ in range(4):  # 2-5: the six refusals spent nothing
+        assert (await limited_api.get(f"/v1/sessions/{sid}", headers=owner)).status_code == 200
+    assert lane_answers == [sid] * 4
+
+
+async def test_a_handed_over_read_is_timed_from_when_the_lane_took_it(
+    api: httpx.AsyncClient,
+    app_container: Container,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    owner = _bearer()
+    sid = (await create_session(api, owner))["id"]
+    service = type(await app_container.sessions())
+    get = service.get
+    slow: list[bool] = [True]
+
+    async def slow_failure(self: Any, principal: Any, session_id: str, **kw: Any) -> Any:
+        if slow[0]:
+            slow[0] = False  # only the lane's call: the cycle does not read again
+            await asyncio.sleep(0.3)
+            raise SessionNotFound(session_id)
+        return await get(self, principal, session_id, **kw)
+
+    monkeypatch.setattr(service, "get", slow_failure)
+    assert (await api.get(f"/v1/sessions/{sid}", headers=owner)).status_code == 404
+    labels = {"route": ROUTE, "method": "GET"}
+    took = app_container.metrics().registry.get_sample_value(
+        "sessionmgr_http_request_duration_seconds_sum", labels
+    )
+    assert took is not None and took >= 0.3
+
+
+async def test_a_principal_handed_over_is_trusted_for_that_request_only(
+    api: httpx.AsyncClient,
+) -> None:
+    scope: dict[str, Any] = {"state": {}}
+    scope["state"][lane.ADMITTED] = (scope, "alice")
+    assert lane.admitted(scope) == "alice"  # type: ignore[arg-type]
+    inner = {"state": dict(scope["state"])}  # a request made inside the app from its state
+    assert lane.admitted(inner) is None  # type: ignore[arg-type]
