@@ -31,9 +31,12 @@ try:  # a runtime dependency (redis[hiredis]); without it redis-py packs command
 except ImportError:  # pragma: no cover
     _hiredis_pack = None
 
-# Arguments hiredis writes byte for byte as redis-py's Encoder does (UTF-8, strict); floats,
-# bools, enums, memoryviews and every other type are redis-py's to encode (or refuse).
-_C_PACKED = frozenset({str, bytes, int})
+# Arguments hiredis writes byte for byte as redis-py's Encoder does (UTF-8 strict; a float as
+# its `repr`, tests/unit/test_redis_connection.py): an update's commit carries the idle index's
+# score, and a float left to redis-py would send the whole command, event and all, to the
+# Python packer. Bools, enums, memoryviews and every other type are redis-py's to encode (or
+# refuse).
+_C_PACKED = frozenset({str, bytes, int, float})
 
 
 class _LeanConnection(AbstractConnection):

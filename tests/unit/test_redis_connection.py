@@ -137,7 +137,8 @@ PACKED = [
     (b"CLIENT LIST",),
     ("SET", "big", b"x" * 10_000),  # redis-py sends these in pieces: the same bytes
     ("XADD", "s", "MAXLEN", "~", 1000, "*", "f", b'{"a": [1, 2]}'),
-    ("ZADD", "idle", 1733000000.125, "ab"),  # a float: redis-py's own encoding
+    ("ZADD", "idle", 1733000000.125, "ab"),  # a float: written as redis-py writes it
+    ("EVALSHA", "f" * 40, 1, "k", 0.1, -0.0, 1e300, 5e-324, float("inf"), float("nan"), b"{}"),
     ("SET", "k", _Kind.ONE),  # an int subclass: redis-py's own encoding
     ("SET", "k", memoryview(b"view")),
 ]
@@ -148,6 +149,14 @@ def test_a_command_is_packed_into_redis_pys_bytes(args: tuple[Any, ...]) -> None
     ours = BoundedPool.from_url("redis://127.0.0.1:9/0", max_connections=1, timeout=1)
     packed = ours.make_connection().pack_command(*args)  # type: ignore[no-untyped-call]
     assert b"".join(packed) == b"".join(Connection().pack_command(*args))
+
+
+def test_a_commit_with_a_float_is_packed_in_c_in_one_piece() -> None:
+    # redis-py's Python packer sends a large value as a piece of its own; hiredis packs one.
+    ours = BoundedPool.from_url("redis://127.0.0.1:9/0", max_connections=1, timeout=1)
+    args = ("EVALSHA", "f" * 40, 1, "k", 1733000000.125, b"x" * 10_000)
+    assert len(ours.make_connection().pack_command(*args)) == 1  # type: ignore[no-untyped-call]
+    assert len(Connection().pack_command(*args)) > 1
 
 
 @pytest.mark.parametrize("value", [True, None, 1.5j])
