@@ -69,13 +69,14 @@ async def dormant_session(
     )
     r = await api.post(f"/v1/sessions/{sid}/participants", json={"mad_name": "p"}, headers=owner)
     assert r.status_code == 200, r.text
+    # The in-memory MongoDB's inserts are synchronous scans on this loop: the write-behind
+    # delivering several hundred events at once held it past Redis' socket timeout (3 s, on a
+    # slow CI machine), which failed the append or suspend then in flight (a 503). So each
+    # batch is delivered before the next is sent, and the backlog is empty before the suspend.
     for start in range(0, events, 100):
         batch = range(start + 1, min(start + 100, events) + 1)
         await append_events(api, owner, sid, *({"kind": "note", "data": {"n": i}} for i in batch))
-    # The in-memory MongoDB's inserts are synchronous scans on this loop, and the write-behind
-    # delivering 1 000 events can hold it past Redis' 0.5 s socket timeout, which then fails
-    # the suspend's own Redis call (a 503, seen once under coverage). Let it catch up first.
-    await eventually(lambda: _backlog(redis), lambda n: n == 0, timeout_s=60)
+        await eventually(lambda: _backlog(redis), lambda n: n == 0, timeout_s=60)
     r = await api.post(f"/v1/sessions/{sid}/suspend", headers=owner)
     assert r.status_code == 200, r.text
     # The write-behind re-delivers what suspend flushed; let it finish, so what MongoDB holds
