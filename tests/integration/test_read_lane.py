@@ -6,6 +6,7 @@ and counted once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 from sessionmgr.api import lane
 from sessionmgr.api.auth import issue_token
 from sessionmgr.container import Container, build_container
-from sessionmgr.domain.errors import SessionNotFound
+from sessionmgr.domain.errors import BackendUnavailable, SessionNotFound
 from sessionmgr.settings import Settings
 from tests.conftest import JWT_SECRET
 from tests.integration.conftest import serving
@@ -245,3 +246,45 @@ async def test_a_principal_handed_over_is_trusted_for_that_request_only(
     assert lane.admitted(scope) == "alice"  # type: ignore[arg-type]
     inner = {"state": dict(scope["state"])}  # a request made inside the app from its state
     assert lane.admitted(inner) is None  # type: ignore[arg-type]
+
+
+async def test_a_head_of_a_missing_session_is_the_cycles_404_without_a_body(
+    api: httpx.AsyncClient, lane_answers: list[str]
+) -> None:
+    owner = _bearer()
+    await create_session(api, owner)
+    path = f"/v1/sessions/{'0' * 32}"
+    handed_over = await api.head(path, headers=owner)
+    whole_way = await api.head(path, headers={**owner, **NO_MATCH})
+    assert handed_over.status_code == 404
+    assert handed_over.content == b""
+    assert _answer(handed_over) == _answer(whole_way)
+    assert lane_answers == []
+
+
+async def test_a_backend_failure_handed_over_is_one_503_read_once_and_logged_once(
+    api: httpx.AsyncClient,
+    app_container: Container,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    owner = _bearer()
+    sid = (await create_session(api, owner))["id"]
+    service = type(await app_container.sessions())
+    reads: list[str] = []
+
+    async def down(self: Any, principal: Any, session_id: str, **kw: Any) -> Any:
+        reads.append(session_id)
+        raise BackendUnavailable("redis", "the read timed out")
+
+    monkeypatch.setattr(service, "get", down)
+    with caplog.at_level(logging.WARNING, logger="sessionmgr.api.problems"):
+        answer = await api.get(f"/v1/sessions/{sid}", headers=owner)
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.headers["retry-after"]
+    assert answer.json()["backend"] == "redis"
+    assert reads == [sid]  # the lane's read: the cycle raises its error, it does not read again
+    logged = [r for r in caplog.records if r.name == "sessionmgr.api.problems"]
+    assert len(logged) == 1, caplog.text
+    assert "503" in logged[0].getMessage() and sid in logged[0].getMessage()
