@@ -288,3 +288,23 @@ async def test_a_backend_failure_handed_over_is_one_503_read_once_and_logged_onc
     logged = [r for r in caplog.records if r.name == "sessionmgr.api.problems"]
     assert len(logged) == 1, caplog.text
     assert "503" in logged[0].getMessage() and sid in logged[0].getMessage()
+
+
+async def test_a_service_callers_reads_in_the_lane_spend_the_service_budget(
+    settings: Settings, lane_answers: list[str]
+) -> None:
+    """Two requests for a person, six for a caller with role `service`; none refills."""
+    budgets = msgspec.structs.replace(
+        settings,
+        rate_limit_per_s=0.01,
+        rate_limit_burst=2,
+        rate_limit_service_per_s=0.01,
+        rate_limit_service_burst=6,
+    )
+    mad = {"Authorization": f"Bearer {issue_token(JWT_SECRET, 'planner', roles=('service',))}"}
+    async with serving(build_container(budgets)) as http:
+        sid = (await create_session(http, mad))["id"]  # 1 of 6: verified, charged
+        for _ in range(5):  # 2-6, each the lane's
+            assert (await http.get(f"/v1/sessions/{sid}", headers=mad)).status_code == 200
+        assert (await http.get(f"/v1/sessions/{sid}", headers=mad)).status_code == 429
+    assert lane_answers == [sid] * 5
