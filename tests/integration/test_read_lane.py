@@ -15,11 +15,9 @@ import msgspec
 import pytest
 
 from sessionmgr.api import lane
-from sessionmgr.api.auth import issue_token
 from sessionmgr.container import Container, build_container
 from sessionmgr.domain.errors import BackendUnavailable, SessionNotFound
 from sessionmgr.settings import Settings
-from tests.conftest import JWT_SECRET
 from tests.integration.conftest import serving
 from tests.integration.session_api import create_session
 
@@ -48,15 +46,11 @@ def lane_answers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return answered
 
 
-def _bearer(sub: str = "alice") -> dict[str, str]:
-    return {"Authorization": f"Bearer {issue_token(JWT_SECRET, sub)}"}
-
-
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 async def test_a_plain_read_with_a_known_token_is_the_lanes_with_the_cycles_answer(
-    api: httpx.AsyncClient, lane_answers: list[str], method: str
+    auth: Headers, api: httpx.AsyncClient, lane_answers: list[str], method: str
 ) -> None:
-    owner = _bearer()
+    owner = auth()
     sid = (await create_session(api, owner, work_in_progress={"step": 1}))["id"]
     joined = await api.post(
         f"/v1/sessions/{sid}/participants", json={"mad_name": "planner"}, headers=owner
@@ -73,10 +67,10 @@ async def test_a_plain_read_with_a_known_token_is_the_lanes_with_the_cycles_answ
 
 
 async def test_a_token_seen_first_goes_the_whole_way_then_the_lane(
-    api: httpx.AsyncClient, lane_answers: list[str]
+    auth: Headers, api: httpx.AsyncClient, lane_answers: list[str]
 ) -> None:
-    sid = (await create_session(api, _bearer()))["id"]
-    first_use = _bearer("bob")  # bob is no reader: the cycle refuses him, and learns his token
+    sid = (await create_session(api, auth()))["id"]
+    first_use = auth("bob")  # bob is no reader: the cycle refuses him, and learns his token
 
     refused = await api.get(f"/v1/sessions/{sid}", headers=first_use)
     assert refused.status_code == 403
@@ -85,7 +79,7 @@ async def test_a_token_seen_first_goes_the_whole_way_then_the_lane(
     assert _answer(again) == _answer(refused)
     assert lane_answers == []  # an answer the lane cannot give is never the lane's
 
-    fresh = {"Authorization": f"Bearer {issue_token(JWT_SECRET, 'alice', roles=('admin',))}"}
+    fresh = auth("alice", ("admin",))
     assert (await api.get(f"/v1/sessions/{sid}", headers=fresh)).status_code == 200
     assert lane_answers == []  # verified the whole way the first time
     assert (await api.get(f"/v1/sessions/{sid}", headers=fresh)).status_code == 200
@@ -101,17 +95,19 @@ async def test_a_token_seen_first_goes_the_whole_way_then_the_lane(
     ],
 )
 async def test_a_read_with_no_good_token_is_refused_the_whole_way(
-    api: httpx.AsyncClient, lane_answers: list[str], headers: dict[str, str]
+    auth: Headers, api: httpx.AsyncClient, lane_answers: list[str], headers: dict[str, str]
 ) -> None:
-    sid = (await create_session(api, _bearer()))["id"]
+    sid = (await create_session(api, auth()))["id"]
     refused = await api.get(f"/v1/sessions/{sid}", headers=headers)
     assert refused.status_code == 401
     assert refused.headers["content-type"] == "application/problem+json"
     assert lane_answers == []
 
 
-async def test_two_authorization_headers_are_the_cycles_400(api: httpx.AsyncClient) -> None:
-    owner = _bearer()
+async def test_two_authorization_headers_are_the_cycles_400(
+    auth: Headers, api: httpx.AsyncClient
+) -> None:
+    owner = auth()
     sid = (await create_session(api, owner))["id"]
     twice = httpx.Headers([("authorization", owner["Authorization"])] * 2)
     answer = await api.get(f"/v1/sessions/{sid}", headers=twice)
@@ -137,9 +133,9 @@ async def limited_api(limited: Container) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def test_the_lane_spends_one_request_of_the_budget_per_read_answered_or_refused(
-    limited_api: httpx.AsyncClient, limited: Container, lane_answers: list[str]
+    auth: Headers, limited_api: httpx.AsyncClient, limited: Container, lane_answers: list[str]
 ) -> None:
-    owner = _bearer()
+    owner = auth()
     sid = (await create_session(limited_api, owner))["id"]  # 1: verified, charged
     assert (await limited_api.get(f"/v1/sessions/{sid}", headers=owner)).status_code == 200
     missing = f"/v1/sessions/{'0' * 32}"
@@ -159,9 +155,9 @@ async def test_the_lane_spends_one_request_of_the_budget_per_read_answered_or_re
 
 
 async def test_each_read_is_counted_once_under_the_routes_template(
-    api: httpx.AsyncClient, app_container: Container, lane_answers: list[str]
+    auth: Headers, api: httpx.AsyncClient, app_container: Container, lane_answers: list[str]
 ) -> None:
-    owner = _bearer()
+    owner = auth()
     sid = (await create_session(api, owner))["id"]
     for _ in range(3):
         assert (await api.get(f"/v1/sessions/{sid}", headers=owner)).status_code == 200
@@ -175,10 +171,10 @@ async def test_each_read_is_counted_once_under_the_routes_template(
 
 
 async def test_a_read_handed_over_answers_under_the_lanes_trace_id(
-    api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, lane_answers: list[str]
+    auth: Headers, api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, lane_answers: list[str]
 ) -> None:
     """Its log lines (written under the lane's span) and its X-Request-ID name one request."""
-    owner = _bearer()
+    owner = auth()
     await create_session(api, owner)
     spans: list[str] = []
     log_span = lane._log_span
@@ -199,9 +195,9 @@ async def test_a_read_handed_over_answers_under_the_lanes_trace_id(
 
 
 async def test_a_read_with_a_host_the_router_refuses_is_its_400_uncharged_and_unread(
-    limited_api: httpx.AsyncClient, limited: Container, lane_answers: list[str]
+    auth: Headers, limited_api: httpx.AsyncClient, limited: Container, lane_answers: list[str]
 ) -> None:
-    owner = _bearer()
+    owner = auth()
     sid = (await create_session(limited_api, owner))["id"]  # 1 of 5
     for _ in range(6):
         bad_host = await limited_api.get(f"/v1/sessions/{sid}", headers={**owner, "Host": "a b"})
@@ -212,11 +208,12 @@ async def test_a_read_with_a_host_the_router_refuses_is_its_400_uncharged_and_un
 
 
 async def test_a_handed_over_read_is_timed_from_when_the_lane_took_it(
+    auth: Headers,
     api: httpx.AsyncClient,
     app_container: Container,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    owner = _bearer()
+    owner = auth()
     sid = (await create_session(api, owner))["id"]
     service = type(await app_container.sessions())
     get = service.get
@@ -249,9 +246,9 @@ async def test_a_principal_handed_over_is_trusted_for_that_request_only(
 
 
 async def test_a_head_of_a_missing_session_is_the_cycles_404_without_a_body(
-    api: httpx.AsyncClient, lane_answers: list[str]
+    auth: Headers, api: httpx.AsyncClient, lane_answers: list[str]
 ) -> None:
-    owner = _bearer()
+    owner = auth()
     await create_session(api, owner)
     path = f"/v1/sessions/{'0' * 32}"
     handed_over = await api.head(path, headers=owner)
@@ -263,12 +260,13 @@ async def test_a_head_of_a_missing_session_is_the_cycles_404_without_a_body(
 
 
 async def test_a_backend_failure_handed_over_is_one_503_read_once_and_logged_once(
+    auth: Headers,
     api: httpx.AsyncClient,
     app_container: Container,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    owner = _bearer()
+    owner = auth()
     sid = (await create_session(api, owner))["id"]
     service = type(await app_container.sessions())
     reads: list[str] = []
@@ -291,7 +289,7 @@ async def test_a_backend_failure_handed_over_is_one_503_read_once_and_logged_onc
 
 
 async def test_a_service_callers_reads_in_the_lane_spend_the_service_budget(
-    settings: Settings, lane_answers: list[str]
+    auth: Headers, settings: Settings, lane_answers: list[str]
 ) -> None:
     """Two requests for a person, six for a caller with role `service`; none refills."""
     budgets = msgspec.structs.replace(
@@ -301,7 +299,7 @@ async def test_a_service_callers_reads_in_the_lane_spend_the_service_budget(
         rate_limit_service_per_s=0.01,
         rate_limit_service_burst=6,
     )
-    mad = {"Authorization": f"Bearer {issue_token(JWT_SECRET, 'planner', roles=('service',))}"}
+    mad = auth("planner", ("service",))
     async with serving(build_container(budgets)) as http:
         sid = (await create_session(http, mad))["id"]  # 1 of 6: verified, charged
         for _ in range(5):  # 2-6, each the lane's
