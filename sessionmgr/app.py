@@ -9,6 +9,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 import sessionmgr
+from sessionmgr.api.append_lane import install as install_append_lane
 from sessionmgr.api.bridge import forget_at_shutdown, freeze_startup_heap, resolve_at_startup
 from sessionmgr.api.changes import ChangesController
 from sessionmgr.api.health import HealthController
@@ -80,4 +81,5 @@ def create_app(container: Container | None = None) -> Litestar:
         debug=False,
     )
     install_read_lane(app)  # a plain session read skips the request cycle (its docstring)
+    install_append_lane(app, settings.max_body_bytes)  # and so does a plain append
     return app

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Annotated, Any, TypeVar, cast
 
@@ -35,6 +34,8 @@ from sessionmgr.api.conditional import etag
 from sessionmgr.api.lane import handed_over_error
 from sessionmgr.api.problems import responses, validation_errors
 from sessionmgr.api.schemas import AppendBody, CreateSessionBody, ParticipantBody, PatchBody
+from sessionmgr.api.write_headers import idempotency
+from sessionmgr.api.write_headers import lease_token as _lease_token
 from sessionmgr.domain.errors import InvalidInput, SessionNotFound, VersionRequired
 from sessionmgr.domain.model import Principal, Session, SessionState
 from sessionmgr.services.ports import Idempotency
@@ -49,8 +50,6 @@ from sessionmgr.services.views import (
 )
 
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-LEASE_TOKEN = re.compile(r"^[1-9]\d{0,17}$")
 MERGE_PATCH = "application/merge-patch+json"
 
 Req = Request[Principal, Any, Any]
@@ -104,36 +103,8 @@ def _sid(session_id: str) -> str:
 
 
 def _idem(request: Req, key: str | None, body: Any = None) -> Idempotency | None:
-    if key is None:
-        return None
-    if not IDEMPOTENCY_KEY.fullmatch(key):
-        raise InvalidInput(
-            "Idempotency-Key must be 1-255 visible ASCII characters", "Idempotency-Key"
-        )
-    scope = hashlib.sha256(f"{request.user.sub}\x00{key}".encode()).hexdigest()
-    caller = hashlib.sha256(request.user.sub.encode()).hexdigest()[:32]
-    payload = msgspec.json.encode(body) if body is not None else b""
-    # The preconditions are part of the request: the same key and body with another
-    # If-Match is another request (422), never the first one's answer.
-    preconditions = request.headers.get("if-match", "").encode("latin-1")
-    fingerprint = hashlib.sha256(
-        request.method.encode()
-        + b" "
-        + request.url.path.encode()
-        + b"\nif-match: "
-        + preconditions
-        + b"\n"
-        + payload
-    ).hexdigest()
-    return Idempotency(key_digest=scope, fingerprint=fingerprint, caller=caller)
-
-
-def _lease_token(value: str | None) -> int | None:
-    if value is None:
-        return None
-    if not LEASE_TOKEN.fullmatch(value.strip()):
-        raise InvalidInput("Lease-Token must be the integer a lease grant returned", "Lease-Token")
-    return int(value)
+    if_match = request.headers.get("if-match", "")
+    return idempotency(request.user.sub, key, request.method, request.url.path, if_match, body)
 
 
 async def _strict_or_default(request: Req, default: CreateSessionBody) -> CreateSessionBody:
@@ -279,6 +250,13 @@ async def _read_session(
     if conditional.none_match(if_none_match, tag):
         return _not_modified(tag)
     return _with_etag(session, full=full)
+
+
+async def _handed_over(request: Req) -> None:
+    """The append lane's error for this request, if it handed one over: answered the whole
+    way, and never appended again (sessionmgr/api/append_lane.py)."""
+    if (failed := handed_over_error(request.scope)) is not None:
+        raise failed
 
 
 async def _plain_read(request: Req) -> Response[Session] | None:
@@ -456,6 +434,7 @@ class SessionController(Controller):
         status_code=200,
         responses=responses(*BODY, 404, 409, 412),
         operation_id="appendTimeline",
+        before_request=_handed_over,
         summary="Append events to the timeline",
     )
     async def append_timeline(

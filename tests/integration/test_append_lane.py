@@ -1,0 +1,363 @@
+"""The append lane (sessionmgr/api/append_lane.py): a plain append by a token already verified
+is answered in front of Litestar's request cycle, with the cycle's own answer; every other
+append, and every append the lane cannot answer, goes the whole way, verified, charged,
+counted and appended at most once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from sessionmgr.api import append_lane
+from sessionmgr.container import Container, build_container
+from sessionmgr.domain.errors import BackendUnavailable
+from sessionmgr.settings import Settings
+from tests.integration.conftest import serving
+from tests.integration.session_api import create_session
+
+Headers = Callable[..., dict[str, str]]
+# The whole way: a media type the lane leaves to the cycle, which takes it as JSON.
+WHOLE_WAY = {"Content-Type": "application/json; charset=utf-8"}
+REQUESTS = "sessionmgr_http_requests_total"
+ROUTE = "/v1/sessions/{session_id}/timeline"
+EVENTS = {"events": [{"kind": "note", "data": {"text": "hello"}}]}
+
+
+def _answer(response: httpx.Response) -> tuple[int, dict[str, str], bytes]:
+    headers = {k: v for k, v in response.headers.items() if k != "x-request-id"}
+    return response.status_code, headers, response.content
+
+
+@pytest.fixture
+def lane_answers(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The answers the lane gave itself."""
+    answered: list[bytes] = []
+    encode = append_lane._encode
+
+    def counted(result: Any) -> bytes:
+        body = encode(result)
+        answered.append(body)
+        return body
+
+    monkeypatch.setattr(append_lane, "_encode", counted)
+    return answered
+
+
+async def _events(api: httpx.AsyncClient, headers: dict[str, str], sid: str) -> list[Any]:
+    page = await api.get(f"/v1/sessions/{sid}/timeline", headers=headers)
+    assert page.status_code == 200, page.text
+    return page.json()["items"]  # type: ignore[no-any-return]
+
+
+def sample(container: Container, name: str, **labels: str) -> float:
+    return container.metrics().registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_plain_append_with_a_known_token_is_the_lanes_with_the_cycles_answer(
+    auth: Headers, api: httpx.AsyncClient, lane_answers: list[bytes]
+) -> None:
+    owner = auth()
+    by_lane_sid = (await create_session(api, owner, work_in_progress={"step": 1}))["id"]
+    whole_way_sid = (await create_session(api, owner, work_in_progress={"step": 1}))["id"]
+
+    body = {**EVENTS, "expected_version": 1}
+    by_lane = await api.post(f"/v1/sessions/{by_lane_sid}/timeline", json=body, headers=owner)
+    whole_way = await api.post(
+        f"/v1/sessions/{whole_way_sid}/timeline", json=body, headers={**owner, **WHOLE_WAY}
+    )
+
+    assert by_lane.status_code == 200, by_lane.text
+    assert by_lane.json() == {"version": 2, "appended": 1, "first_seq": 1, "last_seq": 1}
+    assert _answer(by_lane) == _answer(whole_way)
+    assert len(by_lane.headers["x-request-id"]) == 32
+    assert lane_answers == [by_lane.content]
+    events = await _events(api, owner, by_lane_sid)
+    assert [(e["seq"], e["actor"], e["data"]) for e in events] == [(1, "alice", {"text": "hello"})]
+
+
+@pytest.mark.parametrize("first", ["lane", "whole way"])
+async def test_a_keyed_append_retried_either_way_is_appended_once_and_replayed(
+    auth: Headers, api: httpx.AsyncClient, lane_answers: list[bytes], first: str
+) -> None:
+    """The lane's fingerprint of a request is the cycle's: a retry with the same key and body
+    is the first answer again (Idempotent-Replayed), whichever way each of them went."""
+    owner = auth()
+    sid = (await create_session(api, owner))["id"]
+    keyed = {**owner, "Idempotency-Key": "append-1"}
+    ways = [keyed, {**keyed, **WHOLE_WAY}]
+    if first != "lane":
+        ways.reverse()
+    url = f"/v1/sessions/{sid}/timeline"
+    original = await api.post(url, json=EVENTS, headers=ways[0])
+    retried = await api.post(url, json=EVENTS, headers=ways[1])
+    assert original.status_code == 200, original.text
+    assert "idempotent-replayed" not in original.headers
+    assert retried.status_code == 200, retried.text
+    assert retried.headers["idempotent-replayed"] == "true"
+    assert retried.content == original.content
+    assert len(await _events(api, owner, sid)) == 1
+    assert len(lane_answers) == 1  # the lane answered its own request, first or replayed
+
+    again = await api.post(url, json=EVENTS, headers=keyed)  # by the lane: a replay too
+    assert _answer(again) == _answer(retried)
+    other_body = await api.post(url, json={"events": [{"kind": "other"}]}, headers=keyed)
+    assert other_body.status_code == 422, other_body.text  # the key is this request's
+    assert len(await _events(api, owner, sid)) == 1
+
+
+async def test_if_match_and_lease_token_are_read_as_the_cycle_reads_them(
+    auth: Headers, api: httpx.AsyncClient, lane_answers: list[bytes]
+) -> None:
+    owner = auth()
+    mad = auth("mad:planner")
+    sid = (await create_session(api, owner))["id"]
+    url = f"/v1/sessions/{sid}/timeline"
+    joined = await api.post(
+        f"/v1/sessions/{sid}/participants", json={"mad_name": "planner"}, headers=owner
+    )
+    assert joined.status_code == 200, joined.text
+    token = str(joined.json()["participants"]["planner"]["token"])
+    version = joined.json()["version"]
+
+    answers = []
+    for way in ({}, WHOLE_WAY):
+        stale = await api.post(url, json=EVENTS, headers={**owner, **way, "If-Match": '"1"'})
+        fenced = await api.post(url, json=EVENTS, headers={**mad, **way, "Lease-Token": "999"})
+        bad_token = await api.post(url, json=EVENTS, headers={**mad, **way, "Lease-Token": "x"})
+        answers.append([_answer(a) for a in (stale, fenced, bad_token)])
+    assert [a[0] for a in answers[0]] == [412, 409, 422]
+    assert answers[0] == answers[1]
+    assert lane_answers == []
+
+    current = await api.post(
+        url, json=EVENTS, headers={**mad, "If-Match": f'"{version}"', "Lease-Token": token}
+    )
+    assert current.status_code == 200, current.text
+    assert lane_answers == [current.content]
+    assert [e["actor"] for e in await _events(api, owner, sid)] == ["mad:planner"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{",  # not JSON
+        b'{"events": [], "extra": 1}',  # a field the body does not have
+        b'{"events": [{"kind": 3}]}',  # a wrong type
+        b'{"events": [{"kind": "a"}], "expected_version": "2"}',  # "2" is no integer
+        b'{"events": []}',  # nothing to append
+        b"",
+    ],
+)
+async def test_a_body_the_handler_refuses_is_the_cycles_answer_and_appends_nothing(
+    auth: Headers, api: httpx.AsyncClient, lane_answers: list[bytes], content: bytes
+) -> None:
+    owner = auth()
+    sid = (await create_session(api, owner))["id"]
+    url = f"/v1/sessions/{sid}/timeline"
+    json_body = {**owner, "Content-Type": "application/json"}
+    by_lane = await api.post(url, content=content, headers=json_body)
+    whole_way = await api.post(url, content=content, headers={**owner, **WHOLE_WAY})
+    assert 400 <= by_lane.status_code < 500, by_lane.text
+    assert by_lane.headers["content-type"] == "application/problem+json"
+    assert _answer(by_lane) == _answer(whole_way)
+    assert await _events(api, owner, sid) == []
+    assert lane_answers == []
+
+
+async def test_a_body_over_the_limit_is_the_cycles_413_unread(
+    auth: Headers, settings: Settings, lane_answers: list[bytes]
+) -> None:
+    owner = auth()
+    small = msgspec.structs.replace(settings, max_body_bytes=2048)
+    async with serving(build_container(small)) as http:
+        sid = (await create_session(http, owner))["id"]
+        big = {"events": [{"kind": "note", "data": {"text": "x" * 4096}}]}
+        answer = await http.post(f"/v1/sessions/{sid}/timeline", json=big, headers=owner)
+        assert answer.status_code == 413, answer.text
+        assert await _events(http, owner, sid) == []
+    assert lane_answers == []
+
+
+async def test_an_append_the_service_refuses_is_handed_over_once_under_the_lanes_trace_id(
+    auth: Headers, api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = auth()
+    sid = (await create_session(api, owner))["id"]
+    spans: list[str] = []
+    log_span = append_lane._log_span
+
+    def noted(scope: Any) -> Any:
+        span = log_span(scope)
+        spans.append(f"{span.get_span_context().trace_id:032x}")
+        return span
+
+    monkeypatch.setattr(append_lane, "_log_span", noted)
+    missing = await api.post(f"/v1/sessions/{'0' * 32}/timeline", json=EVENTS, headers=owner)
+    whole_way = await api.post(
+        f"/v1/sessions/{'0' * 32}/timeline", json=EVENTS, headers={**owner, **WHOLE_WAY}
+    )
+    assert missing.status_code == 404
+    assert _answer(missing) == _answer(whole_way)
+    assert spans == [missing.headers["x-request-id"]]
+    refused = await api.post(f"/v1/sessions/{sid}/timeline", json=EVENTS, headers=auth("bob"))
+    assert refused.status_code == 403  # bob's token was seen first here: the whole way
+    again = await api.post(f"/v1/sessions/{sid}/timeline", json=EVENTS, headers=auth("bob"))
+    assert _answer(again) == _answer(refused)  # the lane's, handed over
+    assert len(spans) == 2
+    assert await _events(api, owner, sid) == []
+
+
+async def test_a_backend_failure_handed_over_is_one_503_appended_at_most_once(
+    auth: Headers,
+    api: httpx.AsyncClient,
+    app_container: Container,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The outcome is unknown (the commit may have applied): the cycle answers the lane's
+    error, it must not append again."""
+    owner = auth()
+    sid = (await create_session(api, owner))["id"]
+    service = type(await app_container.sessions())
+    append = service.append
+    calls: list[str] = []
+
+    async def applied_then_lost(self: Any, principal: Any, session_id: str, *a: Any, **kw: Any) -> Any:
+        calls.append(session_id)
+        await append(self, principal, session_id, *a, **kw)
+        raise BackendUnavailable("redis", "the reply was lost", retryable=False)
+
+    monkeypatch.setattr(service, "append", applied_then_lost)
+    with caplog.at_level(logging.WARNING, logger="sessionmgr.api.problems"):
+        answer = await api.post(f"/v1/sessions/{sid}/timeline", json=EVENTS, headers=owner)
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["backend"] == "redis"
+    assert calls == [sid]
+    monkeypatch.setattr(service, "append", append)
+    assert len(await _events(api, owner, sid)) == 1
+    logged = [r for r in caplog.records if r.name == "sessionmgr.api.problems"]
+    assert len(logged) == 1, caplog.text
+
+
+@pytest.fixture
+def limited(settings: Settings) -> Container:
+    """Five requests at once per principal, then one every 100 s: none refills in a test."""
+    return build_container(
+        msgspec.structs.replace(settings, rate_limit_per_s=0.01, rate_limit_burst=5)
+    )
+
+
+@pytest.fixture
+async def limited_api(limited: Container) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(limited) as http:
+        yield http
+
+
+async def test_the_lane_spends_one_request_of_the_budget_per_append_answered_or_refused(
+    auth: Headers, limited_api: httpx.AsyncClient, limited: Container, lane_answers: list[bytes]
+) -> None:
+    owner = auth()
+    sid = (await create_session(limited_api, owner))["id"]  # 1: verified, charged
+    url = f"/v1/sessions/{sid}/timeline"
+    assert (await limited_api.post(url, json=EVENTS, headers=owner)).status_code == 200  # 2
+    bad = await limited_api.post(url, content=b"{", headers={**owner, **WHOLE_WAY})
+    assert bad.status_code == 400  # 3: the whole way, charged there
+    missing = f"/v1/sessions/{'0' * 32}/timeline"
+    assert (await limited_api.post(missing, json=EVENTS, headers=owner)).status_code == 404  # 4
+    assert (await limited_api.post(url, json=EVENTS, headers=owner)).status_code == 200  # 5
+    assert len(lane_answers) == 2
+
+    refused = await limited_api.post(url, json=EVENTS, headers=owner)
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"]
+    assert sample(limited, "sessionmgr_rate_limited_requests_total") == 1  # the cycle's count
+    assert len(lane_answers) == 2
+    assert len(await _events(limited_api, auth("root", ("admin",)), sid)) == 2  # its budget
+
+
+async def test_each_append_is_counted_once_under_the_routes_template(
+    auth: Headers, api: httpx.AsyncClient, app_container: Container, lane_answers: list[bytes]
+) -> None:
+    owner = auth()
+    sid = (await create_session(api, owner))["id"]
+    for _ in range(3):
+        answer = await api.post(f"/v1/sessions/{sid}/timeline", json=EVENTS, headers=owner)
+        assert answer.status_code == 200
+    missing = f"/v1/sessions/{'0' * 32}/timeline"
+    assert (await api.post(missing, json=EVENTS, headers=owner)).status_code == 404
+    for status, count in (("200", 3), ("404", 1)):
+        counted = sample(app_container, REQUESTS, route=ROUTE, method="POST", status=status)
+        assert counted == count, status
+    assert len(lane_answers) == 3
+
+
+async def test_a_body_sent_in_many_parts_is_read_whole(
+    auth: Headers, api: httpx.AsyncClient, app_container: Container, lane_answers: list[bytes]
+) -> None:
+    """As an HTTP server hands a body over in pieces; and a client gone mid-body is never
+    appended (the whole way sees it leave)."""
+    owner = auth()
+    sid = (await create_session(api, owner))["id"]
+    body = msgspec.json.encode(EVENTS)
+    app = api._transport.app  # type: ignore[attr-defined]
+
+    async def post(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        queue = list(parts)
+
+        async def receive() -> dict[str, Any]:
+            if queue:
+                return queue.pop(0)
+            await asyncio.sleep(3600)  # a client that sends nothing more
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        headers = [
+            (b"host", b"test"),
+            (b"authorization", owner["Authorization"].encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+        ]
+        path = f"/v1/sessions/{sid}/timeline"
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 5555),
+            "server": ("127.0.0.1", 8080),
+            "state": {},
+        }
+        await asyncio.wait_for(app(scope, receive, send), 10)
+        return sent
+
+    pieces = [body[:5], body[5:20], body[20:]]
+    sent = await post(
+        [{"type": "http.request", "body": p, "more_body": i < 2} for i, p in enumerate(pieces)]
+    )
+    assert sent[0]["status"] == 200
+    assert len(lane_answers) == 1
+    gone = await post(
+        [
+            {"type": "http.request", "body": body[:5], "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    assert not gone or gone[0]["status"] >= 400
+    assert len(lane_answers) == 1
+    assert len(await _events(api, owner, sid)) == 1
