@@ -8,8 +8,8 @@ steps the cycle takes for it, in its order, through the same objects:
 
 1. the shape: a POST of `/v1/sessions/{32 hex}/timeline`, no query string, no root path, a
    Host the router accepts, `Content-Type: application/json`, a Content-Length within
-   `max_body_bytes`, and at most one of each header a write reads (Authorization,
-   Idempotency-Key, If-Match, Lease-Token);
+   `max_body_bytes`, no Transfer-Encoding and no Expect, and at most one of each header the
+   lane reads (`_READ_ONCE`);
 2. the token, from the verifier's cache only (`TokenVerifier.cached`);
 3. the body, read whole and decoded strictly into `AppendBody` (what `_strict` does after the
    cycle's lenient pass); Idempotency-Key, Lease-Token and If-Match read by the handlers' own
@@ -21,9 +21,10 @@ steps the cycle takes for it, in its order, through the same objects:
    `X-Request-ID` is added by the app's `before_send` hook, as for every answer;
 7. the request counted under the route's template, as `metrics_middleware` counts it.
 
-A request that fails one of steps 1-4 goes the whole way untouched, its body handed on as it
-was read: nothing was done, and the cycle answers it as it answers any request (a bad body's
-400 or 422, a refused token's 401, a 429), verifying and charging it itself. An append that
+A request that fails one of steps 1-4 goes the whole way, its body handed on as the lane read
+it and timed from when the lane took it: nothing was done, and the cycle answers it as it
+answers any request (a bad body's 400 or 422, a refused token's 401, a 429), verifying and
+charging it itself. An append that
 fails in step 6 has been admitted and charged, and may have been applied (an outcome-unknown
 503): it goes the whole way once, with its principal (`ADMITTED`) and its error (`FAILED`,
 which the route's `before_request` hook raises at once, so it is never appended again), under
@@ -50,6 +51,7 @@ from sessionmgr.api.replayed import HEADER as REPLAYED_HEADER
 from sessionmgr.api.schemas import AppendBody
 from sessionmgr.api.tracing import TRACE_ID, _log_span
 from sessionmgr.api.write_headers import idempotency, lease_token
+from sessionmgr.domain.errors import InvalidInput
 from sessionmgr.domain.model import Principal
 from sessionmgr.metrics import Metrics
 from sessionmgr.services.replays import REPLAYED
@@ -62,6 +64,7 @@ _ID_LENGTH = 32
 _PATH_LENGTH = len(PREFIX) + _ID_LENGTH + len(SUFFIX)
 _HEX = frozenset("0123456789abcdef")
 _JSON = b"application/json"
+_MAX_LENGTH_DIGITS = 18  # any body the lane may take (`max_body_bytes`) says so in fewer
 # The headers the lane reads, each at most once; another copy of one sends the request the
 # whole way, where the cycle decides what several mean.
 _READ_ONCE = {
@@ -106,8 +109,8 @@ def _plain_append(scope: Scope, max_body: int) -> tuple[str, dict[str, str]] | N
             if not is_valid_host(value):
                 return None
             continue
-        if lowered == b"transfer-encoding":
-            return None  # a body without a length: the whole way
+        if lowered in (b"transfer-encoding", b"expect"):
+            return None  # a body without a length, or one sent only once asked for
         read = _READ_ONCE.get(lowered)
         if read is None:
             continue
@@ -117,7 +120,9 @@ def _plain_append(scope: Scope, max_body: int) -> tuple[str, dict[str, str]] | N
     if found.get("content-type", "").encode("latin-1") != _JSON:
         return None
     length = found.get("content-length", "")
-    if not length.isdigit() or int(length) > max_body:
+    if not (length.isascii() and length.isdigit() and len(length) <= _MAX_LENGTH_DIGITS):
+        return None  # the cycle answers what a server let through
+    if int(length) > max_body:
         return None
     return session_id, found
 
@@ -180,6 +185,7 @@ class AppendLane:
         if arguments is None or not limiter.admits(
             principal.sub, service="service" in principal.roles
         ):
+            scope["state"][STARTED] = started  # the cycle's metrics time the body's upload too
             await self.app(scope, _Replay(read, receive), send)
             return
         log_span = _log_span(scope)
@@ -229,7 +235,7 @@ class AppendLane:
                 "lease_token": lease_token(headers.get("lease-token")),
                 "if_match": conditional.if_match(if_match),
             }
-        except Exception:  # the whole way answers it, as it answers every bad body or header
+        except (msgspec.DecodeError, InvalidInput):  # the whole way answers it
             return None
 
     async def _append(
@@ -251,7 +257,7 @@ class AppendLane:
                 result = await service.append(principal, session_id, **arguments)
             except Exception as exc:  # answered the whole way, as every error is
                 scope["state"][ADMITTED] = (scope, principal)
-                scope["state"][FAILED] = exc
+                scope["state"][FAILED] = (scope, exc)
                 scope["state"][STARTED] = started  # the cycle's metrics time the whole request
                 status = 0  # counted by the cycle
                 await self.app(scope, receive, send)

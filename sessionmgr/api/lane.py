@@ -96,9 +96,13 @@ def admitted(scope: Scope) -> Principal | None:
 
 
 def handed_over_error(scope: Scope) -> Exception | None:
-    """The error the lane met on this request, taken out of its state (a caught exception
-    left there would hold the request's frames in a reference cycle)."""
-    failed: Exception | None = scope["state"].pop(FAILED, None)
+    """The error a lane met on this request, taken out of its state (a caught exception
+    left there would hold the request's frames in a reference cycle). Only for the very
+    request the lane matched, as `admitted`."""
+    handed = scope["state"].pop(FAILED, None)
+    if handed is None or handed[0] is not scope:
+        return None
+    failed: Exception = handed[1]
     return failed
 
 
@@ -161,7 +165,7 @@ class ReadLane:
                 start, body = session_answer(session, 200, {"ETag": etag(session)}, scope["method"])
             except Exception as exc:  # answered the whole way, as every error is
                 scope["state"][ADMITTED] = (scope, principal)
-                scope["state"][FAILED] = exc
+                scope["state"][FAILED] = (scope, exc)
                 scope["state"][STARTED] = started  # the cycle's metrics time the whole request
                 status = 0  # counted by the cycle
                 await self.app(scope, receive, send)

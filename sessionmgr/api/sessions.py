@@ -434,6 +434,8 @@ class SessionController(Controller):
         status_code=200,
         responses=responses(*BODY, 404, 409, 412),
         operation_id="appendTimeline",
+        # Litestar runs only the innermost `before_request`: one set on the controller or the
+        # app would not run here, and this one must (the append lane's hand-over).
         before_request=_handed_over,
         summary="Append events to the timeline",
     )

@@ -14,7 +14,7 @@ import httpx
 import msgspec
 import pytest
 
-from sessionmgr.api import append_lane
+from sessionmgr.api import append_lane, lane
 from sessionmgr.container import Container, build_container
 from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.settings import Settings
@@ -24,6 +24,7 @@ from tests.integration.session_api import create_session
 Headers = Callable[..., dict[str, str]]
 # The whole way: a media type the lane leaves to the cycle, which takes it as JSON.
 WHOLE_WAY = {"Content-Type": "application/json; charset=utf-8"}
+JSON = {"Content-Type": "application/json"}
 REQUESTS = "sessionmgr_http_requests_total"
 ROUTE = "/v1/sessions/{session_id}/timeline"
 EVENTS = {"events": [{"kind": "note", "data": {"text": "hello"}}]}
@@ -124,6 +125,7 @@ async def test_if_match_and_lease_token_are_read_as_the_cycle_reads_them(
     assert joined.status_code == 200, joined.text
     token = str(joined.json()["participants"]["planner"]["token"])
     version = joined.json()["version"]
+    assert (await api.get(f"/v1/sessions/{sid}", headers=mad)).status_code == 200  # verified
 
     answers = []
     for way in ({}, WHOLE_WAY):
@@ -205,9 +207,10 @@ async def test_an_append_the_service_refuses_is_handed_over_once_under_the_lanes
     assert missing.status_code == 404
     assert _answer(missing) == _answer(whole_way)
     assert spans == [missing.headers["x-request-id"]]
-    refused = await api.post(f"/v1/sessions/{sid}/timeline", json=EVENTS, headers=auth("bob"))
+    bob = auth("bob")
+    refused = await api.post(f"/v1/sessions/{sid}/timeline", json=EVENTS, headers=bob)
     assert refused.status_code == 403  # bob's token was seen first here: the whole way
-    again = await api.post(f"/v1/sessions/{sid}/timeline", json=EVENTS, headers=auth("bob"))
+    again = await api.post(f"/v1/sessions/{sid}/timeline", json=EVENTS, headers=bob)
     assert _answer(again) == _answer(refused)  # the lane's, handed over
     assert len(spans) == 2
     assert await _events(api, owner, sid) == []
@@ -228,7 +231,9 @@ async def test_a_backend_failure_handed_over_is_one_503_appended_at_most_once(
     append = service.append
     calls: list[str] = []
 
-    async def applied_then_lost(self: Any, principal: Any, session_id: str, *a: Any, **kw: Any) -> Any:
+    async def applied_then_lost(
+        self: Any, principal: Any, session_id: str, *a: Any, **kw: Any
+    ) -> Any:
         calls.append(session_id)
         await append(self, principal, session_id, *a, **kw)
         raise BackendUnavailable("redis", "the reply was lost", retryable=False)
@@ -267,8 +272,8 @@ async def test_the_lane_spends_one_request_of_the_budget_per_append_answered_or_
     sid = (await create_session(limited_api, owner))["id"]  # 1: verified, charged
     url = f"/v1/sessions/{sid}/timeline"
     assert (await limited_api.post(url, json=EVENTS, headers=owner)).status_code == 200  # 2
-    bad = await limited_api.post(url, content=b"{", headers={**owner, **WHOLE_WAY})
-    assert bad.status_code == 400  # 3: the whole way, charged there
+    bad = await limited_api.post(url, content=b"{", headers={**owner, **JSON})
+    assert bad.status_code == 400  # 3: read by the lane, handed on uncharged, charged there
     missing = f"/v1/sessions/{'0' * 32}/timeline"
     assert (await limited_api.post(missing, json=EVENTS, headers=owner)).status_code == 404  # 4
     assert (await limited_api.post(url, json=EVENTS, headers=owner)).status_code == 200  # 5
@@ -298,66 +303,177 @@ async def test_each_append_is_counted_once_under_the_routes_template(
     assert len(lane_answers) == 3
 
 
+def _raw_post(
+    app: Any, path: str, headers: list[tuple[bytes, bytes]], parts: list[dict[str, Any]]
+) -> Any:
+    """POST `path` straight to the ASGI `app`, its body in `parts` as a server hands it over
+    (after them, a client that sends nothing more); the messages the app sent."""
+    sent: list[dict[str, Any]] = []
+    queue = list(parts)
+
+    async def receive() -> dict[str, Any]:
+        if queue:
+            part = queue.pop(0)
+            await asyncio.sleep(part.pop("after_s", 0))
+            return part
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"test"), *headers],
+        "client": ("127.0.0.1", 5555),
+        "server": ("127.0.0.1", 8080),
+        "state": {},
+    }
+
+    async def run() -> list[dict[str, Any]]:
+        await asyncio.wait_for(app(scope, receive, send), 10)
+        return sent
+
+    return run()
+
+
+def _parts(*chunks: bytes) -> list[dict[str, Any]]:
+    return [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
+
+
 async def test_a_body_sent_in_many_parts_is_read_whole(
-    auth: Headers, api: httpx.AsyncClient, app_container: Container, lane_answers: list[bytes]
+    auth: Headers, api: httpx.AsyncClient, lane_answers: list[bytes]
 ) -> None:
-    """As an HTTP server hands a body over in pieces; and a client gone mid-body is never
-    appended (the whole way sees it leave)."""
+    """As an HTTP server hands a body over in pieces; and a client gone before its body's end
+    is never appended (the whole way sees it leave)."""
     owner = auth()
     sid = (await create_session(api, owner))["id"]
     body = msgspec.json.encode(EVENTS)
     app = api._transport.app  # type: ignore[attr-defined]
-
-    async def post(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        sent: list[dict[str, Any]] = []
-        queue = list(parts)
-
-        async def receive() -> dict[str, Any]:
-            if queue:
-                return queue.pop(0)
-            await asyncio.sleep(3600)  # a client that sends nothing more
-            raise AssertionError("unreachable")
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        headers = [
-            (b"host", b"test"),
-            (b"authorization", owner["Authorization"].encode()),
-            (b"content-type", b"application/json"),
-            (b"content-length", b"%d" % len(body)),
-        ]
-        path = f"/v1/sessions/{sid}/timeline"
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": headers,
-            "client": ("127.0.0.1", 5555),
-            "server": ("127.0.0.1", 8080),
-            "state": {},
-        }
-        await asyncio.wait_for(app(scope, receive, send), 10)
-        return sent
-
-    pieces = [body[:5], body[5:20], body[20:]]
-    sent = await post(
-        [{"type": "http.request", "body": p, "more_body": i < 2} for i, p in enumerate(pieces)]
-    )
+    headers = [
+        (b"authorization", owner["Authorization"].encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+    ]
+    path = f"/v1/sessions/{sid}/timeline"
+    sent = await _raw_post(app, path, headers, _parts(body[:5], body[5:20], body[20:]))
     assert sent[0]["status"] == 200
     assert len(lane_answers) == 1
-    gone = await post(
-        [
-            {"type": "http.request", "body": body[:5], "more_body": True},
-            {"type": "http.disconnect"},
-        ]
-    )
-    assert not gone or gone[0]["status"] >= 400
+    # All of it, but "more to come", then gone: neither the lane nor the cycle appends it.
+    whole_then_gone = [
+        {"type": "http.request", "body": body, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    gone = await _raw_post(app, path, headers, whole_then_gone)
+    assert all(m.get("status") != 200 for m in gone), gone
     assert len(lane_answers) == 1
     assert len(await _events(api, owner, sid)) == 1
+
+
+@pytest.mark.parametrize("length", [b"0" * 4400 + b"5", "\u00b2".encode("latin-1"), b"-1"])
+async def test_a_content_length_no_integer_is_the_cycles_answer(
+    auth: Headers, api: httpx.AsyncClient, lane_answers: list[bytes], length: bytes
+) -> None:
+    """What a lenient server lets through (httptools takes 4 400 digits) is not the lane's."""
+    owner = auth()
+    sid = (await create_session(api, owner))["id"]
+    app = api._transport.app  # type: ignore[attr-defined]
+    body = msgspec.json.encode(EVENTS)
+    answers = []
+    for media_type in (b"application/json", b"application/json; charset=utf-8"):
+        headers = [
+            (b"authorization", owner["Authorization"].encode()),
+            (b"content-type", media_type),
+            (b"content-length", length),
+        ]
+        sent = await _raw_post(app, f"/v1/sessions/{sid}/timeline", headers, _parts(body))
+        start = sent[0]
+        answers.append((start["status"], dict(start["headers"])[b"content-type"]))
+    assert answers[0] == answers[1]  # the cycle's, both (the bodies differ: each may append)
+    assert lane_answers == []
+
+
+async def test_a_refused_body_is_timed_from_when_the_lane_took_it(
+    auth: Headers, api: httpx.AsyncClient, app_container: Container
+) -> None:
+    """Its upload counts, as it does for a request the cycle takes from the start."""
+    owner = auth()
+    sid = (await create_session(api, owner))["id"]
+    app = api._transport.app  # type: ignore[attr-defined]
+    body = b'{"events": [{"kind": 3}]}'
+    headers = [
+        (b"authorization", owner["Authorization"].encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+    ]
+    parts = _parts(body[:10], body[10:])
+    parts[1]["after_s"] = 0.5
+    sent = await _raw_post(app, f"/v1/sessions/{sid}/timeline", headers, parts)
+    assert sent[0]["status"] == 422
+    took = app_container.metrics().registry.get_sample_value(
+        "sessionmgr_http_request_duration_seconds_sum", {"route": ROUTE, "method": "POST"}
+    )
+    assert took is not None and took >= 0.5
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")],
+        [("Lease-Token", "1"), ("Lease-Token", "2")],
+        [("Expect", "100-continue")],
+        [("Host", "a b")],
+    ],
+    ids=["two keys", "two lease tokens", "expect", "bad host"],
+)
+async def test_an_append_with_headers_the_lane_does_not_read_goes_the_whole_way(
+    auth: Headers, api: httpx.AsyncClient, lane_answers: list[bytes], extra: list[Any]
+) -> None:
+    owner = auth()
+    sid = (await create_session(api, owner))["id"]
+    url = f"/v1/sessions/{sid}/timeline"
+    headers = httpx.Headers([*owner.items(), *extra])
+    by_lane_shape = await api.post(url, json=EVENTS, headers=headers)
+    whole_way = await api.post(
+        url, json=EVENTS, headers=httpx.Headers([*owner.items(), *WHOLE_WAY.items(), *extra])
+    )
+    assert _answer(by_lane_shape)[0] == _answer(whole_way)[0]
+    assert lane_answers == []
+
+
+async def test_a_chunked_append_goes_the_whole_way(
+    auth: Headers, api: httpx.AsyncClient, lane_answers: list[bytes]
+) -> None:
+    owner = auth()
+    sid = (await create_session(api, owner))["id"]
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield msgspec.json.encode(EVENTS)
+
+    answer = await api.post(
+        f"/v1/sessions/{sid}/timeline", content=chunks(), headers={**owner, **JSON}
+    )
+    assert answer.status_code == 200, answer.text
+    assert lane_answers == []
+    assert len(await _events(api, owner, sid)) == 1
+
+
+def test_an_error_handed_over_is_raised_for_that_request_only() -> None:
+    scope: dict[str, Any] = {"state": {}}
+    failed = BackendUnavailable("redis", "down")
+    scope["state"][lane.FAILED] = (scope, failed)
+    inner = {"state": dict(scope["state"])}  # a request made inside the app from its state
+    assert lane.handed_over_error(inner) is None  # type: ignore[arg-type]
+    assert lane.handed_over_error(scope) is failed  # type: ignore[arg-type]
+    assert lane.handed_over_error(scope) is None  # type: ignore[arg-type]  # taken out
