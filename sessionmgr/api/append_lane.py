@@ -45,7 +45,7 @@ from opentelemetry import context, trace
 
 from sessionmgr.api import conditional
 from sessionmgr.api.auth import TokenVerifier
-from sessionmgr.api.lane import ADMITTED, FAILED, PREFIX, STARTED
+from sessionmgr.api.lane import PREFIX, STARTED, hand_over
 from sessionmgr.api.ratelimit import RateLimiter
 from sessionmgr.api.replayed import HEADER as REPLAYED_HEADER
 from sessionmgr.api.schemas import AppendBody
@@ -235,7 +235,7 @@ class AppendLane:
                 "lease_token": lease_token(headers.get("lease-token")),
                 "if_match": conditional.if_match(if_match),
             }
-        except (msgspec.DecodeError, InvalidInput):  # the whole way answers it
+        except (msgspec.DecodeError, RecursionError, InvalidInput):  # the whole way answers it
             return None
 
     async def _append(
@@ -256,9 +256,7 @@ class AppendLane:
             try:
                 result = await service.append(principal, session_id, **arguments)
             except Exception as exc:  # answered the whole way, as every error is
-                scope["state"][ADMITTED] = (scope, principal)
-                scope["state"][FAILED] = (scope, exc)
-                scope["state"][STARTED] = started  # the cycle's metrics time the whole request
+                hand_over(scope, principal, exc, started)
                 status = 0  # counted by the cycle
                 await self.app(scope, receive, send)
                 return

@@ -95,6 +95,15 @@ def admitted(scope: Scope) -> Principal | None:
     return principal
 
 
+def hand_over(scope: Scope, principal: Principal, error: Exception, started: float) -> None:
+    """Mark a request a lane admitted and then met `error` on, before the cycle takes it: the
+    cycle trusts `principal` (`admitted`), raises `error` at once (`handed_over_error`) and
+    times the request from `started`, when the lane took it."""
+    scope["state"][ADMITTED] = (scope, principal)
+    scope["state"][FAILED] = (scope, error)
+    scope["state"][STARTED] = started
+
+
 def handed_over_error(scope: Scope) -> Exception | None:
     """The error a lane met on this request, taken out of its state (a caught exception
     left there would hold the request's frames in a reference cycle). Only for the very
@@ -164,9 +173,7 @@ class ReadLane:
                 session = await service.get(principal, session_id)
                 start, body = session_answer(session, 200, {"ETag": etag(session)}, scope["method"])
             except Exception as exc:  # answered the whole way, as every error is
-                scope["state"][ADMITTED] = (scope, principal)
-                scope["state"][FAILED] = (scope, exc)
-                scope["state"][STARTED] = started  # the cycle's metrics time the whole request
+                hand_over(scope, principal, exc, started)
                 status = 0  # counted by the cycle
                 await self.app(scope, receive, send)
                 return

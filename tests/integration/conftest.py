@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 
 import fakeredis
 import httpx
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -88,6 +89,21 @@ def app_container(settings: Settings) -> Container:
 @pytest.fixture
 async def api(app_container: Container) -> AsyncIterator[httpx.AsyncClient]:
     async with serving(app_container) as http:
+        yield http
+
+
+@pytest.fixture
+def limited(settings: Settings) -> Container:
+    """A rate limit: five requests at once per principal, then one every 100 s (none refills
+    in a test)."""
+    return build_container(
+        msgspec.structs.replace(settings, rate_limit_per_s=0.01, rate_limit_burst=5)
+    )
+
+
+@pytest.fixture
+async def limited_api(limited: Container) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(limited) as http:
         yield http
 
 

@@ -153,6 +153,7 @@ async def test_if_match_and_lease_token_are_read_as_the_cycle_reads_them(
         b'{"events": [{"kind": 3}]}',  # a wrong type
         b'{"events": [{"kind": "a"}], "expected_version": "2"}',  # "2" is no integer
         b'{"events": []}',  # nothing to append
+        b'{"events": [{"kind": "a", "data": {"x": ' + b"[" * 5000 + b"]" * 5000 + b"}}]}",  # deep
         b"",
     ],
 )
@@ -249,20 +250,6 @@ async def test_a_backend_failure_handed_over_is_one_503_appended_at_most_once(
     assert len(await _events(api, owner, sid)) == 1
     logged = [r for r in caplog.records if r.name == "sessionmgr.api.problems"]
     assert len(logged) == 1, caplog.text
-
-
-@pytest.fixture
-def limited(settings: Settings) -> Container:
-    """Five requests at once per principal, then one every 100 s: none refills in a test."""
-    return build_container(
-        msgspec.structs.replace(settings, rate_limit_per_s=0.01, rate_limit_burst=5)
-    )
-
-
-@pytest.fixture
-async def limited_api(limited: Container) -> AsyncIterator[httpx.AsyncClient]:
-    async with serving(limited) as http:
-        yield http
 
 
 async def test_the_lane_spends_one_request_of_the_budget_per_append_answered_or_refused(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -116,20 +116,6 @@ async def test_two_authorization_headers_are_the_cycles_400(
 
 def sample(container: Container, name: str, **labels: str) -> float:
     return container.metrics().registry.get_sample_value(name, labels) or 0.0
-
-
-@pytest.fixture
-def limited(settings: Settings) -> Container:
-    """Five requests at once per principal, then one every 100 s: none refills in a test."""
-    return build_container(
-        msgspec.structs.replace(settings, rate_limit_per_s=0.01, rate_limit_burst=5)
-    )
-
-
-@pytest.fixture
-async def limited_api(limited: Container) -> AsyncIterator[httpx.AsyncClient]:
-    async with serving(limited) as http:
-        yield http
 
 
 async def test_the_lane_spends_one_request_of_the_budget_per_read_answered_or_refused(
