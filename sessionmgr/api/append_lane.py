@@ -41,22 +41,18 @@ import msgspec
 from litestar._asgi.utils import is_valid_host
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPScope, Receive, ReceiveMessage, Scope, Send
-from opentelemetry import context, trace
 
 from sessionmgr.api import conditional
 from sessionmgr.api.auth import TokenVerifier
-from sessionmgr.api.lane import PREFIX, STARTED, hand_over
+from sessionmgr.api.lane import PREFIX, STARTED, answered, hand_over, lane_objects, lane_span
 from sessionmgr.api.ratelimit import RateLimiter
 from sessionmgr.api.replayed import HEADER as REPLAYED_HEADER
 from sessionmgr.api.schemas import AppendBody
-from sessionmgr.api.tracing import TRACE_ID, _log_span
 from sessionmgr.api.write_headers import idempotency, lease_token
 from sessionmgr.domain.errors import InvalidInput
 from sessionmgr.domain.model import Principal
-from sessionmgr.metrics import Metrics
 from sessionmgr.services.replays import REPLAYED
 from sessionmgr.services.sessions import SessionService
-from sessionmgr.telemetry import records
 
 ROUTE = "/v1/sessions/{session_id}/timeline"  # the route's template, as Litestar names it
 SUFFIX = "/timeline"
@@ -67,14 +63,16 @@ _JSON = b"application/json"
 _MAX_LENGTH_DIGITS = 18  # any body the lane may take (`max_body_bytes`) says so in fewer
 # The headers the lane reads, each at most once; another copy of one sends the request the
 # whole way, where the cycle decides what several mean.
-_READ_ONCE = {
-    b"authorization": "authorization",
-    b"idempotency-key": "idempotency-key",
-    b"if-match": "if-match",
-    b"lease-token": "lease-token",
-    b"content-type": "content-type",
-    b"content-length": "content-length",
-}
+_READ_ONCE = frozenset(
+    {
+        b"authorization",
+        b"idempotency-key",
+        b"if-match",
+        b"lease-token",
+        b"content-type",
+        b"content-length",
+    }
+)
 _decode_body = msgspec.json.Decoder(AppendBody).decode
 _encode = msgspec.json.Encoder().encode
 
@@ -111,9 +109,9 @@ def _plain_append(scope: Scope, max_body: int) -> tuple[str, dict[str, str]] | N
             continue
         if lowered in (b"transfer-encoding", b"expect"):
             return None  # a body without a length, or one sent only once asked for
-        read = _READ_ONCE.get(lowered)
-        if read is None:
+        if lowered not in _READ_ONCE:
             continue
+        read = lowered.decode("latin-1")
         if read in found:
             return None
         found[read] = value.decode("latin-1")
@@ -167,9 +165,8 @@ class AppendLane:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         plain = _plain_append(scope, self.max_body)
-        state = scope["litestar_app"].state if plain is not None else None
-        resolved = state.get("resolved") if state is not None else None
-        if plain is None or resolved is None or records(state.tracer):  # type: ignore[union-attr]
+        resolved = lane_objects(scope) if plain is not None else None
+        if plain is None or resolved is None:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -188,10 +185,7 @@ class AppendLane:
             scope["state"][STARTED] = started  # the cycle's metrics time the body's upload too
             await self.app(scope, _Replay(read, receive), send)
             return
-        log_span = _log_span(scope)
-        scope["state"][TRACE_ID] = f"{log_span.get_span_context().trace_id:032x}"
-        token = context.attach(trace.set_span_in_context(log_span))
-        try:
+        with lane_span(scope):
             await self._append(
                 cast(HTTPScope, scope),
                 _Replay(read, receive),
@@ -202,8 +196,6 @@ class AppendLane:
                 resolved,
                 started,
             )
-        finally:
-            context.detach(token)
 
     async def _arguments(
         self,
@@ -273,5 +265,4 @@ class AppendLane:
         finally:
             REPLAYED.reset(replayed)
             if status:
-                metrics: Metrics = scope["litestar_app"].state.metrics
-                metrics.request_answered(ROUTE, "POST", status, time.perf_counter() - started)
+                answered(scope, ROUTE, status, started)

@@ -29,6 +29,8 @@ Litestar's exception handlers answer it as they answer every error, under the la
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from litestar._asgi.utils import is_valid_host
@@ -95,6 +97,35 @@ def admitted(scope: Scope) -> Principal | None:
     return principal
 
 
+def lane_objects(scope: Scope) -> dict[str, Any] | None:
+    """The per-request objects (`app.state.resolved`) when a lane may answer: the app has
+    started and tracing is off (with it on, every request goes the whole way, so that its span
+    is the SDK's); else None."""
+    state = scope["litestar_app"].state
+    resolved: dict[str, Any] | None = state.get("resolved")
+    if resolved is None or records(state.tracer):
+        return None
+    return resolved
+
+
+@contextmanager
+def lane_span(scope: Scope) -> Iterator[None]:
+    """`tracing_middleware`'s log span and trace id, for a request a lane answers."""
+    log_span = _log_span(scope)
+    scope["state"][TRACE_ID] = f"{log_span.get_span_context().trace_id:032x}"
+    token = context.attach(trace.set_span_in_context(log_span))
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
+def answered(scope: HTTPScope, route: str, status: int, started: float) -> None:
+    """Count a request a lane answered, as `metrics_middleware` counts one."""
+    metrics: Metrics = scope["litestar_app"].state.metrics
+    metrics.request_answered(route, scope["method"], status, time.perf_counter() - started)
+
+
 def hand_over(scope: Scope, principal: Principal, error: Exception, started: float) -> None:
     """Mark a request a lane admitted and then met `error` on, before the cycle takes it: the
     cycle trusts `principal` (`admitted`), raises `error` at once (`handed_over_error`) and
@@ -132,9 +163,8 @@ class ReadLane:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session_id = _plain_session_read(scope)
-        state = scope["litestar_app"].state if session_id is not None else None
-        resolved = state.get("resolved") if state is not None else None
-        if session_id is None or resolved is None or records(state.tracer):  # type: ignore[union-attr]
+        resolved = lane_objects(scope) if session_id is not None else None
+        if session_id is None or resolved is None:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -146,15 +176,10 @@ class ReadLane:
         ):
             await self.app(scope, receive, send)
             return
-        log_span = _log_span(scope)
-        scope["state"][TRACE_ID] = f"{log_span.get_span_context().trace_id:032x}"
-        token = context.attach(trace.set_span_in_context(log_span))
-        try:
+        with lane_span(scope):
             await self._read(
                 cast(HTTPScope, scope), receive, send, session_id, principal, resolved, started
             )
-        finally:
-            context.detach(token)
 
     async def _read(
         self,
@@ -182,6 +207,4 @@ class ReadLane:
             await send(body)
         finally:
             if status:
-                metrics: Metrics = scope["litestar_app"].state.metrics
-                elapsed = time.perf_counter() - started
-                metrics.request_answered(ROUTE, scope["method"], status, elapsed)
+                answered(scope, ROUTE, status, started)

@@ -253,8 +253,8 @@ async def _read_session(
 
 
 async def _handed_over(request: Req) -> None:
-    """The append lane's error for this request, if it handed one over: answered the whole
-    way, and never appended again (sessionmgr/api/append_lane.py)."""
+    """A lane's error for this request, if it handed one over: answered the whole way, and
+    never read or appended again (sessionmgr/api/lane.py, append_lane.py)."""
     if (failed := handed_over_error(request.scope)) is not None:
         raise failed
 
@@ -265,9 +265,8 @@ async def _plain_read(request: Req) -> Response[Session] | None:
     their defaults (`include` and `if_none_match` None) and the path's `session_id`, and the
     extraction (the headers parsed into a `Headers`, the query string, the signature model)
     is most of what Litestar spends on a read. Any other read goes to `get_session` (None)."""
+    await _handed_over(request)  # the read lane's error: answer it
     scope = request.scope
-    if (failed := handed_over_error(scope)) is not None:  # the read lane's: answer it
-        raise failed
     if scope["query_string"] or any(
         name == b"if-none-match" or name.lower() == b"if-none-match" for name, _ in scope["headers"]
     ):

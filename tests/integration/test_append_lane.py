@@ -19,7 +19,7 @@ from sessionmgr.container import Container, build_container
 from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.settings import Settings
 from tests.integration.conftest import serving
-from tests.integration.session_api import create_session
+from tests.integration.session_api import comparable, create_session
 
 Headers = Callable[..., dict[str, str]]
 # The whole way: a media type the lane leaves to the cycle, which takes it as JSON.
@@ -28,11 +28,6 @@ JSON = {"Content-Type": "application/json"}
 REQUESTS = "sessionmgr_http_requests_total"
 ROUTE = "/v1/sessions/{session_id}/timeline"
 EVENTS = {"events": [{"kind": "note", "data": {"text": "hello"}}]}
-
-
-def _answer(response: httpx.Response) -> tuple[int, dict[str, str], bytes]:
-    headers = {k: v for k, v in response.headers.items() if k != "x-request-id"}
-    return response.status_code, headers, response.content
 
 
 @pytest.fixture
@@ -60,7 +55,7 @@ def sample(container: Container, name: str, **labels: str) -> float:
     return container.metrics().registry.get_sample_value(name, labels) or 0.0
 
 
-async def test_a_plain_append_with_a_known_token_is_the_lanes_with_the_cycles_answer(
+async def test_a_plain_append_with_a_known_token_is_the_lanes_with_the_cyclescomparable(
     auth: Headers, api: httpx.AsyncClient, lane_answers: list[bytes]
 ) -> None:
     owner = auth()
@@ -75,7 +70,7 @@ async def test_a_plain_append_with_a_known_token_is_the_lanes_with_the_cycles_an
 
     assert by_lane.status_code == 200, by_lane.text
     assert by_lane.json() == {"version": 2, "appended": 1, "first_seq": 1, "last_seq": 1}
-    assert _answer(by_lane) == _answer(whole_way)
+    assert comparable(by_lane) == comparable(whole_way)
     assert len(by_lane.headers["x-request-id"]) == 32
     assert lane_answers == [by_lane.content]
     events = await _events(api, owner, by_lane_sid)
@@ -106,7 +101,7 @@ async def test_a_keyed_append_retried_either_way_is_appended_once_and_replayed(
     assert len(lane_answers) == 1  # the lane answered its own request, first or replayed
 
     again = await api.post(url, json=EVENTS, headers=keyed)  # by the lane: a replay too
-    assert _answer(again) == _answer(retried)
+    assert comparable(again) == comparable(retried)
     other_body = await api.post(url, json={"events": [{"kind": "other"}]}, headers=keyed)
     assert other_body.status_code == 422, other_body.text  # the key is this request's
     assert len(await _events(api, owner, sid)) == 1
@@ -132,7 +127,7 @@ async def test_if_match_and_lease_token_are_read_as_the_cycle_reads_them(
         stale = await api.post(url, json=EVENTS, headers={**owner, **way, "If-Match": '"1"'})
         fenced = await api.post(url, json=EVENTS, headers={**mad, **way, "Lease-Token": "999"})
         bad_token = await api.post(url, json=EVENTS, headers={**mad, **way, "Lease-Token": "x"})
-        answers.append([_answer(a) for a in (stale, fenced, bad_token)])
+        answers.append([comparable(a) for a in (stale, fenced, bad_token)])
     assert [a[0] for a in answers[0]] == [412, 409, 422]
     assert answers[0] == answers[1]
     assert lane_answers == []
@@ -168,7 +163,7 @@ async def test_a_body_the_handler_refuses_is_the_cycles_answer_and_appends_nothi
     whole_way = await api.post(url, content=content, headers={**owner, **WHOLE_WAY})
     assert 400 <= by_lane.status_code < 500, by_lane.text
     assert by_lane.headers["content-type"] == "application/problem+json"
-    assert _answer(by_lane) == _answer(whole_way)
+    assert comparable(by_lane) == comparable(whole_way)
     assert await _events(api, owner, sid) == []
     assert lane_answers == []
 
@@ -193,26 +188,26 @@ async def test_an_append_the_service_refuses_is_handed_over_once_under_the_lanes
     owner = auth()
     sid = (await create_session(api, owner))["id"]
     spans: list[str] = []
-    log_span = append_lane._log_span
+    log_span = lane._log_span
 
     def noted(scope: Any) -> Any:
         span = log_span(scope)
         spans.append(f"{span.get_span_context().trace_id:032x}")
         return span
 
-    monkeypatch.setattr(append_lane, "_log_span", noted)
+    monkeypatch.setattr(lane, "_log_span", noted)
     missing = await api.post(f"/v1/sessions/{'0' * 32}/timeline", json=EVENTS, headers=owner)
     whole_way = await api.post(
         f"/v1/sessions/{'0' * 32}/timeline", json=EVENTS, headers={**owner, **WHOLE_WAY}
     )
     assert missing.status_code == 404
-    assert _answer(missing) == _answer(whole_way)
+    assert comparable(missing) == comparable(whole_way)
     assert spans == [missing.headers["x-request-id"]]
     bob = auth("bob")
     refused = await api.post(f"/v1/sessions/{sid}/timeline", json=EVENTS, headers=bob)
     assert refused.status_code == 403  # bob's token was seen first here: the whole way
     again = await api.post(f"/v1/sessions/{sid}/timeline", json=EVENTS, headers=bob)
-    assert _answer(again) == _answer(refused)  # the lane's, handed over
+    assert comparable(again) == comparable(refused)  # the lane's, handed over
     assert len(spans) == 2
     assert await _events(api, owner, sid) == []
 
@@ -369,7 +364,7 @@ async def test_a_body_sent_in_many_parts_is_read_whole(
 
 
 @pytest.mark.parametrize("length", [b"0" * 4400 + b"5", "\u00b2".encode("latin-1"), b"-1"])
-async def test_a_content_length_no_integer_is_the_cycles_answer(
+async def test_a_content_length_no_integer_is_the_cyclescomparable(
     auth: Headers, api: httpx.AsyncClient, lane_answers: list[bytes], length: bytes
 ) -> None:
     """What a lenient server lets through (httptools takes 4 400 digits) is not the lane's."""
@@ -435,7 +430,7 @@ async def test_an_append_with_headers_the_lane_does_not_read_goes_the_whole_way(
     whole_way = await api.post(
         url, json=EVENTS, headers=httpx.Headers([*owner.items(), *WHOLE_WAY.items(), *extra])
     )
-    assert _answer(by_lane_shape)[0] == _answer(whole_way)[0]
+    assert comparable(by_lane_shape)[0] == comparable(whole_way)[0]
     assert lane_answers == []
 
 
