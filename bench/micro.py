@@ -154,14 +154,17 @@ async def pool_figures(redis_url: str, n: int) -> None:
         await client.aclose()
 
 
-WHAT_IFS = ("touch", "warm-insert", "quota-count")
+WHAT_IFS = ("touch", "warm-insert", "quota-count", "view-cache")
 
 
 def what_if(skipped: Sequence[str]) -> None:
     """Measure without a step, to size what removing or moving it could give (never a
     configuration: the service is wrong without them). `touch`: the idle-index ZADD before
     each hot write, its own round trip; `warm-insert`: a create's MongoDB writes (as if they
-    went through the outbox); `quota-count`: a create's count of the owner's sessions."""
+    went through the outbox); `quota-count`: a create's count of the owner's sessions;
+    `view-cache`: the views a write decides on without a read (storage/hot_views.py), as
+    `SESSIONMGR_HOT_VIEW_CACHE_MB=0`."""
+    from sessionmgr.storage import hot_views
     from sessionmgr.storage.hot import RedisHotStore
     from sessionmgr.storage.warm import MongoWarmStore
 
@@ -181,6 +184,13 @@ def what_if(skipped: Sequence[str]) -> None:
             MongoWarmStore.insert = insert  # type: ignore[method-assign]
         elif name == "quota-count":
             MongoWarmStore.count_owned = count_owned  # type: ignore[method-assign]
+        elif name == "view-cache":
+            real_init = hot_views.HotViews.__init__
+
+            def no_views(self: Any, budget_bytes: int, real_init: Any = real_init) -> None:
+                real_init(self, 0)
+
+            hot_views.HotViews.__init__ = no_views  # type: ignore[method-assign]
         print(f"what-if: without {name}", flush=True)
 
 

@@ -190,6 +190,7 @@ class Container(containers.DeclarativeContainer):
         wait_timeout_ms=settings.provided.redis_wait_timeout_ms,
         feed_maxlen=settings.provided.feed_maxlen,
         feed_retention_s=settings.provided.feed_retention_s,
+        view_cache_mb=settings.provided.hot_view_cache_mb,
     )
     # The service, the health probes and the write-behind reach the backends through their
     # breakers; `hot` and `warm` stay the bare adapters (tests inspect the stores through them).

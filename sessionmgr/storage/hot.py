@@ -5,7 +5,9 @@ MULTI stays in one Redis Cluster slot. Each top-level field of the record is a
 hash field of its own (msgspec JSON), so a patch writes only what it changes. Updates run the
 optimistic transaction of DESIGN §2 in two round trips: read (one script), decide, then one
 commit script that applies the write + outbox entry + idempotency record only if the hash is
-still the one the decision read (its `rev` stamp, see `_COMMIT_SCRIPT`), else decide again.
+still the one the decision read (its `rev` stamp, see `_COMMIT_SCRIPT`), else answers the
+session as it is now, to decide again on. In one round trip when this replica's own last
+commit of the session left the state decided on (`hot_views.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import msgspec
 from redis.asyncio import Redis
@@ -76,6 +78,7 @@ from sessionmgr.services.ports import (
 )
 from sessionmgr.settings import Settings
 from sessionmgr.storage import feed, keys
+from sessionmgr.storage.hot_views import HotViews, Seen, after_commit, lease_deadlines
 from sessionmgr.storage.redis_nodes import ClusterNodes, SessionmgrCluster, nodes_of
 from sessionmgr.storage.redis_pool import BoundedPool, sentinel_client
 
@@ -124,25 +127,32 @@ _decode_acl = msgspec.json.Decoder(list[str]).decode
 _decode_str = msgspec.json.Decoder(str).decode
 
 
-# Reads a session in one round trip (also inside WATCH): hash, timeline, lease TTLs and the
-# idempotency record. Lease keys share the session's hash tag, so they live on its shard.
-_READ_SCRIPT = """
-local h = redis.call('HGETALL', KEYS[1])
-local stored = false
-if KEYS[3] then stored = redis.call('GET', KEYS[3]) end
-if #h == 0 then return {h, {}, {}, stored} end
-local recent = redis.call('LRANGE', KEYS[2], 0, -1)
-local ttls = {}
-for i = 1, #h, 2 do
-  if h[i] == 'participants' then
-    for mad, _ in pairs(cjson.decode(h[i + 1])) do
-      table.insert(ttls, mad)
-      table.insert(ttls, redis.call('PTTL', ARGV[1] .. mad))
+# A session as a read sees it: the hash, the recent timeline, each participant's lease TTL and
+# the request's idempotency record. Lease keys share the session's hash tag, so they live on
+# its shard. Shared by the read script and by the commit script, which answers with it when it
+# refuses a change decided on a state that is no longer the session's.
+_VIEW_LUA = """
+local function view(hash, timeline, idem, lease_prefix)
+  local h = redis.call('HGETALL', hash)
+  local stored = false
+  if idem then stored = redis.call('GET', idem) end
+  if #h == 0 then return {h, {}, {}, stored} end
+  local recent = redis.call('LRANGE', timeline, 0, -1)
+  local ttls = {}
+  for i = 1, #h, 2 do
+    if h[i] == 'participants' then
+      for mad, _ in pairs(cjson.decode(h[i + 1])) do
+        table.insert(ttls, mad)
+        table.insert(ttls, redis.call('PTTL', lease_prefix .. mad))
+      end
     end
   end
+  return {h, recent, ttls, stored}
 end
-return {h, recent, ttls, stored}
 """
+# Reads a session in one round trip (also inside WATCH). KEYS: hash, timeline[, idempotency
+# record]; ARGV[1]: the prefix of the session's lease keys.
+_READ_SCRIPT = _VIEW_LUA + "return view(KEYS[1], KEYS[2], KEYS[3], ARGV[1])\n"
 _READ_SHA = hashlib.sha1(_READ_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
@@ -161,19 +171,26 @@ async def _run_read_script(client: Any, keys: list[str], lease_prefix: str) -> A
 
 # Commits a decided change: the compare-and-set that replaces WATCH ... MULTI/EXEC (one
 # round trip, where WATCH, the read and MULTI/EXEC took three). The write applies only if the
-# hash is the one the decision read: still there, the same `rev` (a stamp every write of the
-# hash sets anew: a commit that writes fields, a create, a load, a rebase) and the same
-# version; and only if the request's idempotency record is still absent. Then it runs the
-# change's commands in order, atomically as a script runs. Every key they name carries the
-# session's hash tag (its partition's), so they live in the slot of KEYS[1], as with MULTI.
-# ARGV: rev as read ('' for none), version as read, then each command as its length and words.
+# hash is the one the decision was made on: still there, the same `rev` (a stamp every write
+# of the hash, its timeline or its lease keys sets anew: a commit, a create, a load, a rebase)
+# and the same version; and only if the request's idempotency record is still absent. Then it
+# runs the change's commands in order, atomically as a script runs, and answers 1. Refused, it
+# answers what the read script would (`_VIEW_LUA`): the session as it is now, to decide on
+# again without another read. Every key the commands name carries the session's hash tag (its
+# partition's), so they live in the slot of KEYS[1], as with MULTI.
+# KEYS: hash, timeline[, idempotency record]. ARGV: the lease keys' prefix, rev as read ('' for
+# none), version as read, then each command as its length and words.
 COMMIT_MARK = "-- sessionmgr commit"  # the script's first line: what names it on the wire
-_COMMIT_SCRIPT = f"""{COMMIT_MARK}
+_COMMIT_SCRIPT = (
+    COMMIT_MARK
+    + _VIEW_LUA
+    + """
 local now = redis.call('HMGET', KEYS[1], 'rev', 'version')
-if not now[2] then return 0 end
-if (now[1] or '') ~= ARGV[1] or now[2] ~= ARGV[2] then return 0 end
-if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local i = 3
+if not now[2] or (now[1] or '') ~= ARGV[2] or now[2] ~= ARGV[3]
+  or (KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1) then
+  return view(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
+end
+local i = 4
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + n))
@@ -181,6 +198,7 @@ while i <= #ARGV do
 end
 return 1
 """
+)
 COMMIT_SHA = hashlib.sha1(_COMMIT_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 REV = "rev"  # the hash's write stamp: not a field of the record (`decode_record` skips it)
 
@@ -195,11 +213,32 @@ def _stamped(record: SessionRecord, fields: frozenset[str] | None = None) -> dic
     return {**encode_record(record, fields), REV: _new_rev()}
 
 
-class _Stale:
-    """A commit refused: the hash (or the idempotency record) changed since the read."""
+class _Written(NamedTuple):
+    """What a commit writes to the hash: the record's fields, encoded, and its new `rev`."""
+
+    fields: dict[str, bytes]
+    rev: bytes
 
 
-_STALE = _Stale()
+def _seen_of(answer: list[Any], sent_at: float) -> Seen:
+    """The read script's answer (`_VIEW_LUA`): hash, recent events, lease TTLs, stored record.
+    `sent_at`: when it was asked for (monotonic), from which the leases' deadlines count."""
+    raw, recent, ttls, stored = answer
+    if not raw:
+        return Seen(view=None, rev=b"", stored=stored)
+    fields = dict(zip(raw[::2], raw[1::2], strict=True))
+    live = {mad.decode(): ttl for mad, ttl in zip(ttls[::2], ttls[1::2], strict=True) if ttl > 0}
+    view = HotView(
+        record=decode_record(fields), recent=[_decode_event(e) for e in recent], lease_ttl_ms=live
+    )
+    return Seen(
+        view=view,
+        rev=fields.get(REV.encode(), b""),
+        stored=stored,
+        field_sizes={name.decode(): len(value) for name, value in fields.items()},
+        event_sizes=[len(e) for e in recent],
+        deadlines=lease_deadlines(live, sent_at),
+    )
 
 
 _decode_outbox = msgspec.json.Decoder(OutboxEntry).decode
@@ -321,8 +360,10 @@ class RedisHotStore:
         wait_timeout_ms: int = 500,
         feed_maxlen: int = 1000,
         feed_retention_s: int = 3600,
+        view_cache_mb: int = 8,
     ) -> None:
         self._redis = redis
+        self._views = HotViews(view_cache_mb << 20)
         self._nodes = nodes_of(redis)
         self._layout_checked = False
         self._feed = (feed_maxlen, feed_retention_s)
@@ -352,23 +393,21 @@ class RedisHotStore:
         self, client: Any, session_id: str, idem: Idempotency | None
     ) -> tuple[HotView | None, bytes | None, bytes]:
         """The session's view, the request's idempotency record and the hash's `rev`."""
+        seen = await self._seen(client, session_id, idem)
+        return seen.view, seen.stored, seen.rev
+
+    async def _seen(self, client: Any, session_id: str, idem: Idempotency | None) -> Seen:
+        keys = self._view_keys(session_id, idem)
+        sent_at = time.monotonic()
+        answer = await self._guard(_run_read_script(client, keys, lease_key(session_id, "")))
+        return _seen_of(answer, sent_at)
+
+    @staticmethod
+    def _view_keys(session_id: str, idem: Idempotency | None) -> list[str]:
         keys = [hot_key(session_id), timeline_key(session_id)]
         if idem is not None:
             keys.append(idem_key(session_id, idem))
-        raw, recent, ttls, stored = await self._guard(
-            _run_read_script(client, keys, lease_key(session_id, ""))
-        )
-        if not raw:
-            return None, stored, b""
-        fields = dict(zip(raw[::2], raw[1::2], strict=True))
-        view = HotView(
-            record=decode_record(fields),
-            recent=[_decode_event(e) for e in recent],
-            lease_ttl_ms={
-                mad.decode(): ttl for mad, ttl in zip(ttls[::2], ttls[1::2], strict=True) if ttl > 0
-            },
-        )
-        return view, stored, fields.get(REV.encode(), b"")
+        return keys
 
     async def access_fields(self, session_id: str) -> tuple[str, list[str]] | None:
         key = hot_key(session_id)
@@ -479,71 +518,116 @@ class RedisHotStore:
         read and the commit makes it run `decide` again on the new state: every decision
         re-checks the expected version, so a stale change is a `ConcurrencyConflict`, never
         applied.
-        """
-        for _ in range(_RACE_RETRIES):
-            outcome = await self._transact_once(session_id, decide, idem)
-            if not isinstance(outcome, _Stale):
-                return outcome
-        current = await self._current_version(session_id)
-        raise ConcurrencyConflict(session_id, current)
 
-    async def _transact_once(
-        self, session_id: str, decide: Decide, idem: Idempotency | None
-    ) -> Replayed | Change | _Stale | None:
-        """One read, one decision, one commit (`_COMMIT_SCRIPT`); `_STALE` when the hash or
-        the idempotency record changed in between."""
+        The state decided on is the one this replica's last commit of the session left
+        (`hot_views`), else a read: one round trip instead of two. A commit refused answers
+        with the session as it is now, which the next decision takes. A decision that
+        refuses on a remembered state is run again on a read: refusals are only ever
+        answered from what Redis holds.
+        """
         await self._layout()
         key = hot_key(session_id)
         client = await self._at(key)
-        view, stored, rev = await self._read(client, session_id, idem)
-        if idem is not None and (replay := replay_of(idem, stored)) is not None:
-            return replay
-        if view is None:
-            return None
-        change = decide(view)
-        if change is None:
-            return None
+        seen = self._views.get(session_id) or await self._seen(client, session_id, idem)
+        for _ in range(_RACE_RETRIES):
+            if idem is not None and (replay := replay_of(idem, seen.stored)) is not None:
+                return replay
+            if seen.view is None:
+                self._views.drop(session_id)
+                return None
+            try:
+                change = decide(seen.view)
+            except Exception:
+                if seen.fresh:
+                    raise
+                change = None
+            if change is None:
+                if seen.fresh:
+                    return None
+                seen = await self._seen(client, session_id, idem)  # refused on a memory
+                continue
+            outcome = await self._commit(client, session_id, seen, change, idem)
+            if isinstance(outcome, Seen):
+                seen = outcome  # the session as the refused commit found it
+                continue
+            self._views.put(session_id, outcome[1])
+            return change
+        self._views.drop(session_id)
+        current = await self._current_version(session_id)
+        raise ConcurrencyConflict(session_id, current)
+
+    async def _commit(
+        self, client: Any, session_id: str, seen: Seen, change: Change, idem: Idempotency | None
+    ) -> tuple[Change, Seen] | Seen:
+        """The commit script with `change`'s commands, guarded by what `seen` holds. Applied:
+        the change and the session as it left it; refused: the session as it is now."""
+        assert seen.view is not None
         # The change's commands, built by redis-py's own command methods and never sent as
         # such: the commit script runs them once its check passes.
         todo = client.pipeline(transaction=False)
-        self._queue_change(todo, session_id, change)
+        written, encoded_events = self._queue_change(todo, session_id, change)
         self._touch(todo, session_id)
-        self._queue_feed(todo, session_id, feed.change_entries(view.record, change))
-        guarded = [key]
+        self._queue_feed(todo, session_id, feed.change_entries(seen.view.record, change))
+        keys = self._view_keys(session_id, idem)
         if idem is not None:
-            record_key = idem_key(session_id, idem)
             kept = change.result if change.stored is None else change.stored
-            todo.set(record_key, idem_value(idem, kept), ex=self._idem_ttl)
-            self._index_idem(todo, session_id, record_key)
-            guarded.append(record_key)
-        words: list[Any] = [rev, view.record.version]
+            todo.set(keys[2], idem_value(idem, kept), ex=self._idem_ttl)
+            self._index_idem(todo, session_id, keys[2])
+        words: list[Any] = [lease_key(session_id, ""), seen.rev, seen.view.record.version]
         for args, _options in todo.command_stack:
             words += [len(args), *args]
-        # With an idempotency record in the commit a re-run finds the first answer.
-        committed = await self._guard(
-            self._commit(client, guarded, words), outcome_unknown=True, replayable=idem is not None
+        sent_at = time.monotonic()
+        try:
+            # With an idempotency record in the commit a re-run finds the first answer.
+            answer = await self._guard(
+                self._run_commit(client, keys, words),
+                outcome_unknown=True,
+                replayable=idem is not None,
+            )
+        except BaseException:
+            self._views.drop(session_id)  # applied or not: unknown
+            raise
+        if answer != 1:
+            return _seen_of(answer, sent_at)
+        return change, after_commit(
+            seen,
+            fields=written.fields,
+            record=change.record,
+            events=change.events,
+            event_sizes=[len(e) for e in encoded_events],
+            leases_set=change.leases_set,
+            leases_dropped=change.leases_dropped,
+            rev=written.rev,
+            sent_at=sent_at,
+            lease_s=self._lease_ms / 1000,
+            recent=self._recent,
         )
-        return change if committed else _STALE
 
-    async def _commit(self, client: Any, guarded: list[str], words: list[Any]) -> bool:
+    async def _run_commit(self, client: Any, keys: list[str], words: list[Any]) -> Any:
         """EVALSHA of the commit script (EVAL once Redis has forgotten it), and with
         `wait_replicas` the WAIT after it on the same connection: acknowledged only once that
-        many replicas hold it."""
+        many replicas hold it. Without WAIT, one command: no pipeline to build and parse."""
+        if not self._wait[0]:
+            try:
+                return await client.execute_command("EVALSHA", COMMIT_SHA, len(keys), *keys, *words)
+            except NoScriptError:  # nothing ran: the script was unknown
+                return await client.execute_command(
+                    "EVAL", _COMMIT_SCRIPT, len(keys), *keys, *words
+                )
         script: tuple[Any, ...] = ("EVALSHA", COMMIT_SHA)
         for _ in range(2):
             async with client.pipeline(transaction=False) as pipe:
-                pipe.execute_command(*script, len(guarded), *guarded, *words)
-                if self._wait[0]:
-                    pipe.execute_command("WAIT", *self._wait)
+                pipe.execute_command(*script, len(keys), *keys, *words)
+                pipe.execute_command("WAIT", *self._wait)
                 answers = await pipe.execute(raise_on_error=False)
             if isinstance(answers[0], NoScriptError):
                 script = ("EVAL", _COMMIT_SCRIPT)  # nothing ran: the script was unknown
                 continue
             if isinstance(answers[0], Exception):
                 raise answers[0]
-            if self._wait[0]:
+            if answers[0] == 1:
                 _check_replicas(int(answers[1]), *self._wait)
-            return bool(answers[0])
+            return answers[0]
         raise AssertionError("unreachable: EVAL does not answer NOSCRIPT")
 
     def _queue_feed(self, pipe: Any, session_id: str, entries: list[dict[str, bytes]]) -> None:
@@ -556,15 +640,20 @@ class RedisHotStore:
             pipe.expire(keys.feed(session_id), self._feed[1])
             await self._guard(pipe.execute())
 
-    def _queue_change(self, pipe: Any, session_id: str, change: Change) -> None:
+    def _queue_change(
+        self, pipe: Any, session_id: str, change: Change
+    ) -> tuple[_Written, list[bytes]]:
+        """Queue `change`'s commands; what they write to the hash (always a new `rev`, so a
+        view of the session decided on before is stale) and the events, encoded."""
         if "version" in change.fields:  # a new version: a write of its own, named
             change.record.write_id = new_write_id()
             change.fields = change.fields | {"write_id"}
-        if change.fields:
-            pipe.hset(hot_key(session_id), mapping=_stamped(change.record, change.fields))
-        if change.events:
+        written = _Written(encode_record(change.record, change.fields), _new_rev().encode())
+        pipe.hset(hot_key(session_id), mapping={**written.fields, REV: written.rev})
+        events = [_encode(e) for e in change.events]
+        if events:
             tl = timeline_key(session_id)
-            pipe.rpush(tl, *[_encode(e) for e in change.events])
+            pipe.rpush(tl, *events)
             pipe.ltrim(tl, -self._recent, -1)
         for mad in change.leases_set:
             pipe.set(lease_key(session_id, mad), b"1", px=self._lease_ms)
@@ -573,6 +662,7 @@ class RedisHotStore:
         if not change.hot_only and (change.fields or change.events or change.context):
             entry = OutboxEntry(record=change.record, events=change.events, context=change.context)
             pipe.xadd(outbox_key(session_id), {"sid": session_id, "entry": _encode(entry)})
+        return written, events
 
     async def rebase(self, diverged: WriteDiverged) -> str:
         """Move the hot session above what MongoDB holds after Redis lost writes it had.

@@ -2,9 +2,11 @@
 
 An update reads the session (one script), decides in Python, then commits in one script that
 first checks the hash is still the one it read (there, the same `rev`, the same version) and
-the request's idempotency record still absent. Each test puts another write between one
-update's read and its commit and checks that the update was decided again on the new state,
-never applied over it. On redis-server and on fakeredis with Lua.
+the request's idempotency record still absent; refused, the script answers the session as it
+is now. Each test puts another write between one update's read and its commit and checks
+that the update was decided again on the new state, never applied over it. On redis-server
+and on fakeredis with Lua. (A write that decides on what the replica's own last commit left,
+without a read, is `test_hot_views.py`'s.)
 """
 
 from __future__ import annotations
@@ -30,25 +32,27 @@ def between_read_and_commit(
     monkeypatch: pytest.MonkeyPatch, action: Callable[[], Awaitable[Any]]
 ) -> list[int]:
     """Run `action` once, right after the next read of the hash; returns the versions read."""
-    real_read = RedisHotStore._read
+    real_read = RedisHotStore._seen
     versions: list[int] = []
 
     async def read(self: RedisHotStore, client: Any, session_id: str, idem: Any) -> Any:
-        result = await real_read(self, client, session_id, idem)
-        view = result[0]
-        versions.append(view.record.version if view else -1)
+        seen = await real_read(self, client, session_id, idem)
+        versions.append(seen.view.record.version if seen.view else -1)
         if len(versions) == 1:
             await action()
-        return result
+        return seen
 
-    monkeypatch.setattr(RedisHotStore, "_read", read)
+    monkeypatch.setattr(RedisHotStore, "_seen", read)
     return versions
 
 
-def bump(work: dict[str, Any]) -> Callable[[HotView], Change]:
-    """A patch: the next version, `work` merged into work_in_progress."""
+def bump(work: dict[str, Any], decided: list[int] | None = None) -> Callable[[HotView], Change]:
+    """A patch: the next version, `work` merged into work_in_progress. Each version decided
+    on goes to `decided`."""
 
     def decide(view: HotView) -> Change:
+        if decided is not None:
+            decided.append(view.record.version)
         record = msgspec.structs.replace(
             view.record,
             version=view.record.version + 1,
@@ -101,11 +105,13 @@ async def test_a_write_between_read_and_commit_makes_the_update_decide_again(
     read = between_read_and_commit(
         monkeypatch, lambda: store.transact(record.id, bump({"b": 1}), None)
     )
+    decided: list[int] = []
 
-    change = await store.transact(record.id, bump({"a": 1}), None)
+    change = await store.transact(record.id, bump({"a": 1}, decided), None)
 
     assert isinstance(change, Change)
-    assert read == [1, 1, 2], "read, the other write read and committed, read again"
+    assert read == [1, 1], "read, then the other write read and committed"
+    assert decided == [1, 2], "decided on the read, then on what the refused commit answered"
     view = await hot(store, record.id)
     assert view.record.version == 3
     assert view.record.work_in_progress == {"a": 1, "b": 1}
@@ -125,7 +131,8 @@ async def test_a_write_at_the_same_version_also_makes_it_decide_again(
 
     assert isinstance(await store.transact(record.id, join("joiner"), None), Change)
 
-    assert read == [1, 1, 1], "read, the renewal read and committed, read again"
+    assert read == [1, 1], "read, then the renewal read and committed"
+    # Decided again on what the refused commit answered: the renewal is kept.
     view = await hot(store, record.id)
     assert view.record.version == 2
     assert set(view.record.participants) == {"renewed", "joiner"}
@@ -179,8 +186,9 @@ async def test_a_session_written_and_reloaded_between_read_and_commit_is_decided
 async def test_the_same_key_committed_in_between_answers_the_first_result(
     store_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A change that writes no field leaves the hash as it was: the idempotency record alone
-    shows that a request with this key committed in between, and this one replays it."""
+    """A change that writes no field of the record: its commit still stamps a new `rev`,
+    and the idempotency record shows that a request with this key committed in between; the
+    refused commit answers that record, and this one replays it."""
     store = RedisHotStore(store_redis)
     record = SessionRecordFactory.build(version=1)
     await store.create(record, None, b"{}")

@@ -1,7 +1,8 @@
 """Idempotency-Key: a repeated request gets the first answer, even when that answer was lost.
 
-A lost reply is simulated in redis-py itself: the write (a MULTI/EXEC, or an update's commit
-script) runs on the real redis-server, then the caller sees `ConnectionError`, as it would if
+A lost reply is simulated in the client: the write (a MULTI/EXEC through redis-py's pipeline,
+or an update's commit script through `RedisHotStore._run_commit`) runs on the real
+redis-server, then the caller sees `ConnectionError`, as it would if
 the connection dropped after Redis executed it and before its reply arrived. The outcome is
 then unknown to the service; its own retries (stamina, `SESSIONMGR_RETRY_ATTEMPTS`, 3 in
 tests) re-run the transaction, which finds the idempotency record and answers as the first
@@ -20,12 +21,19 @@ import pytest
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from sessionmgr.storage.hot import OUTBOX_STREAM, OutboxEntry, timeline_key
+from sessionmgr.storage.hot import (
+    COMMIT_SHA,
+    OUTBOX_STREAM,
+    OutboxEntry,
+    RedisHotStore,
+    timeline_key,
+)
 from tests.integration.session_api import create_session, get_session, hot_record
 from tests.support.faults import committed_commands, is_commit
 
 Headers = dict[str, str]
-PipeTest = Callable[[Pipeline], bool]
+Sent = list[tuple[Any, ...]]  # the commands of one round trip, each as its words
+SentTest = Callable[[Sent], bool]
 _decode_entry = msgspec.json.Decoder(OutboxEntry).decode
 
 
@@ -35,31 +43,40 @@ class LostReplies:
     def __init__(self) -> None:
         self.armed = 0
         self.dropped = 0
-        self.matches: PipeTest = lambda _pipe: False
+        self.matches: SentTest = lambda _sent: False
 
-    def arm(self, matches: PipeTest, times: int = 1) -> None:
+    def arm(self, matches: SentTest, times: int = 1) -> None:
         self.matches, self.armed = matches, times
 
+    def lose(self, sent: Sent) -> bool:
+        """Whether to lose the reply to `sent` (decided before it goes)."""
+        return self.armed > 0 and self.matches(sent)
 
-def commands(pipe: Pipeline) -> list[tuple[Any, ...]]:
-    """The pipeline's commands, with a commit script's own commands in its place."""
-    found: list[tuple[Any, ...]] = []
-    for args, _options in pipe.command_stack:
+    def lost(self) -> None:
+        self.armed -= 1
+        self.dropped += 1
+        raise RedisConnectionError("Connection closed by server.")
+
+
+def commands(sent: Sent) -> Sent:
+    """The commands, with a commit script's own commands in its place."""
+    found: Sent = []
+    for args in sent:
         found += committed_commands(args) if is_commit(args) else [args]
     return found
 
 
-def writes_outbox(pipe: Pipeline) -> bool:
+def writes_outbox(sent: Sent) -> bool:
     """The commit of an update: the commit script, whose commands XADD to session_outbox."""
-    return any(is_commit(args) for args, _options in pipe.command_stack) and any(
-        a[0] == "XADD" and a[1] == OUTBOX_STREAM for a in commands(pipe)
+    return any(is_commit(args) for args in sent) and any(
+        a[0] == "XADD" and a[1] == OUTBOX_STREAM for a in commands(sent)
     )
 
 
-def creates_session(pipe: Pipeline) -> bool:
+def creates_session(sent: Sent) -> bool:
     """The transaction of a keyed create: HSET of a new hot hash, noting its create record
     in the session's index of records (the record itself follows, in the key's slot)."""
-    names = [(a[0], str(a[1])) for a in commands(pipe)]
+    names = [(a[0], str(a[1])) for a in commands(sent)]
     return any(c == "HSET" and k.startswith("session_hot:") for c, k in names) and any(
         c == "ZADD" and k.startswith("session_idem_keys:") for c, k in names
     )
@@ -68,16 +85,24 @@ def creates_session(pipe: Pipeline) -> bool:
 @pytest.fixture
 def lost_replies(monkeypatch: pytest.MonkeyPatch) -> LostReplies:
     lost = LostReplies()
-    real_execute = Pipeline.execute
+    real_execute, real_commit = Pipeline.execute, RedisHotStore._run_commit
 
     async def execute(self: Pipeline, raise_on_error: bool = True) -> list[Any]:
-        drop = lost.armed > 0 and lost.matches(self)  # decided before execute() resets the stack
+        # Decided before execute() resets the stack.
+        drop = lost.lose([args for args, _options in self.command_stack])
         result: list[Any] = await real_execute(self, raise_on_error)
         if drop:
-            lost.armed -= 1
-            lost.dropped += 1
-            raise RedisConnectionError("Connection closed by server.")
+            lost.lost()
         return result
+
+    async def run_commit(self: RedisHotStore, client: Any, keys: list[str], words: Sent) -> Any:
+        drop = lost.lose([("EVALSHA", COMMIT_SHA, len(keys), *keys, *words)])
+        result = await real_commit(self, client, keys, words)
+        if drop:
+            lost.lost()
+        return result
+
+    monkeypatch.setattr(RedisHotStore, "_run_commit", run_commit)
 
     monkeypatch.setattr(Pipeline, "execute", execute)
     return lost

@@ -72,7 +72,7 @@ async def test_a_retry_that_overlaps_its_original_gets_the_first_answer(
     200 with the same version: the update is applied once, and nobody sees a 409."""
     h = {**auth(), "Idempotency-Key": "overlap-1"}
     sid = (await create_session(manual_api, auth()))["id"]
-    real_read = RedisHotStore._read
+    real_read = RedisHotStore._seen
     paused, resume, calls = asyncio.Event(), asyncio.Event(), []
 
     async def stalls_once(self: RedisHotStore, client: Any, session_id: str, idem: Any) -> Any:
@@ -83,10 +83,10 @@ async def test_a_retry_that_overlaps_its_original_gets_the_first_answer(
             await resume.wait()
         return result
 
-    monkeypatch.setattr(RedisHotStore, "_read", stalls_once)
+    monkeypatch.setattr(RedisHotStore, "_seen", stalls_once)
     body = {"expected_version": 1, "patch": {"work_in_progress": {"n": 1}}}
     original = asyncio.create_task(manual_api.patch(f"/v1/sessions/{sid}", json=body, headers=h))
-    await paused.wait()
+    await asyncio.wait_for(paused.wait(), 10)
     retry = await manual_api.patch(f"/v1/sessions/{sid}", json=body, headers=h)
     resume.set()
     first = await original

@@ -1,0 +1,375 @@
+"""A write decides on what this replica's own last commit left, without reading the hash first
+(storage/hot_views.py), and stays exactly as safe as one that reads.
+
+What these tests hold: a remembered view is what a read would return (record, recent events,
+leases, `rev`) after every kind of change; another replica's write, a refusal, a lease near its
+end, the same Idempotency-Key and an unknown outcome each send the write back to what Redis
+holds; and a history of appends from three replicas at once, each on its own memory, has every
+acknowledged append exactly once, at the version and seq it was answered with. On
+redis-server and on fakeredis with Lua.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from sessionmgr.domain.errors import BackendUnavailable, ConcurrencyConflict
+from sessionmgr.domain.model import ContextUpdate, Participant, SessionRecord, TimelineEvent
+from sessionmgr.services.ports import Change, HotView, Idempotency, OutboxEntry, Replayed
+from sessionmgr.storage.hot import REV, RedisHotStore, hot_key, outbox_key
+from tests.unit.factories import SessionRecordFactory
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+Decide = Callable[[HotView], Change]
+_decode_entry = msgspec.json.Decoder(OutboxEntry).decode
+
+
+def reads_of(store: RedisHotStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every read of the hash `store` makes from now on (by session id)."""
+    real = RedisHotStore._seen
+    reads: list[str] = []
+
+    async def seen(self: RedisHotStore, client: Any, session_id: str, idem: Any) -> Any:
+        if self is store:
+            reads.append(session_id)
+        return await real(self, client, session_id, idem)
+
+    monkeypatch.setattr(RedisHotStore, "_seen", seen)
+    return reads
+
+
+def versioned(view: HotView, **fields: Any) -> SessionRecord:
+    return msgspec.structs.replace(view.record, version=view.record.version + 1, **fields)
+
+
+def bump(key: str, decided: list[int] | None = None) -> Decide:
+    def decide(view: HotView) -> Change:
+        if decided is not None:
+            decided.append(view.record.version)
+        wip = {**view.record.work_in_progress, key: view.record.version}
+        record = versioned(view, work_in_progress=wip)
+        return Change(record=record, fields=frozenset({"version", "work_in_progress"}))
+
+    return decide
+
+
+def append(n: int, actor: str = "a") -> Decide:
+    def decide(view: HotView) -> Change:
+        seq = view.record.timeline_seq
+        events = [
+            TimelineEvent(seq=seq + i, at=NOW, actor=actor, kind="note", data={"i": i})
+            for i in range(1, n + 1)
+        ]
+        record = versioned(view, timeline_seq=seq + n, last_active=NOW)
+        fields = frozenset({"version", "timeline_seq", "last_active"})
+        answer = b"%d:%d" % (record.version, seq + 1)
+        return Change(record=record, fields=fields, events=events, result=answer)
+
+    return decide
+
+
+def join(mad: str) -> Decide:
+    def decide(view: HotView) -> Change:
+        mine = Participant(joined_at=NOW, lease_expires_at=NOW + timedelta(seconds=30), token=1)
+        record = versioned(view, participants={**view.record.participants, mad: mine})
+        return Change(
+            record=record, fields=frozenset({"version", "participants"}), leases_set=[mad]
+        )
+
+    return decide
+
+
+def renew(mad: str) -> Decide:
+    """Redis only: the same version, a new expiry, the lease key set again."""
+
+    def decide(view: HotView) -> Change:
+        later = msgspec.structs.replace(
+            view.record.participants[mad], lease_expires_at=NOW + timedelta(seconds=60)
+        )
+        record = msgspec.structs.replace(
+            view.record, participants={**view.record.participants, mad: later}
+        )
+        return Change(
+            record=record, fields=frozenset({"participants"}), leases_set=[mad], hot_only=True
+        )
+
+    return decide
+
+
+def leave(mad: str) -> Decide:
+    def decide(view: HotView) -> Change:
+        rest = {m: p for m, p in view.record.participants.items() if m != mad}
+        record = versioned(view, participants=rest, acl=[a for a in view.record.acl if a != mad])
+        fields = frozenset({"version", "participants", "acl"})
+        return Change(record=record, fields=fields, leases_dropped=[mad])
+
+    return decide
+
+
+def full_context(value: dict[str, Any]) -> Decide:
+    """`full_context` goes to MongoDB only: the hash gets the version, the outbox the value."""
+
+    def decide(view: HotView) -> Change:
+        record = versioned(view)
+        context = ContextUpdate(version=record.version, value=value)
+        return Change(record=record, fields=frozenset({"version"}), context=context)
+
+    return decide
+
+
+def writing_less(view: HotView) -> Change:
+    """A record that differs in more than the fields the change writes (as one decided on a
+    view with lapsed participants reaped, but writing no participants): the hash gets only
+    `fields`, and so must the view this replica remembers."""
+    record = versioned(view, context_summary="not written")
+    return Change(record=record, fields=frozenset({"version"}))
+
+
+def expecting(version: int, then: Decide) -> Decide:
+    """`then`, if the session is at `version`; a 409 otherwise (as `expected_version`)."""
+
+    def decide(view: HotView) -> Change:
+        if view.record.version != version:
+            raise ConcurrencyConflict(view.record.id, view.record.version)
+        return then(view)
+
+    return decide
+
+
+async def created(store: RedisHotStore, **fields: Any) -> SessionRecord:
+    record = SessionRecordFactory.build(version=1, timeline_seq=0, participants={}, **fields)
+    await store.create(record, None, b"{}")
+    return record
+
+
+async def test_a_remembered_view_is_what_a_read_returns_after_every_kind_of_change(
+    store_redis: Redis,
+) -> None:
+    store = RedisHotStore(store_redis, recent_timeline=3)
+    record = await created(store, work_in_progress={})
+    changes = [
+        ("a patch", bump("a")),
+        ("a join, with its lease", join("m1")),
+        ("another join", join("m2")),
+        ("a renewal, Redis only", renew("m1")),
+        ("an append", append(2)),
+        ("an append past the recent events kept", append(3)),
+        ("a departure, its lease dropped", leave("m2")),
+        ("a full_context", full_context({"big": "x" * 100})),
+        ("a record holding more than the change writes", writing_less),
+    ]
+    for what, decide in changes:
+        assert isinstance(await store.transact(record.id, decide, None), Change), what
+        remembered = store._views.get(record.id)
+        assert remembered is not None and remembered.view is not None, what
+        read = await store.load(record.id)
+        assert read is not None
+        assert remembered.view.record == read.record, what
+        assert remembered.view.recent == read.recent, what
+        assert remembered.rev == await store_redis.hget(hot_key(record.id), REV), what
+        assert set(remembered.view.lease_ttl_ms) == set(read.lease_ttl_ms), what
+        for mad, ttl in remembered.view.lease_ttl_ms.items():
+            assert 0 < ttl <= read.lease_ttl_ms[mad], f"{what}: never later than Redis' TTL"
+
+
+async def test_a_write_after_this_replicas_own_commit_does_not_read_first(
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisHotStore(store_redis)
+    record = await created(store, work_in_progress={})
+    reads = reads_of(store, monkeypatch)
+
+    for key in "abc":
+        assert isinstance(await store.transact(record.id, bump(key), None), Change)
+
+    assert reads == [record.id], "one read, then each write on what the last one left"
+    view = await store.load(record.id)
+    assert view is not None
+    assert view.record.version == 4
+    assert view.record.work_in_progress == {"a": 1, "b": 2, "c": 3}
+
+
+async def test_off_every_write_reads_first(
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisHotStore(store_redis, view_cache_mb=0)
+    record = await created(store, work_in_progress={})
+    reads = reads_of(store, monkeypatch)
+
+    for key in "abc":
+        assert isinstance(await store.transact(record.id, bump(key), None), Change)
+
+    assert reads == [record.id] * 3
+
+
+async def test_another_replicas_write_sends_this_one_back_to_what_redis_holds(
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine, theirs = RedisHotStore(store_redis), RedisHotStore(store_redis)
+    record = await created(mine, work_in_progress={})
+    await mine.transact(record.id, bump("mine-1"), None)
+    await theirs.transact(record.id, bump("theirs"), None)
+    reads = reads_of(mine, monkeypatch)
+    decided: list[int] = []
+
+    assert isinstance(await mine.transact(record.id, bump("mine-2", decided), None), Change)
+
+    assert decided == [2, 3], "decided on its memory, refused, decided on what Redis holds"
+    assert reads == [], "the refused commit answered the session as it is"
+    view = await mine.load(record.id)
+    assert view is not None
+    assert view.record.version == 4
+    assert view.record.work_in_progress == {"mine-1": 1, "theirs": 2, "mine-2": 3}
+
+
+async def test_a_refusal_on_a_remembered_view_is_decided_again_on_a_read(
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This replica remembers version 2; another made it 3. A client that read 3 from the
+    other one sends `expected_version: 3` here: that is no conflict, whatever this one
+    remembers. Only what Redis holds may refuse a write."""
+    mine, theirs = RedisHotStore(store_redis), RedisHotStore(store_redis)
+    record = await created(mine, work_in_progress={})
+    await mine.transact(record.id, bump("mine"), None)
+    await theirs.transact(record.id, bump("theirs"), None)
+    reads = reads_of(mine, monkeypatch)
+
+    change = await mine.transact(record.id, expecting(3, bump("client")), None)
+
+    assert isinstance(change, Change)
+    assert change.record.version == 4
+    assert reads == [record.id], "refused on its memory, then read and decided again"
+    with pytest.raises(ConcurrencyConflict):  # a real conflict is still one, after a read
+        await mine.transact(record.id, expecting(3, bump("late")), None)
+
+
+async def test_a_lease_near_its_end_is_never_taken_from_memory(
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leases run out in Redis without a write. A view counts each lease's remaining life
+    from when it was asked for (never later than Redis' own), and a write reads instead once
+    a lease is within a second of its end: a lapsed lease is never seen as live."""
+    store = RedisHotStore(store_redis, lease_ttl_s=2)
+    record = await created(store, work_in_progress={})
+    await store.transact(record.id, join("m"), None)
+    reads = reads_of(store, monkeypatch)
+    seen: list[dict[str, int]] = []
+
+    def looking(view: HotView) -> Change:
+        seen.append(dict(view.lease_ttl_ms))
+        return bump("x")(view)
+
+    await store.transact(record.id, looking, None)
+    assert reads == [], "the lease has two seconds left: the view is used"
+    assert 1000 < seen[-1]["m"] <= 2000
+
+    await asyncio.sleep(1.2)
+    await store.transact(record.id, looking, None)
+    assert reads == [record.id], "under a second left: read"
+    assert 0 < seen[-1]["m"] < 1000
+
+    await asyncio.sleep(1.0)
+    await store.transact(record.id, looking, None)
+    assert "m" not in seen[-1], "lapsed in Redis: not live"
+
+
+async def test_the_same_key_committed_by_another_replica_is_replayed(
+    store_redis: Redis,
+) -> None:
+    mine, theirs = RedisHotStore(store_redis), RedisHotStore(store_redis)
+    record = await created(mine)
+    await mine.transact(record.id, append(1), None)
+    key = Idempotency(key_digest="k" * 16, fingerprint="f")
+
+    first = await theirs.transact(record.id, append(1, "theirs"), key)
+    again = await mine.transact(record.id, append(1, "mine"), key)
+
+    assert isinstance(first, Change)
+    assert again == Replayed(result=first.result)
+    view = await mine.load(record.id)
+    assert view is not None
+    assert [e.actor for e in view.recent] == ["a", "theirs"], "appended once"
+
+
+async def test_an_unknown_outcome_forgets_the_view(
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit whose reply was lost may or may not have been applied: the next write reads."""
+    store = RedisHotStore(store_redis)
+    record = await created(store, work_in_progress={})
+    await store.transact(record.id, bump("a"), None)
+    real = RedisHotStore._run_commit
+
+    async def lost(self: RedisHotStore, client: Any, keys: Any, words: Any) -> Any:
+        await real(self, client, keys, words)
+        raise RedisConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(RedisHotStore, "_run_commit", lost)
+    with pytest.raises(BackendUnavailable):
+        await store.transact(record.id, bump("b"), None)
+    monkeypatch.setattr(RedisHotStore, "_run_commit", real)
+    assert store._views.get(record.id) is None
+    reads = reads_of(store, monkeypatch)
+
+    await store.transact(record.id, bump("c"), None)
+
+    assert reads == [record.id]
+    view = await store.load(record.id)
+    assert view is not None
+    assert view.record.work_in_progress == {"a": 1, "b": 2, "c": 3}, "b was applied, once"
+
+
+async def test_a_suspended_session_is_not_hot_whatever_this_replica_remembers(
+    store_redis: Redis,
+) -> None:
+    store = RedisHotStore(store_redis)
+    record = await created(store, work_in_progress={})
+    await store.transact(record.id, bump("a"), None)
+    await store_redis.delete(hot_key(record.id))
+
+    assert await store.transact(record.id, bump("b"), None) is None
+    assert await store_redis.exists(hot_key(record.id)) == 0, "no hash of one field"
+    assert store._views.get(record.id) is None
+
+
+async def test_appends_from_three_replicas_at_once_each_land_once_at_their_answer(
+    store_redis: Redis,
+) -> None:
+    """A history: 3 replicas (stores on one Redis, each with its own memory) append 40 times
+    each, all at once, with random pauses. Every acknowledged append must be in the outbox
+    exactly once, at the version and first seq it was answered with; versions and seqs
+    run without a gap or a repeat."""
+    replicas = [RedisHotStore(store_redis) for _ in range(3)]
+    record = await created(replicas[0])
+    rng = random.Random(16)
+    answered: list[tuple[str, int, int]] = []
+
+    async def run(name: str, store: RedisHotStore) -> None:
+        for _ in range(40):
+            await asyncio.sleep(rng.random() / 1000)
+            change = await store.transact(record.id, append(1, name), None)
+            assert isinstance(change, Change)
+            version, seq = (int(x) for x in change.result.split(b":"))
+            answered.append((name, version, seq))
+
+    await asyncio.gather(*(run(f"r{i}", s) for i, s in enumerate(replicas)))
+
+    # The session's partition's stream (the suite may have set several partitions).
+    stream = outbox_key(record.id)
+    entries = [_decode_entry(f[b"entry"]) for _id, f in await store_redis.xrange(stream)]
+    mine = [e for e in entries if e.record.id == record.id and e.events]
+    stored = sorted((e.events[0].actor, e.record.version, e.events[0].seq) for e in mine)
+    assert stored == sorted(answered), "each answer is the append the outbox holds"
+    assert sorted(v for _n, v, _s in answered) == list(range(2, 122))
+    assert sorted(s for _n, _v, s in answered) == list(range(1, 121))
+    view = await replicas[0].load(record.id)
+    assert view is not None and view.record.version == 121 and view.record.timeline_seq == 120
