@@ -271,7 +271,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "jwt_leeway_s": _int(0, 60),
     "lease_ttl_s": _int(1, 3600),
     "recent_timeline": _int(1, 1000),
-    "hot_view_cache_mb": _int(0, 4096),
+    "hot_view_cache_mb": _int(0, 1024),
     "max_body_bytes": _int(1024, 64 * 1_048_576),
     "max_field_bytes": _int(256, 64 * 1_048_576),
     "max_events_per_append": _int(1, 10_000),

@@ -78,7 +78,7 @@ from sessionmgr.services.ports import (
 )
 from sessionmgr.settings import Settings
 from sessionmgr.storage import feed, keys
-from sessionmgr.storage.hot_views import HotViews, Seen, after_commit, lease_deadlines
+from sessionmgr.storage.hot_views import HotViews, Remembered, after_commit, lease_deadlines
 from sessionmgr.storage.redis_nodes import ClusterNodes, SessionmgrCluster, nodes_of
 from sessionmgr.storage.redis_pool import BoundedPool, sentinel_client
 
@@ -176,21 +176,28 @@ async def _run_read_script(client: Any, keys: list[str], lease_prefix: str) -> A
 # and the same version; and only if the request's idempotency record is still absent. Then it
 # runs the change's commands in order, atomically as a script runs, and answers 1. Refused, it
 # answers what the read script would (`_VIEW_LUA`): the session as it is now, to decide on
-# again without another read. Every key the commands name carries the session's hash tag (its
-# partition's), so they live in the slot of KEYS[1], as with MULTI.
+# again without another read. It also refuses when a lease the decision saw as live is gone
+# (run out, evicted, deleted: a lease key can go without a write of the hash). Every key the
+# commands name carries the session's hash tag (its partition's), so they live in the slot of
+# KEYS[1], as with MULTI.
 # KEYS: hash, timeline[, idempotency record]. ARGV: the lease keys' prefix, rev as read ('' for
-# none), version as read, then each command as its length and words.
+# none), version as read, the number of live leases and their MADs, then each command as its
+# length and words.
 COMMIT_MARK = "-- sessionmgr commit"  # the script's first line: what names it on the wire
 _COMMIT_SCRIPT = (
     COMMIT_MARK
     + _VIEW_LUA
     + """
 local now = redis.call('HMGET', KEYS[1], 'rev', 'version')
-if not now[2] or (now[1] or '') ~= ARGV[2] or now[2] ~= ARGV[3]
-  or (KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1) then
-  return view(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
+local same = now[2] and (now[1] or '') == ARGV[2] and now[2] == ARGV[3]
+  and not (KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1)
+local leases = tonumber(ARGV[4])
+for j = 5, 4 + leases do
+  if not same then break end
+  same = redis.call('EXISTS', ARGV[1] .. ARGV[j]) == 1
 end
-local i = 4
+if not same then return view(KEYS[1], KEYS[2], KEYS[3], ARGV[1]) end
+local i = 5 + leases
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + n))
@@ -220,24 +227,37 @@ class _Written(NamedTuple):
     rev: bytes
 
 
-def _seen_of(answer: list[Any], sent_at: float) -> Seen:
+class _Seen(msgspec.Struct, kw_only=True):
+    """A session to decide on: as a read (or a refused commit) found it (`fresh`), or as
+    this replica's last commit of it left it. `view` None: not hot. `state`: the bytes behind
+    `view`. `stored`: the request's idempotency record, when read."""
+
+    view: HotView | None
+    state: Remembered | None
+    stored: bytes | None = None
+    fresh: bool = True
+
+
+def _seen_of(answer: list[Any], sent_at: float) -> _Seen:
     """The read script's answer (`_VIEW_LUA`): hash, recent events, lease TTLs, stored record.
     `sent_at`: when it was asked for (monotonic), from which the leases' deadlines count."""
     raw, recent, ttls, stored = answer
     if not raw:
-        return Seen(view=None, rev=b"", stored=stored)
+        return _Seen(view=None, state=None, stored=stored)
     fields = dict(zip(raw[::2], raw[1::2], strict=True))
     live = {mad.decode(): ttl for mad, ttl in zip(ttls[::2], ttls[1::2], strict=True) if ttl > 0}
-    view = HotView(
-        record=decode_record(fields), recent=[_decode_event(e) for e in recent], lease_ttl_ms=live
+    rev = fields.pop(REV.encode(), b"")
+    state = Remembered(
+        fields=fields, recent=list(recent), rev=rev, deadlines=lease_deadlines(live, sent_at)
     )
-    return Seen(
-        view=view,
-        rev=fields.get(REV.encode(), b""),
-        stored=stored,
-        field_sizes={name.decode(): len(value) for name, value in fields.items()},
-        event_sizes=[len(e) for e in recent],
-        deadlines=lease_deadlines(live, sent_at),
+    return _Seen(view=_view_of(state, live), state=state, stored=stored)
+
+
+def _view_of(state: Remembered, lease_ttl_ms: dict[str, int]) -> HotView:
+    return HotView(
+        record=decode_record(state.fields),
+        recent=[_decode_event(e) for e in state.recent],
+        lease_ttl_ms=lease_ttl_ms,
     )
 
 
@@ -394,9 +414,9 @@ class RedisHotStore:
     ) -> tuple[HotView | None, bytes | None, bytes]:
         """The session's view, the request's idempotency record and the hash's `rev`."""
         seen = await self._seen(client, session_id, idem)
-        return seen.view, seen.stored, seen.rev
+        return seen.view, seen.stored, seen.state.rev if seen.state else b""
 
-    async def _seen(self, client: Any, session_id: str, idem: Idempotency | None) -> Seen:
+    async def _seen(self, client: Any, session_id: str, idem: Idempotency | None) -> _Seen:
         keys = self._view_keys(session_id, idem)
         sent_at = time.monotonic()
         answer = await self._guard(_run_read_script(client, keys, lease_key(session_id, "")))
@@ -479,6 +499,7 @@ class RedisHotStore:
         Returns the record loaded, or None when the session was (or became) hot meanwhile.
         """
         key, gone, fence = hot_key(session_id), gone_key(session_id), fence_key(session_id)
+        self._views.drop(session_id)  # whatever is loaded has a `rev` of its own
         async with await self._transaction(key) as pipe:
             try:
                 await self._guard(pipe.watch(key, gone, fence))
@@ -528,7 +549,7 @@ class RedisHotStore:
         await self._layout()
         key = hot_key(session_id)
         client = await self._at(key)
-        seen = self._views.get(session_id) or await self._seen(client, session_id, idem)
+        seen = self._remembered(session_id) or await self._seen(client, session_id, idem)
         for _ in range(_RACE_RETRIES):
             if idem is not None and (replay := replay_of(idem, seen.stored)) is not None:
                 return replay
@@ -547,7 +568,7 @@ class RedisHotStore:
                 seen = await self._seen(client, session_id, idem)  # refused on a memory
                 continue
             outcome = await self._commit(client, session_id, seen, change, idem)
-            if isinstance(outcome, Seen):
+            if isinstance(outcome, _Seen):
                 seen = outcome  # the session as the refused commit found it
                 continue
             self._views.put(session_id, outcome[1])
@@ -556,12 +577,22 @@ class RedisHotStore:
         current = await self._current_version(session_id)
         raise ConcurrencyConflict(session_id, current)
 
+    def _remembered(self, session_id: str) -> _Seen | None:
+        """What this replica's last commit of the session left, decoded anew."""
+        found = self._views.get(session_id)
+        if found is None:
+            return None
+        state, lease_ttl_ms = found
+        return _Seen(view=_view_of(state, lease_ttl_ms), state=state, fresh=False)
+
     async def _commit(
-        self, client: Any, session_id: str, seen: Seen, change: Change, idem: Idempotency | None
-    ) -> tuple[Change, Seen] | Seen:
-        """The commit script with `change`'s commands, guarded by what `seen` holds. Applied:
-        the change and the session as it left it; refused: the session as it is now."""
+        self, client: Any, session_id: str, seen: _Seen, change: Change, idem: Idempotency | None
+    ) -> tuple[Change, Remembered] | _Seen:
+        """The commit script with `change`'s commands, guarded by what `seen` holds (its
+        `rev`, version and live leases). Applied: the change and the session as it left it;
+        refused: the session as it is now."""
         assert seen.view is not None
+        assert seen.state is not None
         # The change's commands, built by redis-py's own command methods and never sent as
         # such: the commit script runs them once its check passes.
         todo = client.pipeline(transaction=False)
@@ -573,7 +604,9 @@ class RedisHotStore:
             kept = change.result if change.stored is None else change.stored
             todo.set(keys[2], idem_value(idem, kept), ex=self._idem_ttl)
             self._index_idem(todo, session_id, keys[2])
-        words: list[Any] = [lease_key(session_id, ""), seen.rev, seen.view.record.version]
+        live = list(seen.view.lease_ttl_ms)
+        words: list[Any] = [lease_key(session_id, ""), seen.state.rev, seen.view.record.version]
+        words += [len(live), *live]
         for args, _options in todo.command_stack:
             words += [len(args), *args]
         sent_at = time.monotonic()
@@ -589,12 +622,12 @@ class RedisHotStore:
             raise
         if answer != 1:
             return _seen_of(answer, sent_at)
+        holder = change.record if "participants" in written.fields else seen.view.record
         return change, after_commit(
-            seen,
+            seen.state,
             fields=written.fields,
-            record=change.record,
-            events=change.events,
-            event_sizes=[len(e) for e in encoded_events],
+            events=encoded_events,
+            participants=set(holder.participants),
             leases_set=change.leases_set,
             leases_dropped=change.leases_dropped,
             rev=written.rev,
@@ -675,6 +708,7 @@ class RedisHotStore:
         to move) or AT_REST (the session left Redis; the write is kept in MongoDB's conflicts).
         """
         sid = diverged.session_id
+        self._views.drop(sid)  # re-based: a new `rev`, other seqs
         key, tl, moved_key = hot_key(sid), timeline_key(sid), rebased_key(sid)
         marks = [_event_mark(e) for e in diverged.events]
         version_mark = f"v{diverged.record.version}:{diverged.record.write_id}"
@@ -788,6 +822,14 @@ class RedisHotStore:
         complete the moment the session is dormant, however far the write-behind lags.
         `check` (an If-Match) sees the record read under the WATCH and may refuse it.
         """
+        try:
+            return await self._suspend(session_id, flush, check)
+        finally:  # dormant or not, what a write of this replica remembered is forgotten
+            self._views.drop(session_id)
+
+    async def _suspend(
+        self, session_id: str, flush: Flush, check: RecordCheck | None
+    ) -> SessionRecord | None:
         key, tl = hot_key(session_id), timeline_key(session_id)
         for _ in range(_RACE_RETRIES):
             async with await self._transaction(key) as pipe:
@@ -877,6 +919,7 @@ class RedisHotStore:
 
     async def mark_deleted(self, session_id: str) -> None:
         """The tombstone, and the feed's `deleted` entry in the same MULTI."""
+        self._views.drop(session_id)  # no copy of a deleted session's data stays here
         version = await self._current_version(session_id) or await self._fed_version(session_id)
         async with await self._transaction(gone_key(session_id)) as pipe:
             pipe.set(gone_key(session_id), b"1", ex=self._deleted_ttl)
@@ -895,6 +938,7 @@ class RedisHotStore:
 
     async def drop(self, session_id: str) -> None:
         """Delete every key of the session but its tombstone: data, leases, idempotency records."""
+        self._views.drop(session_id)
         node = await self._at(hot_key(session_id))
         async with node.pipeline(transaction=False) as pipe:
             pipe.hget(hot_key(session_id), "participants")
@@ -916,6 +960,7 @@ class RedisHotStore:
             )
             pipe.zrem(idle_key(session_id), session_id)
             await self._guard(pipe.execute())
+        self._views.drop(session_id)  # and whatever a write put back meanwhile
 
     async def fence(self, session_id: str, ttl_s: int) -> str | None:
         """Take the archive fence of a session that is not hot; None when it is hot.

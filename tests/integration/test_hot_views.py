@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sessionmgr.domain.errors import BackendUnavailable, ConcurrencyConflict
 from sessionmgr.domain.model import ContextUpdate, Participant, SessionRecord, TimelineEvent
 from sessionmgr.services.ports import Change, HotView, Idempotency, OutboxEntry, Replayed
-from sessionmgr.storage.hot import REV, RedisHotStore, hot_key, outbox_key
+from sessionmgr.storage.hot import REV, RedisHotStore, hot_key, lease_key, outbox_key, timeline_key
 from tests.unit.factories import SessionRecordFactory
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
@@ -169,16 +169,21 @@ async def test_a_remembered_view_is_what_a_read_returns_after_every_kind_of_chan
     ]
     for what, decide in changes:
         assert isinstance(await store.transact(record.id, decide, None), Change), what
-        remembered = store._views.get(record.id)
-        assert remembered is not None and remembered.view is not None, what
         read = await store.load(record.id)
         assert read is not None
+        # Counted after Redis counted its TTLs: never more left than Redis says.
+        remembered = store._remembered(record.id)
+        assert remembered is not None, what
+        assert remembered.view is not None and remembered.state is not None
+        held = await store_redis.hgetall(hot_key(record.id))
+        assert remembered.state.rev == held.pop(REV.encode()), what
+        assert remembered.state.fields == held, f"{what}: the hash's bytes"
+        assert remembered.state.recent == await store_redis.lrange(timeline_key(record.id), 0, -1)
         assert remembered.view.record == read.record, what
         assert remembered.view.recent == read.recent, what
-        assert remembered.rev == await store_redis.hget(hot_key(record.id), REV), what
         assert set(remembered.view.lease_ttl_ms) == set(read.lease_ttl_ms), what
         for mad, ttl in remembered.view.lease_ttl_ms.items():
-            assert 0 < ttl <= read.lease_ttl_ms[mad], f"{what}: never later than Redis' TTL"
+            assert 0 < ttl <= read.lease_ttl_ms[mad] + 1, f"{what}: never later than Redis' TTL"
 
 
 async def test_a_write_after_this_replicas_own_commit_does_not_read_first(
@@ -282,6 +287,94 @@ async def test_a_lease_near_its_end_is_never_taken_from_memory(
     assert "m" not in seen[-1], "lapsed in Redis: not live"
 
 
+async def test_a_lease_gone_without_a_write_is_not_taken_as_live(
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease key can go without a write of the hash: evicted, deleted by hand, or its TTL
+    run out early on a Redis whose clock stepped. The commit checks that every lease its
+    decision saw as live is still there; refused, it is decided again without it."""
+    store = RedisHotStore(store_redis)
+    record = await created(store, work_in_progress={})
+    await store.transact(record.id, join("m"), None)
+    await store_redis.delete(lease_key(record.id, "m"))
+    reads = reads_of(store, monkeypatch)
+    seen: list[set[str]] = []
+
+    def looking(view: HotView) -> Change:
+        seen.append(set(view.lease_ttl_ms))
+        return bump("x")(view)
+
+    assert isinstance(await store.transact(record.id, looking, None), Change)
+
+    assert seen == [{"m"}, set()], "decided on memory, refused, decided on what Redis holds"
+    assert reads == []
+
+
+async def test_the_idempotency_record_alone_refuses_a_commit_from_memory(
+    store_redis: Redis,
+) -> None:
+    """The same `rev` and version, the same leases: only the request's idempotency record,
+    written meanwhile without a write of the hash (as a resume answers), shows the key was
+    used. The commit refuses and answers it, and the write replays it."""
+    store = RedisHotStore(store_redis)
+    record = await created(store)
+    await store.transact(record.id, append(1), None)
+    key = Idempotency(key_digest="k" * 16, fingerprint="f")
+    await store.remember(record.id, key, b"first")
+
+    assert await store.transact(record.id, append(1, "again"), key) == Replayed(result=b"first")
+    view = await store.load(record.id)
+    assert view is not None
+    assert [e.actor for e in view.recent] == ["a"], "nothing appended"
+
+
+async def test_a_remembered_state_is_decoded_anew_for_each_write(store_redis: Redis) -> None:
+    """A decision never shares an object with the memory: what one changes in place, the
+    next one does not see."""
+    store = RedisHotStore(store_redis)
+    record = await created(store, work_in_progress={"n": 1})
+    await store.transact(record.id, join("m"), None)
+    first = store._remembered(record.id)
+    assert first is not None and first.view is not None
+    first.view.record.work_in_progress["n"] = 99
+    first.view.record.participants["m"].token = 99
+    first.view.recent.append(TimelineEvent(seq=9, at=NOW, actor="x", kind="k"))
+
+    again = store._remembered(record.id)
+    assert again is not None and again.view is not None
+    assert again.view.record.work_in_progress == {"n": 1}
+    assert again.view.record.participants["m"].token == 1
+    assert again.view.recent == []
+
+
+async def test_a_deleted_session_leaves_nothing_in_memory(store_redis: Redis) -> None:
+    store = RedisHotStore(store_redis)
+    record = await created(store, work_in_progress={})
+    await store.transact(record.id, bump("a"), None)
+    assert store._remembered(record.id) is not None
+
+    await store.drop(record.id)
+
+    assert store._remembered(record.id) is None
+    assert store._views.bytes == 0
+
+
+async def test_a_suspended_session_leaves_nothing_in_memory(store_redis: Redis) -> None:
+    store = RedisHotStore(store_redis)
+    record = await created(store, work_in_progress={})
+    await store.transact(record.id, bump("a"), None)
+    flushed: list[int] = []
+
+    async def flush(record: SessionRecord, events: Any, context: Any) -> None:
+        flushed.append(record.version)
+
+    assert await store.suspend(record.id, flush) is not None
+
+    assert flushed == [2]
+    assert store._remembered(record.id) is None
+    assert store._views.bytes == 0
+
+
 async def test_the_same_key_committed_by_another_replica_is_replayed(
     store_redis: Redis,
 ) -> None:
@@ -317,7 +410,7 @@ async def test_an_unknown_outcome_forgets_the_view(
     with pytest.raises(BackendUnavailable):
         await store.transact(record.id, bump("b"), None)
     monkeypatch.setattr(RedisHotStore, "_run_commit", real)
-    assert store._views.get(record.id) is None
+    assert store._remembered(record.id) is None
     reads = reads_of(store, monkeypatch)
 
     await store.transact(record.id, bump("c"), None)
@@ -338,7 +431,7 @@ async def test_a_suspended_session_is_not_hot_whatever_this_replica_remembers(
 
     assert await store.transact(record.id, bump("b"), None) is None
     assert await store_redis.exists(hot_key(record.id)) == 0, "no hash of one field"
-    assert store._views.get(record.id) is None
+    assert store._remembered(record.id) is None
 
 
 async def test_appends_from_three_replicas_at_once_each_land_once_at_their_answer(

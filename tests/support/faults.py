@@ -19,10 +19,11 @@ WRITE_MARKERS = (b"\r\nEXEC\r\n", COMMIT_SHA.encode(), COMMIT_MARK.encode())
 
 def committed_commands(args: tuple[object, ...]) -> list[tuple[object, ...]]:
     """The commands a commit script call carries (`RedisHotStore._commit`): after the script,
-    its keys, the lease keys' prefix, the rev and the version read, each command as its
-    length and then its words."""
+    its keys, the lease keys' prefix, the rev and the version read, and the live leases (their
+    number, then each MAD), each command as its length and then its words."""
     keys = int(str(args[2]))
-    words, found, i = args[3 + keys + 3 :], [], 0
+    leases = int(str(args[3 + keys + 3]))
+    words, found, i = args[3 + keys + 4 + leases :], [], 0
     while i < len(words):
         n = int(str(words[i]))
         found.append(tuple(words[i + 1 : i + 1 + n]))
