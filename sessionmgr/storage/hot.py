@@ -18,7 +18,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import msgspec
 from redis.asyncio import Redis
@@ -157,6 +157,10 @@ _READ_SHA = hashlib.sha1(_READ_SCRIPT.encode(), usedforsecurity=False).hexdigest
 
 
 async def _run_read_script(client: Any, keys: list[str], lease_prefix: str) -> Any:
+    return await _evalsha(client, _READ_SHA, _READ_SCRIPT, keys, lease_prefix)
+
+
+async def _evalsha(client: Any, sha: str, script: str, keys: list[str], *args: Any) -> Any:
     """EVALSHA: the script's digest travels, not its text. Redis forgets scripts on restart
     or SCRIPT FLUSH; then the one EVAL that answers NOSCRIPT sends it (and caches it again).
     Not redis-py's `register_script`: on a WATCHing pipeline it would make EXEC check the
@@ -164,9 +168,9 @@ async def _run_read_script(client: Any, keys: list[str], lease_prefix: str) -> A
     # `execute_command`: redis-py's Cluster pipeline refuses its own `evalsha` method, not the
     # command (the keys name the slot, which the WATCH already holds).
     try:
-        return await client.execute_command("EVALSHA", _READ_SHA, len(keys), *keys, lease_prefix)
-    except NoScriptError:
-        return await client.execute_command("EVAL", _READ_SCRIPT, len(keys), *keys, lease_prefix)
+        return await client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+    except NoScriptError:  # nothing ran: the script was unknown
+        return await client.execute_command("EVAL", script, len(keys), *keys, *args)
 
 
 # Commits a decided change: the compare-and-set that replaces WATCH ... MULTI/EXEC (one
@@ -210,21 +214,14 @@ COMMIT_SHA = hashlib.sha1(_COMMIT_SCRIPT.encode(), usedforsecurity=False).hexdig
 REV = "rev"  # the hash's write stamp: not a field of the record (`decode_record` skips it)
 
 
-def _new_rev() -> str:
-    return secrets.token_hex(8)
+def _new_rev() -> bytes:
+    return secrets.token_hex(8).encode()
 
 
-def _stamped(record: SessionRecord, fields: frozenset[str] | None = None) -> dict[str, bytes | str]:
+def _stamped(record: SessionRecord, fields: frozenset[str] | None = None) -> dict[str, bytes]:
     """The record's `fields` (all of them by default) as hash fields, with a new `rev`: a
     decision that read the hash before this write is stale."""
     return {**encode_record(record, fields), REV: _new_rev()}
-
-
-class _Written(NamedTuple):
-    """What a commit writes to the hash: the record's fields, encoded, and its new `rev`."""
-
-    fields: dict[str, bytes]
-    rev: bytes
 
 
 class _Seen(msgspec.Struct, kw_only=True):
@@ -622,15 +619,15 @@ class RedisHotStore:
             raise
         if answer != 1:
             return _seen_of(answer, sent_at)
-        holder = change.record if "participants" in written.fields else seen.view.record
+        holder = change.record if "participants" in written else seen.view.record
         return change, after_commit(
             seen.state,
-            fields=written.fields,
+            fields={name: value for name, value in written.items() if name != REV},
             events=encoded_events,
             participants=set(holder.participants),
             leases_set=change.leases_set,
             leases_dropped=change.leases_dropped,
-            rev=written.rev,
+            rev=written[REV],
             sent_at=sent_at,
             lease_s=self._lease_ms / 1000,
             recent=self._recent,
@@ -641,12 +638,7 @@ class RedisHotStore:
         `wait_replicas` the WAIT after it on the same connection: acknowledged only once that
         many replicas hold it. Without WAIT, one command: no pipeline to build and parse."""
         if not self._wait[0]:
-            try:
-                return await client.execute_command("EVALSHA", COMMIT_SHA, len(keys), *keys, *words)
-            except NoScriptError:  # nothing ran: the script was unknown
-                return await client.execute_command(
-                    "EVAL", _COMMIT_SCRIPT, len(keys), *keys, *words
-                )
+            return await _evalsha(client, COMMIT_SHA, _COMMIT_SCRIPT, keys, *words)
         script: tuple[Any, ...] = ("EVALSHA", COMMIT_SHA)
         for _ in range(2):
             async with client.pipeline(transaction=False) as pipe:
@@ -675,14 +667,14 @@ class RedisHotStore:
 
     def _queue_change(
         self, pipe: Any, session_id: str, change: Change
-    ) -> tuple[_Written, list[bytes]]:
+    ) -> tuple[dict[str, bytes], list[bytes]]:
         """Queue `change`'s commands; what they write to the hash (always a new `rev`, so a
         view of the session decided on before is stale) and the events, encoded."""
         if "version" in change.fields:  # a new version: a write of its own, named
             change.record.write_id = new_write_id()
             change.fields = change.fields | {"write_id"}
-        written = _Written(encode_record(change.record, change.fields), _new_rev().encode())
-        pipe.hset(hot_key(session_id), mapping={**written.fields, REV: written.rev})
+        written = _stamped(change.record, change.fields)
+        pipe.hset(hot_key(session_id), mapping=written)
         events = [_encode(e) for e in change.events]
         if events:
             tl = timeline_key(session_id)

@@ -26,6 +26,7 @@ from sessionmgr.domain.errors import BackendUnavailable, ConcurrencyConflict
 from sessionmgr.domain.model import ContextUpdate, Participant, SessionRecord, TimelineEvent
 from sessionmgr.services.ports import Change, HotView, Idempotency, OutboxEntry, Replayed
 from sessionmgr.storage.hot import REV, RedisHotStore, hot_key, lease_key, outbox_key, timeline_key
+from tests.integration.session_api import hot_record
 from tests.unit.factories import SessionRecordFactory
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
@@ -197,10 +198,9 @@ async def test_a_write_after_this_replicas_own_commit_does_not_read_first(
         assert isinstance(await store.transact(record.id, bump(key), None), Change)
 
     assert reads == [record.id], "one read, then each write on what the last one left"
-    view = await store.load(record.id)
-    assert view is not None
-    assert view.record.version == 4
-    assert view.record.work_in_progress == {"a": 1, "b": 2, "c": 3}
+    now = await hot_record(store_redis, record.id)
+    assert now is not None
+    assert (now.version, now.work_in_progress) == (4, {"a": 1, "b": 2, "c": 3})
 
 
 async def test_off_every_write_reads_first(
@@ -230,10 +230,9 @@ async def test_another_replicas_write_sends_this_one_back_to_what_redis_holds(
 
     assert decided == [2, 3], "decided on its memory, refused, decided on what Redis holds"
     assert reads == [], "the refused commit answered the session as it is"
-    view = await mine.load(record.id)
-    assert view is not None
-    assert view.record.version == 4
-    assert view.record.work_in_progress == {"mine-1": 1, "theirs": 2, "mine-2": 3}
+    now = await hot_record(store_redis, record.id)
+    assert now is not None
+    assert (now.version, now.work_in_progress) == (4, {"mine-1": 1, "theirs": 2, "mine-2": 3})
 
 
 async def test_a_refusal_on_a_remembered_view_is_decided_again_on_a_read(
@@ -416,9 +415,9 @@ async def test_an_unknown_outcome_forgets_the_view(
     await store.transact(record.id, bump("c"), None)
 
     assert reads == [record.id]
-    view = await store.load(record.id)
-    assert view is not None
-    assert view.record.work_in_progress == {"a": 1, "b": 2, "c": 3}, "b was applied, once"
+    now = await hot_record(store_redis, record.id)
+    assert now is not None
+    assert now.work_in_progress == {"a": 1, "b": 2, "c": 3}, "b was applied, once"
 
 
 async def test_a_suspended_session_is_not_hot_whatever_this_replica_remembers(
@@ -464,5 +463,6 @@ async def test_appends_from_three_replicas_at_once_each_land_once_at_their_answe
     assert stored == sorted(answered), "each answer is the append the outbox holds"
     assert sorted(v for _n, v, _s in answered) == list(range(2, 122))
     assert sorted(s for _n, _v, s in answered) == list(range(1, 121))
-    view = await replicas[0].load(record.id)
-    assert view is not None and view.record.version == 121 and view.record.timeline_seq == 120
+    now = await hot_record(store_redis, record.id)
+    assert now is not None
+    assert (now.version, now.timeline_seq) == (121, 120)
