@@ -97,6 +97,12 @@ def outbox_cell(outbox: dict[str, Any] | None) -> str:
 # Peer operation -> the sessionmgr scenario it is set against.
 PEER_PAIRS = {"create": "create", "get": "hot GET", "append": "timeline append"}
 PEER_TARGET = 10.0
+# The floor of each operation paired with the peer (bench/baselines/floor.py, bench/run.py).
+FLOORS = {
+    "get": "floor (Litestar + HGETALL)",
+    "append": "floor (Litestar + MULTI)",
+    "create": "floor (Litestar + insert_one + HSET)",
+}
 
 
 def peer_rows(results: dict[str, Any]) -> list[str]:
@@ -160,6 +166,44 @@ def peer_rows(results: dict[str, Any]) -> list[str]:
             f"| **{ratio:.1f}x** | {'yes' if ratio >= PEER_TARGET else '**no**'} "
             f"| {our_cpu:.2f} / {peer_cpu:.2f} | {capacity} |"
         )
+    return [*rows, "", *floor_rows(results)]
+
+
+def floor_rows(results: dict[str, Any]) -> list[str]:
+    """What 10x the peer asks of the one core the service runs on, against the floors."""
+    peer = results.get("peer") or {}
+    rows = [
+        "**What 10x the peer asks of one core.** The peer (pinned where the service runs) and "
+        "the service each run on one core, so their rates stand about as the inverse of their "
+        "CPU per operation. The floors (`bench/baselines/floor.py`) are bare Litestar routes "
+        "on the same server and core doing only an operation's round trips (no auth, no "
+        "checks, no idempotency, no change feed): a read's HGETALL; an append's HINCRBY, "
+        "RPUSH and XADD in one MULTI; a create's `insert_one` into the warm tier and HSET, "
+        "MongoDB first as DESIGN §2 orders. A floor's ratio to the peer bounds what any "
+        "service of this stack that makes the same round trips can reach on this machine.",
+        "",
+        "| operation | peer ops/s (best) | peer CPU ms/op | 10x needs ≤ ms/op | floor req/s "
+        "| floor CPU ms/op | floor ÷ peer | sessionmgr CPU ms/op | sessionmgr ÷ peer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    shown = False
+    for op, name in PEER_PAIRS.items():
+        mine, floor = find(results, name, "sessionmgr"), find(results, name, FLOORS[op])
+        theirs = [r for r in peer.get("results", []) if r["op"] == op and r["throughput"]]
+        if not (mine and floor and theirs):
+            continue
+        best = max(theirs, key=lambda r: r["throughput"])
+        cpu = best["cpu_ms_per_request"] or 0
+        rows.append(
+            f"| {op} | {best['throughput']:.0f} | {cpu:.2f} | {cpu / PEER_TARGET:.3f} "
+            f"| {floor['throughput']:.0f} | {floor['cpu_ms_per_request'] or 0:.3f} "
+            f"| {floor['throughput'] / best['throughput']:.1f}x "
+            f"| {mine['cpu_ms_per_request'] or 0:.3f} "
+            f"| {mine['throughput'] / best['throughput']:.1f}x |"
+        )
+        shown = True
+    if not shown:
+        return ["(No floor of a paired operation was measured in this run with the peer.)"]
     return rows
 
 
@@ -315,7 +359,7 @@ def plots(results: dict[str, Any], prefix: str) -> list[str]:
     palette = {
         "sessionmgr": "#2b6cb0",
         "FastAPI + pydantic": "#dd6b20",
-        "floor (Litestar + HGETALL)": "#718096",
+        **dict.fromkeys(FLOORS.values(), "#718096"),
     }
     for s in results["scenarios"]:
         labels.append(f"{s['name']}\n{s['target']}")

@@ -34,6 +34,10 @@ OWNER = "bench-user"
 # The mix's warm and cold readers pause this long between reads: a few reads of dormant and
 # archived sessions a second beside ~1 000 requests a second on active ones.
 READER_PACE_S = 0.25
+# The write floors of bench/baselines/floor.py: the least an append and a create can cost on
+# this stack (no auth, no checks); what 10x the peer is held against in the report.
+APPEND_FLOOR = "floor (Litestar + MULTI)"
+CREATE_FLOOR = "floor (Litestar + insert_one + HSET)"
 BUCKET = "sessionmgr-bench"
 
 
@@ -427,6 +431,21 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                     writes=True,
                 )
             )
+            floor, fport = stack.start_baseline(
+                "floor", "bench.baselines.floor:app", redis_env, plan.server_cpus, "/floor/none"
+            )
+            scenarios.append(
+                await scenario(
+                    env,
+                    plan,
+                    "timeline append",
+                    APPEND_FLOOR,
+                    [floor],
+                    [fport],
+                    [Part("POST timeline", "append.lua", c, hot)],
+                )
+            )
+            stack.stop(floor)
         half = len(env.cold_ids) // 2
         if plan.wants("cold") and not env.cold_skip:
             probe = load.cold_probe(f"http://127.0.0.1:{port}", env.token, env.cold_ids[:half], 8)
@@ -511,6 +530,26 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                     writes=True,
                 )
             )
+            if out["mongodb"] != "mongomock":  # the floor needs a server of its own to reach
+                floor_env = redis_env | {
+                    "BENCH_MONGODB_URI": mongodb,
+                    "BENCH_MONGODB_DB": f"bench_floor_{secrets.token_hex(3)}",
+                }
+                floor, fport = stack.start_baseline(
+                    "floor", "bench.baselines.floor:app", floor_env, plan.server_cpus, "/floor/none"
+                )
+                scenarios.append(
+                    await scenario(
+                        env,
+                        plan,
+                        "create",
+                        CREATE_FLOOR,
+                        [floor],
+                        [fport],
+                        [Part("POST create", "create.lua", c)],
+                    )
+                )
+                stack.stop(floor)
     if plan.wants("peer"):
         out["peer"] = await peer(plan, tmp)
     out["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]

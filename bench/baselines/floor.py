@@ -1,21 +1,39 @@
-"""The floor: a bare Litestar route that does one HGETALL of a session's hash and returns it.
+"""The floors: bare Litestar routes that do the least a session store's operation can do.
 
-No auth, no decoding of the stored fields, no timeline: what any Python ASGI service on this
-stack pays for one Redis round trip and a JSON answer. It gets every process-level saving
-sessionmgr has (the same server, parser and pool, the heap frozen after start-up), so that it
-stays a floor. Serve it with
-`uvicorn bench.baselines.floor:app` and BENCH_REDIS_URL pointing at the seeded Redis.
+No auth, no checks, no decoding of the stored fields, no idempotency, no change feed: what any
+Python ASGI service on this stack pays for the operation's round trips and a JSON answer. They
+get every process-level saving sessionmgr has (the same server, parser and pool, the heap
+frozen after start-up), so that they stay floors. Serve them with
+`uvicorn bench.baselines.floor:app`, BENCH_REDIS_URL pointing at the seeded Redis and, for the
+create, BENCH_MONGODB_URI at the warm tier's server.
+
+- `GET /floor/{id}`: one HGETALL of the session's hash, returned.
+- `POST /v1/sessions/{id}/timeline`: the body's events and a write-behind entry in one
+  MULTI/EXEC (HINCRBY of a version, RPUSH of each event, XADD of the change to a stream that
+  nothing drains, trimmed to `OUTBOX_CAP` entries), on keys of the floor's own (`floor:...`),
+  so that the seeded sessions stay as sessionmgr left them.
+- `POST /v1/sessions`: one `insert_one` of the session's document into the warm tier, then one
+  HSET of its hash, as DESIGN §2 orders a create (MongoDB first).
+
+A floor is not a service: it is what 10x the peer is held against (`bench/report.py`). When a
+floor's CPU per request is above a tenth of the peer's, no change to sessionmgr that keeps
+this stack and these round trips reaches 10x on one core.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from litestar import Litestar, get
+import msgspec
+from litestar import Litestar, Request, get, post
 from litestar.datastructures import State
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import NotFoundException, ValidationException
+from litestar.params import PathParameter
 from redis.asyncio import Redis
 
 from bench.baselines import freeze_after_startup
@@ -23,27 +41,104 @@ from sessionmgr.storage.keys import hot
 from sessionmgr.storage.redis_pool import BoundedPool
 
 POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "64"))
+OUTBOX_CAP = 100_000  # the floor's stream is never drained: keep Redis' memory bounded
+OUTBOX = b"floor:outbox"
+SessionId = Annotated[str, PathParameter()]
 
 
 @asynccontextmanager
-async def redis_lifespan(app: Litestar) -> AsyncIterator[None]:
+async def lifespan(app: Litestar) -> AsyncIterator[None]:
     pool = BoundedPool.from_url(
         os.environ["BENCH_REDIS_URL"], max_connections=POOL_SIZE, timeout=2.0
     )
     app.state.redis = Redis(connection_pool=pool, decode_responses=False)
+    app.state.sessions = None
+    mongo: Any = None
+    if uri := os.environ.get("BENCH_MONGODB_URI"):
+        from motor.motor_asyncio import AsyncIOMotorClient
+
+        mongo = AsyncIOMotorClient(uri, maxPoolSize=POOL_SIZE)
+        app.state.sessions = mongo[os.environ.get("BENCH_MONGODB_DB", "bench_floor")]["sessions"]
     freeze_after_startup()
     try:
         yield
     finally:
         await app.state.redis.aclose()
+        if mongo is not None:
+            mongo.close()
 
 
 @get("/floor/{session_id:str}")
-async def floor_get(session_id: str, state: State) -> dict[str, str]:
+async def floor_get(session_id: SessionId, state: State) -> dict[str, str]:
     raw = await state.redis.hgetall(hot(session_id))  # sessionmgr's key: its partition's tag
     if not raw:
         raise NotFoundException()
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
-app = Litestar(route_handlers=[floor_get], lifespan=[redis_lifespan], logging_config=None)
+class _Append(msgspec.Struct):
+    events: list[dict[str, Any]]
+
+
+class _Create(msgspec.Struct):
+    work_in_progress: dict[str, Any] = {}
+    context_summary: dict[str, Any] = {}
+
+
+def _decode(body: bytes, kind: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise ValidationException(str(exc)) from exc
+
+
+@post("/v1/sessions/{session_id:str}/timeline", status_code=200)
+async def floor_append(
+    session_id: SessionId, request: Request[Any, Any, Any], state: State
+) -> dict[str, Any]:
+    events = _decode(await request.body(), _Append).events
+    encoded = [msgspec.json.encode(e) for e in events]
+    async with state.redis.pipeline(transaction=True) as pipe:
+        pipe.hincrby(f"floor:session:{session_id}", "version", 1)
+        pipe.rpush(f"floor:timeline:{session_id}", *encoded)
+        change = {"sid": session_id, "events": b"[" + b",".join(encoded) + b"]"}
+        pipe.xadd(OUTBOX, change, maxlen=OUTBOX_CAP, approximate=True)
+        version, *_ = await pipe.execute()
+    return {"id": session_id, "version": version, "appended": len(events)}
+
+
+@post("/v1/sessions", status_code=201)
+async def floor_create(request: Request[Any, Any, Any], state: State) -> dict[str, Any]:
+    body = _decode(await request.body(), _Create)
+    if state.sessions is None:
+        raise NotFoundException("BENCH_MONGODB_URI is not set: the create floor is off")
+    sid = uuid.uuid4().hex
+    now = datetime.now(UTC)
+    doc = {
+        "_id": sid,
+        "version": 1,
+        "state": "active",
+        "owner_id": "bench",
+        "created_at": now,
+        "last_active": now,
+        "work_in_progress": body.work_in_progress,
+        "context_summary": body.context_summary,
+    }
+    await state.sessions.insert_one(doc)
+    await state.redis.hset(
+        f"floor:session:{sid}",
+        mapping={
+            "version": 1,
+            "owner_id": "bench",
+            "work_in_progress": msgspec.json.encode(body.work_in_progress),
+            "context_summary": msgspec.json.encode(body.context_summary),
+        },
+    )
+    return {"id": sid, "version": 1}
+
+
+app = Litestar(
+    route_handlers=[floor_get, floor_append, floor_create],
+    lifespan=[lifespan],
+    logging_config=None,
+)

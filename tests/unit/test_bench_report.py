@@ -132,6 +132,43 @@ def test_peer_ratio_is_against_the_peers_better_concurrency() -> None:
     assert "| get (hot GET) | 3000 | 400 | **7.5x** | **no** | 0.45 / 2.00 | 4.4x |" in text
 
 
+def test_the_floor_table_says_what_10x_asks_of_one_core() -> None:
+    floor = "floor (Litestar + insert_one + HSET)"
+    results = {
+        **RESULTS,
+        "scenarios": [
+            *RESULTS["scenarios"],
+            scenario("create", "sessionmgr", [part("POST create", 11_000, 90_000)], 0.70),
+            scenario("create", floor, [part("POST create", 26_000, 40_000)], 0.38),
+        ],
+        "peer": {
+            "url": "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+            "packages": {},
+            "results": [
+                peer_result("create", 1, 400.0),
+                peer_result("create", 64, 650.0),
+                peer_result("get", 64, 400.0),
+            ],
+        },
+    }
+
+    text = report.render(results, None, [])
+
+    # The peer's best create (650/s at 1.5 ms of its process' CPU): 10x needs 0.15 ms; the
+    # floor's 2 600/s is 4.0x the peer, sessionmgr's 1 100/s 1.7x.
+    assert "| create | 650 | 1.50 | 0.150 | 2600 | 0.380 | 4.0x | 0.700 | 1.7x |" in text
+    # The GET's floor is in RESULTS too (4 000/s against 400/s: 10.0x).
+    assert "| get | 400 | 1.50 | 0.150 | 4000 | 0.250 | 10.0x | 0.400 | 7.5x |" in text
+    # No append was measured: no row, rather than a row of dashes.
+    assert not any(row.startswith("| append |") for row in report.floor_rows(results))
+
+
+def test_no_floor_table_without_a_measured_floor_and_peer() -> None:
+    text = report.render({**RESULTS, "peer": {"skip": "no PostgreSQL"}}, None, [])
+
+    assert "What 10x the peer asks" not in text
+
+
 def test_a_skipped_peer_says_why() -> None:
     results = {**RESULTS, "peer": {"skip": "no PostgreSQL reachable at x (OSError: refused)"}}
 

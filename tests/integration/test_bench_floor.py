@@ -1,0 +1,102 @@
+"""The floors of bench/baselines/floor.py do what the report says they do, on real servers.
+
+They are what 10x the peer is held against (bench/report.py): a floor that skipped a round
+trip would make the bound look lower than it is.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+import redis as redis_sync
+from litestar.testing import AsyncTestClient
+from pymongo import MongoClient
+
+from bench import shape
+from bench.baselines import floor
+from sessionmgr.storage.keys import hot
+from tests.support.wire_mongo import WireMongoServer
+
+
+@pytest.fixture
+async def floor_client(
+    redis_url: str, wire_mongo: WireMongoServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[AsyncTestClient[Any], str]]:
+    db = f"floor_{secrets.token_hex(3)}"
+    monkeypatch.setenv("BENCH_REDIS_URL", redis_url)
+    monkeypatch.setenv("BENCH_MONGODB_URI", wire_mongo.uri)
+    monkeypatch.setenv("BENCH_MONGODB_DB", db)
+    async with AsyncTestClient(app=floor.app) as client:
+        yield client, db
+
+
+async def test_the_append_floor_writes_events_version_and_outbox_in_one_step(
+    floor_client: tuple[AsyncTestClient[Any], str], redis_url: str
+) -> None:
+    client, _db = floor_client
+    body = shape.APPEND_BODY.encode()
+    headers = {"content-type": "application/json"}
+
+    first = await client.post("/v1/sessions/abc/timeline", content=body, headers=headers)
+    second = await client.post("/v1/sessions/abc/timeline", content=body, headers=headers)
+
+    assert first.status_code == second.status_code == 200
+    assert [first.json()["version"], second.json()["version"]] == [1, 2]
+    r = redis_sync.Redis.from_url(redis_url)
+    try:
+        events = [msgspec.json.decode(e) for e in r.lrange("floor:timeline:abc", 0, -1)]
+        assert events == [shape.EVENT, shape.EVENT]
+        assert r.hget("floor:session:abc", "version") == b"2"
+        outbox = r.xrange(floor.OUTBOX)
+        assert [fields[b"sid"] for _id, fields in outbox] == [b"abc", b"abc"]
+        assert not r.exists(hot("abc"))  # sessionmgr's keys are left alone
+    finally:
+        r.close()
+
+
+async def test_the_create_floor_inserts_into_the_warm_tier_then_writes_the_hash(
+    floor_client: tuple[AsyncTestClient[Any], str], redis_url: str, wire_mongo: WireMongoServer
+) -> None:
+    client, db = floor_client
+    headers = {"content-type": "application/json"}
+
+    answer = await client.post("/v1/sessions", content=shape.CREATE_BODY.encode(), headers=headers)
+
+    assert answer.status_code == 201, answer.text
+    sid = answer.json()["id"]
+    mongo: MongoClient[dict[str, Any]] = MongoClient(wire_mongo.uri)
+    try:
+        doc = mongo[db]["sessions"].find_one({"_id": sid})
+    finally:
+        mongo.close()
+    assert doc is not None
+    assert doc["version"] == 1
+    assert doc["work_in_progress"] == shape.WORK_IN_PROGRESS
+    assert doc["context_summary"] == shape.CONTEXT_SUMMARY
+    r = redis_sync.Redis.from_url(redis_url)
+    try:
+        assert r.hget(f"floor:session:{sid}", "version") == b"1"
+    finally:
+        r.close()
+
+
+async def test_a_body_the_floor_cannot_read_is_a_400_and_writes_nothing(
+    floor_client: tuple[AsyncTestClient[Any], str], redis_url: str
+) -> None:
+    client, _db = floor_client
+    headers = {"content-type": "application/json"}
+
+    answer = await client.post(
+        "/v1/sessions/abc/timeline", content=b'{"events": 3}', headers=headers
+    )
+
+    assert answer.status_code == 400
+    r = redis_sync.Redis.from_url(redis_url)
+    try:
+        assert r.keys("floor:*") == []
+    finally:
+        r.close()
