@@ -163,6 +163,25 @@ def limits_from(settings: Settings) -> Limits:
     )
 
 
+def hot_store_from(redis: Redis, settings: Settings, metrics: Metrics) -> RedisHotStore:
+    """The Redis store, telling `metrics` what each write was decided on and how much it
+    remembers of the sessions it wrote."""
+    store = RedisHotStore(
+        redis,
+        recent_timeline=settings.recent_timeline,
+        lease_ttl_s=settings.lease_ttl_s,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout_ms=settings.redis_wait_timeout_ms,
+        feed_maxlen=settings.feed_maxlen,
+        feed_retention_s=settings.feed_retention_s,
+        view_cache_mb=settings.hot_view_cache_mb,
+        decided=metrics.hot_write_decided,
+    )
+    metrics.watch_hot_views(store.view_memory)
+    return store
+
+
 class Container(containers.DeclarativeContainer):
     settings = providers.Singleton(load_settings)
     run_write_behind = providers.Object(True)
@@ -180,18 +199,7 @@ class Container(containers.DeclarativeContainer):
     verifier = providers.Resource(open_verifier, settings)
     cold = providers.Resource(open_archive_store, settings)
 
-    hot = providers.Singleton(
-        RedisHotStore,
-        redis,
-        recent_timeline=settings.provided.recent_timeline,
-        lease_ttl_s=settings.provided.lease_ttl_s,
-        idempotency_ttl_s=settings.provided.idempotency_ttl_s,
-        wait_replicas=settings.provided.redis_wait_replicas,
-        wait_timeout_ms=settings.provided.redis_wait_timeout_ms,
-        feed_maxlen=settings.provided.feed_maxlen,
-        feed_retention_s=settings.provided.feed_retention_s,
-        view_cache_mb=settings.provided.hot_view_cache_mb,
-    )
+    hot = providers.Singleton(hot_store_from, redis, settings, metrics)
     # The service, the health probes and the write-behind reach the backends through their
     # breakers; `hot` and `warm` stay the bare adapters (tests inspect the stores through them).
     breakers = providers.Singleton(

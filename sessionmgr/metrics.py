@@ -7,6 +7,7 @@ rename a family here and they must change with it. Counters appear on `/metrics`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
@@ -15,6 +16,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _MAX_CACHED_LABEL_SETS = 10_000  # route x method x status; unknown methods are not bounded
 _SLOW = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+# What a write in Redis is decided on (`sessionmgr_hot_write_decisions_total{on}`).
+HOT_WRITE_DECISIONS = ("memory", "read", "refused_commit")
 
 
 class BreakerState(IntEnum):
@@ -69,6 +74,28 @@ class Metrics:
             "sessionmgr_version_conflicts",
             "Writes refused with 409 because the session moved on, by operation.",
             ["operation"],
+            registry=r,
+        )
+        self.hot_write_decisions = Counter(
+            "sessionmgr_hot_write_decisions",
+            "Write decisions in Redis, by the state they were decided on: this replica's "
+            "memory of its last commit of the session (memory), a read (read), or the answer "
+            "of a commit that another write had beaten (refused_commit).",
+            ["on"],
+            registry=r,
+        )
+        self._decision_children = {
+            on: self.hot_write_decisions.labels(on) for on in HOT_WRITE_DECISIONS
+        }
+        self.hot_view_cache_bytes = Gauge(
+            "sessionmgr_hot_view_cache_bytes",
+            "Bytes of Redis hashes this replica remembers from its own commits "
+            "(bounded by SESSIONMGR_HOT_VIEW_CACHE_MB).",
+            registry=r,
+        )
+        self.hot_view_cache_sessions = Gauge(
+            "sessionmgr_hot_view_cache_sessions",
+            "Sessions this replica remembers from its own commits.",
             registry=r,
         )
         self.lease_operations = Counter(
@@ -238,3 +265,12 @@ class Metrics:
             self._retrieval_children[tier] = children  # three tiers
         children[0].inc()
         children[1].observe(seconds)
+
+    def hot_write_decided(self, on: str) -> None:
+        """A write decided in Redis on `on`: memory, read or refused_commit (`RedisHotStore`)."""
+        self._decision_children[on].inc()
+
+    def watch_hot_views(self, size: Callable[[], tuple[int, int]]) -> None:
+        """Read the view memory's (sessions, bytes) at each scrape."""
+        self.hot_view_cache_sessions.set_function(lambda: size()[0])
+        self.hot_view_cache_bytes.set_function(lambda: size()[1])

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import msgspec
@@ -96,6 +96,12 @@ _DEFAULTED = frozenset(
     f.name.encode() for f in msgspec.structs.fields(SessionRecord) if f.required is False
 )
 _RACE_RETRIES = 8
+
+
+def _ignore(_on: str) -> None:
+    """No one to tell what a write was decided on (a store built without metrics)."""
+
+
 CLAIM_TTL_S = 60
 _SCAN_BATCH = 500
 SCAN_LIMIT = 20_000  # outbox entries; past this a full read or suspend answers 503
@@ -378,9 +384,12 @@ class RedisHotStore:
         feed_maxlen: int = 1000,
         feed_retention_s: int = 3600,
         view_cache_mb: int = 8,
+        decided: Callable[[str], None] | None = None,
     ) -> None:
         self._redis = redis
         self._views = HotViews(view_cache_mb << 20)
+        # Told what each write decision was taken on: "memory", "read" or "refused_commit".
+        self._decided = decided or _ignore
         self._nodes = nodes_of(redis)
         self._layout_checked = False
         self._feed = (feed_maxlen, feed_retention_s)
@@ -547,6 +556,7 @@ class RedisHotStore:
         key = hot_key(session_id)
         client = await self._at(key)
         seen = self._remembered(session_id) or await self._seen(client, session_id, idem)
+        self._decided("read" if seen.fresh else "memory")
         for _ in range(_RACE_RETRIES):
             if idem is not None and (replay := replay_of(idem, seen.stored)) is not None:
                 return replay
@@ -563,16 +573,22 @@ class RedisHotStore:
                 if seen.fresh:
                     return None
                 seen = await self._seen(client, session_id, idem)  # refused on a memory
+                self._decided("read")
                 continue
             outcome = await self._commit(client, session_id, seen, change, idem)
             if isinstance(outcome, _Seen):
                 seen = outcome  # the session as the refused commit found it
+                self._decided("refused_commit")
                 continue
             self._views.put(session_id, outcome[1])
             return change
         self._views.drop(session_id)
         current = await self._current_version(session_id)
         raise ConcurrencyConflict(session_id, current)
+
+    def view_memory(self) -> tuple[int, int]:
+        """The view memory's size: (sessions, bytes)."""
+        return len(self._views), self._views.bytes
 
     def _remembered(self, session_id: str) -> _Seen | None:
         """What this replica's last commit of the session left, decoded anew."""

@@ -256,6 +256,38 @@ async def test_a_refusal_on_a_remembered_view_is_decided_again_on_a_read(
         await mine.transact(record.id, expecting(3, bump("late")), None)
 
 
+async def test_each_decision_is_counted_by_what_it_was_decided_on(store_redis: Redis) -> None:
+    """`sessionmgr_hot_write_decisions_total{on}`: an operator reads the memory's use (memory
+    against read) and how often replicas beat each other to a session (refused_commit)."""
+    told: list[str] = []
+    mine = RedisHotStore(store_redis, decided=told.append)
+    theirs = RedisHotStore(store_redis)
+    record = await created(mine, work_in_progress={})
+
+    await mine.transact(record.id, bump("a"), None)  # nothing remembered yet: a read
+    await mine.transact(record.id, bump("b"), None)  # on what the last commit left
+    await theirs.transact(record.id, bump("theirs"), None)
+    await mine.transact(record.id, bump("c"), None)  # memory, refused, on the answer: 5
+    await theirs.transact(record.id, bump("theirs"), None)  # 6
+    await mine.transact(record.id, expecting(6, bump("d")), None)  # 5 remembered: refused, read
+    with pytest.raises(ConcurrencyConflict):  # a real conflict: refused on memory, then a read
+        await mine.transact(record.id, expecting(6, bump("stale")), None)
+
+    assert told == [
+        "read",
+        "memory",
+        "memory",
+        "refused_commit",
+        "memory",
+        "read",
+        "memory",
+        "read",
+    ]
+    sessions, size = mine.view_memory()
+    assert sessions == 1
+    assert size > 0
+
+
 async def test_a_lease_near_its_end_is_never_taken_from_memory(
     store_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -119,6 +119,15 @@ async def test_the_scrape_shows_exactly_what_the_workload_did(
     assert value(samples, "sessionmgr_version_conflicts_total", operation="append") == 1
     for operation in ("join", "renew", "leave"):
         assert value(samples, "sessionmgr_lease_operations_total", operation=operation) == 1
+    # The first PATCH reads; each 409 is refused on memory, then read and refused again; the
+    # lease's join, renewal and leave each decide on what the write before them left.
+    decisions = "sessionmgr_hot_write_decisions_total"
+    assert value(samples, decisions, on="read") == 3
+    assert value(samples, decisions, on="memory") == 5
+    assert value(samples, decisions, on="refused_commit") == 0
+    assert value(samples, "sessionmgr_hot_view_cache_sessions") == 1
+    remembered = value(samples, "sessionmgr_hot_view_cache_bytes")
+    assert remembered is not None and remembered > 0
 
     assert value(samples, "sessionmgr_write_behind_entries_total", outcome="applied") == 3
     assert value(samples, "sessionmgr_write_behind_entries_total", outcome="retried") == 1
@@ -144,6 +153,9 @@ async def test_metrics_start_at_zero_for_each_app(api: httpx.AsyncClient):
     _, samples = await scrape(api)
     assert value(samples, "sessionmgr_retrievals_total", tier="hot") is None
     assert value(samples, "sessionmgr_outbox_dead_letters") == 0
+    for on in ("memory", "read", "refused_commit"):  # shown at 0, so a rate is never empty
+        assert value(samples, "sessionmgr_hot_write_decisions_total", on=on) == 0
+    assert value(samples, "sessionmgr_hot_view_cache_sessions") == 0
 
 
 class FlakyRedisLoads:
