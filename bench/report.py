@@ -529,14 +529,16 @@ def render(results: dict[str, Any], before: dict[str, Any] | None, images: list[
         "every session and event the other scenarios add slows the warm reads and the "
         "write-behind a little.",
         _mongodb_note(results.get("mongodb", "mongomock")),
-        "- Baselines, same Redis, same seeded keys, same uvicorn (1 worker): the **floor** "
-        "(`bench/baselines/floor.py`, a bare Litestar route doing one HGETALL) and "
+        "- Baselines, same Redis, same seeded keys, same uvicorn (1 worker): the **floors** "
+        "(`bench/baselines/floor.py`, bare Litestar routes: one HGETALL for a GET; one MULTI "
+        "of HINCRBY, RPUSH and XADD on keys of their own for an append; `insert_one` into the "
+        "warm tier's server, then HSET, for a create) and "
         "**FastAPI + pydantic** (`bench/baselines/fastapi_app.py`: PyJWT check, owner/ACL "
         "check, pipelined HGETALL + LRANGE for a GET, WATCH/MULTI/EXEC for a PATCH, pydantic "
         "models in and out). Each gets what sessionmgr gets from the process: uvicorn with "
         "uvloop and httptools, redis-py with hiredis, and its heap frozen after start-up "
         "(`gc.freeze()`, as `SESSIONMGR_GC_FREEZE` does). The floor also uses sessionmgr's "
-        "`BoundedPool`, so that it stays a floor; FastAPI keeps redis-py's stock "
+        "`BoundedPool`, so that they stay floors; FastAPI keeps redis-py's stock "
         "`BlockingConnectionPool`, which a peer built on stock redis-py has.",
     ]
     if results.get("cold_skip"):
