@@ -13,7 +13,9 @@ create, BENCH_MONGODB_URI at the warm tier's server.
   nothing drains, trimmed to `OUTBOX_CAP` entries), on keys of the floor's own (`floor:...`),
   so that the seeded sessions stay as sessionmgr left them.
 - `POST /v1/sessions`: one `insert_one` of the session's document into the warm tier, then one
-  HSET of its hash, as DESIGN §2 orders a create (MongoDB first).
+  HSET of its hash, as DESIGN §2 orders a create (MongoDB first). Through Motor, as
+  sessionmgr; `BENCH_FLOOR_MONGO_CLIENT=pymongo` takes PyMongo's own asyncio client instead
+  (no thread hand-off per call), a what-if outside the project's stack.
 
 A floor is not a service: it is what 10x the peer is held against (`bench/report.py`). When a
 floor's CPU per request is above a tenth of the peer's, no change to sessionmgr that keeps
@@ -55,9 +57,14 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
     app.state.sessions = None
     mongo: Any = None
     if uri := os.environ.get("BENCH_MONGODB_URI"):
-        from motor.motor_asyncio import AsyncIOMotorClient
+        if os.environ.get("BENCH_FLOOR_MONGO_CLIENT") == "pymongo":  # a what-if: not the stack
+            from pymongo import AsyncMongoClient
 
-        mongo = AsyncIOMotorClient(uri, maxPoolSize=POOL_SIZE)
+            mongo = AsyncMongoClient(uri, maxPoolSize=POOL_SIZE)
+        else:  # Motor, as sessionmgr (Beanie) uses it
+            from motor.motor_asyncio import AsyncIOMotorClient
+
+            mongo = AsyncIOMotorClient(uri, maxPoolSize=POOL_SIZE)
         app.state.sessions = mongo[os.environ.get("BENCH_MONGODB_DB", "bench_floor")]["sessions"]
     freeze_after_startup()
     try:
@@ -65,7 +72,9 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
     finally:
         await app.state.redis.aclose()
         if mongo is not None:
-            mongo.close()
+            closed = mongo.close()
+            if closed is not None:  # PyMongo's async client closes as a coroutine
+                await closed
 
 
 @get("/floor/{session_id:str}")
