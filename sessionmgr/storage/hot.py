@@ -555,14 +555,17 @@ class RedisHotStore:
         await self._layout()
         key = hot_key(session_id)
         client = await self._at(key)
-        seen = self._remembered(session_id) or await self._seen(client, session_id, idem)
-        self._decided("read" if seen.fresh else "memory")
+        on = "memory"  # what the decision is taken on, for `sessionmgr_hot_write_decisions`
+        seen = self._remembered(session_id)
+        if seen is None:
+            seen, on = await self._seen(client, session_id, idem), "read"
         for _ in range(_RACE_RETRIES):
             if idem is not None and (replay := replay_of(idem, seen.stored)) is not None:
                 return replay
             if seen.view is None:
                 self._views.drop(session_id)
                 return None
+            self._decided(on)
             try:
                 change = decide(seen.view)
             except Exception:
@@ -572,13 +575,11 @@ class RedisHotStore:
             if change is None:
                 if seen.fresh:
                     return None
-                seen = await self._seen(client, session_id, idem)  # refused on a memory
-                self._decided("read")
+                seen, on = await self._seen(client, session_id, idem), "read"  # refused on memory
                 continue
             outcome = await self._commit(client, session_id, seen, change, idem)
             if isinstance(outcome, _Seen):
-                seen = outcome  # the session as the refused commit found it
-                self._decided("refused_commit")
+                seen, on = outcome, "refused_commit"  # the session as the commit found it
                 continue
             self._views.put(session_id, outcome[1])
             return change

@@ -272,6 +272,12 @@ async def test_each_decision_is_counted_by_what_it_was_decided_on(store_redis: R
     await mine.transact(record.id, expecting(6, bump("d")), None)  # 5 remembered: refused, read
     with pytest.raises(ConcurrencyConflict):  # a real conflict: refused on memory, then a read
         await mine.transact(record.id, expecting(6, bump("stale")), None)
+    key = Idempotency(key_digest="k" * 16, fingerprint="f")
+    await mine.transact(record.id, bump("keyed"), key)  # memory
+    # Decided on memory, which holds no idempotency record; the commit refuses and answers
+    # the key's record, which is replayed without another decision.
+    await mine.transact(record.id, bump("keyed"), key)
+    assert await mine.transact("not-hot", bump("x"), None) is None  # read: nothing to decide
 
     assert told == [
         "read",
@@ -282,6 +288,8 @@ async def test_each_decision_is_counted_by_what_it_was_decided_on(store_redis: R
         "read",
         "memory",
         "read",
+        "memory",
+        "memory",
     ]
     sessions, size = mine.view_memory()
     assert sessions == 1
