@@ -16,7 +16,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -36,7 +36,7 @@ OWNER = "bench-user"
 READER_PACE_S = 0.25
 # The write floors of bench/baselines/floor.py: the least an append and a create can cost on
 # this stack (no auth, no checks); what 10x the peer is held against in the report.
-APPEND_FLOOR = "floor (Litestar + MULTI)"
+APPEND_FLOOR = "floor (Litestar + EVALSHA)"
 CREATE_FLOOR = "floor (Litestar + insert_one + HSET)"
 BUCKET = "sessionmgr-bench"
 
@@ -57,6 +57,7 @@ class Plan:
     cold_in_mix: bool = True
     warm_tier: str = "wire"
     peer_url: str = ""
+    floors_first: bool = False
 
     def wants(self, name: str) -> bool:
         return not self.only or name in self.only
@@ -254,6 +255,32 @@ async def scenario(
     return result
 
 
+async def paired(
+    env: Env,
+    plan: Plan,
+    ours: Callable[[], Awaitable[dict[str, Any]]],
+    floor_env: dict[str, str] | None,
+    name: str,
+    target: str,
+    parts: Sequence[Part],
+) -> list[dict[str, Any]]:
+    """sessionmgr's scenario and its floor's (bench/baselines/floor.py) on the same core, in
+    the order `--floors-first` asks; no floor without its environment."""
+
+    async def floor() -> dict[str, Any]:
+        assert floor_env is not None
+        proc, port = env.stack.start_baseline(
+            "floor", "bench.baselines.floor:app", floor_env, plan.server_cpus, "/floor/none"
+        )
+        try:
+            return await scenario(env, plan, name, target, [proc], [port], parts)
+        finally:
+            env.stack.stop(proc)
+
+    order = [ours] if floor_env is None else [floor, ours] if plan.floors_first else [ours, floor]
+    return [await run_one() for run_one in order]
+
+
 def part_rate(part: dict[str, Any]) -> float:
     return part["requests"] / (part["duration_us"] / 1e6) if part["duration_us"] else 0.0
 
@@ -352,26 +379,17 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                 )
             )
         if plan.wants("get"):
-            scenarios.append(
-                await scenario(
+            scenarios += await paired(
+                env,
+                plan,
+                lambda: scenario(
                     env, plan, "hot GET", "sessionmgr", *one, [Part("GET hot", "get.lua", c, hot)]
-                )
+                ),
+                redis_env,
+                "hot GET",
+                "floor (Litestar + HGETALL)",
+                [Part("GET hot", "get.lua", c, hot, path="/floor/")],
             )
-            floor, fport = stack.start_baseline(
-                "floor", "bench.baselines.floor:app", redis_env, plan.server_cpus, "/floor/none"
-            )
-            scenarios.append(
-                await scenario(
-                    env,
-                    plan,
-                    "hot GET",
-                    "floor (Litestar + HGETALL)",
-                    [floor],
-                    [fport],
-                    [Part("GET hot", "get.lua", c, hot, path="/floor/")],
-                )
-            )
-            stack.stop(floor)
         fast = None
         if plan.wants("get") or plan.wants("update"):
             fast, fastport = stack.start_baseline(
@@ -420,8 +438,10 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
         if fast:
             stack.stop(fast)
         if plan.wants("append"):
-            scenarios.append(
-                await scenario(
+            scenarios += await paired(
+                env,
+                plan,
+                lambda: scenario(
                     env,
                     plan,
                     "timeline append",
@@ -429,23 +449,12 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                     *one,
                     [Part("POST timeline", "append.lua", c, hot)],
                     writes=True,
-                )
+                ),
+                redis_env,
+                "timeline append",
+                APPEND_FLOOR,
+                [Part("POST timeline", "append.lua", c, hot)],
             )
-            floor, fport = stack.start_baseline(
-                "floor", "bench.baselines.floor:app", redis_env, plan.server_cpus, "/floor/none"
-            )
-            scenarios.append(
-                await scenario(
-                    env,
-                    plan,
-                    "timeline append",
-                    APPEND_FLOOR,
-                    [floor],
-                    [fport],
-                    [Part("POST timeline", "append.lua", c, hot)],
-                )
-            )
-            stack.stop(floor)
         half = len(env.cold_ids) // 2
         if plan.wants("cold") and not env.cold_skip:
             probe = load.cold_probe(f"http://127.0.0.1:{port}", env.token, env.cold_ids[:half], 8)
@@ -519,8 +528,16 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
             scenarios.append(await replicas(env, plan, stack, replica, port))
         # Last: each create adds a session to the in-memory MongoDB, which slows its scans.
         if plan.wants("create"):
-            scenarios.append(
-                await scenario(
+            floor_env = None
+            if out["mongodb"] != "mongomock":  # the floor needs a server of its own to reach
+                floor_env = redis_env | {
+                    "BENCH_MONGODB_URI": mongodb,
+                    "BENCH_MONGODB_DB": f"bench_floor_{secrets.token_hex(3)}",
+                }
+            scenarios += await paired(
+                env,
+                plan,
+                lambda: scenario(
                     env,
                     plan,
                     "create",
@@ -528,28 +545,12 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                     *one,
                     [Part("POST create", "create.lua", c)],
                     writes=True,
-                )
+                ),
+                floor_env,
+                "create",
+                CREATE_FLOOR,
+                [Part("POST create", "create.lua", c)],
             )
-            if out["mongodb"] != "mongomock":  # the floor needs a server of its own to reach
-                floor_env = redis_env | {
-                    "BENCH_MONGODB_URI": mongodb,
-                    "BENCH_MONGODB_DB": f"bench_floor_{secrets.token_hex(3)}",
-                }
-                floor, fport = stack.start_baseline(
-                    "floor", "bench.baselines.floor:app", floor_env, plan.server_cpus, "/floor/none"
-                )
-                scenarios.append(
-                    await scenario(
-                        env,
-                        plan,
-                        "create",
-                        CREATE_FLOOR,
-                        [floor],
-                        [fport],
-                        [Part("POST create", "create.lua", c)],
-                    )
-                )
-                stack.stop(floor)
     if plan.wants("peer"):
         out["peer"] = await peer(plan, tmp)
     out["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
@@ -711,6 +712,11 @@ def parse(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         help=f"the peer's PostgreSQL, a postgresql+asyncpg:// URL (default ${PEER_URL_ENV} or "
         f"{PEER_URL}); when none answers there the peer scenario says so and is skipped",
     )
+    parser.add_argument(
+        "--floors-first",
+        action="store_true",
+        help="run each floor (bench/baselines/floor.py) before sessionmgr's scenario, not after",
+    )
     parser.add_argument("--label", default="latest", help="results file bench/results/<label>.json")
     parser.add_argument("--no-report", action="store_true", help="skip docs/benchmarks.md")
     parser.add_argument(
@@ -736,6 +742,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         cold_in_mix=not args.no_cold_in_mix,
         warm_tier=args.warm_tier,
         peer_url=args.peer_url,
+        floors_first=args.floors_first,
     )
     return plan, args
 

@@ -8,10 +8,11 @@ frozen after start-up), so that they stay floors. Serve them with
 create, BENCH_MONGODB_URI at the warm tier's server.
 
 - `GET /floor/{id}`: one HGETALL of the session's hash, returned.
-- `POST /v1/sessions/{id}/timeline`: the body's events and a write-behind entry in one
-  MULTI/EXEC (HINCRBY of a version, RPUSH of each event, XADD of the change to a stream that
-  nothing drains, trimmed to `OUTBOX_CAP` entries), on keys of the floor's own (`floor:...`),
-  so that the seeded sessions stay as sessionmgr left them.
+- `POST /v1/sessions/{id}/timeline`: the body's events (checked as JSON, kept as the bytes
+  sent) and a write-behind entry in one EVALSHA, as sessionmgr's commit is one (HINCRBY of a
+  version, RPUSH of each event, XADD of the change to a stream that nothing drains, trimmed to
+  `OUTBOX_CAP` entries), on keys of the floor's own (`floor:...`), so that the seeded sessions
+  stay as sessionmgr left them.
 - `POST /v1/sessions`: one `insert_one` of the session's document into the warm tier, then one
   HSET of its hash, as DESIGN §2 orders a create (MongoDB first). Through Motor, as
   sessionmgr; `BENCH_FLOOR_MONGO_CLIENT=pymongo` takes PyMongo's own asyncio client instead
@@ -46,6 +47,15 @@ POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "64"))
 OUTBOX_CAP = 100_000  # the floor's stream is never drained: keep Redis' memory bounded
 OUTBOX = b"floor:outbox"
 SessionId = Annotated[str, PathParameter()]
+# An append in one command, as sessionmgr's commit is one EVALSHA: the version, the events, and
+# the change for a write-behind. KEYS: hash, timeline, outbox; ARGV: id, events as one JSON
+# array, then each event.
+APPEND_LUA = f"""
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 3))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', {OUTBOX_CAP}, '*', 'sid', ARGV[1], 'events', ARGV[2])
+return version
+"""
 
 
 @asynccontextmanager
@@ -54,6 +64,7 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
         os.environ["BENCH_REDIS_URL"], max_connections=POOL_SIZE, timeout=2.0
     )
     app.state.redis = Redis(connection_pool=pool, decode_responses=False)
+    app.state.append_sha = await app.state.redis.script_load(APPEND_LUA)
     app.state.sessions = None
     mongo: Any = None
     if uri := os.environ.get("BENCH_MONGODB_URI"):
@@ -86,7 +97,7 @@ async def floor_get(session_id: SessionId, state: State) -> dict[str, str]:
 
 
 class _Append(msgspec.Struct):
-    events: list[dict[str, Any]]
+    events: list[msgspec.Raw]  # each event's bytes as sent: checked as JSON, never rebuilt
 
 
 class _Create(msgspec.Struct):
@@ -105,14 +116,13 @@ def _decode(body: bytes, kind: type[Any]) -> Any:
 async def floor_append(
     session_id: SessionId, request: Request[Any, Any, Any], state: State
 ) -> dict[str, Any]:
-    events = _decode(await request.body(), _Append).events
-    encoded = [msgspec.json.encode(e) for e in events]
-    async with state.redis.pipeline(transaction=True) as pipe:
-        pipe.hincrby(f"floor:session:{session_id}", "version", 1)
-        pipe.rpush(f"floor:timeline:{session_id}", *encoded)
-        change = {"sid": session_id, "events": b"[" + b",".join(encoded) + b"]"}
-        pipe.xadd(OUTBOX, change, maxlen=OUTBOX_CAP, approximate=True)
-        version, *_ = await pipe.execute()
+    events = [bytes(e) for e in _decode(await request.body(), _Append).events]
+    if not events:
+        raise ValidationException("events must not be empty")
+    keys = (f"floor:session:{session_id}", f"floor:timeline:{session_id}", OUTBOX)
+    version = await state.redis.execute_command(
+        "EVALSHA", state.append_sha, 3, *keys, session_id, b"[" + b",".join(events) + b"]", *events
+    )
     return {"id": session_id, "version": version, "appended": len(events)}
 
 

@@ -34,19 +34,31 @@ async def floor_client(
         yield client, db
 
 
-async def test_the_append_floor_writes_events_version_and_outbox_in_one_step(
+def commands_sent(r: redis_sync.Redis) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT, less what scripts ran inside."""
+    stats = r.info("commandstats")
+    inside = {"hincrby", "rpush", "xadd", "info", "config|resetstat"}
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    return {name: n for name, n in calls.items() if name not in inside}
+
+
+async def test_the_append_floor_writes_events_version_and_outbox_in_one_command(
     floor_client: tuple[AsyncTestClient[Any], str], redis_url: str
 ) -> None:
+    """A floor bounds from below only if it does no more than sessionmgr: its append is one
+    EVALSHA, as sessionmgr's commit is."""
     client, _db = floor_client
     body = shape.APPEND_BODY.encode()
     headers = {"content-type": "application/json"}
+    r = redis_sync.Redis.from_url(redis_url)
+    r.config_resetstat()
 
     first = await client.post("/v1/sessions/abc/timeline", content=body, headers=headers)
     second = await client.post("/v1/sessions/abc/timeline", content=body, headers=headers)
 
     assert first.status_code == second.status_code == 200
     assert [first.json()["version"], second.json()["version"]] == [1, 2]
-    r = redis_sync.Redis.from_url(redis_url)
+    assert commands_sent(r) == {"evalsha": 2}
     try:
         events = [msgspec.json.decode(e) for e in r.lrange("floor:timeline:abc", 0, -1)]
         assert events == [shape.EVENT, shape.EVENT]
@@ -54,6 +66,27 @@ async def test_the_append_floor_writes_events_version_and_outbox_in_one_step(
         outbox = r.xrange(floor.OUTBOX)
         assert [fields[b"sid"] for _id, fields in outbox] == [b"abc", b"abc"]
         assert not r.exists(hot("abc"))  # sessionmgr's keys are left alone
+    finally:
+        r.close()
+
+
+async def test_the_create_floor_writes_nothing_to_redis_when_the_warm_tier_refuses(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MongoDB first, as DESIGN §2 orders a create: no hash without the document."""
+    monkeypatch.setenv("BENCH_REDIS_URL", redis_url)
+    nobody = "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=200"  # port 9: discard, unserved
+    monkeypatch.setenv("BENCH_MONGODB_URI", nobody)
+    headers = {"content-type": "application/json"}
+    async with AsyncTestClient(app=floor.app) as client:
+        answer = await client.post(
+            "/v1/sessions", content=shape.CREATE_BODY.encode(), headers=headers
+        )
+
+    assert answer.status_code == 500
+    r = redis_sync.Redis.from_url(redis_url)
+    try:
+        assert r.keys("floor:*") == []
     finally:
         r.close()
 

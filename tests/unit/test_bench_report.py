@@ -154,11 +154,11 @@ def test_the_floor_table_says_what_10x_asks_of_one_core() -> None:
 
     text = report.render(results, None, [])
 
-    # The peer's best create (650/s at 1.5 ms of its process' CPU): 10x needs 0.15 ms; the
-    # floor's 2 600/s is 4.0x the peer, sessionmgr's 1 100/s 1.7x.
-    assert "| create | 650 | 1.50 | 0.150 | 2600 | 0.380 | 4.0x | 0.700 | 1.7x |" in text
-    # The GET's floor is in RESULTS too (4 000/s against 400/s: 10.0x).
-    assert "| get | 400 | 1.50 | 0.150 | 4000 | 0.250 | 10.0x | 0.400 | 7.5x |" in text
+    # The peer's best create: 650/s. 10x that on one core leaves 1 s / 6 500 = 0.154 ms a
+    # create; the floor's 2 600/s is 4.0x the peer, sessionmgr's 1 100/s 1.7x.
+    assert "| create | 650 | 0.154 | 2600 | 0.380 | 4.0x | 0.700 | 1.7x |" in text
+    # The GET's floor is in RESULTS too (4 000/s against 400/s: 10.0x; 1 s / 4 000 = 0.25 ms).
+    assert "| get | 400 | 0.250 | 4000 | 0.250 | 10.0x | 0.400 | 7.5x |" in text
     # No append was measured: no row, rather than a row of dashes.
     assert not any(row.startswith("| append |") for row in report.floor_rows(results))
 
