@@ -65,9 +65,15 @@ async def fill(app: Any, entries: int, sessions: int) -> None:
 
 
 async def drain(
-    redis_url: str, mongodb_uri: str, db: str, batch: int, one_at_a_time: bool = False
-) -> tuple[int, float, float]:
-    """Run one worker until the outbox is empty: (entries, wall seconds, CPU seconds)."""
+    redis_url: str,
+    mongodb_uri: str,
+    db: str,
+    batch: int,
+    one_at_a_time: bool = False,
+    server: Any = None,
+) -> tuple[int, float, float, float | None]:
+    """Run one worker until the outbox is empty: (entries, wall seconds, CPU seconds, and the
+    CPU seconds of `server`, the warm tier's process, when it is one of the stack's)."""
     from sessionmgr.container import RedisWriteBehindWorker
     from sessionmgr.settings import load_settings
     from sessionmgr.storage.hot import redis_client
@@ -87,14 +93,16 @@ async def drain(
         )
         await worker.ensure_group()
         backlog = await worker.pending()
+        served = server.cpu_s() if server is not None else 0.0
         wall, cpu = time.perf_counter(), time.process_time()
         while await worker.pending():
             await worker.step(block_ms=10)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        server_cpu = server.cpu_s() - served if server is not None else None
         stored = await warm._events.count_documents({})
         if stored != backlog:  # one event per append: MongoDB must hold every one
             raise SystemExit(f"the warm tier holds {stored} events, {backlog} were appended")
-        return backlog, wall, cpu
+        return backlog, wall, cpu, server_cpu
     finally:
         await resource.aclose()
         await redis.aclose()
@@ -115,13 +123,23 @@ async def measure(args: argparse.Namespace) -> tuple[int, float]:
             )
             async with app.lifespan():
                 await fill(app, args.entries, args.sessions)
-            entries, wall_s, cpu_s = await drain(redis.url, uri, db, args.batch, args.one_at_a_time)
+            server = next((p for p in stack.procs if p.name == "wire-mongo"), None)
+            entries, wall_s, cpu_s, server_s = await drain(
+                redis.url, uri, db, args.batch, args.one_at_a_time, server
+            )
             how = "one entry at a time" if args.one_at_a_time else f"batches of {args.batch}"
+            served = (
+                ""
+                if server_s is None
+                else f"; its server's CPU {server_s / entries * 1e6:.0f} us per entry "
+                f"({server_s / wall_s:.0%} of a core)"
+            )
             print(
                 f"write-behind, {how}: {entries} entries over {args.sessions} sessions drained "
                 f"in {wall_s:.2f} s = {entries / wall_s:.0f} entries/s; "
                 f"worker CPU {cpu_s / entries * 1e6:.0f} us per entry; every event in MongoDB "
-                f"(warm tier: {'given URI' if args.mongodb_uri else 'wire-compatible server'})",
+                f"(warm tier: {'given URI' if args.mongodb_uri else 'wire-compatible server'})"
+                + served,
                 flush=True,
             )
             return entries, wall_s
