@@ -947,7 +947,12 @@ class RedisHotStore:
 
     async def drop(self, session_id: str) -> None:
         """Delete every key of the session but its tombstone: data, leases, idempotency records."""
-        self._views.drop(session_id)
+        try:
+            await self._drop(session_id)
+        finally:  # dropped or not, and whatever a write put back meanwhile: forgotten
+            self._views.drop(session_id)
+
+    async def _drop(self, session_id: str) -> None:
         node = await self._at(hot_key(session_id))
         async with node.pipeline(transaction=False) as pipe:
             pipe.hget(hot_key(session_id), "participants")
@@ -969,7 +974,6 @@ class RedisHotStore:
             )
             pipe.zrem(idle_key(session_id), session_id)
             await self._guard(pipe.execute())
-        self._views.drop(session_id)  # and whatever a write put back meanwhile
 
     async def fence(self, session_id: str, ttl_s: int) -> str | None:
         """Take the archive fence of a session that is not hot; None when it is hot.
