@@ -34,10 +34,6 @@ OWNER = "bench-user"
 # The mix's warm and cold readers pause this long between reads: a few reads of dormant and
 # archived sessions a second beside ~1 000 requests a second on active ones.
 READER_PACE_S = 0.25
-# The write floors of bench/baselines/floor.py: the least an append and a create can cost on
-# this stack (no auth, no checks); what 10x the peer is held against in the report.
-APPEND_FLOOR = "floor (Litestar + EVALSHA)"
-CREATE_FLOOR = "floor (Litestar + insert_one + HSET)"
 BUCKET = "sessionmgr-bench"
 
 
@@ -387,7 +383,7 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                 ),
                 redis_env,
                 "hot GET",
-                "floor (Litestar + HGETALL)",
+                report.FLOORS["get"],
                 [Part("GET hot", "get.lua", c, hot, path="/floor/")],
             )
         fast = None
@@ -452,7 +448,7 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                 ),
                 redis_env,
                 "timeline append",
-                APPEND_FLOOR,
+                report.FLOORS["append"],
                 [Part("POST timeline", "append.lua", c, hot)],
             )
         half = len(env.cold_ids) // 2
@@ -548,7 +544,7 @@ async def run(plan: Plan, tmp: Path) -> dict[str, Any]:
                 ),
                 floor_env,
                 "create",
-                CREATE_FLOOR,
+                report.FLOORS["create"],
                 [Part("POST create", "create.lua", c)],
             )
     if plan.wants("peer"):

@@ -7,7 +7,7 @@ trip would make the bound look lower than it is.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
@@ -34,6 +34,17 @@ async def floor_client(
         yield client, db
 
 
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture
+def floor_redis(redis_url: str) -> Iterator[redis_sync.Redis]:
+    """The Redis the floors write to, read directly."""
+    client = redis_sync.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
 def commands_sent(r: redis_sync.Redis) -> dict[str, int]:
     """Calls per command since the last CONFIG RESETSTAT, less what scripts ran inside."""
     stats = r.info("commandstats")
@@ -43,61 +54,50 @@ def commands_sent(r: redis_sync.Redis) -> dict[str, int]:
 
 
 async def test_the_append_floor_writes_events_version_and_outbox_in_one_command(
-    floor_client: tuple[AsyncTestClient[Any], str], redis_url: str
+    floor_client: tuple[AsyncTestClient[Any], str], floor_redis: redis_sync.Redis
 ) -> None:
     """A floor bounds from below only if it does no more than sessionmgr: its append is one
     EVALSHA, as sessionmgr's commit is."""
     client, _db = floor_client
     body = shape.APPEND_BODY.encode()
-    headers = {"content-type": "application/json"}
-    r = redis_sync.Redis.from_url(redis_url)
-    r.config_resetstat()
+    floor_redis.config_resetstat()
 
-    first = await client.post("/v1/sessions/abc/timeline", content=body, headers=headers)
-    second = await client.post("/v1/sessions/abc/timeline", content=body, headers=headers)
+    first = await client.post("/v1/sessions/abc/timeline", content=body, headers=JSON)
+    second = await client.post("/v1/sessions/abc/timeline", content=body, headers=JSON)
 
     assert first.status_code == second.status_code == 200
     assert [first.json()["version"], second.json()["version"]] == [1, 2]
-    assert commands_sent(r) == {"evalsha": 2}
-    try:
-        events = [msgspec.json.decode(e) for e in r.lrange("floor:timeline:abc", 0, -1)]
-        assert events == [shape.EVENT, shape.EVENT]
-        assert r.hget("floor:session:abc", "version") == b"2"
-        outbox = r.xrange(floor.OUTBOX)
-        assert [fields[b"sid"] for _id, fields in outbox] == [b"abc", b"abc"]
-        assert not r.exists(hot("abc"))  # sessionmgr's keys are left alone
-    finally:
-        r.close()
+    assert commands_sent(floor_redis) == {"evalsha": 2}
+    timeline = floor_redis.lrange("floor:timeline:abc", 0, -1)
+    assert [msgspec.json.decode(e) for e in timeline] == [shape.EVENT, shape.EVENT]
+    assert floor_redis.hget("floor:session:abc", "version") == b"2"
+    outbox = floor_redis.xrange(floor.OUTBOX)
+    assert [fields[b"sid"] for _id, fields in outbox] == [b"abc", b"abc"]
+    assert not floor_redis.exists(hot("abc"))  # sessionmgr's keys are left alone
 
 
 async def test_the_create_floor_writes_nothing_to_redis_when_the_warm_tier_refuses(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, floor_redis: redis_sync.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """MongoDB first, as DESIGN §2 orders a create: no hash without the document."""
     monkeypatch.setenv("BENCH_REDIS_URL", redis_url)
     nobody = "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=200"  # port 9: discard, unserved
     monkeypatch.setenv("BENCH_MONGODB_URI", nobody)
-    headers = {"content-type": "application/json"}
     async with AsyncTestClient(app=floor.app) as client:
-        answer = await client.post(
-            "/v1/sessions", content=shape.CREATE_BODY.encode(), headers=headers
-        )
+        answer = await client.post("/v1/sessions", content=shape.CREATE_BODY.encode(), headers=JSON)
 
     assert answer.status_code == 500
-    r = redis_sync.Redis.from_url(redis_url)
-    try:
-        assert r.keys("floor:*") == []
-    finally:
-        r.close()
+    assert floor_redis.keys("floor:*") == []
 
 
 async def test_the_create_floor_inserts_into_the_warm_tier_then_writes_the_hash(
-    floor_client: tuple[AsyncTestClient[Any], str], redis_url: str, wire_mongo: WireMongoServer
+    floor_client: tuple[AsyncTestClient[Any], str],
+    floor_redis: redis_sync.Redis,
+    wire_mongo: WireMongoServer,
 ) -> None:
     client, db = floor_client
-    headers = {"content-type": "application/json"}
 
-    answer = await client.post("/v1/sessions", content=shape.CREATE_BODY.encode(), headers=headers)
+    answer = await client.post("/v1/sessions", content=shape.CREATE_BODY.encode(), headers=JSON)
 
     assert answer.status_code == 201, answer.text
     sid = answer.json()["id"]
@@ -110,26 +110,15 @@ async def test_the_create_floor_inserts_into_the_warm_tier_then_writes_the_hash(
     assert doc["version"] == 1
     assert doc["work_in_progress"] == shape.WORK_IN_PROGRESS
     assert doc["context_summary"] == shape.CONTEXT_SUMMARY
-    r = redis_sync.Redis.from_url(redis_url)
-    try:
-        assert r.hget(f"floor:session:{sid}", "version") == b"1"
-    finally:
-        r.close()
+    assert floor_redis.hget(f"floor:session:{sid}", "version") == b"1"
 
 
 async def test_a_body_the_floor_cannot_read_is_a_400_and_writes_nothing(
-    floor_client: tuple[AsyncTestClient[Any], str], redis_url: str
+    floor_client: tuple[AsyncTestClient[Any], str], floor_redis: redis_sync.Redis
 ) -> None:
     client, _db = floor_client
-    headers = {"content-type": "application/json"}
 
-    answer = await client.post(
-        "/v1/sessions/abc/timeline", content=b'{"events": 3}', headers=headers
-    )
+    answer = await client.post("/v1/sessions/abc/timeline", content=b'{"events": 3}', headers=JSON)
 
     assert answer.status_code == 400
-    r = redis_sync.Redis.from_url(redis_url)
-    try:
-        assert r.keys("floor:*") == []
-    finally:
-        r.close()
+    assert floor_redis.keys("floor:*") == []
