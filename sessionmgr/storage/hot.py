@@ -57,6 +57,7 @@ from sessionmgr.domain.model import (
     SessionState,
     TimelineEvent,
     new_write_id,
+    unique_64,
 )
 from sessionmgr.services.ports import (
     AT_REST,
@@ -221,7 +222,7 @@ REV = "rev"  # the hash's write stamp: not a field of the record (`decode_record
 
 
 def _new_rev() -> bytes:
-    return secrets.token_hex(8).encode()
+    return b"%016x" % unique_64()
 
 
 def _stamped(record: SessionRecord, fields: frozenset[str] | None = None) -> dict[str, bytes]:

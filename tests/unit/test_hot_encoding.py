@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import msgspec
 import pytest
 from redis.crc import key_slot
 
-from sessionmgr.domain.model import SessionRecord, SessionState
+from sessionmgr.domain.model import SessionRecord, SessionState, new_write_id
 from sessionmgr.services.ports import CREATE_SCOPE, Idempotency
 from sessionmgr.storage import keys as layout
 from sessionmgr.storage.hot import (
@@ -124,3 +125,24 @@ def test_sessions_spread_over_every_partition() -> None:
 def test_a_create_record_lives_in_the_slot_of_its_key() -> None:
     idem = Idempotency(key_digest="abc", fingerprint="f")
     assert key_slot(idem_key(CREATE_SCOPE, idem).encode()) == key_slot(b"{abc}")
+
+
+def test_write_stamps_are_drawn_anew_in_a_forked_child() -> None:
+    """Write ids and `rev` stamps come from `random`'s generator (`model.unique_64`): a
+    process forked from another must not draw the same sequence, or two replicas could
+    stamp two writes alike."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        os.close(read)
+        os.write(write, " ".join(new_write_id() for _ in range(4)).encode())
+        os._exit(0)
+    os.close(write)
+    ours = [new_write_id() for _ in range(4)]
+    with os.fdopen(read) as pipe:
+        theirs = pipe.read().split()
+    os.waitpid(child, 0)
+    assert len(theirs) == 4
+    assert all(len(stamp) == 16 and int(stamp, 16) >= 0 for stamp in ours + theirs)
+    assert set(ours).isdisjoint(theirs)
+    assert len(set(ours)) == 4
