@@ -260,7 +260,7 @@ def _seen_of(answer: list[Any], sent_at: float) -> _Seen:
 def _view_of(state: Remembered, lease_ttl_ms: dict[str, int]) -> HotView:
     return HotView(
         record=decode_record(state.fields),
-        recent=[_decode_event(e) for e in state.recent],
+        recent=lambda: [_decode_event(e) for e in state.recent],
         lease_ttl_ms=lease_ttl_ms,
     )
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import time
 
+import msgspec
+import pytest
+
+from sessionmgr.domain.model import TimelineEvent, utcnow
+from sessionmgr.services.ports import HotView
+from sessionmgr.storage import hot
+from sessionmgr.storage.hot import encode_record
 from sessionmgr.storage.hot_views import ENTRY_SHARE, HotViews, Remembered, after_commit
+from tests.unit.factories import SessionRecordFactory
 
 
 def remembered(size: int, deadlines: dict[str, float] | None = None) -> Remembered:
@@ -87,3 +95,36 @@ def test_a_lease_set_and_dropped_by_one_commit_is_gone_as_in_redis() -> None:
     assert after.recent == [b"e2", b"e3"]
     assert after.fields == {b"work_in_progress": b"x", b"participants": b"{}"}
     assert after.rev == b"r2"
+
+
+def test_a_view_decodes_its_recent_events_once_and_only_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decision that never looks at the recent events (an append, a patch) never pays for
+    decoding them; one that does gets them decoded anew from the remembered bytes, once."""
+    now = utcnow()
+    events = [
+        TimelineEvent(seq=n, at=now, actor="mad:a", kind="note", data={"n": n}) for n in (1, 2)
+    ]
+    record = SessionRecordFactory.build()
+    state = Remembered(
+        fields={k.encode(): v for k, v in encode_record(record).items()},
+        recent=[msgspec.json.encode(e) for e in events],
+        rev=b"r",
+    )
+    decoded: list[int] = []
+    real = hot._decode_event
+
+    def counting(raw: bytes) -> TimelineEvent:
+        decoded.append(1)
+        return real(raw)
+
+    monkeypatch.setattr(hot, "_decode_event", counting)
+    view = hot._view_of(state, {})
+    assert view.record == record
+    assert decoded == []
+    assert view.recent == events
+    assert view.recent == events
+    assert len(decoded) == 2  # once each, however often asked
+    assert view == HotView(record=record, recent=events)
+    assert view.recent is not hot._view_of(state, {}).recent  # never an object shared
