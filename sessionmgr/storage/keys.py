@@ -14,6 +14,7 @@ start (`check_layout`).
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from typing import Any
@@ -34,6 +35,7 @@ def configure(partitions: int) -> None:
     if not 1 <= partitions <= 16_384:
         raise ValueError("partitions must be between 1 and 16384")
     _partitions = partitions
+    _tag_of.cache_clear()
 
 
 def partitions() -> int:
@@ -48,8 +50,15 @@ def tag(partition: int) -> str:
     return f"{{p{partition}}}"
 
 
+@functools.lru_cache(maxsize=65_536)
+def _tag_of(session_id: str) -> str:
+    """The tag of a session's keys, kept (for the count `configure` set): a write names up
+    to nine of them, and each a CRC-32 and two strings otherwise."""
+    return tag(partition_of(session_id))
+
+
 def _of(prefix: str, session_id: str) -> str:
-    return f"{prefix}:{tag(partition_of(session_id))}:{session_id}"
+    return f"{prefix}:{_tag_of(session_id)}:{session_id}"
 
 
 def session_id_in(key: str | bytes) -> str:
