@@ -79,6 +79,7 @@ from sessionmgr.services.ports import (
 )
 from sessionmgr.settings import Settings
 from sessionmgr.storage import feed, keys
+from sessionmgr.storage.commands import Words
 from sessionmgr.storage.hot_views import HotViews, Remembered, after_commit, lease_deadlines
 from sessionmgr.storage.redis_nodes import ClusterNodes, SessionmgrCluster, nodes_of
 from sessionmgr.storage.redis_pool import BoundedPool, sentinel_client
@@ -608,9 +609,12 @@ class RedisHotStore:
         refused: the session as it is now."""
         assert seen.view is not None
         assert seen.state is not None
-        # The change's commands, built by redis-py's own command methods and never sent as
-        # such: the commit script runs them once its check passes.
-        todo = client.pipeline(transaction=False)
+        live = list(seen.view.lease_ttl_ms)
+        words: list[Any] = [lease_key(session_id, ""), seen.state.rev, seen.view.record.version]
+        words += [len(live), *live]
+        # The change's commands, written down as the script's words and never sent as such:
+        # the commit script runs them once its check passes.
+        todo = Words(words)
         written, encoded_events = self._queue_change(todo, session_id, change)
         self._touch(todo, session_id)
         self._queue_feed(todo, session_id, feed.change_entries(seen.view.record, change))
@@ -619,11 +623,6 @@ class RedisHotStore:
             kept = change.result if change.stored is None else change.stored
             todo.set(keys[2], idem_value(idem, kept), ex=self._idem_ttl)
             self._index_idem(todo, session_id, keys[2])
-        live = list(seen.view.lease_ttl_ms)
-        words: list[Any] = [lease_key(session_id, ""), seen.state.rev, seen.view.record.version]
-        words += [len(live), *live]
-        for args, _options in todo.command_stack:
-            words += [len(args), *args]
         sent_at = time.monotonic()
         try:
             # With an idempotency record in the commit a re-run finds the first answer.
