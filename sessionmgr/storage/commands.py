@@ -3,13 +3,14 @@
 The commit script (`hot._COMMIT_SCRIPT`) runs the commands a decision queued, each sent as its
 length and its words. They used to be queued on a redis-py pipeline that was never sent, only
 read back: a pipeline object, and for each command redis-py's method, its `execute_command`
-and the pipeline's queueing, about 6 us of an append's CPU (`python -m bench.micro app`).
-`Words` takes the same calls, with the arguments the commit path uses, and writes down the
-words redis-py's methods would have queued (tests/unit/test_commit_words.py holds the two to
-the same words); the code that queues a change (`RedisHotStore._queue_change`, `_touch`,
-`feed.queue`, `_index_idem`) runs on either, so that a real pipeline (a create, a load, a
-rebase) and a commit share it. A call this class does not know is an AttributeError, never
-a command sent wrong.
+and the pipeline's queueing: about 4 us of an append's CPU in one process (timed with the
+Redis call itself left out). `Words` takes the same calls, with the arguments the commit path
+uses, and writes down the words redis-py's methods would have queued
+(tests/unit/test_commit_words.py holds the two to the same words). The code that queues a
+change (`RedisHotStore._queue_change`, `_touch`, `feed.queue`, `_index_idem`) runs on either,
+so a real pipeline (a create, a load, a rebase) and a commit share it. A call this class does
+not know is an AttributeError, and an argument Redis would refuse inside the script (after
+the commands before it ran) is refused here, before anything is sent.
 """
 
 from __future__ import annotations
