@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import secrets
+import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -116,9 +117,13 @@ MUTABLE_FIELDS = frozenset({"work_in_progress", "context_summary", "full_context
 
 
 def utcnow() -> datetime:
-    """Now, at the millisecond precision MongoDB keeps, so every tier reads the same instant."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+    """Now, at the millisecond precision MongoDB keeps, so every tier reads the same instant.
+
+    From the whole milliseconds of `time.time_ns()`: a third of the CPU of `datetime.now`
+    and `replace` (an append asks twice). The float of `ms / 1000` is within half a
+    microsecond of the instant until 2106 (2**32 s), so `fromtimestamp`, which rounds to the
+    microsecond, gives that millisecond exactly."""
+    return datetime.fromtimestamp(time.time_ns() // 1_000_000 / 1000, UTC)
 
 
 def new_session_id() -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
 from redis.crc import key_slot
 
+from sessionmgr.domain import model
 from sessionmgr.domain.model import SessionRecord, SessionState, new_write_id
 from sessionmgr.services.ports import CREATE_SCOPE, Idempotency
 from sessionmgr.storage import keys as layout
@@ -146,3 +148,23 @@ def test_write_stamps_are_drawn_anew_in_a_forked_child() -> None:
     assert all(len(stamp) == 16 and int(stamp, 16) >= 0 for stamp in ours + theirs)
     assert set(ours).isdisjoint(theirs)
     assert len(set(ours)) == 4
+
+
+@pytest.mark.parametrize(
+    "ms",
+    [0, 1, 999, 1_733_065_200_123, 1_733_065_200_999, 2_000_000_000_001, 4_294_967_295_999],
+)
+def test_now_is_the_clock_s_whole_millisecond(ms: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`utcnow` is the millisecond MongoDB keeps, exactly, up to 2106: every tier reads the
+    same instant."""
+    monkeypatch.setattr(model.time, "time_ns", lambda: ms * 1_000_000 + 999_999)
+    now = model.utcnow()
+    assert now == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    assert now.tzinfo is UTC
+
+
+def test_now_follows_the_clock() -> None:
+    before = datetime.now(UTC) - timedelta(milliseconds=1)
+    now = model.utcnow()
+    assert before <= now <= datetime.now(UTC)
+    assert now.microsecond % 1000 == 0
