@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import secrets
 import time
@@ -136,13 +137,18 @@ def new_write_id() -> str:
     return f"{unique_64():016x}"
 
 
+# Stamps that only have to differ from every other one, never to be unguessable: a write's
+# id, a hash's `rev` (the commit script's compare-and-set). A generator of their own, seeded
+# by the OS, and again in a forked child, so no two processes draw the same sequence, and no
+# `random.seed(n)` elsewhere in the process (a library, a test plugin) touches it. `secrets`
+# would make a system call for each: about 4 % of an append's CPU (`bench.profile`).
+_stamps = random.Random()  # noqa: S311 (see above)
+os.register_at_fork(after_in_child=_stamps.seed)
+
+
 def unique_64() -> int:
-    """64 random bits for a stamp that only has to differ from every other one, never to be
-    unguessable: a write's id, a hash's `rev`. From `random`'s own generator, seeded by the
-    OS and seeded again in a forked child (`random` registers that itself), so two processes
-    never share a sequence. `secrets` would make a system call for each: about 4 % of an
-    append's CPU (`bench.profile`)."""
-    return random.getrandbits(64)
+    """64 random bits for a stamp (above)."""
+    return _stamps.getrandbits(64)
 
 
 def mad_principal(mad_name: str) -> str:

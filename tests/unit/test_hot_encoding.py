@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -136,9 +137,11 @@ def test_write_stamps_are_drawn_anew_in_a_forked_child() -> None:
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover (the child)
-        os.close(read)
-        os.write(write, " ".join(new_write_id() for _ in range(4)).encode())
-        os._exit(0)
+        try:
+            os.close(read)
+            os.write(write, " ".join(new_write_id() for _ in range(4)).encode())
+        finally:
+            os._exit(0)  # never on into the rest of the suite
     os.close(write)
     ours = [new_write_id() for _ in range(4)]
     with os.fdopen(read) as pipe:
@@ -148,6 +151,17 @@ def test_write_stamps_are_drawn_anew_in_a_forked_child() -> None:
     assert all(len(stamp) == 16 and int(stamp, 16) >= 0 for stamp in ours + theirs)
     assert set(ours).isdisjoint(theirs)
     assert len(set(ours)) == 4
+
+
+def test_write_stamps_do_not_follow_random_seed() -> None:
+    """A `random.seed(n)` elsewhere in the process (a library, a test plugin) must not make
+    two replicas draw the same stamps."""
+    random.seed(1234)
+    first = [new_write_id() for _ in range(3)]
+    random.seed(1234)
+    again = [new_write_id() for _ in range(3)]
+    random.seed()
+    assert set(first).isdisjoint(again)
 
 
 @pytest.mark.parametrize(
