@@ -22,8 +22,9 @@ class HotView:
     """What a hot read returns: the record, its recent events and each lease's remaining life.
 
     `recent` is given as the events or as a function that decodes them, called once, when a
-    decision first asks for them: most writes (an append, a patch) never do, and decoding the
-    last 20 events is about 3 % of an append's CPU (`bench.profile`).
+    decision first asks for them. An append, a leave or a lease renewal never does (a patch
+    or a join answers the session, events and all): decoding the last 20 events was about
+    5 us of an append's 72 in one process (bench/profiles/findings.md).
     """
 
     __slots__ = ("_recent", "lease_ttl_ms", "record")
@@ -44,6 +45,10 @@ class HotView:
         if callable(self._recent):
             self._recent = self._recent()
         return self._recent
+
+    def with_record(self, record: SessionRecord) -> HotView:
+        """This view with another record; its events are decoded only if asked for."""
+        return HotView(record=record, recent=self._recent, lease_ttl_ms=self.lease_ttl_ms)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HotView):

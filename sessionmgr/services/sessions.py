@@ -565,7 +565,7 @@ class SessionService:
         if not gone:
             return view, gone
         record = leases.without(view.record, gone)
-        return HotView(record=record, recent=view.recent, lease_ttl_ms=view.lease_ttl_ms), gone
+        return view.with_record(record), gone
 
     def _at_rest(self, record: SessionRecord) -> SessionRecord:
         """A record read from MongoDB as its readers see it: lapsed participants reaped.

@@ -128,3 +128,10 @@ def test_a_view_decodes_its_recent_events_once_and_only_when_asked(
     assert len(decoded) == 2  # once each, however often asked
     assert view == HotView(record=record, recent=events)
     assert view.recent is not hot._view_of(state, {}).recent  # never an object shared
+
+    decoded.clear()
+    other = hot._view_of(state, {"mad:a": 5_000})
+    reaped = other.with_record(SessionRecordFactory.build())
+    assert decoded == []  # a view with another record decodes nothing either
+    assert reaped.lease_ttl_ms == {"mad:a": 5_000}
+    assert reaped.recent == events
