@@ -9,8 +9,9 @@ uses, and writes down the words redis-py's methods would have queued
 (tests/unit/test_commit_words.py holds the two to the same words). The code that queues a
 change (`RedisHotStore._queue_change`, `_touch`, `feed.queue`, `_index_idem`) runs on either,
 so a real pipeline (a create, a load, a rebase) and a commit share it. A call this class does
-not know is an AttributeError, and an argument Redis would refuse inside the script (after
-the commands before it ran) is refused here, before anything is sent.
+not know is an AttributeError. What redis-py refuses for these calls before sending is
+refused here too, and so is a command with nothing to write (an empty ZADD, RPUSH or DEL),
+which Redis would refuse inside the script after the commands before it had run.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Words:
         self._add(*args)
 
     def rpush(self, name: str, *values: Any) -> None:
+        if not values:
+            raise ValueError("rpush: no value to push")
         self._add("RPUSH", name, *values)
 
     def ltrim(self, name: str, start: int, end: int) -> None:
@@ -58,12 +61,16 @@ class Words:
             self._add("SET", name, value)
 
     def delete(self, *names: str) -> None:
+        if not names:
+            raise ValueError("delete: no key to delete")
         self._add("DEL", *names)
 
     def expire(self, name: str, seconds: int) -> None:
         self._add("EXPIRE", name, seconds)
 
     def zadd(self, name: str, mapping: Mapping[str, float]) -> None:
+        if not mapping:
+            raise ValueError("zadd: no member to add")
         args: list[Any] = ["ZADD", name]
         for member, score in mapping.items():
             args += [score, member]

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from datetime import datetime
 from typing import Any
 
 import msgspec
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import Encoder
 
-from sessionmgr.domain.model import Participant, TimelineEvent, utcnow
-from sessionmgr.services.ports import Change
-from sessionmgr.storage import feed
+from sessionmgr.domain import model
+from sessionmgr.domain.model import Participant, SessionRecord, TimelineEvent, utcnow
+from sessionmgr.services.ports import Change, Idempotency
+from sessionmgr.storage import hot
 from sessionmgr.storage.commands import Words
-from sessionmgr.storage.hot import RedisHotStore
+from sessionmgr.storage.hot import RedisHotStore, encode_record
+from sessionmgr.storage.hot_views import Remembered
 from tests.unit.factories import SessionRecordFactory
 
 
@@ -55,6 +61,9 @@ def test_each_command_is_written_as_redis_py_queues_it(queue: Any) -> None:
     ("queue", "error"),
     [
         (lambda w: w.hset("h", mapping={}), ValueError),
+        (lambda w: w.zadd("z", {}), ValueError),
+        (lambda w: w.rpush("t"), ValueError),
+        (lambda w: w.delete(), ValueError),
         (lambda w: w.xadd("s", {}), ValueError),
         (lambda w: w.xadd("s", {"a": b"1"}, maxlen=-1), ValueError),
         (lambda w: w.set("k", b"v", ex=1, px=1000), ValueError),
@@ -73,48 +82,99 @@ def test_what_redis_py_would_refuse_is_refused_before_anything_is_written(
     assert words == ["header"]
 
 
-def test_a_whole_change_is_written_as_on_a_pipeline() -> None:
-    """What a commit queues for an append with a joined participant, a dropped lease and an
-    idempotency record: the same words either way (the write id and `rev` are drawn anew for
-    each queueing, so they are compared apart)."""
-    now = utcnow()
+class _PipelineWords:
+    """The words as the commit wrote them before `Words`: each call queued on a redis-py
+    pipeline (never sent) and read back from its command stack."""
+
+    def __init__(self, words: list[Any]) -> None:
+        self.words = words
+        self._pipe = Redis().pipeline(transaction=False)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._pipe, name)
+
+        def queue(*args: Any, **kwargs: Any) -> None:
+            start = len(self._pipe.command_stack)
+            method(*args, **kwargs)
+            for command, _options in self._pipe.command_stack[start:]:
+                self.words += [len(command), *command]
+
+        return queue
+
+
+def _change(kind: str, before: SessionRecord, now: datetime) -> Change:
     lease = {"joined_at": now, "lease_expires_at": now}
-    before = SessionRecordFactory.build(participants={"old": Participant(**lease, token=1)})
     record = msgspec.structs.replace(
         before,
         version=before.version + 1,
-        participants={"new": Participant(**lease, token=2)},
+        participants={"new": Participant(**lease, token=2), "keep": before.participants["keep"]},
     )
-    event = TimelineEvent(seq=1, at=now, actor="mad:new", kind="note", data={"n": 1})
-    store = RedisHotStore.__new__(RedisHotStore)
-    store._recent, store._lease_ms, store._feed, store._idem_ttl = 20, 30_000, (1000, 60), 600
-
-    def queue(pipe: Any) -> None:
-        change = Change(
+    if kind == "append":  # a join, a leave and two events with it
+        event = TimelineEvent(seq=1, at=now, actor="mad:new", kind="note", data={"n": 1})
+        return Change(
             record=record,
-            fields=frozenset({"version", "participants"}),
-            events=[event],
+            fields=frozenset({"version", "participants", "timeline_seq"}),
+            events=[event, event],
             leases_set=["new"],
             leases_dropped=["old"],
             result=b"{}",
         )
-        store._queue_change(pipe, before.id, change)
-        store._touch(pipe, before.id)
-        store._queue_feed(pipe, before.id, feed.change_entries(before, change))
-        pipe.set("idem", b"answer", ex=600)
-        store._index_idem(pipe, before.id, "idem")
+    if kind == "renewal":  # same version, no outbox entry, no feed entry
+        return Change(
+            record=msgspec.structs.replace(before),
+            fields=frozenset({"participants"}),
+            leases_set=["keep"],
+            hot_only=True,
+            result=b"{}",
+        )
+    return Change(record=record, fields=frozenset({"version", "context_summary"}), result=b"x")
 
-    expected, got = _both(queue)
-    assert len(got) == len(expected)
-    drawn = {i for i, word in enumerate(expected) if word in ("write_id", "rev")}
-    for i in sorted(drawn):  # the values that follow the two drawn fields
-        expected[i + 1] = got[i + 1]
-    stamps = [i for i, w in enumerate(expected) if isinstance(w, float)]  # time.time() scores
-    for i in stamps:
-        assert abs(got[i] - expected[i]) < 5
-        expected[i] = got[i]
-    outbox = [i for i, w in enumerate(expected) if w == "entry"]
-    for i in outbox:  # the outbox entry holds the write id too
-        expected[i + 1] = got[i + 1]
-    assert got == expected
-    assert "HSET" in got and "XADD" in got and "DEL" in got and "ZADD" in got
+
+@pytest.mark.parametrize("kind", ["append", "renewal", "patch"])
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_commit_sends_the_words_a_pipeline_would_have(
+    kind: str, keyed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`RedisHotStore._commit`'s keys and words, with `Words` and with the pipeline it
+    replaced, byte for byte as redis-py encodes them (stamps drawn alike, the clock held)."""
+    now = utcnow()
+    lease = {"joined_at": now, "lease_expires_at": now}
+    before = SessionRecordFactory.build(
+        version=7,
+        participants={
+            "old": Participant(**lease, token=1),
+            "keep": Participant(**lease, token=3),
+        },
+    )
+    fields = {name.encode(): value for name, value in encode_record(before).items()}
+    idem = Idempotency(key_digest="abc", fingerprint="f") if keyed else None
+    monkeypatch.setattr(time, "time", lambda: 1_733_065_200.123456)
+
+    def commit(recorder: Any) -> tuple[list[str], list[bytes]]:
+        sent: dict[str, Any] = {}
+
+        async def run_commit(self: Any, client: Any, keys: list[str], words: list[Any]) -> int:
+            sent["keys"], sent["words"] = keys, list(words)
+            return 1
+
+        monkeypatch.setattr(RedisHotStore, "_run_commit", run_commit)
+        monkeypatch.setattr(hot, "Words", recorder)
+        store = RedisHotStore(Redis(), feed_maxlen=1000, idempotency_ttl_s=600)
+        deadline = time.monotonic() + 20
+        state = Remembered(
+            fields=dict(fields),
+            recent=[],
+            rev=b"r0",
+            deadlines=dict.fromkeys(before.participants, deadline),
+        )
+        view = hot._view_of(state, dict.fromkeys(before.participants, 20_000))
+        seen = hot._Seen(view=view, state=state, fresh=False)
+        model._stamps.seed(42)
+        asyncio.run(store._commit(None, before.id, seen, _change(kind, before, now), idem))
+        encoder = Encoder("utf-8", "strict", False)
+        return sent["keys"], [encoder.encode(word) for word in sent["words"]]
+
+    keys, words = commit(Words)
+    assert commit(_PipelineWords) == (keys, words)
+    assert (len(keys) == 3) is keyed
+    assert (b"XADD" in words) is (kind != "renewal")  # a renewal has no outbox or feed entry
