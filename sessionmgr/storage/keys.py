@@ -50,10 +50,11 @@ def tag(partition: int) -> str:
     return f"{{p{partition}}}"
 
 
-@functools.lru_cache(maxsize=65_536)
+@functools.lru_cache(maxsize=16_384)
 def _tag_of(session_id: str) -> str:
     """The tag of a session's keys, kept (for the count `configure` set): a write names up
-    to nine of them, and each a CRC-32 and two strings otherwise."""
+    to nine of them, and each a CRC-32 and two strings otherwise. At most about 3.5 MB (the
+    ids and their tags); a session out of it costs what every one did before."""
     return tag(partition_of(session_id))
 
 
