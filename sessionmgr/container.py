@@ -177,6 +177,7 @@ def hot_store_from(redis: Redis, settings: Settings, metrics: Metrics) -> RedisH
         feed_retention_s=settings.feed_retention_s,
         view_cache_mb=settings.hot_view_cache_mb,
         decided=metrics.hot_write_decided,
+        batch_scripts=settings.redis_batch,
     )
     metrics.watch_hot_views(store.view_memory)
     return store

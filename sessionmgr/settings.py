@@ -69,6 +69,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # refuses for its own content is parked only after this long and `outbox_max_deliveries`.
     outbox_backoff_max_s: float = 5.0
     outbox_park_after_s: float = 900.0
+    # The hot reads and commits requests ask for in one event-loop turn go to Redis as one
+    # pipeline (storage/script_batch.py); false: each its own round trip.
+    redis_batch: bool = True
     # Redis WAIT after each write: acknowledged means held by this many replicas (0: off).
     redis_wait_replicas: int = 0
     redis_wait_timeout_ms: int = 500
@@ -293,6 +296,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "gc_freeze": _bool,
     "outbox_backoff_max_s": _float(0.1, 600),
     "outbox_park_after_s": _float(0, 7 * 86_400),
+    "redis_batch": _bool,
     "redis_wait_replicas": _int(0, 16),
     "redis_wait_timeout_ms": _int(1, 60_000),
     "idempotency_max_answer_bytes": _int(256, 16 * 1_048_576),

@@ -83,6 +83,7 @@ from sessionmgr.storage.commands import Words
 from sessionmgr.storage.hot_views import HotViews, Remembered, after_commit, lease_deadlines
 from sessionmgr.storage.redis_nodes import ClusterNodes, SessionmgrCluster, nodes_of
 from sessionmgr.storage.redis_pool import BoundedPool, sentinel_client
+from sessionmgr.storage.script_batch import batch_of
 
 log = logging.getLogger(__name__)
 
@@ -164,21 +165,30 @@ _READ_SCRIPT = _VIEW_LUA + "return view(KEYS[1], KEYS[2], KEYS[3], ARGV[1])\n"
 _READ_SHA = hashlib.sha1(_READ_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
-async def _run_read_script(client: Any, keys: list[str], lease_prefix: str) -> Any:
-    return await _evalsha(client, _READ_SHA, _READ_SCRIPT, keys, lease_prefix)
+async def _run_read_script(
+    client: Any, keys: list[str], lease_prefix: str, *, batched: bool = False
+) -> Any:
+    return await _evalsha(client, _READ_SHA, _READ_SCRIPT, keys, lease_prefix, batched=batched)
 
 
-async def _evalsha(client: Any, sha: str, script: str, keys: list[str], *args: Any) -> Any:
+async def _evalsha(
+    client: Any, sha: str, script: str, keys: list[str], *args: Any, batched: bool = False
+) -> Any:
     """EVALSHA: the script's digest travels, not its text. Redis forgets scripts on restart
     or SCRIPT FLUSH; then the one EVAL that answers NOSCRIPT sends it (and caches it again).
     Not redis-py's `register_script`: on a WATCHing pipeline it would make EXEC check the
-    script first, one more round trip for every update."""
+    script first, one more round trip for every update. `batched`: sent with the other
+    script calls of this event-loop turn to the same client (storage/script_batch.py)."""
     # `execute_command`: redis-py's Cluster pipeline refuses its own `evalsha` method, not the
     # command (the keys name the slot, which the WATCH already holds).
+    words = (len(keys), *keys, *args)
+    batch = batch_of(client) if batched else None
     try:
-        return await client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        if batch is not None:
+            return await batch.call("EVALSHA", sha, *words)
+        return await client.execute_command("EVALSHA", sha, *words)
     except NoScriptError:  # nothing ran: the script was unknown
-        return await client.execute_command("EVAL", script, len(keys), *keys, *args)
+        return await client.execute_command("EVAL", script, *words)
 
 
 # Commits a decided change: the compare-and-set that replaces WATCH ... MULTI/EXEC (one
@@ -387,8 +397,10 @@ class RedisHotStore:
         feed_retention_s: int = 3600,
         view_cache_mb: int = 8,
         decided: Callable[[str], None] | None = None,
+        batch_scripts: bool = True,
     ) -> None:
         self._redis = redis
+        self._batch = batch_scripts  # reads and commits: storage/script_batch.py
         self._views = HotViews(view_cache_mb << 20)
         # Told what each write decision was taken on: "memory", "read" or "refused_commit".
         self._decided = decided or _ignore
@@ -427,7 +439,9 @@ class RedisHotStore:
     async def _seen(self, client: Any, session_id: str, idem: Idempotency | None) -> _Seen:
         keys = self._view_keys(session_id, idem)
         sent_at = time.monotonic()
-        answer = await self._guard(_run_read_script(client, keys, lease_key(session_id, "")))
+        answer = await self._guard(
+            _run_read_script(client, keys, lease_key(session_id, ""), batched=self._batch)
+        )
         return _seen_of(answer, sent_at)
 
     @staticmethod
@@ -655,7 +669,9 @@ class RedisHotStore:
         `wait_replicas` the WAIT after it on the same connection: acknowledged only once that
         many replicas hold it. Without WAIT, one command: no pipeline to build and parse."""
         if not self._wait[0]:
-            return await _evalsha(client, COMMIT_SHA, _COMMIT_SCRIPT, keys, *words)
+            return await _evalsha(
+                client, COMMIT_SHA, _COMMIT_SCRIPT, keys, *words, batched=self._batch
+            )
         script: tuple[Any, ...] = ("EVALSHA", COMMIT_SHA)
         for _ in range(2):
             async with client.pipeline(transaction=False) as pipe:

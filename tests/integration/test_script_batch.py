@@ -1,0 +1,129 @@
+"""storage/script_batch.py on a real redis-server: the script calls of one event-loop turn go
+as one pipeline, and each caller gets its own reply, its own error, or nothing sent."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from sessionmgr.devstack import free_port
+from sessionmgr.storage.hot import RedisHotStore, _evalsha
+from sessionmgr.storage.script_batch import batch_of
+
+_ECHO = "return ARGV[1]"
+_FAIL = "return redis.error_reply('refused ' .. ARGV[1])"
+_SET = "redis.call('SET', KEYS[1], ARGV[1]) return 1"
+
+
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    await client.script_flush()
+    yield client
+    await client.aclose()
+
+
+async def _call(client: Redis, script: str, keys: list[str], *args: Any) -> Any:
+    return await _evalsha(client, _sha(script), script, keys, *args, batched=True)
+
+
+async def test_one_turn_s_calls_go_as_one_pipeline_each_with_its_own_reply(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await redis.script_load(_ECHO)
+    await redis.script_load(_FAIL)
+    pipelines: list[int] = []
+    real = redis.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        pipelines.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "pipeline", counted)
+    calls = [_call(redis, _FAIL if n % 7 == 3 else _ECHO, ["k"], f"n{n}") for n in range(64)]
+    replies = await asyncio.gather(*calls, return_exceptions=True)
+
+    assert len(pipelines) == 1
+    for n, reply in enumerate(replies):
+        if n % 7 == 3:
+            assert isinstance(reply, ResponseError)
+            assert f"refused n{n}" in str(reply)
+        else:
+            assert reply == f"n{n}".encode()
+    batch = batch_of(redis)
+    assert batch is not None
+    assert not batch._sending  # the sending task is gone once it answered
+
+
+async def test_an_unknown_script_is_sent_whole_for_each_caller(redis: Redis) -> None:
+    replies = await asyncio.gather(*(_call(redis, _ECHO, ["k"], f"x{n}") for n in range(5)))
+    assert replies == [f"x{n}".encode() for n in range(5)]
+
+
+async def test_a_caller_that_gave_up_before_the_batch_left_sends_nothing(redis: Redis) -> None:
+    await redis.script_load(_SET)
+    await redis.delete("gave-up", "kept")
+    gave_up = asyncio.ensure_future(_call(redis, _SET, ["gave-up"], "1"))
+    kept = asyncio.ensure_future(_call(redis, _SET, ["kept"], "1"))
+    await asyncio.sleep(0)  # both waiting for the batch, which has not left
+    gave_up.cancel()
+    assert await kept == 1
+    with pytest.raises(asyncio.CancelledError):
+        await gave_up
+    assert await redis.get("kept") == b"1"
+    assert await redis.get("gave-up") is None
+
+
+async def test_a_lost_batch_is_each_caller_s_own_error() -> None:
+    """Nothing listens: the batch's connection fails, and every caller learns it, each with
+    its own copy (its own traceback and chain), caused by the batch's error."""
+    client = Redis(port=free_port(), socket_connect_timeout=0.5)
+    try:
+        replies = await asyncio.gather(
+            *(_call(client, _ECHO, ["k"], n) for n in range(3)), return_exceptions=True
+        )
+    finally:
+        await client.aclose()
+    assert all(isinstance(reply, RedisConnectionError) for reply in replies)
+    assert len({id(reply) for reply in replies}) == 3
+    causes = {id(reply.__cause__) for reply in replies}  # type: ignore[union-attr]
+    assert len(causes) == 1
+    assert isinstance(replies[0].__cause__, RedisConnectionError)  # type: ignore[union-attr]
+
+
+async def test_pipelines_are_never_batched(redis: Redis) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        assert batch_of(pipe) is None
+    assert batch_of(redis) is batch_of(redis)
+    assert batch_of(object()) is None
+
+
+@pytest.mark.parametrize("batch_scripts", [True, False])
+async def test_the_store_batches_its_reads_only_when_told(
+    redis: Redis, batch_scripts: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`SESSIONMGR_REDIS_BATCH=false` (the store's `batch_scripts`) sends each call alone."""
+    store = RedisHotStore(redis, batch_scripts=batch_scripts)
+    await store.load("0" * 32)  # the layout checked, the script cached
+    pipelines: list[int] = []
+    real = redis.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        pipelines.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "pipeline", counted)
+    views = await asyncio.gather(*(store.load(f"{n:032x}") for n in range(8)))
+    assert views == [None] * 8
+    assert len(pipelines) == (1 if batch_scripts else 0)
