@@ -28,10 +28,6 @@ def serve(host: str, port: int, write_behind: bool) -> None:
     if os.environ.get("BENCH_NO_GC"):
         gc.disable()
 
-    if os.environ.get("BENCH_WHATIF_BATCH"):  # a what-if, never a configuration
-        from bench import whatif_batch
-
-        whatif_batch.install()
     from sessionmgr.app import create_app
     from sessionmgr.container import build_container
     from sessionmgr.settings import load_settings
