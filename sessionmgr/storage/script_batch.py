@@ -17,16 +17,19 @@ Nothing a caller can observe changes but the time:
 - when the batch's connection fails, every caller in it gets its own copy of the error, and
   each commit is outcome-unknown as a lone one is (`RedisHotStore._guard`); nothing is
   retried here (redis-py's retries are off on this client);
-- a caller cancelled before the batch is sent sends nothing; one cancelled after has sent
-  its script, as a lone call cancelled mid-flight has;
-- the batch is sent by a task this object holds until it ends, and that task answers every
-  caller whatever happens to it: no caller waits on a batch nobody sends.
+- a caller cancelled before its batch's task starts sends nothing; one cancelled later (the
+  task waiting for a connection, say) may have sent its script, as a lone call cancelled
+  mid-flight may have: outcome unknown;
+- the batch is sent by a task this object holds until it ends, and when it ends every caller
+  it has not answered gets a lost connection, whatever ended it: no caller waits on a batch
+  nobody sends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 from typing import Any
 
 from redis.asyncio import Redis
@@ -57,7 +60,15 @@ class ScriptBatch:
         batch, self._waiting = self._waiting, []
         task = asyncio.ensure_future(self._send(batch))
         self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        task.add_done_callback(functools.partial(self._ended, batch))
+
+    def _ended(self, batch: list[_Call], task: asyncio.Task[None]) -> None:
+        """The batch's task ended: a caller it did not answer (the task cancelled before its
+        first step, say) learns that its script may or may not have run."""
+        self._sending.discard(task)
+        for _, reply in batch:
+            if not reply.done():
+                reply.set_exception(RedisConnectionError("the batch sending this command ended"))
 
     async def _send(self, batch: list[_Call]) -> None:
         batch = [(words, reply) for words, reply in batch if not reply.cancelled()]

@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 
 from sessionmgr.devstack import free_port
 from sessionmgr.storage.hot import RedisHotStore, _evalsha
-from sessionmgr.storage.script_batch import batch_of
+from sessionmgr.storage.script_batch import ScriptBatch, batch_of
 
 _ECHO = "return ARGV[1]"
 _FAIL = "return redis.error_reply('refused ' .. ARGV[1])"
@@ -127,3 +127,17 @@ async def test_the_store_batches_its_reads_only_when_told(
     views = await asyncio.gather(*(store.load(f"{n:032x}") for n in range(8)))
     assert views == [None] * 8
     assert len(pipelines) == (1 if batch_scripts else 0)
+
+
+async def test_a_batch_whose_task_ended_unstarted_answers_its_callers(redis: Redis) -> None:
+    """The sending task cancelled before its first step (a loop shutting down): its callers
+    learn a lost connection (their scripts may or may not have run), never wait forever."""
+    batch = ScriptBatch(redis)
+    reply = batch.call("EVALSHA", _sha(_ECHO), 1, "k", "x")
+    batch._send_waiting()  # the turn's batch leaves now (the scheduled one finds it empty)
+    (task,) = batch._sending
+    task.cancel()
+    with pytest.raises(RedisConnectionError, match="ended"):
+        await asyncio.wait_for(reply, 2)
+    await asyncio.sleep(0)
+    assert not batch._sending
