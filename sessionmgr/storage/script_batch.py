@@ -5,7 +5,7 @@ Under load, many requests ask for theirs in the same turn of the event loop; sen
 one, each pays for its own write, its own read and its own wake-up of the loop. A
 `ScriptBatch` (one per Redis client, that is per node) collects the calls of one turn and
 sends them as one pipeline, on one connection, in the order they were asked for, then hands
-each caller its own reply: about a quarter of a hot GET's CPU and a fifth of an append's
+each caller its own reply: about a quarter of a hot GET's CPU, a tenth to a third of an append's
 (`python -m bench.run`, bench/profiles/findings.md). `SESSIONMGR_REDIS_BATCH=false` sends
 each call alone.
 
