@@ -63,8 +63,9 @@ class ScriptBatch:
         task.add_done_callback(functools.partial(self._ended, batch))
 
     def _ended(self, batch: list[_Call], task: asyncio.Task[None]) -> None:
-        """The batch's task ended: a caller it did not answer (the task cancelled before its
-        first step, say) learns that its script may or may not have run."""
+        """The batch's task ended: a caller it did not answer (the task cancelled, before its
+        first step or on its way, the replica stopping) learns that its script may or may
+        not have run."""
         self._sending.discard(task)
         for _, reply in batch:
             if not reply.done():
@@ -79,12 +80,10 @@ class ScriptBatch:
                 for words, _ in batch:
                     pipe.execute_command(*words)
                 replies = await pipe.execute(raise_on_error=False)
-        except BaseException as exc:
+        except Exception as exc:  # cancelled, the task ends and `_ended` answers
             for _, reply in batch:
                 if not reply.done():
                     reply.set_exception(_own_copy(exc))
-            if not isinstance(exc, Exception):
-                raise
             return
         for (_, reply), answer in zip(batch, replies, strict=True):
             if reply.done():
@@ -95,14 +94,9 @@ class ScriptBatch:
                 reply.set_result(answer)
 
 
-def _own_copy(exc: BaseException) -> BaseException:
+def _own_copy(exc: Exception) -> Exception:
     """A copy of the batch's error for one caller (each raises and chains its own), caused by
-    the error itself; the error when it cannot be copied. A batch cancelled on its way (the
-    replica stopping) is a lost connection to its callers: their scripts may have run."""
-    if not isinstance(exc, Exception):
-        lost = RedisConnectionError("the batch sending this command was stopped")
-        lost.__cause__ = exc
-        return lost
+    the error itself; the error when it cannot be copied."""
     try:
         mine = copy.copy(exc)
     except Exception:  # an exception type that refuses a copy: share it

@@ -34,23 +34,29 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+@pytest.fixture
+def pipelines(redis: Redis, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry for each pipeline `redis` makes from now on."""
+    made: list[int] = []
+    real = redis.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "pipeline", counted)
+    return made
+
+
 async def _call(client: Redis, script: str, keys: list[str], *args: Any) -> Any:
     return await _evalsha(client, _sha(script), script, keys, *args, batched=True)
 
 
 async def test_one_turn_s_calls_go_as_one_pipeline_each_with_its_own_reply(
-    redis: Redis, monkeypatch: pytest.MonkeyPatch
+    redis: Redis, pipelines: list[int]
 ) -> None:
     await redis.script_load(_ECHO)
     await redis.script_load(_FAIL)
-    pipelines: list[int] = []
-    real = redis.pipeline
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        pipelines.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(redis, "pipeline", counted)
     calls = [_call(redis, _FAIL if n % 7 == 3 else _ECHO, ["k"], f"n{n}") for n in range(64)]
     replies = await asyncio.gather(*calls, return_exceptions=True)
 
@@ -111,19 +117,12 @@ async def test_pipelines_are_never_batched(redis: Redis) -> None:
 
 @pytest.mark.parametrize("batch_scripts", [True, False])
 async def test_the_store_batches_its_reads_only_when_told(
-    redis: Redis, batch_scripts: bool, monkeypatch: pytest.MonkeyPatch
+    redis: Redis, batch_scripts: bool, pipelines: list[int]
 ) -> None:
     """`SESSIONMGR_REDIS_BATCH=false` (the store's `batch_scripts`) sends each call alone."""
     store = RedisHotStore(redis, batch_scripts=batch_scripts)
     await store.load("0" * 32)  # the layout checked, the script cached
-    pipelines: list[int] = []
-    real = redis.pipeline
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        pipelines.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(redis, "pipeline", counted)
+    pipelines.clear()
     views = await asyncio.gather(*(store.load(f"{n:032x}") for n in range(8)))
     assert views == [None] * 8
     assert len(pipelines) == (1 if batch_scripts else 0)

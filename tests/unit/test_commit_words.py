@@ -22,13 +22,30 @@ from sessionmgr.storage.hot_views import Remembered
 from tests.unit.factories import SessionRecordFactory
 
 
+class _PipelineWords:
+    """The words as the commit wrote them before `Words`: each call queued on a redis-py
+    pipeline (never sent) and read back from its command stack."""
+
+    def __init__(self, words: list[Any]) -> None:
+        self.words = words
+        self._pipe = Redis().pipeline(transaction=False)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._pipe, name)
+
+        def queue(*args: Any, **kwargs: Any) -> None:
+            start = len(self._pipe.command_stack)
+            method(*args, **kwargs)
+            for command, _options in self._pipe.command_stack[start:]:
+                self.words += [len(command), *command]
+
+        return queue
+
+
 def _both(queue: Any) -> tuple[list[Any], list[Any]]:
     """What `queue` leaves on redis-py's pipeline (as the script's words) and on `Words`."""
-    pipe = Redis().pipeline(transaction=False)
-    queue(pipe)
     expected: list[Any] = []
-    for args, _options in pipe.command_stack:
-        expected += [len(args), *args]
+    queue(_PipelineWords(expected))
     got: list[Any] = []
     queue(Words(got))
     return expected, got
@@ -80,26 +97,6 @@ def test_what_redis_py_would_refuse_is_refused_before_anything_is_written(
     with pytest.raises(error):
         queue(Words(words))
     assert words == ["header"]
-
-
-class _PipelineWords:
-    """The words as the commit wrote them before `Words`: each call queued on a redis-py
-    pipeline (never sent) and read back from its command stack."""
-
-    def __init__(self, words: list[Any]) -> None:
-        self.words = words
-        self._pipe = Redis().pipeline(transaction=False)
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._pipe, name)
-
-        def queue(*args: Any, **kwargs: Any) -> None:
-            start = len(self._pipe.command_stack)
-            method(*args, **kwargs)
-            for command, _options in self._pipe.command_stack[start:]:
-                self.words += [len(command), *command]
-
-        return queue
 
 
 def _change(kind: str, before: SessionRecord, now: datetime) -> Change:

@@ -131,7 +131,7 @@ def test_a_create_record_lives_in_the_slot_of_its_key() -> None:
 
 
 def test_write_stamps_are_drawn_anew_in_a_forked_child() -> None:
-    """Write ids and `rev` stamps come from `random`'s generator (`model.unique_64`): a
+    """Write ids and `rev` stamps come from a generator of their own (`model.unique_64`): a
     process forked from another must not draw the same sequence, or two replicas could
     stamp two writes alike."""
     read, write = os.pipe()

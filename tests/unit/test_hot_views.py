@@ -100,7 +100,7 @@ def test_a_lease_set_and_dropped_by_one_commit_is_gone_as_in_redis() -> None:
 def test_a_view_decodes_its_recent_events_once_and_only_when_asked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A decision that never looks at the recent events (an append, a patch) never pays for
+    """A decision that never looks at the recent events (an append, a leave) never pays for
     decoding them; one that does gets them decoded anew from the remembered bytes, once."""
     now = utcnow()
     events = [
