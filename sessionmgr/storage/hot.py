@@ -185,7 +185,7 @@ async def _evalsha(
     batch = batch_of(client) if batched else None
     try:
         if batch is not None:
-            return await batch.call("EVALSHA", sha, *words)
+            return await batch.call(("EVALSHA", sha, *words))
         return await client.execute_command("EVALSHA", sha, *words)
     except NoScriptError:  # nothing ran: the script was unknown
         return await client.execute_command("EVAL", script, *words)

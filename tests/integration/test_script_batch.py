@@ -132,7 +132,7 @@ async def test_a_batch_whose_task_ended_unstarted_answers_its_callers(redis: Red
     """The sending task cancelled before its first step (a loop shutting down): its callers
     learn a lost connection (their scripts may or may not have run), never wait forever."""
     batch = ScriptBatch(redis)
-    reply = batch.call("EVALSHA", _sha(_ECHO), 1, "k", "x")
+    reply = batch.call(("EVALSHA", _sha(_ECHO), 1, "k", "x"))
     batch._send_waiting()  # the turn's batch leaves now (the scheduled one finds it empty)
     (task,) = batch._sending
     task.cancel()
