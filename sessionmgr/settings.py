@@ -72,6 +72,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # The hot reads and commits requests ask for in one event-loop turn go to Redis as one
     # pipeline (storage/script_batch.py); false: each its own round trip.
     redis_batch: bool = True
+    # The sessions creates store in one event-loop turn go to MongoDB as one insert
+    # (storage/insert_batch.py); false: each its own insert.
+    mongodb_batch: bool = True
     # Redis WAIT after each write: acknowledged means held by this many replicas (0: off).
     redis_wait_replicas: int = 0
     redis_wait_timeout_ms: int = 500
@@ -297,6 +300,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "outbox_backoff_max_s": _float(0.1, 600),
     "outbox_park_after_s": _float(0, 7 * 86_400),
     "redis_batch": _bool,
+    "mongodb_batch": _bool,
     "redis_wait_replicas": _int(0, 16),
     "redis_wait_timeout_ms": _int(1, 60_000),
     "idempotency_max_answer_bytes": _int(256, 16 * 1_048_576),

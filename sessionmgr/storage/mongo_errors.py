@@ -18,6 +18,8 @@ from pymongo.errors import (
 
 from sessionmgr.domain.errors import describe as describe  # where it was first defined
 
+DUPLICATE_KEY = 11000
+
 # Codes any write gets while the deployment cannot take writes: network, elections,
 # shutdown, credentials, write concern, locks and time limits, disk and quota.
 OUTAGE_CODES = frozenset(

@@ -43,10 +43,10 @@ from sessionmgr.services.ports import (
     WriteDiverged,
 )
 from sessionmgr.settings import Settings
-from sessionmgr.storage.mongo_errors import describe, is_outage
+from sessionmgr.storage.insert_batch import InsertBatch
+from sessionmgr.storage.mongo_errors import DUPLICATE_KEY, describe, is_outage
 
 T = TypeVar("T")
-DUPLICATE_KEY = 11000
 _TRANSIENT = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
 
 
@@ -162,13 +162,15 @@ def _from_event_doc(doc: dict[str, Any]) -> TimelineEvent:
 class MongoWarmStore:
     """`WarmStore` on Motor collections; every write to a session is version-guarded."""
 
-    def __init__(self, client: Any, db_name: str) -> None:
+    def __init__(self, client: Any, db_name: str, *, batch_inserts: bool = True) -> None:
         self._client = client
         self._db = client[db_name]
         self._sessions = self._db[SessionDocument.Settings.name]
         self._events = self._db[EventDocument.Settings.name]
         self._writes = self._db[WriteDocument.Settings.name]
         self._conflicts = self._db[ConflictDocument.Settings.name]
+        # A create's document goes with the others of its event-loop turn (group commit).
+        self._inserts = InsertBatch(self._sessions) if batch_inserts else None
         # mongomock (the in-memory store of `sessionmgr dev` and the tests) cannot take
         # PyMongo's `UpdateOne` in `bulk_write` (it passes a `sort` mongomock does not know):
         # there a batch's documents are written one call each, which costs it nothing.
@@ -186,10 +188,12 @@ class MongoWarmStore:
         `write_id`, and the unique `_id` lets one create's document in), so the ledger gets
         no entry for it (`_written_by`). Issue 16: that entry was half of a create's MongoDB
         writes, and one noted by an attempt whose document insert then failed made the
-        retry's own version 1 look like a divergence at its first flush."""
+        retry's own version 1 look like a divergence at its first flush. The document goes
+        with the others of this event-loop turn, in one insert (storage/insert_batch.py)."""
         doc = {**_to_doc(record), "full_context": {}, "context_version": 0}
+        inserted = self._inserts.call(doc) if self._inserts else self._sessions.insert_one(doc)
         try:
-            await _guard(self._sessions.insert_one(doc))
+            await _guard(inserted)
         except DuplicateKeyError:
             return False
         return True
@@ -717,6 +721,6 @@ async def open_warm_store(settings: Settings) -> AsyncIterator[MongoWarmStore]:
             database=client[settings.mongodb_db],
             document_models=[SessionDocument, EventDocument, WriteDocument, ConflictDocument],
         )
-        yield MongoWarmStore(client, settings.mongodb_db)
+        yield MongoWarmStore(client, settings.mongodb_db, batch_inserts=settings.mongodb_batch)
     finally:
         client.close()

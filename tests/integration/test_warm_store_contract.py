@@ -151,7 +151,10 @@ async def test_a_create_retried_after_its_insert_failed_is_not_a_divergence(
     # document insert failed: the retry's version 1 is the only one, and its flush no
     # divergence (the ledger entry the first attempt noted made it one).
     first = record(write_id=new_write_id())
-    monkeypatch.setattr(warm, "_sessions", FailsToInsertOnce(warm._sessions))
+    lossy = FailsToInsertOnce(warm._sessions)
+    monkeypatch.setattr(warm, "_sessions", lossy)
+    if warm._inserts is not None:  # a create's insert goes with its turn's (insert_batch.py)
+        monkeypatch.setattr(warm._inserts, "collection", lossy)
     with pytest.raises(BackendUnavailable):
         await warm.insert(first)
     retry = msgspec.structs.replace(first, write_id=new_write_id())
@@ -167,7 +170,7 @@ def written(stored: SessionRecord | None) -> tuple[int, str, dict[str, Any]] | N
 
 
 class FailsToInsertOnce:
-    """A collection whose first insert_one is lost with its connection."""
+    """A collection whose first insert (one document or many) is lost with its connection."""
 
     def __init__(self, collection: Any) -> None:
         self._collection = collection
@@ -176,11 +179,18 @@ class FailsToInsertOnce:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._collection, name)
 
-    async def insert_one(self, doc: dict[str, Any]) -> Any:
+    def _lose_first(self) -> None:
         if not self._failed:
             self._failed = True
             raise AutoReconnect("connection reset")
+
+    async def insert_one(self, doc: dict[str, Any]) -> Any:
+        self._lose_first()
         return await self._collection.insert_one(doc)
+
+    async def insert_many(self, docs: list[dict[str, Any]], **options: Any) -> Any:
+        self._lose_first()
+        return await self._collection.insert_many(docs, **options)
 
 
 async def test_apply_never_replaces_a_newer_version(warm: MongoWarmStore) -> None:
