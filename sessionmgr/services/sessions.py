@@ -200,7 +200,9 @@ class SessionService:
         if not await self._warm.insert(record):
             return await self._finish_create(session_id, owner, idem)
         session = to_session(record, [], {}, now)
-        await self._hot.create(record, idem, self._keepable(_encode(session), record))
+        # The answer is kept for a key only: an unkeyed create need not encode it twice.
+        kept = self._keepable(_encode(session), record) if idem is not None else b""
+        await self._hot.create(record, idem, kept)
         return session
 
     async def _refuse_deleted(self, session_id: str) -> None:
