@@ -229,6 +229,26 @@ return 1
 """
 )
 COMMIT_SHA = hashlib.sha1(_COMMIT_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+
+# Runs a create's commands as one script, in order, atomically as a script runs: what MULTI ...
+# EXEC did, as one EVALSHA, so that it goes with the other script calls of its event-loop turn
+# (storage/script_batch.py). Unconditional, as that MULTI was: the create's id is new (MongoDB's
+# insert let it in first, DESIGN §2). KEYS: the session's hash (every key the commands name
+# shares its slot). ARGV: each command as its length and words (storage/commands.py).
+APPLY_MARK = "-- sessionmgr apply"  # the script's first line: what names it on the wire
+_APPLY_SCRIPT = (
+    APPLY_MARK
+    + """
+local i = 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"""
+)
+APPLY_SHA = hashlib.sha1(_APPLY_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 REV = "rev"  # the hash's write stamp: not a field of the record (`decode_record` skips it)
 
 
@@ -494,16 +514,23 @@ class RedisHotStore:
         pipe.zadd(idle_key(session_id), {session_id: time.time()})
 
     async def create(self, record: SessionRecord, idem: Idempotency | None, result: bytes) -> None:
-        """The hash, then the create's answer for its key. The answer lives in a slot of its
-        own (the key's), so it is written after the MULTI: until it is, the key's claim says
-        "in flight", and a retry once the claim is released or lapsed finds the session by
-        its key-derived id and answers it (SessionService._finish_create)."""
-        async with await self._acknowledged(hot_key(record.id)) as pipe:
-            pipe.hset(hot_key(record.id), mapping=_stamped(record))  # type: ignore[arg-type]
-            self._touch(pipe, record.id)
-            if idem is not None:  # deleting the session drops the record (`drop`)
-                self._index_idem(pipe, record.id, idem_key(CREATE_SCOPE, idem))
-            await self._guard(pipe.execute(), outcome_unknown=True)
+        """The hash and its indexes in one script (`_APPLY_SCRIPT`), then the create's answer
+        for its key. The answer lives in a slot of its own (the key's), so it is written after
+        the script: until it is, the key's claim says "in flight", and a retry once the claim
+        is released or lapsed finds the session by its key-derived id and answers it
+        (SessionService._finish_create)."""
+        await self._layout()
+        key = hot_key(record.id)
+        client = await self._at(key)
+        todo = Words([])  # the script's words; the script runs them as MULTI ... EXEC would
+        todo.hset(key, mapping=_stamped(record))
+        self._touch(todo, record.id)
+        if idem is not None:  # deleting the session drops the record (`drop`)
+            self._index_idem(todo, record.id, idem_key(CREATE_SCOPE, idem))
+        await self._guard(
+            self._run_script(client, APPLY_SHA, _APPLY_SCRIPT, [key], todo.words),
+            outcome_unknown=True,
+        )
         if idem is not None:
             try:
                 await self.remember(CREATE_SCOPE, idem, result)
@@ -665,21 +692,24 @@ class RedisHotStore:
         )
 
     async def _run_commit(self, client: Any, keys: list[str], words: list[Any]) -> Any:
-        """EVALSHA of the commit script (EVAL once Redis has forgotten it), and with
+        return await self._run_script(client, COMMIT_SHA, _COMMIT_SCRIPT, keys, words)
+
+    async def _run_script(
+        self, client: Any, sha: str, text: str, keys: list[str], words: list[Any]
+    ) -> Any:
+        """EVALSHA of a write script (EVAL once Redis has forgotten it), and with
         `wait_replicas` the WAIT after it on the same connection: acknowledged only once that
         many replicas hold it. Without WAIT, one command: no pipeline to build and parse."""
         if not self._wait[0]:
-            return await _evalsha(
-                client, COMMIT_SHA, _COMMIT_SCRIPT, keys, *words, batched=self._batch
-            )
-        script: tuple[Any, ...] = ("EVALSHA", COMMIT_SHA)
+            return await _evalsha(client, sha, text, keys, *words, batched=self._batch)
+        script: tuple[Any, ...] = ("EVALSHA", sha)
         for _ in range(2):
             async with client.pipeline(transaction=False) as pipe:
                 pipe.execute_command(*script, len(keys), *keys, *words)
                 pipe.execute_command("WAIT", *self._wait)
                 answers = await pipe.execute(raise_on_error=False)
             if isinstance(answers[0], NoScriptError):
-                script = ("EVAL", _COMMIT_SCRIPT)  # nothing ran: the script was unknown
+                script = ("EVAL", text)  # nothing ran: the script was unknown
                 continue
             if isinstance(answers[0], Exception):
                 raise answers[0]

@@ -1,6 +1,7 @@
 """One round trip to Redis for the script calls many requests make at once.
 
-Every hot read and every commit is one EVALSHA (`hot._READ_SCRIPT`, `hot._COMMIT_SCRIPT`).
+Every hot read, every commit and every create's write is one EVALSHA (`hot._READ_SCRIPT`,
+`hot._COMMIT_SCRIPT`, `hot._APPLY_SCRIPT`).
 Under load, many requests ask for theirs in the same turn of the event loop; sent one by
 one, each pays for its own write, its own read and its own wake-up of the loop. A
 `ScriptBatch` (one per Redis client, that is per node) collects the calls of one turn and

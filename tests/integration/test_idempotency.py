@@ -1,7 +1,8 @@
 """Idempotency-Key: a repeated request gets the first answer, even when that answer was lost.
 
 A lost reply is simulated in the client: the write (a MULTI/EXEC through redis-py's pipeline,
-or an update's commit script through `RedisHotStore._run_commit`) runs on the real
+or a write script, an update's commit or a create's apply, through
+`RedisHotStore._run_script`) runs on the real
 redis-server, then the caller sees `ConnectionError`, as it would if
 the connection dropped after Redis executed it and before its reply arrived. The outcome is
 then unknown to the service; its own retries (stamina, `SESSIONMGR_RETRY_ATTEMPTS`, 3 in
@@ -22,14 +23,13 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sessionmgr.storage.hot import (
-    COMMIT_SHA,
     OUTBOX_STREAM,
     OutboxEntry,
     RedisHotStore,
     timeline_key,
 )
 from tests.integration.session_api import create_session, get_session, hot_record
-from tests.support.faults import committed_commands, is_commit
+from tests.support.faults import is_commit, script_commands
 
 Headers = dict[str, str]
 Sent = list[tuple[Any, ...]]  # the commands of one round trip, each as its words
@@ -59,10 +59,11 @@ class LostReplies:
 
 
 def commands(sent: Sent) -> Sent:
-    """The commands, with a commit script's own commands in its place."""
+    """The commands, with a write script's own commands in its place."""
     found: Sent = []
     for args in sent:
-        found += committed_commands(args) if is_commit(args) else [args]
+        carried = script_commands(args)
+        found += [args] if carried is None else carried
     return found
 
 
@@ -74,7 +75,7 @@ def writes_outbox(sent: Sent) -> bool:
 
 
 def creates_session(sent: Sent) -> bool:
-    """The transaction of a keyed create: HSET of a new hot hash, noting its create record
+    """The write of a keyed create: HSET of a new hot hash, noting its create record
     in the session's index of records (the record itself follows, in the key's slot)."""
     names = [(a[0], str(a[1])) for a in commands(sent)]
     return any(c == "HSET" and k.startswith("session_hot:") for c, k in names) and any(
@@ -85,7 +86,7 @@ def creates_session(sent: Sent) -> bool:
 @pytest.fixture
 def lost_replies(monkeypatch: pytest.MonkeyPatch) -> LostReplies:
     lost = LostReplies()
-    real_execute, real_commit = Pipeline.execute, RedisHotStore._run_commit
+    real_execute, real_script = Pipeline.execute, RedisHotStore._run_script
 
     async def execute(self: Pipeline, raise_on_error: bool = True) -> list[Any]:
         # Decided before execute() resets the stack.
@@ -95,14 +96,16 @@ def lost_replies(monkeypatch: pytest.MonkeyPatch) -> LostReplies:
             lost.lost()
         return result
 
-    async def run_commit(self: RedisHotStore, client: Any, keys: list[str], words: Sent) -> Any:
-        drop = lost.lose([("EVALSHA", COMMIT_SHA, len(keys), *keys, *words)])
-        result = await real_commit(self, client, keys, words)
+    async def run_script(
+        self: RedisHotStore, client: Any, sha: str, text: str, keys: list[str], words: Sent
+    ) -> Any:
+        drop = lost.lose([("EVALSHA", sha, len(keys), *keys, *words)])
+        result = await real_script(self, client, sha, text, keys, words)
         if drop:
             lost.lost()
         return result
 
-    monkeypatch.setattr(RedisHotStore, "_run_commit", run_commit)
+    monkeypatch.setattr(RedisHotStore, "_run_script", run_script)
 
     monkeypatch.setattr(Pipeline, "execute", execute)
     return lost

@@ -14,8 +14,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from sessionmgr.devstack import free_port
-from sessionmgr.storage.hot import RedisHotStore, _evalsha
+from sessionmgr.storage.hot import RedisHotStore, _evalsha, idle_key
 from sessionmgr.storage.script_batch import ScriptBatch, batch_of
+from tests.unit.factories import SessionRecordFactory
 
 _ECHO = "return ARGV[1]"
 _FAIL = "return redis.error_reply('refused ' .. ARGV[1])"
@@ -140,3 +141,21 @@ async def test_a_batch_whose_task_ended_unstarted_answers_its_callers(redis: Red
         await asyncio.wait_for(reply, 2)
     await asyncio.sleep(0)
     assert not batch._sending
+
+
+async def test_the_creates_of_one_turn_go_as_one_pipeline(
+    redis: Redis, pipelines: list[int]
+) -> None:
+    """A create writes its hash and its idle-index entry with the apply script, which goes
+    with the other script calls of its turn, as the MULTI it replaced could not."""
+    store = RedisHotStore(redis)
+    first = SessionRecordFactory.build()
+    await store.create(first, None, b"{}")  # the layout checked, the script cached
+    pipelines.clear()
+    records = [SessionRecordFactory.build() for _ in range(8)]
+    await asyncio.gather(*(store.create(r, None, b"{}") for r in records))
+    assert len(pipelines) == 1
+    for made in [first, *records]:
+        view = await store.load(made.id)
+        assert view is not None and view.record == made
+        assert await redis.zscore(idle_key(made.id), made.id) is not None

@@ -10,20 +10,35 @@ import shutil
 import signal
 
 from sessionmgr.devstack import RedisServer
-from sessionmgr.storage.hot import COMMIT_MARK, COMMIT_SHA
+from sessionmgr.storage.hot import APPLY_MARK, APPLY_SHA, COMMIT_MARK, COMMIT_SHA
 
-# What a write's last round trip carries: EXEC of a MULTI, or the commit script of an update
-# (by its digest, or by its text after Redis forgot it: the script opens with COMMIT_MARK).
-WRITE_MARKERS = (b"\r\nEXEC\r\n", COMMIT_SHA.encode(), COMMIT_MARK.encode())
+# What a write's last round trip carries: EXEC of a MULTI, the commit script of an update or
+# the apply script of a create (by its digest, or by its text after Redis forgot it: each
+# script opens with its mark).
+WRITE_MARKERS = (
+    b"\r\nEXEC\r\n",
+    COMMIT_SHA.encode(),
+    COMMIT_MARK.encode(),
+    APPLY_SHA.encode(),
+    APPLY_MARK.encode(),
+)
 
 
-def committed_commands(args: tuple[object, ...]) -> list[tuple[object, ...]]:
-    """The commands a commit script call carries (`RedisHotStore._commit`): after the script,
-    its keys, the lease keys' prefix, the rev and the version read, and the live leases (their
-    number, then each MAD), each command as its length and then its words."""
-    keys = int(str(args[2]))
-    leases = int(str(args[3 + keys + 3]))
-    words, found, i = args[3 + keys + 4 + leases :], [], 0
+def script_commands(args: tuple[object, ...]) -> list[tuple[object, ...]] | None:
+    """The commands a write script's call carries, or None for any other command. A commit
+    (`RedisHotStore._commit`) has, after the script and its keys, the lease keys' prefix, the
+    rev and the version read, and the live leases (their number, then each MAD); an apply (a
+    create) has its commands right after its keys. Each command is its length, then its words."""
+    script = str(args[1]) if len(args) > 1 and args[0] in ("EVALSHA", "EVAL") else ""
+    keys = int(str(args[2])) if script else 0
+    if script == COMMIT_SHA or script.startswith(COMMIT_MARK):
+        leases = int(str(args[3 + keys + 3]))
+        words = args[3 + keys + 4 + leases :]
+    elif script == APPLY_SHA or script.startswith(APPLY_MARK):
+        words = args[3 + keys :]
+    else:
+        return None
+    found, i = [], 0
     while i < len(words):
         n = int(str(words[i]))
         found.append(tuple(words[i + 1 : i + 1 + n]))
