@@ -101,10 +101,17 @@ async def test_the_scrape_shows_exactly_what_the_workload_did(
     await call(api, "DELETE", f"{participants}/planner", 204, headers=h)  # outbox: 3
     await redis.xadd(OUTBOX_STREAM, {"sid": hot, "junk": "not an entry"})  # parked at once
 
-    async def outbox_left() -> int:
-        return int(await redis.xlen(OUTBOX_STREAM))
+    async def settled() -> tuple[int, float, float]:
+        # The worker counts an entry just after its acknowledgement (or its parking) empties
+        # the stream: wait for both, then check the counts are exactly the workload's.
+        samples = (await scrape(api))[1]
+        entries = "sessionmgr_write_behind_entries_total"
+        applied = value(samples, entries, outcome="applied") or 0.0
+        parked = value(samples, entries, outcome="parked") or 0.0
+        return int(await redis.xlen(OUTBOX_STREAM)), applied, parked
 
-    assert await eventually(outbox_left, lambda n: n == 0) == 0
+    left, *_ = await eventually(settled, lambda s: s[0] == 0 and s[1] >= 3 and s[2] >= 1)
+    assert left == 0
     names, samples = await scrape(api)
 
     assert value(samples, "sessionmgr_retrievals_total", tier="hot") == 1
