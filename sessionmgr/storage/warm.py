@@ -170,7 +170,7 @@ class MongoWarmStore:
         self._writes = self._db[WriteDocument.Settings.name]
         self._conflicts = self._db[ConflictDocument.Settings.name]
         # A create's document goes with the others of its event-loop turn (group commit).
-        self._inserts = InsertBatch(self._sessions) if batch_inserts else None
+        self._inserts = InsertBatch(lambda: self._sessions) if batch_inserts else None
         # mongomock (the in-memory store of `sessionmgr dev` and the tests) cannot take
         # PyMongo's `UpdateOne` in `bulk_write` (it passes a `sort` mongomock does not know):
         # there a batch's documents are written one call each, which costs it nothing.

@@ -11,7 +11,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from pymongo.errors import AutoReconnect, DuplicateKeyError, WriteConcernError, WriteError
+from pymongo.errors import (
+    AutoReconnect,
+    DocumentTooLarge,
+    DuplicateKeyError,
+    WriteConcernError,
+    WriteError,
+    WTimeoutError,
+)
 
 from sessionmgr.domain.errors import BackendUnavailable
 from sessionmgr.domain.model import SessionRecord, SessionState, new_write_id, utcnow
@@ -68,8 +75,6 @@ class Counting:
 def _counted(warm: MongoWarmStore, monkeypatch: pytest.MonkeyPatch) -> Counting:
     counting = Counting(warm._sessions)
     monkeypatch.setattr(warm, "_sessions", counting)
-    if warm._inserts is not None:
-        monkeypatch.setattr(warm._inserts, "collection", counting)
     return counting
 
 
@@ -133,8 +138,7 @@ class LosesInserts:
 async def test_a_lost_insert_gives_each_create_its_own_unavailable(
     warm: MongoWarmStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert warm._inserts is not None
-    monkeypatch.setattr(warm._inserts, "collection", LosesInserts(warm._sessions))
+    monkeypatch.setattr(warm, "_sessions", LosesInserts(warm._sessions))
     results = await asyncio.gather(
         *(warm.insert(record()) for _ in range(3)), return_exceptions=True
     )
@@ -186,3 +190,48 @@ def test_each_document_gets_its_own_outcome_from_a_bulk_error() -> None:
     assert isinstance(answers[0], WriteConcernError) and answers[0].code == 64
     assert isinstance(answers[3], WriteConcernError)
     assert _answers(2, {"writeErrors": [{"index": 0, "code": 11000}]})[1] is None
+    # A time-out is what a lone insert raises for it: transient, retried.
+    timed_out = {"code": 64, "errmsg": "timed out", "errInfo": {"wtimeout": True}}
+    (answer,) = _answers(1, {"writeErrors": [], "writeConcernErrors": [timed_out]})
+    assert isinstance(answer, WTimeoutError)
+    (answer,) = _answers(1, {"writeConcernErrors": [{"code": 50, "errmsg": "max time"}]})
+    assert isinstance(answer, WTimeoutError)
+
+
+class TooLargeFor:
+    """A collection whose driver cannot send one document (`big`): an `insert_many` stores the
+    documents before it and then fails, as pymongo does when it meets it in a batch."""
+
+    def __init__(self, collection: Any, big: str) -> None:
+        self._collection = collection
+        self._big = big
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+    async def insert_many(self, docs: list[dict[str, Any]], **options: Any) -> Any:
+        before = docs[: [d["_id"] for d in docs].index(self._big)]
+        if before:
+            await self._collection.insert_many(before, **options)
+        raise DocumentTooLarge("BSON document too large")
+
+    async def insert_one(self, doc: dict[str, Any]) -> Any:
+        if doc["_id"] == self._big:
+            raise DocumentTooLarge("BSON document too large")
+        return await self._collection.insert_one(doc)
+
+
+async def test_a_document_too_large_to_send_fails_its_own_create_only(
+    warm: MongoWarmStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent_first, big, after = record(), record(), record()
+    monkeypatch.setattr(warm, "_sessions", TooLargeFor(warm._sessions, big.id))
+    answers = await asyncio.gather(
+        *(warm.insert(r) for r in [sent_first, big, after]), return_exceptions=True
+    )
+    assert answers[0] is True  # stored by the batch, found by its write when sent again
+    assert isinstance(answers[1], DocumentTooLarge)
+    assert answers[2] is True
+    assert await warm.get(sent_first.id) == sent_first
+    assert await warm.get(after.id) == after
+    assert await warm.get(big.id) is None
