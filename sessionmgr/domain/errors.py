@@ -259,3 +259,25 @@ class TooManyStreams(SessionError):
         )
         self.cap = cap
         self.retry_after_s = 5
+
+
+_SHARED = "_sessionmgr_shared_failure"
+
+
+def share(copy: BaseException, failure: BaseException) -> None:
+    """Mark `copy` as one request's copy of `failure`, which several requests share (one round
+    trip carried them all, storage/turn_batch.py): a circuit breaker counts it once."""
+    setattr(copy, _SHARED, failure)
+
+
+def shared_failure(exc: BaseException) -> BaseException | None:
+    """The failure `exc`, or one of its causes, shares with other requests; None if none."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # an error, its copy, the store's translation: a short chain
+        if seen is None:
+            return None
+        found = getattr(seen, _SHARED, None)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+        seen = seen.__cause__
+    return None

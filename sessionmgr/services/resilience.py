@@ -10,7 +10,8 @@
 - half-open: aiobreaker lets every concurrent call through as a trial. Here exactly one trial
   runs; the others fail fast until its verdict.
 - failures: only `BackendUnavailable` of the breaker's own backend counts; a 404, 409 or 422
-  means the backend answered.
+  means the backend answered. One failure that several requests share (a batch's lost round
+  trip) counts once.
 
 `Guarded` puts a store behind its backend's breaker and retries, with stamina, what the store
 marked `retryable`: transient errors of reads and of writes a retry cannot apply twice.
@@ -19,6 +20,7 @@ marked `retryable`: transient errors of reads and of writes a retry cannot apply
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
@@ -34,7 +36,12 @@ import stamina
 from aiobreaker import CircuitBreaker, CircuitBreakerError, CircuitBreakerListener
 from aiobreaker.state import CircuitBreakerState
 
-from sessionmgr.domain.errors import BackendUnavailable, CircuitOpen, ReadOnlyMode
+from sessionmgr.domain.errors import (
+    BackendUnavailable,
+    CircuitOpen,
+    ReadOnlyMode,
+    shared_failure,
+)
 from sessionmgr.metrics import BreakerState, Metrics
 
 log = logging.getLogger(__name__)
@@ -86,6 +93,7 @@ class Breaker:
         self._clock = clock
         self._opened_at = 0.0
         self._trial_running = False
+        self._counted: collections.deque[BaseException] = collections.deque(maxlen=32)
         self._cb = _ClocklessBreaker(
             fail_max=fail_max,
             timeout_duration=timedelta(seconds=reset_s),
@@ -105,22 +113,9 @@ class Breaker:
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run `fn` unless the breaker is open; raises `CircuitOpen` when it fails fast."""
-        cb = self._cb
-        if cb.current_state is CircuitBreakerState.CLOSED and not cb.fail_counter:
-            # Closed with no failure counted (nearly every call): what aiobreaker would do
-            # with an answer, or with an error that is not this backend's outage, is reset a
-            # count that is 0 and notify listeners that do nothing on it. Only this backend's
-            # outage goes through aiobreaker, which counts it (and may open).
-            try:
-                return await fn()
-            except Exception as exc:
-                if self._not_ours(exc):
-                    raise
-                failure = exc
-            return await self._through(functools.partial(_raise, failure))
+        if self._cb.current_state is CircuitBreakerState.CLOSED:
+            return await self._closed(fn)
         state = self.state
-        if state is BreakerState.CLOSED:
-            return await self._through(fn)
         if state is BreakerState.OPEN:
             left = self._opened_at + self.reset_s - self._clock()
             if left > 0:
@@ -134,6 +129,36 @@ class Breaker:
         finally:
             # A cancelled trial has no verdict: the breaker stays half-open for the next call.
             self._trial_running = False
+
+    async def _closed(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Closed: `fn` runs here, and aiobreaker hears only what moves its count. With no
+        failure counted (nearly every call), an answer or an error that is not this backend's
+        outage would only reset a count that is 0. This backend's outage is counted, once per
+        failure: the copies of one failure that several requests share (one lost round trip
+        that carried them all, `errors.shared_failure`) count as one, and do not reset it."""
+        cb = self._cb
+        try:
+            result = await fn()
+        except Exception as exc:
+            ours = not self._not_ours(exc)
+            if ours and self._counted_already(exc):
+                raise
+            if not (ours or cb.fail_counter) or cb.current_state is not CircuitBreakerState.CLOSED:
+                raise  # nothing to count or reset, or opened meanwhile
+            return await self._through(functools.partial(_raise, exc))
+        if cb.fail_counter and cb.current_state is CircuitBreakerState.CLOSED:
+            return await self._through(functools.partial(_value, result))  # resets the count
+        return result
+
+    def _counted_already(self, exc: BaseException) -> bool:
+        """Whether `exc` is a copy of a shared failure this breaker counted (noting it if not)."""
+        failure = shared_failure(exc)
+        if failure is None:
+            return False
+        if any(seen is failure for seen in self._counted):
+            return True
+        self._counted.append(failure)
+        return False
 
     async def _through(self, fn: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -167,6 +192,10 @@ class Breaker:
 
 async def _raise(failure: Exception) -> Any:
     raise failure
+
+
+async def _value(result: T) -> T:
+    return result
 
 
 class Breakers:

@@ -5,7 +5,8 @@ A subclass says how a list of calls goes out in one round trip and what each cal
 (`_lost`). This class gathers the calls and answers every caller exactly once:
 - calls go out in the order they were asked for, one batch per loop turn;
 - an answer that is an exception is that caller's alone; a failure of the whole round trip
-  gives every caller its own copy of the error (each raises and chains its own);
+  gives every caller its own copy of the error (each raises and chains its own), marked as
+  one failure they share, so that the backend's circuit breaker counts it once;
 - a caller cancelled before its batch's task starts sends nothing; one cancelled later may
   have been sent, as a lone call cancelled mid-flight may have;
 - the batch goes out in a task this object holds until it ends, and when it ends every caller
@@ -20,6 +21,8 @@ import copy
 import functools
 from collections.abc import Sequence
 from typing import Generic, TypeVar
+
+from sessionmgr.domain.errors import share
 
 Call = TypeVar("Call")
 Answer = TypeVar("Answer")
@@ -87,11 +90,14 @@ class TurnBatch(Generic[Call, Answer]):
 
 def _own_copy(exc: Exception) -> Exception:
     """A copy of the batch's error for one caller (each raises and chains its own), caused by
-    the error itself; the error when it cannot be copied."""
+    the error itself; the error when it cannot be copied. Either is marked as a failure the
+    batch's callers share, which a circuit breaker counts once (`errors.share`)."""
     try:
         mine = copy.copy(exc)
     except Exception:  # an exception type that refuses a copy: share it
+        share(exc, exc)
         return exc
     mine.__cause__ = exc
     mine.__traceback__ = None
+    share(mine, exc)
     return mine

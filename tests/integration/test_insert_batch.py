@@ -235,3 +235,20 @@ async def test_a_document_too_large_to_send_fails_its_own_create_only(
     assert await warm.get(sent_first.id) == sent_first
     assert await warm.get(after.id) == after
     assert await warm.get(big.id) is None
+
+
+async def test_a_batch_that_ends_unsent_leaves_its_creates_outcome_unknown(
+    warm: MongoWarmStore,
+) -> None:
+    """Its task cancelled before its first step (a replica stopping): the create learns a
+    lost connection, a 503 it may retry, never a wait without end."""
+    assert warm._inserts is not None
+    inserting = asyncio.ensure_future(warm.insert(record()))
+    await asyncio.sleep(0)  # the document waits for the end of the turn
+    warm._inserts._send_waiting()  # the batch leaves now (the scheduled one finds it empty)
+    (task,) = warm._inserts._sending
+    task.cancel()
+    with pytest.raises(BackendUnavailable) as lost:
+        await asyncio.wait_for(inserting, 2)
+    assert lost.value.retryable
+    assert isinstance(lost.value.__cause__, AutoReconnect)

@@ -4,6 +4,7 @@ as one pipeline, and each caller gets its own reply, its own error, or nothing s
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +15,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from sessionmgr.devstack import free_port
+from sessionmgr.domain.errors import BackendUnavailable, shared_failure
+from sessionmgr.metrics import BreakerState
+from sessionmgr.services.resilience import Breaker
 from sessionmgr.storage.hot import RedisHotStore, _evalsha, idle_key
 from sessionmgr.storage.script_batch import ScriptBatch, batch_of
 from tests.unit.factories import SessionRecordFactory
@@ -159,3 +163,42 @@ async def test_the_creates_of_one_turn_go_as_one_pipeline(
         view = await store.load(made.id)
         assert view is not None and view.record == made
         assert await redis.zscore(idle_key(made.id), made.id) is not None
+
+
+async def test_a_lost_batch_counts_once_toward_the_breaker() -> None:
+    """Eight reads in one batch to a Redis that is gone: eight 503s, one failure for the
+    breaker (five would open it and put the replica in read-only mode)."""
+    client = Redis(port=free_port(), socket_connect_timeout=0.5)
+    store, breaker = RedisHotStore(client), Breaker("redis", fail_max=5)
+    try:
+        reads = [breaker.call(functools.partial(store.load, f"{n:032x}")) for n in range(8)]
+        answers = await asyncio.gather(*reads, return_exceptions=True)
+    finally:
+        await client.aclose()
+    assert all(type(a) is BackendUnavailable for a in answers), answers
+    assert len({id(shared_failure(a)) for a in answers}) == 1
+    assert breaker.state is BreakerState.CLOSED
+
+
+_SLOW_SET = """redis.call('SET', KEYS[1], ARGV[1])
+local i = 0
+while i < 3000000 do i = i + 1 end
+return 1"""
+
+
+async def test_a_caller_that_gave_up_while_its_batch_was_out_leaves_the_others_answered(
+    redis: Redis,
+) -> None:
+    """Its script may have run (it did here); the batch still answers everyone else."""
+    await redis.script_load(_SLOW_SET)
+    await redis.delete("left", "stayed")
+    left = asyncio.ensure_future(_call(redis, _SLOW_SET, ["left"], "1"))
+    stayed = asyncio.ensure_future(_call(redis, _SLOW_SET, ["stayed"], "1"))
+    await asyncio.sleep(0.01)  # the batch left at the end of the turn: Redis runs the scripts
+    batch = batch_of(redis)
+    assert batch is not None and batch._sending
+    left.cancel()
+    assert await stayed == 1
+    with pytest.raises(asyncio.CancelledError):
+        await left
+    assert await redis.get("left") == b"1"

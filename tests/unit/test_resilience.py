@@ -19,6 +19,7 @@ from sessionmgr.domain.errors import (
 )
 from sessionmgr.metrics import BreakerState, Metrics
 from sessionmgr.services.resilience import Breaker, Breakers, Guarded, RetryPolicy
+from sessionmgr.storage.turn_batch import _own_copy
 
 
 class Clock:
@@ -357,3 +358,46 @@ async def test_a_health_probe_is_tried_once(metrics: Metrics) -> None:
 def test_plain_attributes_pass_through(metrics: Metrics) -> None:
     backend = Backend("mongodb")
     assert guarded(backend, metrics).name == "mongodb"
+
+
+def _copies_of_one_lost_round_trip(n: int) -> list[BackendUnavailable]:
+    """What n requests sent in one batch get when its connection drops: each its own
+    `BackendUnavailable`, caused by its own copy of the batch's error (turn_batch.py)."""
+    lost = ConnectionError("connection reset")
+    copies = []
+    for _ in range(n):
+        try:
+            raise BackendUnavailable("redis", "connection reset") from _own_copy(lost)
+        except BackendUnavailable as exc:
+            copies.append(exc)
+    return copies
+
+
+async def test_one_failure_that_many_requests_share_counts_once(clock: Clock) -> None:
+    breaker, backend = Breaker("redis", fail_max=2, reset_s=5, clock=clock), Backend()
+    for copy in _copies_of_one_lost_round_trip(10):
+        backend.fail_with = copy
+        with pytest.raises(BackendUnavailable) as raised:
+            await breaker.call(backend.op)
+        assert raised.value is copy
+    assert breaker.state is BreakerState.CLOSED, "ten requests, one lost round trip"
+    await trip(breaker, backend, 1)  # another failure: the second in a row
+    assert breaker.state is BreakerState.OPEN
+
+
+async def test_the_late_copies_of_a_counted_failure_neither_count_nor_reset(
+    clock: Clock,
+) -> None:
+    breaker, backend = Breaker("redis", fail_max=3, reset_s=5, clock=clock), Backend()
+    first, *late = _copies_of_one_lost_round_trip(4)
+    backend.fail_with = first
+    with pytest.raises(BackendUnavailable):
+        await breaker.call(backend.op)
+    await trip(breaker, backend, 1)  # another failure: two counted
+    for copy in late:  # the batch's other requests answered only now
+        backend.fail_with = copy
+        with pytest.raises(BackendUnavailable):
+            await breaker.call(backend.op)
+    assert breaker.state is BreakerState.CLOSED, "counted once"
+    await trip(breaker, backend, 1)
+    assert breaker.state is BreakerState.OPEN, "the third failure in a row: nothing was reset"
