@@ -8,10 +8,11 @@ Redis call itself left out). `Words` takes the same calls, with the arguments th
 uses, and writes down the words redis-py's methods would have queued
 (tests/unit/test_commit_words.py holds the two to the same words). The code that queues a
 change (`RedisHotStore._queue_change`, `_touch`, `feed.queue`, `_index_idem`) runs on either,
-so a real pipeline (a create, a load, a rebase) and a commit share it. A call this class does
-not know is an AttributeError. What redis-py refuses for these calls before sending is
-refused here too, and so is a command with nothing to write (an empty ZADD, RPUSH or DEL),
-which Redis would refuse inside the script after the commands before it had run.
+so a real pipeline (a load, a rebase) and a write script (a commit, a create) share it. A
+call this class does not know is an AttributeError. What redis-py refuses for these calls
+before sending is refused here too, and so is a command with nothing to write (an empty
+ZADD, RPUSH or DEL), which Redis would refuse inside the script after the commands before it
+had run.
 """
 
 from __future__ import annotations

@@ -509,8 +509,8 @@ class RedisHotStore:
 
     @staticmethod
     def _touch(pipe: Any, session_id: str) -> None:
-        """Note the session in its partition's idle index, in the MULTI that writes it (the
-        index shares the session's slot): a session written is always indexed."""
+        """Note the session in its partition's idle index, in the script or MULTI that writes
+        it (the index shares the session's slot): a session written is always indexed."""
         pipe.zadd(idle_key(session_id), {session_id: time.time()})
 
     async def create(self, record: SessionRecord, idem: Idempotency | None, result: bytes) -> None:

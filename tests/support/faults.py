@@ -85,10 +85,10 @@ class DurableRedis(RedisServer):
 
 
 class ReplyDropper:
-    """A TCP proxy in front of Redis. Armed, it forwards the next write (a chunk holding EXEC
-    or the commit script, `WRITE_MARKERS`) to the server, throws away whatever the server
-    answers on that connection, and then closes it: the client cannot know whether its write
-    was applied."""
+    """A TCP proxy in front of Redis. Armed, it forwards the next write (a chunk holding EXEC,
+    the commit script or a create's apply script, `WRITE_MARKERS`) to the server, throws away
+    whatever the server answers on that connection, and then closes it: the client cannot
+    know whether its write was applied."""
 
     LINGER_S = 0.1  # long enough for the server to execute and answer the whole chunk
 
