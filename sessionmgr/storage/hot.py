@@ -191,6 +191,18 @@ async def _evalsha(
         return await client.execute_command("EVAL", script, *words)
 
 
+# Runs the commands ARGV holds from index i on, in order, each as its length and words
+# (storage/commands.py): the change a write script applies.
+_RUN_LUA = """
+local function run(i)
+  while i <= #ARGV do
+    local n = tonumber(ARGV[i])
+    redis.call(unpack(ARGV, i + 1, i + n))
+    i = i + n + 1
+  end
+end
+"""
+
 # Commits a decided change: the compare-and-set that replaces WATCH ... MULTI/EXEC (one
 # round trip, where WATCH, the read and MULTI/EXEC took three). The write applies only if the
 # hash is the one the decision was made on: still there, the same `rev` (a stamp every write
@@ -209,6 +221,7 @@ COMMIT_MARK = "-- sessionmgr commit"  # the script's first line: what names it o
 _COMMIT_SCRIPT = (
     COMMIT_MARK
     + _VIEW_LUA
+    + _RUN_LUA
     + """
 local now = redis.call('HMGET', KEYS[1], 'rev', 'version')
 local same = now[2] and (now[1] or '') == ARGV[2] and now[2] == ARGV[3]
@@ -219,12 +232,7 @@ for j = 5, 4 + leases do
   same = redis.call('EXISTS', ARGV[1] .. ARGV[j]) == 1
 end
 if not same then return view(KEYS[1], KEYS[2], KEYS[3], ARGV[1]) end
-local i = 5 + leases
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
-  i = i + n + 1
-end
+run(5 + leases)
 return 1
 """
 )
@@ -236,18 +244,7 @@ COMMIT_SHA = hashlib.sha1(_COMMIT_SCRIPT.encode(), usedforsecurity=False).hexdig
 # insert let it in first, DESIGN §2). KEYS: the session's hash (every key the commands name
 # shares its slot). ARGV: each command as its length and words (storage/commands.py).
 APPLY_MARK = "-- sessionmgr apply"  # the script's first line: what names it on the wire
-_APPLY_SCRIPT = (
-    APPLY_MARK
-    + """
-local i = 1
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
-  i = i + n + 1
-end
-return 1
-"""
-)
+_APPLY_SCRIPT = APPLY_MARK + _RUN_LUA + "run(1)\nreturn 1\n"
 APPLY_SHA = hashlib.sha1(_APPLY_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 REV = "rev"  # the hash's write stamp: not a field of the record (`decode_record` skips it)
 
