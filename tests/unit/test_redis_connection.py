@@ -35,6 +35,9 @@ class _Writer:
     def writelines(self, data: Any) -> None:
         self.sent.extend(data)
 
+    def close(self) -> None:
+        """What redis-py's connection calls when it is collected still "connected"."""
+
     async def drain(self) -> None:
         if self.error is not None:
             raise self.error
