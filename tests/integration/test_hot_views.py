@@ -479,21 +479,29 @@ async def test_appends_from_three_replicas_at_once_each_land_once_at_their_answe
     """A history: 3 replicas (stores on one Redis, each with its own memory) append 40 times
     each, all at once, with random pauses. Every acknowledged append must be in the outbox
     exactly once, at the version and first seq it was answered with; versions and seqs
-    run without a gap or a repeat."""
+    run without a gap or a repeat. An append that lost the race `_RACE_RETRIES` times in a
+    row is refused (409) and must leave nothing behind; nearly every append gets through."""
     replicas = [RedisHotStore(store_redis) for _ in range(3)]
     record = await created(replicas[0])
     rng = random.Random(16)
     answered: list[tuple[str, int, int]] = []
+    refused: list[str] = []
 
     async def run(name: str, store: RedisHotStore) -> None:
         for _ in range(40):
             await asyncio.sleep(rng.random() / 1000)
-            change = await store.transact(record.id, append(1, name), None)
+            try:
+                change = await store.transact(record.id, append(1, name), None)
+            except ConcurrencyConflict:
+                refused.append(name)  # raced out every time: not acknowledged
+                continue
             assert isinstance(change, Change)
             version, seq = (int(x) for x in change.result.split(b":"))
             answered.append((name, version, seq))
 
     await asyncio.gather(*(run(f"r{i}", s) for i, s in enumerate(replicas)))
+    acknowledged = len(answered)
+    assert len(refused) < 12, f"{len(refused)} of 120 appends raced out"
 
     # The session's partition's stream (the suite may have set several partitions).
     stream = outbox_key(record.id)
@@ -501,8 +509,8 @@ async def test_appends_from_three_replicas_at_once_each_land_once_at_their_answe
     mine = [e for e in entries if e.record.id == record.id and e.events]
     stored = sorted((e.events[0].actor, e.record.version, e.events[0].seq) for e in mine)
     assert stored == sorted(answered), "each answer is the append the outbox holds"
-    assert sorted(v for _n, v, _s in answered) == list(range(2, 122))
-    assert sorted(s for _n, _v, s in answered) == list(range(1, 121))
+    assert sorted(v for _n, v, _s in answered) == list(range(2, 2 + acknowledged))
+    assert sorted(s for _n, _v, s in answered) == list(range(1, 1 + acknowledged))
     now = await hot_record(store_redis, record.id)
     assert now is not None
-    assert (now.version, now.timeline_seq) == (121, 120)
+    assert (now.version, now.timeline_seq) == (1 + acknowledged, acknowledged)
