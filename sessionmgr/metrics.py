@@ -76,6 +76,12 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.write_contended = Counter(
+            "sessionmgr_write_contended",
+            "Writes answered 503 contended: beaten by other writers of the session (or kept "
+            "waiting for their turn) for longer than a write may keep trying.",
+            registry=r,
+        )
         self.hot_write_decisions = Counter(
             "sessionmgr_hot_write_decisions",
             "Write decisions in Redis, by the state they were decided on: this replica's "

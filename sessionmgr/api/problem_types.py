@@ -219,6 +219,17 @@ CATALOGUE: tuple[ProblemType, ...] = (
         "Retry after `Retry-After` seconds, with the same `Idempotency-Key` for a write.",
     ),
     ProblemType(
+        "contended",
+        503,
+        "Service Unavailable",
+        "Other writers of the session beat this write each time it was tried, or kept it "
+        "waiting for its turn, for longer than it may (about 2 s; `detail` says how long). It "
+        "did not take effect. `Retry-After` says when to retry.",
+        "Send the same request again after `Retry-After` seconds (with the same "
+        "`Idempotency-Key`, if it had one). Seen often, many writers are taking turns on one "
+        "session: spread their writes out, or batch events into fewer appends.",
+    ),
+    ProblemType(
         "too-many-connections",
         503,
         "Service Unavailable",

@@ -35,6 +35,7 @@ from sessionmgr.domain.errors import (
     TooManyIdempotencyKeys,
     TooManyStreams,
     VersionRequired,
+    WriteContended,
 )
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ _STATUS: list[tuple[type[SessionError], int, str]] = [
     (QuotaExceeded, 403, "quota-exceeded"),
     (AccessDenied, 403, "forbidden"),
     (SessionNotFound, 404, "not-found"),
+    (WriteContended, 503, "contended"),  # before its base, ConcurrencyConflict
     (ConcurrencyConflict, 409, "version-conflict"),
     (LeaseExpired, 409, "lease-expired"),
     (Fenced, 409, "fenced"),
@@ -135,7 +137,12 @@ def domain_error(request: Request[Any, Any, Any], exc: SessionError) -> Response
     status, slug = next((s, n) for cls, s, n in _STATUS if isinstance(exc, cls))
     problem = _problem(status, slug, str(exc), request)
     headers: dict[str, str] = {}
-    if isinstance(exc, ConcurrencyConflict):
+    if isinstance(exc, WriteContended):
+        headers["Retry-After"] = str(exc.retry_after_s)
+        metrics = request.app.state.get("metrics")  # absent in a bare app (unit tests)
+        if metrics is not None:
+            metrics.write_contended.inc()
+    elif isinstance(exc, ConcurrencyConflict):
         problem.current_version = exc.current_version
     elif isinstance(exc, PreconditionFailed):
         problem.current_version = exc.current_version

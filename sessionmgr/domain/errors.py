@@ -35,6 +35,28 @@ class ConcurrencyConflict(SessionError):
         self.current_version = current_version
 
 
+class WriteContended(ConcurrencyConflict):
+    """A write lost the race to other writers of the session each time it was tried, or
+    waited for its turn, for longer than it may (HTTP 503 with Retry-After). It did not take
+    effect: the same request again is safe, keyed or not."""
+
+    retry_after_s = 1
+
+    def __init__(self, session_id: str, tries: int, seconds: float, what: str = "write") -> None:
+        why = (
+            f"lost the race {tries} times in {seconds:.1f} s"
+            if tries
+            else f"waited {seconds:.1f} s for this replica's other writes of it"
+        )
+        SessionError.__init__(
+            self,
+            f"session {session_id} is written by others so often that this {what} {why}; "
+            "it did not take effect: send it again",
+        )
+        self.session_id = session_id
+        self.current_version = None
+
+
 class LeaseExpired(SessionError):
     """A MAD wrote (or renewed) without a live lease on the session (HTTP 409)."""
 

@@ -26,6 +26,7 @@ from sessionmgr.domain.errors import (
     ParticipantNotFound,
     SessionDormant,
     SessionNotFound,
+    WriteContended,
 )
 from sessionmgr.domain.model import (
     ContextUpdate,
@@ -765,6 +766,8 @@ class SessionService:
                     await self._authorize(principal, session_id)  # a removed caller gets 403
                     return await self._replayed(principal, outcome, result_type)
                 return msgspec.json.decode(outcome.result, type=result_type)
+        except WriteContended:
+            raise  # no version was stale: beaten by other writers, nothing written
         except ConcurrencyConflict:
             self._metrics.version_conflicts.labels(operation).inc()
             raise

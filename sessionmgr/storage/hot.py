@@ -12,9 +12,11 @@ commit of the session left the state decided on (`hot_views.py`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -49,6 +51,7 @@ from sessionmgr.domain.errors import (
     IdempotencyKeyReused,
     SessionNotFound,
     TooManyIdempotencyKeys,
+    WriteContended,
 )
 from sessionmgr.domain.model import (
     ContextUpdate,
@@ -84,6 +87,7 @@ from sessionmgr.storage.hot_views import HotViews, Remembered, after_commit, lea
 from sessionmgr.storage.redis_nodes import ClusterNodes, SessionmgrCluster, nodes_of
 from sessionmgr.storage.redis_pool import BoundedPool, sentinel_client
 from sessionmgr.storage.script_batch import batch_of
+from sessionmgr.storage.write_turns import WriteTurns
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,25 @@ _FIELD_DECODERS: dict[bytes, msgspec.json.Decoder[Any]] = {
 _DEFAULTED = frozenset(
     f.name.encode() for f in msgspec.structs.fields(SessionRecord) if f.required is False
 )
-_RACE_RETRIES = 8
+_RACE_RETRIES = 8  # commits beaten in a row before a write pauses between tries
+_RACE_BUDGET_S = 2.0  # ... and how long after its first try it may still try again
+_PAUSE_CAP_S = 0.05
+
+
+def _contended(session_id: str, beaten: int, started: float) -> WriteContended:
+    spent = time.monotonic() - started
+    log.warning(
+        "session %s: a write gave up after %d beaten commits in %.1f s; answered contended",
+        session_id,
+        beaten,
+        spent,
+    )
+    return WriteContended(session_id, beaten, spent)
+
+
+def _pause_after(beaten: int) -> float:
+    """A jittered pause that doubles with each commit beaten past `_RACE_RETRIES`, capped."""
+    return random.uniform(0, min(_PAUSE_CAP_S, 0.001 * 2 ** (beaten - _RACE_RETRIES)))  # noqa: S311
 
 
 def _ignore(_on: str) -> None:
@@ -419,6 +441,7 @@ class RedisHotStore:
         self._redis = redis
         self._batch = batch_scripts  # reads and commits: storage/script_batch.py
         self._views = HotViews(view_cache_mb << 20)
+        self._turns = WriteTurns()  # this replica's writers of a session, one at a time
         # Told what each write decision was taken on: "memory", "read" or "refused_commit".
         self._decided = decided or _ignore
         self._nodes = nodes_of(redis)
@@ -584,7 +607,10 @@ class RedisHotStore:
         Idempotency-Key, or the `Change` that was committed. A concurrent writer between the
         read and the commit makes it run `decide` again on the new state: every decision
         re-checks the expected version, so a stale change is a `ConcurrencyConflict`, never
-        applied.
+        applied. This replica's writers of one session take turns (`write_turns`), so they
+        do not race each other; a commit beaten `_RACE_RETRIES` times in a row tries on,
+        after a jittered pause and a read each time, until `_RACE_BUDGET_S` after the call
+        (its wait for its turn included), then raises `WriteContended` (nothing written).
 
         The state decided on is the one this replica's last commit of the session left
         (`hot_views`), else a read: one round trip instead of two. A commit refused answers
@@ -593,13 +619,31 @@ class RedisHotStore:
         answered from what Redis holds.
         """
         await self._layout()
-        key = hot_key(session_id)
-        client = await self._at(key)
+        client = await self._at(hot_key(session_id))
+        started = time.monotonic()
+        try:
+            await self._turns.enter(session_id, _RACE_BUDGET_S)
+        except TimeoutError:
+            raise _contended(session_id, 0, started) from None
+        try:
+            return await self._transact(client, session_id, decide, idem, started)
+        finally:
+            self._turns.leave(session_id)
+
+    async def _transact(
+        self,
+        client: Any,
+        session_id: str,
+        decide: Decide,
+        idem: Idempotency | None,
+        started: float,
+    ) -> Replayed | Change | None:
         on = "memory"  # what the decision is taken on, for `sessionmgr_hot_write_decisions`
         seen = self._remembered(session_id)
         if seen is None:
             seen, on = await self._seen(client, session_id, idem), "read"
-        for _ in range(_RACE_RETRIES):
+        beaten = 0
+        while True:
             if idem is not None and (replay := replay_of(idem, seen.stored)) is not None:
                 return replay
             if seen.view is None:
@@ -618,14 +662,19 @@ class RedisHotStore:
                 seen, on = await self._seen(client, session_id, idem), "read"  # refused on memory
                 continue
             outcome = await self._commit(client, session_id, seen, change, idem)
-            if isinstance(outcome, _Seen):
-                seen, on = outcome, "refused_commit"  # the session as the commit found it
-                continue
-            self._views.put(session_id, outcome[1])
-            return change
-        self._views.drop(session_id)
-        current = await self._current_version(session_id)
-        raise ConcurrencyConflict(session_id, current)
+            if not isinstance(outcome, _Seen):
+                self._views.put(session_id, outcome[1])
+                return change
+            seen, on = outcome, "refused_commit"  # the session as the commit found it
+            beaten += 1
+            if beaten >= _RACE_RETRIES:
+                if time.monotonic() - started > _RACE_BUDGET_S:
+                    self._views.drop(session_id)
+                    raise _contended(session_id, beaten, started)
+                # Out of step with the writers that keep winning, then decide on the session
+                # as it is after the pause, not on what the refusal answered before it.
+                await asyncio.sleep(_pause_after(beaten))
+                seen, on = await self._seen(client, session_id, idem), "read"
 
     def view_memory(self) -> tuple[int, int]:
         """The view memory's size: (sessions, bytes)."""
@@ -883,6 +932,7 @@ class RedisHotStore:
         self, session_id: str, flush: Flush, check: RecordCheck | None
     ) -> SessionRecord | None:
         key, tl = hot_key(session_id), timeline_key(session_id)
+        started = time.monotonic()
         for _ in range(_RACE_RETRIES):
             async with await self._transaction(key) as pipe:
                 await self._guard(pipe.watch(key, tl))
@@ -916,7 +966,9 @@ class RedisHotStore:
                 except WatchError:
                     continue
                 return record
-        raise ConcurrencyConflict(session_id, await self._current_version(session_id))
+        # The session stays active: the last flush wrote what Redis held then (marked
+        # dormant), which the next versioned write behind it replaces.
+        raise WriteContended(session_id, _RACE_RETRIES, time.monotonic() - started, "suspend")
 
     async def undelivered(self, session_id: str, client: Any = None) -> Undelivered:
         """What the outbox holds for this session: its events and newest `full_context`.

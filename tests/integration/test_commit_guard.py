@@ -4,7 +4,9 @@ An update reads the session (one script), decides in Python, then commits in one
 first checks the hash is still the one it read (there, the same `rev`, the same version) and
 the request's idempotency record still absent; refused, the script answers the session as it
 is now. Each test puts another write between one update's read and its commit and checks
-that the update was decided again on the new state, never applied over it. On redis-server
+that the update was decided again on the new state, never applied over it. The other write
+comes from another store, as from another replica: a replica's own writers of a session take
+turns (`storage/write_turns.py`) and cannot come between. On redis-server
 and on fakeredis with Lua. (A write that decides on what the replica's own last commit left,
 without a read, is `test_hot_views.py`'s.)
 """
@@ -100,10 +102,11 @@ async def test_a_write_between_read_and_commit_makes_the_update_decide_again(
     store_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = RedisHotStore(store_redis)
+    other = RedisHotStore(store_redis)  # another replica
     record = SessionRecordFactory.build(version=1, work_in_progress={})
     await store.create(record, None, b"{}")
     read = between_read_and_commit(
-        monkeypatch, lambda: store.transact(record.id, bump({"b": 1}), None)
+        monkeypatch, lambda: other.transact(record.id, bump({"b": 1}), None)
     )
     decided: list[int] = []
 
@@ -123,10 +126,11 @@ async def test_a_write_at_the_same_version_also_makes_it_decide_again(
     """A renewal rewrites `participants` without a new version: only `rev` shows it. A join
     decided before it would otherwise write `participants` back without the renewal."""
     store = RedisHotStore(store_redis)
+    other = RedisHotStore(store_redis)  # another replica
     record = SessionRecordFactory.build(version=1, participants={})
     await store.create(record, None, b"{}")
     read = between_read_and_commit(
-        monkeypatch, lambda: store.transact(record.id, renew("renewed"), None)
+        monkeypatch, lambda: other.transact(record.id, renew("renewed"), None)
     )
 
     assert isinstance(await store.transact(record.id, join("joiner"), None), Change)
@@ -160,18 +164,19 @@ async def test_a_session_written_and_reloaded_between_read_and_commit_is_decided
     """Suspended and loaded again in between, at the same version: a load stamps the hash
     with a new `rev`, so the commit of the decision read before is refused all the same."""
     store = RedisHotStore(store_redis)
+    other = RedisHotStore(store_redis)  # another replica
     record = SessionRecordFactory.build(version=1, participants={})
     await store.create(record, None, b"{}")
 
     async def renew_suspend_reload() -> None:
-        await store.transact(record.id, renew("renewed"), None)
+        await other.transact(record.id, renew("renewed"), None)
         current = (await hot(store, record.id)).record
         await store_redis.delete(hot_key(record.id))
 
         async def loader() -> Any:
             return current, []
 
-        assert await store.activate(record.id, loader) is not None
+        assert await other.activate(record.id, loader) is not None
 
     read = between_read_and_commit(monkeypatch, renew_suspend_reload)
 
@@ -200,7 +205,8 @@ async def test_the_same_key_committed_in_between_answers_the_first_result(
         return Change(record=view.record, fields=frozenset(), leases_set=["m"], result=b"first")
 
     other = Idempotency(key_digest="k" * 16, fingerprint="f")
-    between_read_and_commit(monkeypatch, lambda: store.transact(record.id, lease_only, other))
+    another = RedisHotStore(store_redis)  # another replica
+    between_read_and_commit(monkeypatch, lambda: another.transact(record.id, lease_only, other))
 
     outcome = await store.transact(record.id, lease_only, idem)
 

@@ -68,8 +68,11 @@ async def test_a_trailing_newline_is_not_a_valid_name(
 async def test_a_retry_that_overlaps_its_original_gets_the_first_answer(
     manual_api: httpx.AsyncClient, auth: Callable[..., Headers], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The original stalls between its read and EXEC; its retry commits first. Both answer
-    200 with the same version: the update is applied once, and nobody sees a 409."""
+    """The original stalls between its read and its commit; its retry arrives meanwhile and
+    waits for the original's turn (a replica's writers of a session take turns), then finds
+    the original's idempotency record. Both answer 200 with the same version: the update is
+    applied once, and nobody sees a 409. (A retry that commits first, in another replica, is
+    `test_commit_guard.py`'s same key committed in between.)"""
     h = {**auth(), "Idempotency-Key": "overlap-1"}
     sid = (await create_session(manual_api, auth()))["id"]
     real_read = RedisHotStore._seen
@@ -87,9 +90,11 @@ async def test_a_retry_that_overlaps_its_original_gets_the_first_answer(
     body = {"expected_version": 1, "patch": {"work_in_progress": {"n": 1}}}
     original = asyncio.create_task(manual_api.patch(f"/v1/sessions/{sid}", json=body, headers=h))
     await asyncio.wait_for(paused.wait(), 10)
-    retry = await manual_api.patch(f"/v1/sessions/{sid}", json=body, headers=h)
+    overlapping = asyncio.create_task(manual_api.patch(f"/v1/sessions/{sid}", json=body, headers=h))
+    await asyncio.sleep(0.1)
+    assert not overlapping.done(), "the retry waits for the original's turn"
     resume.set()
-    first = await original
+    first, retry = await original, await overlapping
 
     assert (retry.status_code, first.status_code) == (200, 200), (retry.text, first.text)
     assert retry.json()["version"] == first.json()["version"] == 2

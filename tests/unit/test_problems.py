@@ -29,6 +29,7 @@ from sessionmgr.domain.errors import (
     SessionError,
     SessionNotFound,
     VersionRequired,
+    WriteContended,
 )
 
 SID = "0123456789abcdef0123456789abcdef"
@@ -47,6 +48,7 @@ ERRORS: dict[str, SessionError] = {
     "lease-expired": LeaseExpired(SID, "planner"),
     "fenced": Fenced(SID, "planner", 3),
     "dormant": SessionDormant(SID),
+    "contended": WriteContended(SID, 23, 2.01),
 }
 
 
@@ -103,6 +105,7 @@ def problem_of(client: TestClient[Litestar], name: str) -> tuple[Any, dict[str, 
         ("lease-expired", 409, "lease-expired"),
         ("fenced", 409, "fenced"),
         ("dormant", 409, "dormant"),
+        ("contended", 503, "contended"),
     ],
 )
 def test_each_domain_error_has_its_status_and_problem_body(
@@ -134,6 +137,15 @@ def test_unavailable_names_the_backend_and_when_to_retry(client: TestClient[Lite
     response, body = problem_of(client, "read-only")
     assert body["backend"] == "redis"
     assert response.headers["retry-after"] == "2"
+
+
+def test_contended_says_when_to_retry_and_names_no_version(client: TestClient[Litestar]) -> None:
+    """A write beaten by others until its budget ran out: no version was stale, so none is
+    named (nor counted as a version conflict); the same request again is safe."""
+    response, body = problem_of(client, "contended")
+    assert response.headers["retry-after"] == "1"
+    assert set(body) == {"type", "title", "status", "detail", "instance"}
+    assert "lost the race 23 times in 2.0 s" in body["detail"]
 
 
 def test_rate_limited_says_when_to_retry(client: TestClient[Litestar]) -> None:

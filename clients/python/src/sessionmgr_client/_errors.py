@@ -124,7 +124,8 @@ class InternalError(ProblemError):
 
 
 class Unavailable(ProblemError):
-    """503: a backend is down or the replica is full (retried by itself)."""
+    """503: a backend is down, the replica is full, or other writers of the session kept
+    beating the write (retried by itself)."""
 
 
 BY_SLUG: dict[str, type[ProblemError]] = {
@@ -153,6 +154,7 @@ BY_SLUG: dict[str, type[ProblemError]] = {
     "internal": InternalError,
     "backend-unavailable": Unavailable,
     "too-many-connections": Unavailable,
+    "contended": Unavailable,
 }
 
 BY_STATUS: dict[int, type[ProblemError]] = {
