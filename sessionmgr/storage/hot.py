@@ -621,6 +621,8 @@ class RedisHotStore:
         await self._layout()
         client = await self._at(hot_key(session_id))
         started = time.monotonic()
+        if self._turns.busy(session_id):
+            await self._refuse_early(client, session_id, decide, idem)
         try:
             await self._turns.enter(session_id, _RACE_BUDGET_S)
         except TimeoutError:
@@ -629,6 +631,25 @@ class RedisHotStore:
             return await self._transact(client, session_id, decide, idem, started)
         finally:
             self._turns.leave(session_id)
+
+    async def _refuse_early(
+        self, client: Any, session_id: str, decide: Decide, idem: Idempotency | None
+    ) -> None:
+        """Raise the refusal `decide` gives on the session as Redis holds it now, if it gives
+        one, without waiting for a turn: a write that waited only to be refused (a stale
+        version, say) would hold up the writers behind it for its read. Taken only when the
+        remembered state already refuses; a replay or a session not hot is left to the turn."""
+        seen = self._remembered(session_id)
+        if seen is None or seen.view is None:
+            return
+        try:
+            decide(seen.view)  # a peek, not counted: its change is never committed
+        except Exception:
+            seen = await self._seen(client, session_id, idem)
+            if seen.view is None or (idem is not None and replay_of(idem, seen.stored)):
+                return
+            self._decided("read")
+            decide(seen.view)  # a refusal from what Redis holds is the answer
 
     async def _transact(
         self,

@@ -27,6 +27,10 @@ class WriteTurns:
         """Sessions being written in this replica now."""
         return len(self._queues)
 
+    def busy(self, session_id: str) -> bool:
+        """Whether a writer of the session has its turn now (`enter` would wait)."""
+        return session_id in self._queues
+
     async def enter(self, session_id: str, timeout_s: float | None = None) -> None:
         """Return once it is this caller's turn to write the session; `TimeoutError` if that
         takes longer than `timeout_s` (then the caller has no turn)."""

@@ -613,3 +613,42 @@ async def test_a_write_kept_waiting_for_its_turn_past_its_budget_answers_contend
     now = await hot_record(store_redis, record.id)
     assert now is not None
     assert (now.version, now.timeline_seq) == (2, 1), "the first only"
+
+
+async def test_a_write_refused_on_what_redis_holds_does_not_wait_for_its_turn(
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stale version while another write of this replica has its turn: refused at once, on
+    a read of Redis (not on memory alone), instead of waiting to be refused. A write its
+    memory refuses but Redis does not still takes its turn (and is decided again in it)."""
+    told: list[str] = []
+    store = RedisHotStore(store_redis, decided=told.append)
+    theirs = RedisHotStore(store_redis)
+    record = await created(store, work_in_progress={})
+    await store.transact(record.id, bump("a"), None)  # remembered at 2
+    await theirs.transact(record.id, bump("theirs"), None)  # Redis at 3, memory still 2
+    stalled, resume = asyncio.Event(), asyncio.Event()
+    real = RedisHotStore._commit
+
+    async def stalls(self: RedisHotStore, *args: Any) -> Any:
+        if not stalled.is_set():
+            stalled.set()
+            await resume.wait()
+        return await real(self, *args)
+
+    monkeypatch.setattr(RedisHotStore, "_commit", stalls)
+    first = asyncio.create_task(store.transact(record.id, bump("first"), None))
+    await stalled.wait()
+    told.clear()
+    with pytest.raises(ConcurrencyConflict) as refused:
+        await asyncio.wait_for(store.transact(record.id, expecting(1, bump("stale")), None), 1)
+    assert told == ["read"], "refused on a read, without its turn"
+    assert refused.value.current_version == 3
+    waiting = asyncio.create_task(store.transact(record.id, expecting(3, bump("c")), None))
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "memory (2) refuses it, Redis (3) does not: it waits its turn"
+    resume.set()
+    assert isinstance(await first, Change)
+    with pytest.raises(ConcurrencyConflict):
+        await waiting  # `first` took the session to 4 meanwhile: refused in its turn
+    assert (await hot_record(store_redis, record.id)).version == 4  # type: ignore[union-attr]
