@@ -25,14 +25,18 @@ class AccessDenied(SessionError):
 
 
 class ConcurrencyConflict(SessionError):
-    """The session moved on since the caller read it; carries the version it is at now."""
+    """The session moved on since the caller read it; carries the version it is at now.
+    `behind`: the version the caller named is below it, so no later write can make it match."""
 
-    def __init__(self, session_id: str, current_version: int | None) -> None:
+    def __init__(
+        self, session_id: str, current_version: int | None, *, behind: bool = False
+    ) -> None:
         super().__init__(
             f"session {session_id} is at version {current_version}, not the expected one"
         )
         self.session_id = session_id
         self.current_version = current_version
+        self.behind = behind
 
 
 class WriteContended(ConcurrencyConflict):
@@ -95,14 +99,16 @@ class SessionDormant(SessionError):
 
 
 class PreconditionFailed(SessionError):
-    """An `If-Match` names no version the session is at (HTTP 412); carries the current one."""
+    """An `If-Match` names no version the session is at (HTTP 412); carries the current one.
+    `behind`: every version it names is below it, so no later write can make one match."""
 
-    def __init__(self, session_id: str, current_version: int) -> None:
+    def __init__(self, session_id: str, current_version: int, *, behind: bool = False) -> None:
         super().__init__(
             f"session {session_id} is at version {current_version}, which If-Match does not name"
         )
         self.session_id = session_id
         self.current_version = current_version
+        self.behind = behind
 
 
 class VersionRequired(SessionError):

@@ -23,7 +23,8 @@ class Precondition(msgspec.Struct, frozen=True):
     def check(self, session_id: str, version: int) -> None:
         """Raise `PreconditionFailed` unless the session's current `version` matches."""
         if not self.matches(version):
-            raise PreconditionFailed(session_id, version)
+            behind = all(v < version for v in self.versions)  # none: no version ever matches
+            raise PreconditionFailed(session_id, version, behind=behind)
 
 
 def check(precondition: Precondition | None, session_id: str, version: int) -> None:

@@ -359,6 +359,7 @@ class SessionService:
             "update",
             permit=self._lease_holder(principal, lease_token),
             if_match=if_match,
+            expects_version=expected_version is not None,
         )
 
     async def append(
@@ -407,6 +408,7 @@ class SessionService:
             "append",
             permit=self._lease_holder(principal, lease_token),
             if_match=if_match,
+            expects_version=expected_version is not None,
         )
 
     async def add_participant(
@@ -727,8 +729,10 @@ class SessionService:
         permit: Permit | None = None,
         wake: bool = True,
         if_match: Precondition | None = None,
+        expects_version: bool = False,
     ) -> R:
         """Run `decide` in the hot transaction after the access check, `permit` and `if_match`.
+        `expects_version`: `decide` checks an `expected_version` (see `HotStore.transact`).
 
         Lapsed participants past their grace period are reaped first; a versioned change
         writes that too. A dormant session is loaded into Redis unless `wake` is False (then
@@ -752,7 +756,12 @@ class SessionService:
             await self._hot.admit_key(idem, self._limits.idempotency_max_keys_per_caller)
         try:
             for _ in range(3):
-                outcome = await self._hot.transact(session_id, guarded, idem)
+                outcome = await self._hot.transact(
+                    session_id,
+                    guarded,
+                    idem,
+                    names_version=expects_version or if_match is not None,
+                )
                 if outcome is None:
                     if if_match is not None:  # a 412 must not wake a dormant session
                         await self._check_current(principal, session_id, if_match)
@@ -1004,7 +1013,7 @@ class SessionService:
 
 def _check_version(record: SessionRecord, expected: int) -> SessionRecord:
     if record.version != expected:
-        raise ConcurrencyConflict(record.id, record.version)
+        raise ConcurrencyConflict(record.id, record.version, behind=expected < record.version)
     return record
 
 

@@ -49,6 +49,7 @@ from sessionmgr.domain.errors import (
     ConcurrencyConflict,
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
+    PreconditionFailed,
     SessionNotFound,
     TooManyIdempotencyKeys,
     WriteContended,
@@ -116,6 +117,19 @@ def _contended(session_id: str, beaten: int, started: float) -> WriteContended:
         spent,
     )
     return WriteContended(session_id, beaten, spent)
+
+
+def _passed_version(
+    decide: Decide, view: HotView
+) -> ConcurrencyConflict | PreconditionFailed | None:
+    """The refusal `decide` gives `view` for naming only versions below the session's."""
+    try:
+        decide(view)
+    except (ConcurrencyConflict, PreconditionFailed) as refused:
+        return refused if refused.behind else None
+    except Exception:  # any other refusal is the turn's to answer
+        return None
+    return None
 
 
 def _pause_after(beaten: int) -> float:
@@ -599,7 +613,12 @@ class RedisHotStore:
             return record
 
     async def transact(
-        self, session_id: str, decide: Decide, idem: Idempotency | None
+        self,
+        session_id: str,
+        decide: Decide,
+        idem: Idempotency | None,
+        *,
+        names_version: bool = False,
     ) -> Replayed | Change | None:
         """Run `decide` on the current state and write its change atomically, or raise.
 
@@ -611,6 +630,8 @@ class RedisHotStore:
         do not race each other; a commit beaten `_RACE_RETRIES` times in a row tries on,
         after a jittered pause and a read each time, until `_RACE_BUDGET_S` after the call
         (its wait for its turn included), then raises `WriteContended` (nothing written).
+        A write that names a version (`names_version`) already passed is refused without
+        waiting for its turn (`_refuse_early`).
 
         The state decided on is the one this replica's last commit of the session left
         (`hot_views`), else a read: one round trip instead of two. A commit refused answers
@@ -621,7 +642,7 @@ class RedisHotStore:
         await self._layout()
         client = await self._at(hot_key(session_id))
         started = time.monotonic()
-        if self._turns.busy(session_id):
+        if names_version and self._turns.busy(session_id):
             await self._refuse_early(client, session_id, decide, idem)
         try:
             await self._turns.enter(session_id, _RACE_BUDGET_S)
@@ -635,21 +656,24 @@ class RedisHotStore:
     async def _refuse_early(
         self, client: Any, session_id: str, decide: Decide, idem: Idempotency | None
     ) -> None:
-        """Raise the refusal `decide` gives on the session as Redis holds it now, if it gives
-        one, without waiting for a turn: a write that waited only to be refused (a stale
-        version, say) would hold up the writers behind it for its read. Taken only when the
-        remembered state already refuses; a replay or a session not hot is left to the turn."""
+        """Raise the refusal of a write that names a version already passed, without waiting
+        for a turn: waiting only to be refused, its read would hold up the writes behind it.
+
+        Only such a refusal: the writes queued ahead of this one can only raise the version,
+        never bring it back, whereas anything else they might cure (a join's lease, a version
+        ahead of the session's, an ACL) is left to the turn, which keeps the order writes came
+        in. Asked only when the remembered state shows it (a peek, not counted), answered only
+        from a read of Redis (counted as a decision on a read); a replay or a session not hot
+        is left to the turn too."""
         seen = self._remembered(session_id)
-        if seen is None or seen.view is None:
+        if seen is None or seen.view is None or _passed_version(decide, seen.view) is None:
             return
-        try:
-            decide(seen.view)  # a peek, not counted: its change is never committed
-        except Exception:
-            seen = await self._seen(client, session_id, idem)
-            if seen.view is None or (idem is not None and replay_of(idem, seen.stored)):
-                return
+        seen = await self._seen(client, session_id, idem)
+        if seen.view is None or (idem is not None and replay_of(idem, seen.stored)):
+            return
+        if (refused := _passed_version(decide, seen.view)) is not None:
             self._decided("read")
-            decide(seen.view)  # a refusal from what Redis holds is the answer
+            raise refused  # as the turn would, on what Redis holds
 
     async def _transact(
         self,

@@ -141,7 +141,8 @@ def expecting(version: int, then: Decide) -> Decide:
 
     def decide(view: HotView) -> Change:
         if view.record.version != version:
-            raise ConcurrencyConflict(view.record.id, view.record.version)
+            behind = version < view.record.version
+            raise ConcurrencyConflict(view.record.id, view.record.version, behind=behind)
         return then(view)
 
     return decide
@@ -574,11 +575,12 @@ async def test_a_write_beaten_past_its_budget_answers_contended_and_writes_nothi
         return await real(self, *args)
 
     monkeypatch.setattr(RedisHotStore, "_commit", beaten)
+    began = asyncio.get_running_loop().time()
     with pytest.raises(WriteContended) as raised:
         await mine.transact(record.id, append(1, "mine"), None)
+    assert asyncio.get_running_loop().time() - began >= 0.05, "it tried on for its budget"
     assert raised.value.current_version is None
     assert len(tries) > hot._RACE_RETRIES, "it tried on past the retries, pausing"
-    assert tries[-1] - tries[0] >= 0.05
     timeline = await store_redis.lrange(timeline_key(record.id), 0, -1)
     assert b'"mine"' not in b"".join(timeline)
     now = await hot_record(store_redis, record.id)
@@ -615,12 +617,22 @@ async def test_a_write_kept_waiting_for_its_turn_past_its_budget_answers_contend
     assert (now.version, now.timeline_seq) == (2, 1), "the first only"
 
 
-async def test_a_write_refused_on_what_redis_holds_does_not_wait_for_its_turn(
+def lease_required(view: HotView) -> Change:
+    """A refusal that a write queued ahead could cure (as a join cures a lease-expired)."""
+    if "m" not in view.record.participants:
+        raise ConcurrencyConflict(view.record.id, view.record.version)  # not `behind`
+    return append(1, "m")(view)
+
+
+async def test_a_write_naming_a_passed_version_is_refused_without_waiting_for_its_turn(
     store_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A stale version while another write of this replica has its turn: refused at once, on
-    a read of Redis (not on memory alone), instead of waiting to be refused. A write its
-    memory refuses but Redis does not still takes its turn (and is decided again in it)."""
+    """A write naming a version below the session's while another write of this replica has
+    its turn: refused at once, on a read of Redis (not on memory alone), since no write
+    queued ahead can bring the version back. Every other write waits its turn, which keeps
+    the order they came in: one naming a version its memory has passed but Redis has not, one
+    naming a version ahead of the session's (the write ahead may reach it), one refused for
+    anything else (a join queued ahead may cure it), and one that names no version."""
     told: list[str] = []
     store = RedisHotStore(store_redis, decided=told.append)
     theirs = RedisHotStore(store_redis)
@@ -640,15 +652,30 @@ async def test_a_write_refused_on_what_redis_holds_does_not_wait_for_its_turn(
     first = asyncio.create_task(store.transact(record.id, bump("first"), None))
     await stalled.wait()
     told.clear()
+    stale = store.transact(record.id, expecting(1, bump("stale")), None, names_version=True)
     with pytest.raises(ConcurrencyConflict) as refused:
-        await asyncio.wait_for(store.transact(record.id, expecting(1, bump("stale")), None), 1)
+        await asyncio.wait_for(stale, 1)
     assert told == ["read"], "refused on a read, without its turn"
     assert refused.value.current_version == 3
-    waiting = asyncio.create_task(store.transact(record.id, expecting(3, bump("c")), None))
+
+    def queued(decide: Decide, names_version: bool = True) -> asyncio.Task[Any]:
+        return asyncio.create_task(
+            store.transact(record.id, decide, None, names_version=names_version)
+        )
+
+    waiting = [
+        queued(expecting(3, bump("b"))),  # memory (2) has passed it, Redis (3) has not
+        queued(expecting(4, bump("c"))),  # ahead of both: `first` takes the session to 4
+        queued(lease_required),
+        queued(expecting(1, bump("d")), names_version=False),
+    ]
     await asyncio.sleep(0.05)
-    assert not waiting.done(), "memory (2) refuses it, Redis (3) does not: it waits its turn"
+    assert not any(w.done() for w in waiting), "each waits its turn"
     resume.set()
     assert isinstance(await first, Change)
-    with pytest.raises(ConcurrencyConflict):
-        await waiting  # `first` took the session to 4 meanwhile: refused in its turn
-    assert (await hot_record(store_redis, record.id)).version == 4  # type: ignore[union-attr]
+    b, c, lease, d = await asyncio.gather(*waiting, return_exceptions=True)
+    assert isinstance(b, ConcurrencyConflict), "refused in its turn: `first` took it to 4"
+    assert isinstance(c, Change), "in its turn, the version it named"
+    assert isinstance(lease, ConcurrencyConflict)
+    assert isinstance(d, ConcurrencyConflict)
+    assert (await hot_record(store_redis, record.id)).version == 5  # type: ignore[union-attr]

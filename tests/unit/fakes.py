@@ -306,7 +306,12 @@ class InMemoryHotStore:
         return record
 
     async def transact(
-        self, session_id: str, decide: Decide, idem: Idempotency | None
+        self,
+        session_id: str,
+        decide: Decide,
+        idem: Idempotency | None,
+        *,
+        names_version: bool = False,  # no turns here: nothing to refuse early
     ) -> Replayed | Change | None:
         for _ in range(8):
             try:

@@ -68,6 +68,20 @@ def test_a_failed_precondition_carries_the_current_version():
     assert caught.value.current_version == 7
 
 
+@pytest.mark.parametrize(
+    ("versions", "behind"),
+    [({6}, True), ({5, 6}, True), ({6, 8}, False), ({8}, False), (set(), True)],
+)
+def test_a_failed_precondition_says_whether_every_version_it_names_is_passed(
+    versions: set[int], behind: bool
+):
+    """`behind`: no later write can make it match (a version ahead might; weak tags only,
+    an empty set, never match), so a replica may refuse it without waiting its turn."""
+    with pytest.raises(PreconditionFailed) as caught:
+        Precondition(versions=frozenset(versions)).check("s1", 7)
+    assert caught.value.behind is behind
+
+
 def test_the_etag_is_the_version_alone_for_an_active_session_without_participants():
     assert etag(session()) == '"7"'
     assert etag(session(), full=True) == '"7-full"'

@@ -77,10 +77,12 @@ async def test_the_check_runs_on_the_state_the_write_applies_to(w: World):
     current = Precondition(versions=frozenset({2}))
     transact = w.hot.transact
 
-    async def racing(session_id: str, decide: Callable[[HotView], Change], idem: Any) -> Any:
+    async def racing(
+        session_id: str, decide: Callable[[HotView], Change], idem: Any, **kw: Any
+    ) -> Any:
         w.hot.transact = transact  # type: ignore[method-assign]
         await w.service.append(ALICE, sid, [NewEvent(kind="first")])  # now version 3
-        return await transact(session_id, decide, idem)
+        return await transact(session_id, decide, idem, **kw)
 
     w.hot.transact = racing  # type: ignore[method-assign]
     with pytest.raises(PreconditionFailed) as caught:

@@ -196,8 +196,14 @@ async def test_a_stale_version_is_a_conflict_that_names_the_current_one(w: World
             ALICE, created.id, expected_version=1, patch={"work_in_progress": {"lost": True}}
         )
     assert caught.value.current_version == 2
+    assert caught.value.behind, "1 is passed: no later write brings it back"
     session = await w.service.get(ALICE, created.id)
     assert (session.version, session.work_in_progress) == (2, {})
+    with pytest.raises(ConcurrencyConflict) as ahead:
+        await w.service.update(
+            ALICE, created.id, expected_version=3, patch={"work_in_progress": {}}
+        )
+    assert not ahead.value.behind, "3 is ahead: a write may yet reach it"
 
 
 async def test_a_stranger_cannot_update_and_nothing_changes(w: World) -> None:
