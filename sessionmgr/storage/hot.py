@@ -119,14 +119,14 @@ def _contended(session_id: str, beaten: int, started: float) -> WriteContended:
     return WriteContended(session_id, beaten, spent)
 
 
-def _passed_version(
+def _version_refusal(
     decide: Decide, view: HotView
 ) -> ConcurrencyConflict | PreconditionFailed | None:
-    """The refusal `decide` gives `view` for naming only versions below the session's."""
+    """The refusal `decide` gives `view` for the version(s) it names, if that is its answer."""
     try:
         decide(view)
     except (ConcurrencyConflict, PreconditionFailed) as refused:
-        return refused if refused.behind else None
+        return refused
     except Exception:  # any other refusal is the turn's to answer
         return None
     return None
@@ -662,16 +662,18 @@ class RedisHotStore:
         Only such a refusal: the writes queued ahead of this one can only raise the version,
         never bring it back, whereas anything else they might cure (a join's lease, a version
         ahead of the session's, an ACL) is left to the turn, which keeps the order writes came
-        in. Asked only when the remembered state shows it (a peek, not counted), answered only
-        from a read of Redis (counted as a decision on a read); a replay or a session not hot
-        is left to the turn too."""
+        in. A read is asked only when the remembered state refuses the version named (a peek,
+        not counted: memory may lag another replica's writes); a refusal is answered only from
+        that read of Redis (counted as a decision on a read). A replay or a session not hot is
+        left to the turn too."""
         seen = self._remembered(session_id)
-        if seen is None or seen.view is None or _passed_version(decide, seen.view) is None:
-            return
+        if seen is None or seen.view is None or _version_refusal(decide, seen.view) is None:
+            return  # as remembered, the version it names is the session's: worth no read
         seen = await self._seen(client, session_id, idem)
         if seen.view is None or (idem is not None and replay_of(idem, seen.stored)):
             return
-        if (refused := _passed_version(decide, seen.view)) is not None:
+        refused = _version_refusal(decide, seen.view)
+        if refused is not None and refused.behind:
             self._decided("read")
             raise refused  # as the turn would, on what Redis holds
 

@@ -628,17 +628,19 @@ async def test_a_write_naming_a_passed_version_is_refused_without_waiting_for_it
     store_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A write naming a version below the session's while another write of this replica has
-    its turn: refused at once, on a read of Redis (not on memory alone), since no write
-    queued ahead can bring the version back. Every other write waits its turn, which keeps
-    the order they came in: one naming a version its memory has passed but Redis has not, one
-    naming a version ahead of the session's (the write ahead may reach it), one refused for
-    anything else (a join queued ahead may cure it), and one that names no version."""
+    its turn: refused at once, on a read of Redis (not on memory alone, which may lag another
+    replica's writes either way), since no write queued ahead can bring the version back.
+    Every other write waits its turn, which keeps the order they came in: one naming the
+    version Redis is at (though not its memory), one naming a version ahead of the session's
+    (the write ahead may reach it), one refused for anything else (a join queued ahead may
+    cure it), and one that does not say it names a version."""
     told: list[str] = []
     store = RedisHotStore(store_redis, decided=told.append)
     theirs = RedisHotStore(store_redis)
     record = await created(store, work_in_progress={})
     await store.transact(record.id, bump("a"), None)  # remembered at 2
-    await theirs.transact(record.id, bump("theirs"), None)  # Redis at 3, memory still 2
+    await theirs.transact(record.id, bump("theirs"), None)
+    await theirs.transact(record.id, bump("theirs"), None)  # Redis at 4, memory still 2
     stalled, resume = asyncio.Event(), asyncio.Event()
     real = RedisHotStore._commit
 
@@ -652,11 +654,12 @@ async def test_a_write_naming_a_passed_version_is_refused_without_waiting_for_it
     first = asyncio.create_task(store.transact(record.id, bump("first"), None))
     await stalled.wait()
     told.clear()
-    stale = store.transact(record.id, expecting(1, bump("stale")), None, names_version=True)
-    with pytest.raises(ConcurrencyConflict) as refused:
-        await asyncio.wait_for(stale, 1)
-    assert told == ["read"], "refused on a read, without its turn"
-    assert refused.value.current_version == 3
+    for passed in (1, 3):  # behind both memory and Redis; ahead of memory, behind Redis
+        stale = store.transact(record.id, expecting(passed, bump("x")), None, names_version=True)
+        with pytest.raises(ConcurrencyConflict) as refused:
+            await asyncio.wait_for(stale, 1)
+        assert refused.value.current_version == 4
+    assert told == ["read", "read"], "each refused on a read, without its turn"
 
     def queued(decide: Decide, names_version: bool = True) -> asyncio.Task[Any]:
         return asyncio.create_task(
@@ -664,8 +667,8 @@ async def test_a_write_naming_a_passed_version_is_refused_without_waiting_for_it
         )
 
     waiting = [
-        queued(expecting(3, bump("b"))),  # memory (2) has passed it, Redis (3) has not
-        queued(expecting(4, bump("c"))),  # ahead of both: `first` takes the session to 4
+        queued(expecting(4, bump("b"))),  # Redis (4) is at it, though memory (2) is not
+        queued(expecting(5, bump("c"))),  # ahead of both: `first` takes the session to 5
         queued(lease_required),
         queued(expecting(1, bump("d")), names_version=False),
     ]
@@ -674,8 +677,8 @@ async def test_a_write_naming_a_passed_version_is_refused_without_waiting_for_it
     resume.set()
     assert isinstance(await first, Change)
     b, c, lease, d = await asyncio.gather(*waiting, return_exceptions=True)
-    assert isinstance(b, ConcurrencyConflict), "refused in its turn: `first` took it to 4"
+    assert isinstance(b, ConcurrencyConflict), "refused in its turn: `first` took it to 5"
     assert isinstance(c, Change), "in its turn, the version it named"
     assert isinstance(lease, ConcurrencyConflict)
     assert isinstance(d, ConcurrencyConflict)
-    assert (await hot_record(store_redis, record.id)).version == 5  # type: ignore[union-attr]
+    assert (await hot_record(store_redis, record.id)).version == 6  # type: ignore[union-attr]
