@@ -52,13 +52,11 @@ class WriteContended(ConcurrencyConflict):
             if tries
             else f"waited {seconds:.1f} s for this replica's other writes of it"
         )
-        SessionError.__init__(
-            self,
+        super().__init__(session_id, None)  # no version was stale: none to name
+        self.args = (
             f"session {session_id} is written by others so often that this {what} {why}; "
             "it did not take effect: send it again",
         )
-        self.session_id = session_id
-        self.current_version = None
 
 
 class LeaseExpired(SessionError):

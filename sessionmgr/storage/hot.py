@@ -104,7 +104,7 @@ _DEFAULTED = frozenset(
     f.name.encode() for f in msgspec.structs.fields(SessionRecord) if f.required is False
 )
 _RACE_RETRIES = 8  # commits beaten in a row before a write pauses between tries
-_RACE_BUDGET_S = 2.0  # ... and how long after its first try it may still try again
+_RACE_BUDGET_S = 2.0  # ... and how long after the call (its wait for a turn too) it may try
 _PAUSE_CAP_S = 0.05
 
 

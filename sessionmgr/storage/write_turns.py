@@ -6,8 +6,9 @@ enough of them, a write without a precondition could lose every round it is give
 turns leaves only the writers of other replicas to race, and this replica's writers each
 commit once, on the state the one before it left (`hot_views`).
 
-A session nobody else in this replica is writing costs two dictionary operations; a turn is
-handed to the next waiter directly, so a late comer never overtakes the queue.
+A session nobody else in this replica is writing costs a few dictionary operations and no
+await; a turn is handed to the next waiter directly, so a late comer never overtakes the
+queue.
 """
 
 from __future__ import annotations

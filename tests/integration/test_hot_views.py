@@ -588,6 +588,21 @@ async def test_a_write_beaten_past_its_budget_answers_contended_and_writes_nothi
     assert (now.version, now.timeline_seq) == (1 + len(tries), len(tries))
 
 
+def stall_once(monkeypatch: pytest.MonkeyPatch, method: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """The next call of `RedisHotStore.<method>` sets `stalled` and waits for `resume`."""
+    stalled, resume = asyncio.Event(), asyncio.Event()
+    real = getattr(RedisHotStore, method)
+
+    async def stalls(self: RedisHotStore, *args: Any) -> Any:
+        if not stalled.is_set():
+            stalled.set()
+            await resume.wait()
+        return await real(self, *args)
+
+    monkeypatch.setattr(RedisHotStore, method, stalls)
+    return stalled, resume
+
+
 async def test_a_write_kept_waiting_for_its_turn_past_its_budget_answers_contended(
     store_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -596,16 +611,7 @@ async def test_a_write_kept_waiting_for_its_turn_past_its_budget_answers_contend
     monkeypatch.setattr(hot, "_RACE_BUDGET_S", 0.05)
     store = RedisHotStore(store_redis)
     record = await created(store)
-    stalled, resume = asyncio.Event(), asyncio.Event()
-    real = RedisHotStore._seen
-
-    async def stalls(self: RedisHotStore, client: Any, session_id: str, idem: Any) -> Any:
-        if not stalled.is_set():
-            stalled.set()
-            await resume.wait()
-        return await real(self, client, session_id, idem)
-
-    monkeypatch.setattr(RedisHotStore, "_seen", stalls)
+    stalled, resume = stall_once(monkeypatch, "_seen")
     first = asyncio.create_task(store.transact(record.id, append(1, "first"), None))
     await stalled.wait()
     with pytest.raises(WriteContended, match="waited"):
@@ -641,16 +647,7 @@ async def test_a_write_naming_a_passed_version_is_refused_without_waiting_for_it
     await store.transact(record.id, bump("a"), None)  # remembered at 2
     await theirs.transact(record.id, bump("theirs"), None)
     await theirs.transact(record.id, bump("theirs"), None)  # Redis at 4, memory still 2
-    stalled, resume = asyncio.Event(), asyncio.Event()
-    real = RedisHotStore._commit
-
-    async def stalls(self: RedisHotStore, *args: Any) -> Any:
-        if not stalled.is_set():
-            stalled.set()
-            await resume.wait()
-        return await real(self, *args)
-
-    monkeypatch.setattr(RedisHotStore, "_commit", stalls)
+    stalled, resume = stall_once(monkeypatch, "_commit")
     first = asyncio.create_task(store.transact(record.id, bump("first"), None))
     await stalled.wait()
     told.clear()
