@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 import msgspec
 from opentelemetry import context, trace
 
-from sessionmgr.domain.errors import BackendUnavailable, describe
+from sessionmgr.domain.errors import BackendUnavailable, WriteContended, describe
 from sessionmgr.metrics import Metrics
 from sessionmgr.services.divergence import Reconciler
 from sessionmgr.services.ports import Delivery, Outbox, OutboxEntry, WarmStore, WriteDiverged
@@ -290,7 +290,10 @@ class WriteBehindWorker:
             # a reconciler, kept pending for one that has).
             if self._reconciler is None:
                 raise
-            await self._reconciler.settle(diverged)
+            try:
+                await self._reconciler.settle(diverged)
+            except WriteContended as exc:
+                return self._contended(delivery, entry, exc)
         except BackendUnavailable:
             # An outage: every entry would fail the same way now. It stays pending, counts
             # nothing against this entry, and the run loop backs off.
@@ -337,6 +340,27 @@ class WriteBehindWorker:
             await self._park(delivery, failure.error, attempts=failure.attempts)
         else:
             self._metrics.write_behind_entries.labels("retried").inc()
+        return False
+
+    def _contended(self, delivery: Delivery, entry: OutboxEntry, exc: WriteContended) -> bool:
+        """The session's re-base lost to its writers (kept in MongoDB's conflicts already):
+        nothing is wrong with the entry, so it stays pending, counts no attempt toward
+        parking, and is tried again after `refused_retry_s`."""
+        self._retry_own = True
+        now = time.monotonic()
+        failure = self._failures.get(delivery.id) or _Failure(
+            first_at=now, attempts=0, error=describe(exc), next_at=now
+        )
+        failure.next_at = now + self._refused_retry_s
+        self._failures[delivery.id] = failure
+        self._metrics.write_behind_entries.labels("retried").inc()
+        log.warning(
+            "write-behind of session %s v%d waits: %s",
+            entry.record.id,
+            entry.record.version,
+            exc,
+            extra={"session_id": entry.record.id},
+        )
         return False
 
     async def _park(self, delivery: Delivery, error: str, *, attempts: int) -> None:

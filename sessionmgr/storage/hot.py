@@ -856,7 +856,18 @@ class RedisHotStore:
         to move) or AT_REST (the session left Redis; the write is kept in MongoDB's conflicts).
         """
         sid = diverged.session_id
-        self._views.drop(sid)  # re-based: a new `rev`, other seqs
+        started = time.monotonic()
+        try:
+            # A writer like the others (a suspend re-basing holds the turn already).
+            async with self._turns.turn(sid, _RACE_BUDGET_S):
+                return await self._rebase(diverged, started)
+        except TimeoutError:
+            raise WriteContended(sid, 0, time.monotonic() - started, "re-base") from None
+        finally:
+            self._views.drop(sid)  # re-based: a new `rev`, other seqs
+
+    async def _rebase(self, diverged: WriteDiverged, started: float) -> str:
+        sid = diverged.session_id
         key, tl, moved_key = hot_key(sid), timeline_key(sid), rebased_key(sid)
         marks = [_event_mark(e) for e in diverged.events]
         version_mark = f"v{diverged.record.version}:{diverged.record.write_id}"
@@ -891,7 +902,9 @@ class RedisHotStore:
                 except WatchError:
                     continue
                 return REBASED
-        raise ConcurrencyConflict(sid, await self._current_version(sid))
+        # Other replicas' writes beat every try: nothing moved; whoever meets the write
+        # again (the write-behind keeps its entry pending) re-bases it then.
+        raise WriteContended(sid, _RACE_RETRIES, time.monotonic() - started, "re-base")
 
     async def claim(self, scope: str, idem: Idempotency) -> Replayed | None:
         """Take the key for a request outside the transaction (create, suspend, resume, delete).
@@ -970,16 +983,21 @@ class RedisHotStore:
         complete the moment the session is dormant, however far the write-behind lags.
         `check` (an If-Match) sees the record read under the WATCH and may refuse it.
         """
+        started = time.monotonic()
         try:
-            return await self._suspend(session_id, flush, check)
+            # A writer like the others: this replica's writes of the session wait for it
+            # instead of beating its commit (then find it dormant, and wake it).
+            async with self._turns.turn(session_id, _RACE_BUDGET_S):
+                return await self._suspend(session_id, flush, check, started)
+        except TimeoutError:
+            raise WriteContended(session_id, 0, time.monotonic() - started, "suspend") from None
         finally:  # dormant or not, what a write of this replica remembered is forgotten
             self._views.drop(session_id)
 
     async def _suspend(
-        self, session_id: str, flush: Flush, check: RecordCheck | None
+        self, session_id: str, flush: Flush, check: RecordCheck | None, started: float
     ) -> SessionRecord | None:
         key, tl = hot_key(session_id), timeline_key(session_id)
-        started = time.monotonic()
         for _ in range(_RACE_RETRIES):
             async with await self._transaction(key) as pipe:
                 await self._guard(pipe.watch(key, tl))
@@ -1013,8 +1031,9 @@ class RedisHotStore:
                 except WatchError:
                     continue
                 return record
-        # The session stays active: the last flush wrote what Redis held then (marked
-        # dormant), which the next versioned write behind it replaces.
+        # Other replicas' writes beat every try. The session stays active: the last flush
+        # wrote what Redis held then (marked dormant), which the next versioned write
+        # behind it replaces.
         raise WriteContended(session_id, _RACE_RETRIES, time.monotonic() - started, "suspend")
 
     async def undelivered(self, session_id: str, client: Any = None) -> Undelivered:

@@ -24,7 +24,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sessionmgr.domain.errors import BackendUnavailable, ConcurrencyConflict, WriteContended
 from sessionmgr.domain.model import ContextUpdate, Participant, SessionRecord, TimelineEvent
-from sessionmgr.services.ports import Change, HotView, Idempotency, OutboxEntry, Replayed
+from sessionmgr.services.ports import (
+    REBASED,
+    Change,
+    HotView,
+    Idempotency,
+    OutboxEntry,
+    Replayed,
+    WriteDiverged,
+)
 from sessionmgr.storage import hot
 from sessionmgr.storage.hot import REV, RedisHotStore, hot_key, lease_key, outbox_key, timeline_key
 from tests.integration.session_api import hot_record
@@ -679,3 +687,114 @@ async def test_a_write_naming_a_passed_version_is_refused_without_waiting_for_it
     assert isinstance(lease, ConcurrencyConflict)
     assert isinstance(d, ConcurrencyConflict)
     assert (await hot_record(store_redis, record.id)).version == 6  # type: ignore[union-attr]
+
+
+async def keep_appending(
+    store: RedisHotStore, session_id: str, writers: int, until: asyncio.Event
+) -> list[Change | None]:
+    """`writers` tasks of one replica appending to the session until `until` is set or the
+    session is not hot; every answer they got."""
+    answers: list[Change | None] = []
+
+    async def writer(name: str) -> None:
+        while not until.is_set():
+            answer = await store.transact(session_id, append(1, name), None)
+            answers.append(answer)  # type: ignore[arg-type]
+            if answer is None:
+                return
+
+    await asyncio.gather(*(writer(f"w{i}") for i in range(writers)))
+    return answers
+
+
+async def test_a_suspend_takes_its_turn_so_this_replicas_writers_never_beat_it(
+    store_redis: Redis,
+) -> None:
+    """Ten writers of this replica keep appending while it suspends the session: the suspend
+    waits its turn and then holds it, so no commit of theirs fires its WATCH (one try), and
+    each append either landed before it (in what it flushed) or found the session
+    dormant (it wrote nothing)."""
+    store = RedisHotStore(store_redis)
+    record = await created(store)
+    flushed: list[SessionRecord] = []
+
+    async def flush(record: SessionRecord, events: Any, context: Any) -> None:
+        flushed.append(msgspec.structs.replace(record))
+        await asyncio.sleep(0.02)  # MongoDB's round trip, while the writers queue up
+
+    done = asyncio.Event()
+    writing = asyncio.create_task(keep_appending(store, record.id, 10, done))
+    await asyncio.sleep(0.02)
+    suspended = await asyncio.wait_for(store.suspend(record.id, flush), 5)
+    done.set()
+    answers = await writing
+    assert suspended is not None
+    # One try: what Redis held and the outbox's backlog, both at the version it suspended.
+    assert {r.version for r in flushed} == {suspended.version}, "no commit beat the suspend"
+    landed = [a for a in answers if a is not None]
+    assert landed, "the writers were writing when it came"
+    assert suspended.version == 1 + len(landed), "every append that landed is in what it flushed"
+    assert max(a.record.version for a in landed) == suspended.version
+    assert not await store_redis.exists(hot_key(record.id), timeline_key(record.id))
+
+
+def diverged_at(record: SessionRecord) -> WriteDiverged:
+    """Redis lost writes MongoDB has: MongoDB holds another write at this record's version."""
+    return WriteDiverged(
+        msgspec.structs.replace(record, write_id="lost-one"),
+        [],
+        None,
+        version_clash=True,
+        stored=msgspec.structs.replace(record, write_id="mongodbs"),
+        stored_seq=record.timeline_seq,
+    )
+
+
+async def test_a_rebase_takes_its_turn_so_this_replicas_writers_never_beat_it(
+    store_redis: Redis,
+) -> None:
+    """The re-base after a divergence, under ten writers of this replica: it waits its turn,
+    moves the session above MongoDB in one try, and the writers go on above it."""
+    store = RedisHotStore(store_redis)
+    record = await created(store)
+    done = asyncio.Event()
+    writing = asyncio.create_task(keep_appending(store, record.id, 10, done))
+    await asyncio.sleep(0.02)
+    now = await hot_record(store_redis, record.id)
+    assert now is not None
+    assert await asyncio.wait_for(store.rebase(diverged_at(now)), 5) == REBASED
+    await asyncio.sleep(0.02)
+    done.set()
+    answers = await writing
+    assert all(isinstance(a, Change) for a in answers), "the session stayed hot"
+    versions = [a.record.version for a in answers if a is not None]
+    assert len(set(versions)) == len(versions), "no version handed out twice"
+    after = await hot_record(store_redis, record.id)
+    assert after is not None
+    assert after.version == max(versions)
+    assert len(set(range(2, after.version + 1)) - set(versions)) == 1, "the re-base's own"
+
+
+async def test_a_rebase_beaten_past_its_retries_answers_contended_and_moves_nothing(
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica's write lands inside each of the re-base's tries: after `_RACE_RETRIES`
+    it raises `WriteContended` (no version named: the write-behind keeps its entry pending
+    and tries again), and nothing was moved."""
+    mine, theirs = RedisHotStore(store_redis), RedisHotStore(store_redis)
+    record = await created(mine)
+    real = RedisHotStore.undelivered
+
+    async def beaten(self: RedisHotStore, session_id: str, client: Any = None) -> Any:
+        if self is mine:
+            await theirs.transact(record.id, append(1, "theirs"), None)
+        return await real(self, session_id, client)
+
+    monkeypatch.setattr(RedisHotStore, "undelivered", beaten)
+    with pytest.raises(WriteContended, match="re-base") as raised:
+        await mine.rebase(diverged_at(record))
+    assert raised.value.current_version is None
+    assert not await store_redis.exists(hot.rebased_key(record.id)), "nothing marked as moved"
+    now = await hot_record(store_redis, record.id)
+    assert now is not None
+    assert (now.version, now.timeline_seq) == (1 + hot._RACE_RETRIES, hot._RACE_RETRIES)

@@ -17,7 +17,9 @@ import msgspec
 import pytest
 
 from sessionmgr.container import RedisWriteBehindWorker as WriteBehindWorker
+from sessionmgr.domain.errors import WriteContended
 from sessionmgr.domain.model import NewEvent
+from sessionmgr.services.ports import WriteDiverged
 from sessionmgr.services.write_behind import running
 from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry
 from sessionmgr.storage.outbox import GROUP
@@ -296,3 +298,47 @@ async def test_running_delivers_in_the_background_and_stops_cleanly(redis: Any, 
         await eventually(delivered)
     assert worker.delivered == 3
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("write-behind")]
+
+
+class ContendedReconciler:
+    """A reconciler whose re-base loses to the session's writers `times` times, then lands."""
+
+    def __init__(self, times: int) -> None:
+        self.times, self.calls = times, 0
+
+    async def settle(self, diverged: WriteDiverged) -> bool:
+        self.calls += 1
+        if self.calls <= self.times:
+            raise WriteContended(diverged.session_id, 8, 0.1, "re-base")
+        return True
+
+
+async def test_a_rebase_lost_to_writers_keeps_its_entry_pending_without_counting_toward_parking(
+    redis: Any, w: World
+) -> None:
+    """The divergence is kept, but re-basing the session loses to its writers: nothing is
+    wrong with the entry, so it stays pending, is never parked however often that happens,
+    waits `refused_retry_s` between tries, and is acknowledged once the re-base lands."""
+    session_id, entries = await session_history(w)
+    record = entries[-1].record
+    w.warm.apply_errors[session_id] = WriteDiverged(
+        record, [], None, version_clash=True, stored=record, stored_seq=record.timeline_seq
+    )
+    await publish(redis, entries[-1:])
+    reconciler = ContendedReconciler(times=5)
+    worker = worker_for(
+        redis, w.warm, max_deliveries=1, park_after_s=0, refused_retry_s=0.3, reconciler=reconciler
+    )
+    await worker.ensure_group()
+
+    await worker.step()
+    await worker.step()
+    assert reconciler.calls == 1, "its next try waits refused_retry_s"
+    assert await worker.pending() == 1
+    for _ in range(5):
+        await asyncio.sleep(0.31)
+        await worker.step()
+    assert worker.parked == 0, "a lost re-base is not a refusal: it never parks the entry"
+    assert await redis.xlen(DEAD_LETTER_STREAM) == 0
+    assert reconciler.calls == 6, "tried until the re-base landed"
+    assert await worker.pending() == 0, "acknowledged once it did"

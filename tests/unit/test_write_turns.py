@@ -94,3 +94,49 @@ async def test_a_waiter_that_times_out_has_no_turn_and_loses_no_one_elses() -> N
     await asyncio.wait_for(third, 1)
     turns.leave("s")
     assert len(turns) == 0
+
+
+async def test_turn_runs_its_block_in_the_turn_and_leaves_it() -> None:
+    turns, log = WriteTurns(), []
+
+    async def suspend() -> None:
+        async with turns.turn("s"):
+            log.append("suspend in")
+            await asyncio.sleep(0)
+            log.append("suspend out")
+
+    await asyncio.gather(suspend(), _writer(turns, "s", "w", log), suspend())
+    assert log == ["suspend in", "suspend out", "w in", "w out", "suspend in", "suspend out"]
+    assert len(turns) == 0
+
+
+async def test_turn_inside_the_same_sessions_turn_passes_through() -> None:
+    """A suspend's flush re-bases the session it is suspending: the inner `turn` runs in the
+    outer one instead of waiting for it (which would never end)."""
+    turns = WriteTurns()
+    async with turns.turn("s", timeout_s=1):
+        async with turns.turn("s", timeout_s=0.05):
+            assert turns.busy("s")
+        assert turns.busy("s"), "the inner block does not end the outer turn"
+        async with turns.turn("other", timeout_s=0.05):  # another session: a turn of its own
+            assert turns.busy("other")
+        assert not turns.busy("other")
+    assert len(turns) == 0
+
+
+async def test_a_turn_held_by_one_task_is_not_held_by_another() -> None:
+    """What a task holds is its own: another task's `turn` of the session waits (here, past
+    its timeout), even a task the holder started inside its turn."""
+    turns = WriteTurns()
+    async with turns.turn("s"):
+        other = asyncio.create_task(_in_turn(turns, "s", timeout_s=0.05))
+        with pytest.raises(TimeoutError):
+            await other
+    async with turns.turn("s", timeout_s=0.05):  # free again, in this task
+        pass
+    assert len(turns) == 0
+
+
+async def _in_turn(turns: WriteTurns, sid: str, timeout_s: float) -> None:
+    async with turns.turn(sid, timeout_s):
+        pass
