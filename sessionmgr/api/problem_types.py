@@ -223,8 +223,10 @@ CATALOGUE: tuple[ProblemType, ...] = (
         503,
         "Service Unavailable",
         "Other writers of the session beat this write each time it was tried, or kept it "
-        "waiting for its turn, for longer than it may (about 2 s; `detail` says how long). It "
-        "did not take effect. `Retry-After` says when to retry.",
+        "waiting for its turn, for longer than it may (about 2 s; `detail` says how long). "
+        "Also a suspend beaten 8 times, and an archive, a read of an archived session or a "
+        "write waking a dormant one that the session moved under 3 times. It did not take "
+        "effect, and no version it named was stale. `Retry-After` says when to retry.",
         "Send the same request again after `Retry-After` seconds (with the same "
         "`Idempotency-Key`, if it had one). Seen often, many writers are taking turns on one "
         "session: spread their writes out, or batch events into fewer appends.",

@@ -36,6 +36,7 @@ from sessionmgr.domain.errors import (
     OutboxEntriesParked,
     PreconditionFailed,
     SessionNotFound,
+    WriteContended,
 )
 from sessionmgr.domain.model import ArchiveRef, SessionRecord, SessionState, utcnow
 from sessionmgr.metrics import Metrics
@@ -261,6 +262,7 @@ class Archivist:
                 self._metrics.session_retrieved("cold", elapsed)
 
     async def _restore(self, session_id: str) -> SessionRecord:
+        started = time.monotonic()
         for _ in range(3):
             stored = await self._warm.stored(session_id)
             if stored is None:
@@ -285,7 +287,8 @@ class Archivist:
                     extra={"session_id": session_id},
                 )
                 return archive.record
-        raise ConcurrencyConflict(session_id, None)
+        # Archived again or restored under each try: a read has no version to be stale.
+        raise WriteContended(session_id, 3, time.monotonic() - started, "rehydration")
 
     async def _fetch(self, session_id: str, ref: ArchiveRef) -> SessionArchive:
         body = await self._cold.get(ref.key)

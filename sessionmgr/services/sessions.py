@@ -700,6 +700,7 @@ class SessionService:
 
         async def run() -> ArchivedSession:
             await self._authorize(principal, session_id, owner_only=True)
+            started = time.monotonic()
             for _ in range(3):
                 try:
                     done = await self._cold().archive(session_id, verify)
@@ -711,7 +712,8 @@ class SessionService:
                 if done.stub.archive is None:  # a stub always has its reference
                     raise ConcurrencyConflict(session_id, None)
                 return archived(done.stub.record, done.stub.archive)
-            raise ConcurrencyConflict(session_id, None)
+            # Written (or woken) again under each upload: nothing archived, no version stale.
+            raise WriteContended(session_id, 3, time.monotonic() - started, "archive")
 
         return await self._once(principal, session_id, idem, ArchivedSession, run, owner_only=True)
 
@@ -754,6 +756,7 @@ class SessionService:
 
         if idem is not None:
             await self._hot.admit_key(idem, self._limits.idempotency_max_keys_per_caller)
+        started = time.monotonic()
         try:
             for _ in range(3):
                 outcome = await self._hot.transact(
@@ -780,8 +783,9 @@ class SessionService:
         except ConcurrencyConflict:
             self._metrics.version_conflicts.labels(operation).inc()
             raise
-        self._metrics.version_conflicts.labels(operation).inc()
-        raise ConcurrencyConflict(session_id, None)
+        # Woken three times and suspended again each time before the write could land: it did
+        # not take effect, and no version it named was stale.
+        raise WriteContended(session_id, 3, time.monotonic() - started, operation)
 
     async def _once(
         self,

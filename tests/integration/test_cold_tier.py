@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessionmgr.api.bridge import resolve
 from sessionmgr.container import Container, build_container
-from sessionmgr.domain.errors import BackendUnavailable
+from sessionmgr.domain.errors import BackendUnavailable, ConcurrencyConflict
 from sessionmgr.services.archive import Archivist, sweep
 from sessionmgr.settings import Settings
 from sessionmgr.storage.cold import S3ArchiveStore
@@ -218,6 +218,60 @@ async def test_a_write_to_an_archived_session_rehydrates_and_activates_it(
     full = await get_session(api, owner, sid, full=True)
     assert full["full_timeline"] == before["full_timeline"]
     assert full["full_context"] == before["full_context"]
+
+
+async def test_an_archive_written_under_at_each_try_answers_contended(
+    api: httpx.AsyncClient, redis: Redis, owner: Headers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session moves on under each of the archive's three uploads: a 503 `contended` with
+    Retry-After (it did not take effect; none of its versions was stale), not a 409 that
+    names no version, and the session is still whole and not archived."""
+    before = await dormant_session(api, redis, owner, events=3)
+    sid = before["id"]
+    tries: list[str] = []
+
+    async def moved_on(self: Archivist, session_id: str, check: Any = None) -> Any:
+        tries.append(session_id)
+        raise ConcurrencyConflict(session_id, None)  # as a stub refused for its version
+
+    monkeypatch.setattr(Archivist, "archive", moved_on)
+    r = await archive(api, owner, sid)
+    assert r.status_code == 503, r.text
+    assert r.json()["type"].endswith("#contended")
+    assert r.headers["retry-after"] == "1"
+    assert tries == [sid] * 3
+    assert (await get_session(api, owner, sid, full=True)) == before
+
+
+async def test_a_rehydration_raced_at_each_try_answers_contended(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    warm: MongoWarmStore,
+    owner: Headers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another restore takes the stub's place under each of three tries, yet the stub is
+    back each time: the read answers 503 `contended` (send it again), not a 409 that a read
+    has no version for; the stub is as it was, and a later read rehydrates."""
+    before = await dormant_session(api, redis, owner, events=3)
+    sid = before["id"]
+    assert (await archive(api, owner, sid)).status_code == 200
+    stub = await mongo_doc(warm, sid)
+    real = MongoWarmStore.restore
+    restores: list[str] = []
+
+    async def beaten(self: MongoWarmStore, *args: Any) -> bool:
+        restores.append(sid)
+        return False  # the stub it was conditioned on had changed
+
+    monkeypatch.setattr(MongoWarmStore, "restore", beaten)
+    r = await api.get(f"/v1/sessions/{sid}", headers=owner)
+    assert r.status_code == 503, r.text
+    assert r.json()["type"].endswith("#contended")
+    assert restores == [sid] * 3
+    assert await mongo_doc(warm, sid) == stub
+    monkeypatch.setattr(MongoWarmStore, "restore", real)
+    same_session(await get_session(api, owner, sid, full=True), before)
 
 
 async def test_resume_of_an_archived_session(

@@ -19,6 +19,7 @@ from sessionmgr.domain.errors import (
     ParticipantNotFound,
     PayloadTooLarge,
     SessionNotFound,
+    WriteContended,
 )
 from sessionmgr.domain.model import ContextUpdate, NewEvent, Session, SessionState, utcnow
 from sessionmgr.services.ports import Idempotency
@@ -865,3 +866,31 @@ async def test_full_timeline_includes_events_the_write_behind_has_not_delivered(
     full = await w.service.get(ALICE, created.id, full=True)
     assert isinstance(full.full_timeline, list)
     assert [e.seq for e in full.full_timeline] == list(range(1, 31))
+
+
+async def test_a_write_whose_session_is_suspended_again_each_time_it_wakes_answers_contended(
+    w: World,
+) -> None:
+    """Woken three times, and each time suspended again (another replica, the idle sweep)
+    before the append could land: it did not take effect and named no version, so it is
+    `WriteContended` (503, send it again), not a 409 with no version, and no version conflict
+    is counted."""
+    created = await new_session(w)
+    await w.service.suspend(ALICE, created.id)
+    real = w.hot.activate
+    woken: list[str] = []
+
+    async def woken_then_suspended(session_id: str, load: Any) -> Any:
+        woken.append(session_id)
+        record = await real(session_id, load)
+        w.hot.hashes.pop(session_id, None)  # suspended again before the write
+        return record
+
+    w.hot.activate = woken_then_suspended  # type: ignore[method-assign]
+    with pytest.raises(WriteContended, match="append") as raised:
+        await w.service.append(ALICE, created.id, events("a"))
+    assert raised.value.current_version is None
+    assert woken == [created.id] * 3
+    conflicts = w.service._metrics.version_conflicts.labels("append")._value.get()
+    assert conflicts == 0
+    assert w.warm.sessions[created.id].timeline_seq == 0, "nothing written"
