@@ -9,6 +9,8 @@ from typing import Any
 
 import msgspec
 
+from sessionmgr.domain.rules import FREE_FORM_FIELDS, participants_that_fit
+
 PREFIX = "SESSIONMGR_"
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "PS256"})
@@ -361,6 +363,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     settings = Settings(**values)
     _check_jwt(settings)
     _check_sentinel(settings)
+    _check_document_size(settings)
     if settings.ui_cookie_key is not None and len(settings.ui_cookie_key) < 32:
         raise ConfigError(f"{PREFIX}UI_COOKIE_KEY must be at least 32 characters")
     if settings.page_size_default > settings.page_size_max:
@@ -391,6 +394,19 @@ def _check_jwt(s: Settings) -> None:
         raise ConfigError(f"{PREFIX}JWT_ALGORITHMS must be HS* algorithms with JWT_SECRET")
     if (s.jwt_public_key or s.jwt_jwks_url) and algs and not algs <= ASYMMETRIC_ALGORITHMS:
         raise ConfigError(f"{PREFIX}JWT_ALGORITHMS must be RS*/ES*/PS* with a public key or JWKS")
+
+
+def _check_document_size(s: Settings) -> None:
+    """A session's MongoDB document must fit MongoDB's limit however full its fields are, or
+    an acknowledged write could never be written behind (domain/rules.py)."""
+    fit = participants_that_fit(s.max_field_bytes)
+    if s.max_participants > fit:
+        raise ConfigError(
+            f"{PREFIX}MAX_FIELD_BYTES={s.max_field_bytes} with {PREFIX}MAX_PARTICIPANTS="
+            f"{s.max_participants} lets a session's MongoDB document pass MongoDB's 16 MiB "
+            f"limit ({FREE_FORM_FIELDS} fields of that size and that many participants): with "
+            f"this MAX_FIELD_BYTES at most {fit} participants fit; lower one of them"
+        )
 
 
 def _check_sentinel(s: Settings) -> None:

@@ -135,7 +135,9 @@ CATALOGUE: tuple[ProblemType, ...] = (
         413,
         "Content Too Large",
         "The body is over `SESSIONMGR_MAX_BODY_BYTES`, or one field (`work_in_progress`, an "
-        "event's `data`, ...) over `SESSIONMGR_MAX_FIELD_BYTES`; `detail` names the limit.",
+        "event's `data`, ...) over `SESSIONMGR_MAX_FIELD_BYTES` as JSON, or over twice that "
+        "as MongoDB stores it (BSON, where each array element carries its index); `detail` "
+        "names the limit.",
         "Send less: keep large material in `full_context` or outside the session.",
     ),
     ProblemType(

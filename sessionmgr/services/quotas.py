@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from sessionmgr.domain import rules
 from sessionmgr.domain.errors import QuotaExceeded
 from sessionmgr.domain.model import Principal, SessionRecord
 from sessionmgr.services.ports import WarmStore
@@ -131,8 +132,10 @@ async def _count(warm: WarmStore, owner: str, cap: int, other_than: str | None) 
 
 
 def check_participants(limits: Limits, principal: Principal, record: SessionRecord) -> None:
-    """Before a participant that is not there yet joins `record`."""
+    """Before a participant that is not there yet joins `record`. A privileged principal's
+    quota stops where the session's MongoDB document would pass its limit."""
     cap = quota(limits, principal, limits.max_participants)
+    cap = min(cap, rules.participants_that_fit(limits.max_field_bytes))
     if len(record.participants) >= cap:
         what = f"the session has {len(record.participants)} participants"
         raise QuotaExceeded(what, "max_participants", cap)

@@ -319,6 +319,11 @@ FIELD_OVER_LIMIT = {
     "patch-context_summary": ("patch", {"context_summary": {"x": "y" * (MAX_FIELD + 10)}}),
     "patch-full_context": ("patch", {"full_context": {"x": "y" * (MAX_FIELD + 10)}}),
     "append-data": ("append", {"x": "y" * (MAX_FIELD + 10)}),
+    # Half the limit as JSON, nearly three times it as MongoDB stores it (BSON): each array
+    # element carries its index as its key.
+    "create-work_in_progress-bson": ("create", {"work_in_progress": {"x": [0] * (MAX_FIELD // 4)}}),
+    "patch-full_context-bson": ("patch", {"full_context": {"x": [0] * (MAX_FIELD // 4)}}),
+    "append-data-bson": ("append", {"x": [0] * (MAX_FIELD // 4)}),
 }
 
 
