@@ -78,8 +78,9 @@ class Metrics:
         )
         self.write_contended = Counter(
             "sessionmgr_write_contended",
-            "Writes answered 503 contended: beaten by other writers of the session (or kept "
-            "waiting for their turn) for longer than a write may keep trying.",
+            "Requests answered 503 contended: beaten by other writers of the session (or kept "
+            "waiting for their turn) for longer than a write may keep trying; also a suspend, "
+            "archive or rehydrating read that the session moved under at each try.",
             registry=r,
         )
         self.hot_write_decisions = Counter(

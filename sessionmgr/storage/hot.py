@@ -109,14 +109,8 @@ _PAUSE_CAP_S = 0.05
 
 
 def _contended(session_id: str, beaten: int, started: float) -> WriteContended:
-    spent = time.monotonic() - started
-    log.warning(
-        "session %s: a write gave up after %d beaten commits in %.1f s; answered contended",
-        session_id,
-        beaten,
-        spent,
-    )
-    return WriteContended(session_id, beaten, spent)
+    # Logged where it is answered (api/problems.py), as every other contended answer is.
+    return WriteContended(session_id, beaten, time.monotonic() - started)
 
 
 def _version_refusal(
@@ -857,13 +851,14 @@ class RedisHotStore:
         """
         sid = diverged.session_id
         started = time.monotonic()
-        try:
-            # A writer like the others (a suspend re-basing holds the turn already).
-            async with self._turns.turn(sid, _RACE_BUDGET_S):
-                return await self._rebase(diverged, started)
+        try:  # a writer like the others (Redis only): this replica's writes wait for it
+            await self._turns.enter(sid, _RACE_BUDGET_S)
         except TimeoutError:
             raise WriteContended(sid, 0, time.monotonic() - started, "re-base") from None
+        try:
+            return await self._rebase(diverged, started)
         finally:
+            self._turns.leave(sid)
             self._views.drop(sid)  # re-based: a new `rev`, other seqs
 
     async def _rebase(self, diverged: WriteDiverged, started: float) -> str:
@@ -983,21 +978,18 @@ class RedisHotStore:
         complete the moment the session is dormant, however far the write-behind lags.
         `check` (an If-Match) sees the record read under the WATCH and may refuse it.
         """
-        started = time.monotonic()
         try:
-            # A writer like the others: this replica's writes of the session wait for it
-            # instead of beating its commit (then find it dormant, and wake it).
-            async with self._turns.turn(session_id, _RACE_BUDGET_S):
-                return await self._suspend(session_id, flush, check, started)
-        except TimeoutError:
-            raise WriteContended(session_id, 0, time.monotonic() - started, "suspend") from None
+            # Not in the session's turn: its writes must not wait on MongoDB's flush (through
+            # a slow MongoDB they would answer contended), so a write may beat it.
+            return await self._suspend(session_id, flush, check)
         finally:  # dormant or not, what a write of this replica remembered is forgotten
             self._views.drop(session_id)
 
     async def _suspend(
-        self, session_id: str, flush: Flush, check: RecordCheck | None, started: float
+        self, session_id: str, flush: Flush, check: RecordCheck | None
     ) -> SessionRecord | None:
         key, tl = hot_key(session_id), timeline_key(session_id)
+        started = time.monotonic()
         for _ in range(_RACE_RETRIES):
             async with await self._transaction(key) as pipe:
                 await self._guard(pipe.watch(key, tl))
@@ -1031,9 +1023,9 @@ class RedisHotStore:
                 except WatchError:
                     continue
                 return record
-        # Other replicas' writes beat every try. The session stays active: the last flush
-        # wrote what Redis held then (marked dormant), which the next versioned write
-        # behind it replaces.
+        # Writes beat every try: the session is in use. It stays active: the last flush
+        # wrote what Redis held then (marked dormant), which the next versioned write behind
+        # it replaces.
         raise WriteContended(session_id, _RACE_RETRIES, time.monotonic() - started, "suspend")
 
     async def undelivered(self, session_id: str, client: Any = None) -> Undelivered:

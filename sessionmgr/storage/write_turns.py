@@ -10,18 +10,14 @@ A session nobody else in this replica is writing costs a few dictionary operatio
 await; a turn is handed to the next waiter directly, so a late comer never overtakes the
 queue.
 
-A suspend, and a re-base after Redis lost writes, are writers of the session too; they take
-their turn with `turn`, which a task already holding the session's turn passes through (a
-suspend's flush may re-base the session it is suspending).
+The re-base of a session after Redis lost writes takes its turn too. A suspend does not: it
+flushes to MongoDB, which the session's writes must not wait on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Any
 
 
 class WriteTurns:
@@ -30,8 +26,6 @@ class WriteTurns:
     def __init__(self) -> None:
         # A session being written: None while no one waits, else its waiters in order.
         self._queues: dict[str, deque[asyncio.Future[None]] | None] = {}
-        # The task in a session's turn through `turn` (not through `enter`).
-        self._holders: dict[str, asyncio.Task[Any] | None] = {}
 
     def __len__(self) -> int:
         """Sessions being written in this replica now."""
@@ -61,23 +55,6 @@ class WriteTurns:
             else:
                 turn.cancel()  # still queued: `leave` skips a cancelled turn
             raise
-
-    @contextlib.asynccontextmanager
-    async def turn(self, session_id: str, timeout_s: float | None = None) -> AsyncIterator[None]:
-        """`enter` ... `leave` around the block, unless the running task is in the session's
-        turn already through `turn`: then the block runs in that turn (a task it started
-        is not in it)."""
-        me = asyncio.current_task()
-        if session_id in self._holders and self._holders[session_id] is me:
-            yield
-            return
-        await self.enter(session_id, timeout_s)
-        self._holders[session_id] = me
-        try:
-            yield
-        finally:
-            del self._holders[session_id]
-            self.leave(session_id)
 
     def leave(self, session_id: str) -> None:
         """End this caller's turn: the next waiter's begins."""

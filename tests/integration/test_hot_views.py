@@ -707,34 +707,33 @@ async def keep_appending(
     return answers
 
 
-async def test_a_suspend_takes_its_turn_so_this_replicas_writers_never_beat_it(
-    store_redis: Redis,
+async def test_a_suspend_does_not_hold_up_this_replicas_writes_while_it_flushes(
+    store_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ten writers of this replica keep appending while it suspends the session: the suspend
-    waits its turn and then holds it, so no commit of theirs fires its WATCH (one try), and
-    each append either landed before it (in what it flushed) or found the session
-    dormant (it wrote nothing)."""
+    """MongoDB takes longer than a write may wait for its turn to take the suspend's flush:
+    the suspend holds no turn, so the writes land meanwhile (they beat its commit, and it
+    flushes again), and none answers contended through a slow MongoDB. Every append that
+    landed before the suspend's last try is in what it flushed."""
+    monkeypatch.setattr(hot, "_RACE_BUDGET_S", 0.5)
     store = RedisHotStore(store_redis)
     record = await created(store)
     flushed: list[SessionRecord] = []
+    done = asyncio.Event()
 
     async def flush(record: SessionRecord, events: Any, context: Any) -> None:
         flushed.append(msgspec.structs.replace(record))
-        await asyncio.sleep(0.02)  # MongoDB's round trip, while the writers queue up
+        if len(flushed) == 1:
+            await asyncio.sleep(1.0)  # MongoDB slower than a write may wait for its turn
+            done.set()
 
-    done = asyncio.Event()
-    writing = asyncio.create_task(keep_appending(store, record.id, 10, done))
-    await asyncio.sleep(0.02)
+    writing = asyncio.create_task(keep_appending(store, record.id, 3, done))
     suspended = await asyncio.wait_for(store.suspend(record.id, flush), 5)
-    done.set()
     answers = await writing
     assert suspended is not None
-    # One try: what Redis held and the outbox's backlog, both at the version it suspended.
-    assert {r.version for r in flushed} == {suspended.version}, "no commit beat the suspend"
     landed = [a for a in answers if a is not None]
-    assert landed, "the writers were writing when it came"
-    assert suspended.version == 1 + len(landed), "every append that landed is in what it flushed"
-    assert max(a.record.version for a in landed) == suspended.version
+    assert len(landed) > 10, "the writes went on during the slow flush"
+    assert flushed[0].version < suspended.version, "they beat the first try"
+    assert suspended.version == 1 + len(landed), "every append that landed is in it"
     assert not await store_redis.exists(hot_key(record.id), timeline_key(record.id))
 
 

@@ -28,12 +28,12 @@ WHEN = datetime(2026, 12, 2, 1, 2, 3, 456000, tzinfo=UTC)
 WIDE = "\U0001f600"  # four bytes of UTF-8: the widest character a name can hold
 
 
-@pytest.mark.parametrize("seed", range(200))
-def test_bson_bytes_is_the_drivers_size(seed: int) -> None:
-    random.seed(seed)
+def test_bson_bytes_is_the_drivers_size() -> None:
+    random.seed(16)
     edges = [2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**63 - 1, -(2**63), 0.5, "", None]
-    value = {**json_object(), "edges": edges, "nested": [json_value() for _ in range(20)]}
-    assert rules.bson_bytes(value) == len(bson.encode(value))
+    for _ in range(500):
+        value = {**json_object(), "edges": edges, "nested": [json_value() for _ in range(20)]}
+        assert rules.bson_bytes(value) == len(bson.encode(value)), value
 
 
 def worst_participant(i: int) -> tuple[str, Participant]:

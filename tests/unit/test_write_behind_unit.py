@@ -317,8 +317,9 @@ async def test_a_rebase_lost_to_writers_keeps_its_entry_pending_without_counting
     redis: Any, w: World
 ) -> None:
     """The divergence is kept, but re-basing the session loses to its writers: nothing is
-    wrong with the entry, so it stays pending, is never parked however often that happens,
-    waits `refused_retry_s` between tries, and is acknowledged once the re-base lands."""
+    wrong with the entry, so it stays pending, is never parked however often that happens
+    (while other entries go through, which parking also asks), waits `refused_retry_s`
+    between tries, and is acknowledged once the re-base lands."""
     session_id, entries = await session_history(w)
     record = entries[-1].record
     w.warm.apply_errors[session_id] = WriteDiverged(
@@ -335,9 +336,15 @@ async def test_a_rebase_lost_to_writers_keeps_its_entry_pending_without_counting
     await worker.step()
     assert reconciler.calls == 1, "its next try waits refused_retry_s"
     assert await worker.pending() == 1
+    (entry_id,) = worker._failures
     for _ in range(5):
+        _, others = await session_history(w)  # another session's writes go through meanwhile
+        await publish(redis, others)
         await asyncio.sleep(0.31)
         await worker.step()
+        if reconciler.calls < 6:
+            assert worker._failures[entry_id].attempts == 0, "no attempt counted"
+    assert worker._last_applied > 0, "others went through"
     assert worker.parked == 0, "a lost re-base is not a refusal: it never parks the entry"
     assert await redis.xlen(DEAD_LETTER_STREAM) == 0
     assert reconciler.calls == 6, "tried until the re-base landed"
