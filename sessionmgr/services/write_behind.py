@@ -294,6 +294,12 @@ class WriteBehindWorker:
                 await self._reconciler.settle(diverged)
             except WriteContended as exc:
                 return self._contended(delivery, entry, exc)
+            except BackendUnavailable:  # an outage, as below: pending, and the loop backs off
+                self._retry_own = True
+                self._metrics.write_behind_entries.labels("retried").inc()
+                raise
+            except Exception as exc:  # keeping it failed: retried, parked if it goes on
+                return await self._refused(delivery, entry, exc)
         except BackendUnavailable:
             # An outage: every entry would fail the same way now. It stays pending, counts
             # nothing against this entry, and the run loop backs off.

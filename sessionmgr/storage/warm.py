@@ -7,10 +7,12 @@ session never meets the 16 MB document limit and replays of an event are harmles
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
+import bson
 import msgspec
 from beanie import Document, init_beanie
 from motor.motor_asyncio import AsyncIOMotorClient
@@ -141,6 +143,39 @@ def _from_doc(doc: dict[str, Any]) -> SessionRecord:
 _NOT_IN_RECORD = frozenset(
     {"full_context", "context_version", "archive", "purge_pending", "cold_key"}
 )
+
+
+# What a conflict's document may take before its parts go to documents of their own: under
+# MongoDB's 16 MiB limit, with room for the command around it.
+CONFLICT_DOCUMENT_BYTES = 16 * 1024 * 1024 - 64 * 1024
+
+
+def _conflict_parts(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Split a conflict too large for one document (two full records, `full_context` and a
+    suspend's whole backlog of events can pass 16 MiB) into documents of its own: each event,
+    then the context and what MongoDB held, each naming the conflict (`part_of`) and its
+    session, so that a session's delete takes them too. `doc` keeps the rest and says what
+    went apart. Each part fits: an event, a context or a record alone is bounded far below
+    the limit (domain/rules.py). Returns the parts (none when `doc` fits as it is)."""
+    parts: list[dict[str, Any]] = []
+    key, incoming = doc["_id"], doc["incoming"]
+
+    def apart(suffix: str, name: str, value: Any) -> None:
+        parts.append(
+            {"_id": f"{key}:{suffix}", "session_id": doc["session_id"], "part_of": key, name: value}
+        )
+
+    if len(bson.encode(doc)) <= CONFLICT_DOCUMENT_BYTES:
+        return parts
+    for index, event in enumerate(incoming["events"]):
+        apart(f"e{index}", "event", event)
+    incoming["events_apart"], incoming["events"] = len(incoming["events"]), []
+    for name, holder in (("context", incoming), ("stored", doc)):
+        if len(bson.encode(doc)) <= CONFLICT_DOCUMENT_BYTES or holder[name] is None:
+            continue
+        apart(name, name, holder[name])
+        holder[name], holder[f"{name}_apart"] = None, True
+    return parts
 
 
 def _event_doc(session_id: str, event: TimelineEvent) -> dict[str, Any]:
@@ -496,6 +531,10 @@ class MongoWarmStore:
             "incoming": incoming,
             "stored": stored,
         }
+        parts = _conflict_parts(doc)
+        for part in parts:  # first: the conflict's own document says it is all there
+            with contextlib.suppress(DuplicateKeyError):  # stored by a try cut short
+                await _guard(self._conflicts.insert_one(part))
         try:
             await _guard(self._conflicts.insert_one(doc))
         except DuplicateKeyError:

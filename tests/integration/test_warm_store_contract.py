@@ -30,6 +30,7 @@ from sessionmgr.domain.model import (
 )
 from sessionmgr.services.ports import ListAfter, OutboxEntry, WriteDiverged
 from sessionmgr.settings import load_settings
+from sessionmgr.storage import warm as warm_store
 from sessionmgr.storage.warm import MongoWarmStore, open_warm_store
 from tests.conftest import JWT_SECRET
 from tests.support.wire_mongo import LABEL as WIRE
@@ -788,3 +789,55 @@ async def test_a_delete_racing_a_batch_cut_short_leaves_no_orphan_events(
         assert await warm.apply(batch[i].record, batch[i].events) is False
     assert await warm.get(session.id) is None
     assert await warm.all_events(session.id) == [], "orphan events of a deleted session"
+
+
+async def test_a_conflict_too_large_for_one_document_is_kept_in_parts(
+    warm: MongoWarmStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two full records, `full_context` and a suspend's whole backlog of events can pass
+    MongoDB's 16 MiB in one conflict document (issued as DocumentTooLarge, which left the
+    write-behind retrying it forever). Past the limit (made 2 KiB here), the events, then the
+    context, then what MongoDB held go to documents of their own; each says which conflict
+    it is part of. Kept once whatever the retries, and a session's delete takes them all."""
+    monkeypatch.setattr(warm_store, "CONFLICT_DOCUMENT_BYTES", 2 * 1024)
+    stored = record(write_id=new_write_id(), work_in_progress={"mongodb": "m" * 2500})
+    await warm.insert(stored)
+    incoming = msgspec.structs.replace(stored, write_id=new_write_id(), work_in_progress={})
+    events = [
+        TimelineEvent(seq=i, at=utcnow(), actor="a", kind="note", data={"n": "e" * 700})
+        for i in range(1, 11)
+    ]
+    context = ContextUpdate(version=1, value={"c": "c" * 2500})
+    diverged = WriteDiverged(
+        incoming, events, context, version_clash=True, stored=stored, stored_seq=0
+    )
+
+    assert await warm.keep_conflict(diverged)
+    assert not await warm.keep_conflict(diverged), "kept once"
+    kept = await warm._conflicts.find({"session_id": stored.id}).to_list(None)
+    [main] = [d for d in kept if "part_of" not in d]
+    parts = {d["_id"].rsplit(":", 1)[1]: d for d in kept if d.get("part_of") == main["_id"]}
+    assert len(kept) == 1 + len(parts)
+    assert main["incoming"]["events"] == [] and main["incoming"]["events_apart"] == 10
+    assert main["incoming"]["context_apart"] and main["stored_apart"]
+    assert main["incoming"]["record"]["write_id"] == incoming.write_id
+    events_back = [parts[f"e{i}"]["event"] for i in range(10)]
+    assert [e["data"] for e in events_back] == [e.data for e in events]
+    assert parts["context"]["context"]["value"] == context.value
+    assert parts["stored"]["stored"]["work_in_progress"] == stored.work_in_progress
+
+    await warm.delete(stored.id)
+    assert await warm._conflicts.count_documents({"session_id": stored.id}) == 0
+
+
+async def test_a_conflict_that_fits_stays_one_document(warm: MongoWarmStore) -> None:
+    stored = record(write_id=new_write_id())
+    await warm.insert(stored)
+    incoming = msgspec.structs.replace(stored, write_id=new_write_id())
+    diverged = WriteDiverged(
+        incoming, [event(1)], None, version_clash=True, stored=stored, stored_seq=0
+    )
+    assert await warm.keep_conflict(diverged)
+    [kept] = await warm._conflicts.find({"session_id": stored.id}).to_list(None)
+    assert len(kept["incoming"]["events"]) == 1
+    assert "events_apart" not in kept["incoming"] and "part_of" not in kept

@@ -349,3 +349,41 @@ async def test_a_rebase_lost_to_writers_keeps_its_entry_pending_without_counting
     assert await redis.xlen(DEAD_LETTER_STREAM) == 0
     assert reconciler.calls == 6, "tried until the re-base landed"
     assert await worker.pending() == 0, "acknowledged once it did"
+
+
+class FailingReconciler:
+    """A reconciler that cannot keep the divergence (MongoDB refuses the conflict)."""
+
+    async def settle(self, diverged: WriteDiverged) -> bool:
+        raise ValueError("conflict document refused")
+
+
+async def test_a_divergence_that_cannot_be_kept_is_retried_and_then_parked(
+    redis: Any, w: World
+) -> None:
+    """Keeping the divergence fails for its content: the entry is refused like any other
+    (retried, then parked with the error while others go through), not left to fail the
+    worker's every step."""
+    session_id, entries = await session_history(w)
+    record = entries[-1].record
+    w.warm.apply_errors[session_id] = WriteDiverged(
+        record, [], None, version_clash=True, stored=record, stored_seq=record.timeline_seq
+    )
+    [bad] = await publish(redis, entries[-1:])
+    worker = worker_for(
+        redis,
+        w.warm,
+        max_deliveries=2,
+        park_after_s=0,
+        refused_retry_s=0,
+        reconciler=FailingReconciler(),
+    )
+    await worker.ensure_group()
+    for _ in range(3):
+        _, others = await session_history(w)
+        await publish(redis, others)
+        await worker.step()
+    [(_, dead)] = await redis.xrange(DEAD_LETTER_STREAM)
+    assert dead[b"id"] == bad
+    assert b"conflict document refused" in dead[b"error"]
+    assert await worker.pending() == 0
