@@ -139,7 +139,13 @@ def domain_error(request: Request[Any, Any, Any], exc: SessionError) -> Response
     headers: dict[str, str] = {}
     if isinstance(exc, WriteContended):
         headers["Retry-After"] = str(exc.retry_after_s)
-        log.warning("%s %s answered 503 contended: %s", request.method, request.url.path, exc)
+        log.warning(
+            "%s %s answered 503 contended: %s",
+            request.method,
+            request.url.path,
+            exc,
+            extra={"session_id": exc.session_id},
+        )
         metrics = request.app.state.get("metrics")  # absent in a bare app (unit tests)
         if metrics is not None:
             metrics.write_contended.inc()

@@ -299,7 +299,7 @@ class WriteBehindWorker:
                 self._metrics.write_behind_entries.labels("retried").inc()
                 raise
             except Exception as exc:  # keeping it failed: retried, parked if it goes on
-                return await self._refused(delivery, entry, exc)
+                return await self._refused(delivery, entry, exc, "diverged, not kept")
         except BackendUnavailable:
             # An outage: every entry would fail the same way now. It stays pending, counts
             # nothing against this entry, and the run loop backs off.
@@ -315,7 +315,13 @@ class WriteBehindWorker:
         self._metrics.write_behind_entries.labels("applied").inc()
         return True
 
-    async def _refused(self, delivery: Delivery, entry: OutboxEntry, exc: Exception) -> bool:
+    async def _refused(
+        self,
+        delivery: Delivery,
+        entry: OutboxEntry,
+        exc: Exception,
+        how: str = "refused by MongoDB",
+    ) -> bool:
         """MongoDB refused this entry (not an outage). Retry it on a growing schedule; park it
         only when it has failed `max_deliveries` times over at least `park_after_s` while
         other entries went through: when every entry fails alike, MongoDB is what is wrong."""
@@ -331,9 +337,10 @@ class WriteBehindWorker:
         self._failures[entry_id] = failure
         others_applied = self._last_applied > failure.first_at
         log.error(
-            "write-behind of session %s v%d refused by MongoDB (attempt %d): %s",
+            "write-behind of session %s v%d %s (attempt %d): %s",
             entry.record.id,
             entry.record.version,
+            how,
             failure.attempts,
             failure.error,
             extra={"session_id": entry.record.id},

@@ -7,7 +7,7 @@ session never meets the 16 MB document limit and replays of an event are harmles
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -146,31 +146,45 @@ _NOT_IN_RECORD = frozenset(
 
 
 # What a conflict's document may take before its parts go to documents of their own: under
-# MongoDB's 16 MiB limit, with room for the command around it.
+# MongoDB's 16 MiB limit, with room for the command around it. Events go apart in groups of
+# at most `CONFLICT_EVENTS_PART_BYTES`.
 CONFLICT_DOCUMENT_BYTES = 16 * 1024 * 1024 - 64 * 1024
+CONFLICT_EVENTS_PART_BYTES = 8 * 1024 * 1024
 
 
 def _conflict_parts(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Split a conflict too large for one document (two full records, `full_context` and a
-    suspend's whole backlog of events can pass 16 MiB) into documents of its own: each event,
-    then the context and what MongoDB held, each naming the conflict (`part_of`) and its
-    session, so that a session's delete takes them too. `doc` keeps the rest and says what
-    went apart. Each part fits: an event, a context or a record alone is bounded far below
-    the limit (domain/rules.py). Returns the parts (none when `doc` fits as it is)."""
-    parts: list[dict[str, Any]] = []
-    key, incoming = doc["_id"], doc["incoming"]
-
-    def apart(suffix: str, name: str, value: Any) -> None:
-        parts.append(
-            {"_id": f"{key}:{suffix}", "session_id": doc["session_id"], "part_of": key, name: value}
-        )
-
+    suspend's whole backlog of events can pass 16 MiB) into documents of its own. The events
+    go first, in groups; then, while `doc` is still too large, the context, what MongoDB
+    held and the incoming record. Each part is named by a digest of the conflict's id
+    (`doc["parts"]`, the parts' `part_of`) and keeps its session, so a session's delete takes
+    it. Each fits: a group of events by its bound, an event, a context or a record alone by
+    the limits of domain/rules.py, whose overhead allowance leaves room for a part's own
+    fields. Returns the parts (none when `doc` fits as it is); `doc` says what went apart."""
     if len(bson.encode(doc)) <= CONFLICT_DOCUMENT_BYTES:
-        return parts
-    for index, event in enumerate(incoming["events"]):
-        apart(f"e{index}", "event", event)
+        return []
+    tag = hashlib.sha256(doc["_id"].encode()).hexdigest()[:32]
+    doc["parts"] = tag
+    parts: list[dict[str, Any]] = []
+
+    def apart(name: str, field: str, value: Any) -> None:
+        part = {"_id": f"{tag}:{name}", "session_id": doc["session_id"], "part_of": tag}
+        parts.append(part | {field: value})
+
+    incoming = doc["incoming"]
+    group: list[Any] = []
+    size = groups = 0
+    for event in incoming["events"]:
+        event_size = len(bson.encode({"e": event}))
+        if group and size + event_size > CONFLICT_EVENTS_PART_BYTES:
+            apart(f"events{groups}", "events", group)
+            group, size, groups = [], 0, groups + 1
+        group.append(event)
+        size += event_size
+    if group:
+        apart(f"events{groups}", "events", group)
     incoming["events_apart"], incoming["events"] = len(incoming["events"]), []
-    for name, holder in (("context", incoming), ("stored", doc)):
+    for name, holder in (("context", incoming), ("stored", doc), ("record", incoming)):
         if len(bson.encode(doc)) <= CONFLICT_DOCUMENT_BYTES or holder[name] is None:
             continue
         apart(name, name, holder[name])
@@ -532,9 +546,12 @@ class MongoWarmStore:
             "stored": stored,
         }
         parts = _conflict_parts(doc)
-        for part in parts:  # first: the conflict's own document says it is all there
-            with contextlib.suppress(DuplicateKeyError):  # stored by a try cut short
-                await _guard(self._conflicts.insert_one(part))
+        if parts:  # first: the conflict's own document says it is all there
+            try:
+                await _guard(self._conflicts.insert_many(parts, ordered=False))
+            except BulkWriteError as exc:  # those a try cut short stored are done
+                if any(e.get("code") != DUPLICATE_KEY for e in exc.details["writeErrors"]):
+                    raise
         try:
             await _guard(self._conflicts.insert_one(doc))
         except DuplicateKeyError:

@@ -797,12 +797,16 @@ async def test_a_conflict_too_large_for_one_document_is_kept_in_parts(
     """Two full records, `full_context` and a suspend's whole backlog of events can pass
     MongoDB's 16 MiB in one conflict document (issued as DocumentTooLarge, which left the
     write-behind retrying it forever). Past the limit (made 2 KiB here), the events, then the
-    context, then what MongoDB held go to documents of their own; each says which conflict
-    it is part of. Kept once whatever the retries, and a session's delete takes them all."""
+    context, what MongoDB held, then what came in go to documents of their own (events in
+    groups, the rest while the conflict's own document is too large yet); each
+    names the conflict by a digest of its id. Kept once whatever the retries, and a
+    session's delete takes them all."""
     monkeypatch.setattr(warm_store, "CONFLICT_DOCUMENT_BYTES", 2 * 1024)
     stored = record(write_id=new_write_id(), work_in_progress={"mongodb": "m" * 2500})
     await warm.insert(stored)
-    incoming = msgspec.structs.replace(stored, write_id=new_write_id(), work_in_progress={})
+    incoming = msgspec.structs.replace(
+        stored, write_id=new_write_id(), work_in_progress={"incoming": "i" * 2500}
+    )
     events = [
         TimelineEvent(seq=i, at=utcnow(), actor="a", kind="note", data={"n": "e" * 700})
         for i in range(1, 11)
@@ -812,16 +816,20 @@ async def test_a_conflict_too_large_for_one_document_is_kept_in_parts(
         incoming, events, context, version_clash=True, stored=stored, stored_seq=0
     )
 
+    monkeypatch.setattr(warm_store, "CONFLICT_EVENTS_PART_BYTES", 3 * 1024)
     assert await warm.keep_conflict(diverged)
     assert not await warm.keep_conflict(diverged), "kept once"
     kept = await warm._conflicts.find({"session_id": stored.id}).to_list(None)
     [main] = [d for d in kept if "part_of" not in d]
-    parts = {d["_id"].rsplit(":", 1)[1]: d for d in kept if d.get("part_of") == main["_id"]}
+    parts = {d["_id"].split(":")[1]: d for d in kept if d.get("part_of") == main["parts"]}
     assert len(kept) == 1 + len(parts)
     assert main["incoming"]["events"] == [] and main["incoming"]["events_apart"] == 10
     assert main["incoming"]["context_apart"] and main["stored_apart"]
-    assert main["incoming"]["record"]["write_id"] == incoming.write_id
-    events_back = [parts[f"e{i}"]["event"] for i in range(10)]
+    assert main["incoming"]["record_apart"], "what came in was too large yet"
+    assert parts["record"]["record"]["work_in_progress"] == incoming.work_in_progress
+    groups = sorted((n for n in parts if n.startswith("events")), key=lambda n: int(n[6:]))
+    assert len(groups) == 4, "about 3 KiB of events each"
+    events_back = [e for name in groups for e in parts[name]["events"]]
     assert [e["data"] for e in events_back] == [e.data for e in events]
     assert parts["context"]["context"]["value"] == context.value
     assert parts["stored"]["stored"]["work_in_progress"] == stored.work_in_progress
@@ -841,3 +849,27 @@ async def test_a_conflict_that_fits_stays_one_document(warm: MongoWarmStore) -> 
     [kept] = await warm._conflicts.find({"session_id": stored.id}).to_list(None)
     assert len(kept["incoming"]["events"]) == 1
     assert "events_apart" not in kept["incoming"] and "part_of" not in kept
+
+
+async def test_the_parts_of_a_conflict_of_many_events_stay_small(
+    warm: MongoWarmStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The conflict's id lists every clashing seq; its parts are named by a digest of it,
+    and its events go in groups, so a thousand events make a few short parts, not a
+    thousand parts each carrying the long id (a review of the first form: 20 000 events
+    made 5.6 GB of parts)."""
+    monkeypatch.setattr(warm_store, "CONFLICT_DOCUMENT_BYTES", 16 * 1024)
+    monkeypatch.setattr(warm_store, "CONFLICT_EVENTS_PART_BYTES", 64 * 1024)
+    stored = record(write_id=new_write_id())
+    await warm.insert(stored)
+    incoming = msgspec.structs.replace(stored, write_id=new_write_id())
+    events = [event(seq) for seq in range(100_000, 101_000)]
+    diverged = WriteDiverged(
+        incoming, events, None, version_clash=True, stored=stored, stored_seq=0
+    )
+    assert await warm.keep_conflict(diverged)
+    kept = await warm._conflicts.find({"session_id": stored.id}).to_list(None)
+    parts = [p for p in kept if "part_of" in p]
+    assert 1 < len(parts) < 10
+    assert all(len(p["_id"]) < 64 and len(p["part_of"]) == 32 for p in parts)
+    assert sum(len(p.get("events", [])) for p in parts) == 1000

@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 from sessionmgr.container import RedisWriteBehindWorker as WriteBehindWorker
-from sessionmgr.domain.errors import WriteContended
+from sessionmgr.domain.errors import BackendUnavailable, WriteContended
 from sessionmgr.domain.model import NewEvent
 from sessionmgr.services.ports import WriteDiverged
 from sessionmgr.services.write_behind import running
@@ -387,3 +387,39 @@ async def test_a_divergence_that_cannot_be_kept_is_retried_and_then_parked(
     assert dead[b"id"] == bad
     assert b"conflict document refused" in dead[b"error"]
     assert await worker.pending() == 0
+
+
+class OutageReconciler:
+    """A reconciler whose backend is out while it keeps the divergence."""
+
+    async def settle(self, diverged: WriteDiverged) -> bool:
+        raise BackendUnavailable("mongodb", "connection refused")
+
+
+async def test_an_outage_while_keeping_a_divergence_is_an_outage(redis: Any, w: World) -> None:
+    """MongoDB or Redis out while the divergence is kept: the step fails as for any outage
+    (the run loop backs off), the entry stays pending, and no attempt counts toward parking
+    however long it lasts."""
+    session_id, entries = await session_history(w)
+    record = entries[-1].record
+    w.warm.apply_errors[session_id] = WriteDiverged(
+        record, [], None, version_clash=True, stored=record, stored_seq=record.timeline_seq
+    )
+    await publish(redis, entries[-1:])
+    worker = worker_for(
+        redis,
+        w.warm,
+        max_deliveries=1,
+        park_after_s=0,
+        refused_retry_s=0,
+        reconciler=OutageReconciler(),
+    )
+    await worker.ensure_group()
+    for _ in range(3):
+        _, others = await session_history(w)
+        await publish(redis, others)
+        with pytest.raises(BackendUnavailable):
+            await worker.step()
+    assert worker.parked == 0
+    assert not worker._failures, "no attempt counted"
+    assert await worker.pending() >= 1
