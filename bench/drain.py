@@ -151,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.drain", description=__doc__)
     parser.add_argument("--entries", type=int, default=5000, help="appends to drain")
     parser.add_argument("--sessions", type=int, default=100, help="sessions they go to")
-    parser.add_argument("--batch", type=int, default=100, help="SESSIONMGR_OUTBOX_BATCH")
+    parser.add_argument("--batch", type=int, default=1000, help="SESSIONMGR_OUTBOX_BATCH")
     parser.add_argument("--one-at-a-time", action="store_true", help="the worker before batches")
     parser.add_argument("--mongodb-uri", default="", help="a MongoDB to use instead")
     return parser

@@ -54,7 +54,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     idempotency_ttl_s: int = 86_400
     outbox_claim_idle_ms: int = 30_000
     outbox_max_deliveries: int = 5
-    outbox_batch: int = 100
+    outbox_batch: int = 1000
     breaker_failures: int = 5
     breaker_reset_s: float = 5.0
     retry_attempts: int = 3

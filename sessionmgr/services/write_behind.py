@@ -7,9 +7,13 @@ anything: it stays pending and the worker backs off. Only an entry MongoDB refus
 content, `max_deliveries` times over at least `park_after_s` while others go through, is
 parked on a dead-letter stream that is never trimmed, with its last error.
 
-What one read brings is written as a batch (`WarmStore.apply_many`: a few round trips for the
-whole batch) and acknowledged at once (`Outbox.ack_many`); what the batch leaves (a clash, a
-session gone), or a whole batch MongoDB refuses for its content, goes one entry at a time.
+What a round reads is written as batches of up to `batch` entries and `BATCH_BYTES` bytes
+(`WarmStore.apply_many`: a few round trips for the whole batch) and acknowledged at once
+(`Outbox.ack_many`); what the batch leaves (a clash, a session gone), or a whole batch MongoDB
+refuses for its content, goes one entry at a time. A round asks the outbox for `READ_PAGE`
+entries at a time (one read brings about that, a few from every partition), and asks again
+while reads come back full, until it holds a batch or `BATCH_BYTES`: a backlog goes to MongoDB
+in batches of `batch` (fewer round trips per entry), while one read is no larger than before.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import msgspec
 from opentelemetry import context, trace
@@ -36,6 +40,8 @@ log = logging.getLogger(__name__)
 DEPARTED_AFTER_MS = 3_600_000
 # The outbox gauges are read again at most this often (each read covers every partition).
 EXPORT_EVERY_S = 0.5
+READ_PAGE = 100  # entries asked of the outbox at once (a read, a claim, a page of pending)
+BATCH_BYTES = 8 * 1024 * 1024  # a batch, and what a round reads, stops at this many bytes
 
 
 def consumer_name() -> str:
@@ -58,7 +64,7 @@ class WriteBehindWorker:
         warm: WarmStore,
         *,
         consumer: str | None = None,
-        batch: int = 100,
+        batch: int = 1000,
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
@@ -74,6 +80,7 @@ class WriteBehindWorker:
         self._warm = warm
         self.consumer = consumer or consumer_name()
         self._batch = batch
+        self._page = min(batch, READ_PAGE)
         self._block_ms = block_ms
         self._claim_idle_ms = claim_idle_ms
         self._max_deliveries = max_deliveries
@@ -164,10 +171,10 @@ class WriteBehindWorker:
         start: str | bytes = "0"
         done, seen = 0, 0
         while True:
-            page = await self._outbox.read(self.consumer, start, self._batch)
+            page = await self._outbox.read(self.consumer, start, self._page)
             seen += len(page)
             done += await self._deliver(page)
-            if len(page) < self._batch:
+            if len(page) < self._page:
                 break
             start = page[-1].id
         if not seen:
@@ -181,7 +188,7 @@ class WriteBehindWorker:
         start, done = "0-0", 0
         while True:
             start, entries = await self._outbox.claim(
-                self.consumer, self._claim_idle_ms, start, self._batch
+                self.consumer, self._claim_idle_ms, start, self._page
             )
             if entries:
                 log.info("claimed %d stale outbox entries", len(entries))
@@ -207,9 +214,35 @@ class WriteBehindWorker:
         return removed
 
     async def _read(self, offset: str, block_ms: int | None) -> int:
-        return await self._deliver(
-            await self._outbox.read(self.consumer, offset, self._batch, block_ms)
-        )
+        """New entries, page after page while each page comes back full (a backlog), until
+        a batch is in hand; only the first read waits for entries."""
+        found = await self._outbox.read(self.consumer, offset, self._page, block_ms)
+        page, held = found, _bytes(found)
+        while (
+            offset == ">"
+            and len(page) >= self._page
+            and len(found) < self._batch
+            and held < BATCH_BYTES
+        ):
+            page = await self._outbox.read(self.consumer, offset, self._page)
+            found += page
+            held += _bytes(page)
+        return await self._deliver(found)
+
+    def _batches(self, ready: list[Delivery]) -> Iterator[list[Delivery]]:
+        """`ready` in order, cut into batches of at most `batch` entries and `BATCH_BYTES`
+        (an entry larger than that alone)."""
+        batch: list[Delivery] = []
+        held = 0
+        for delivery in ready:
+            size = _bytes([delivery])
+            if batch and (len(batch) >= self._batch or held + size > BATCH_BYTES):
+                yield batch
+                batch, held = [], 0
+            batch.append(delivery)
+            held += size
+        if batch:
+            yield batch
 
     async def _deliver(self, entries: list[Delivery]) -> int:
         if not entries:
@@ -230,10 +263,10 @@ class WriteBehindWorker:
                 if failure is not None and failure.next_at > time.monotonic():
                     continue  # refused before; its next try is not due yet
                 ready.append(delivery)
-            for start in range(0, len(ready), self._batch):  # a claim may bring more
+            for batch in self._batches(ready):
                 if self._stop.is_set():
                     break  # shutting down: the rest stay pending for another replica to claim
-                applied, left = await self._deliver_batch(ready[start : start + self._batch])
+                applied, left = await self._deliver_batch(batch)
                 done += applied
                 for delivery in left:  # before the next batch: a session's order is kept
                     if self._stop.is_set():
@@ -410,6 +443,11 @@ class WriteBehindWorker:
         lag_s = await self._outbox.oldest_age_s() if pending else 0.0
         self._metrics.outbox_pending.set(pending)
         self._metrics.outbox_lag.set(max(0.0, lag_s))
+
+
+def _bytes(deliveries: list[Delivery]) -> int:
+    """What the entries take as the outbox holds them."""
+    return sum(len(value) for d in deliveries for value in d.raw.values())
 
 
 @contextlib.asynccontextmanager

@@ -19,6 +19,6 @@ async def test_the_drain_bench_carries_every_append_to_the_warm_tier(
     assert entries == 120  # the backlog was all there before the worker started
     assert wall_s > 0
     out = capsys.readouterr().out
-    how = "one entry at a time" if one_at_a_time else "batches of 100"
+    how = "one entry at a time" if one_at_a_time else "batches of 1000"
     assert f"write-behind, {how}: 120 entries over 12 sessions drained" in out, out
     assert "every event in MongoDB" in out

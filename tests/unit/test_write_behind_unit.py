@@ -19,8 +19,10 @@ import pytest
 from sessionmgr.container import RedisWriteBehindWorker as WriteBehindWorker
 from sessionmgr.domain.errors import BackendUnavailable, WriteContended
 from sessionmgr.domain.model import NewEvent
+from sessionmgr.services import write_behind
 from sessionmgr.services.ports import WriteDiverged
 from sessionmgr.services.write_behind import running
+from sessionmgr.storage import outbox
 from sessionmgr.storage.hot import DEAD_LETTER_STREAM, OUTBOX_STREAM, OutboxEntry
 from sessionmgr.storage.outbox import GROUP
 from tests.unit.factories import principal
@@ -423,3 +425,65 @@ async def test_an_outage_while_keeping_a_divergence_is_an_outage(redis: Any, w: 
     assert worker.parked == 0
     assert not worker._failures, "no attempt counted"
     assert await worker.pending() >= 1
+
+
+def counting_batches(w: World) -> list[int]:
+    """The size of each batch the worker hands the warm store."""
+    sizes: list[int] = []
+    real = w.warm.apply_many
+
+    async def apply_many(entries: Any) -> list[int]:
+        sizes.append(len(entries))
+        return await real(entries)
+
+    w.warm.apply_many = apply_many  # type: ignore[method-assign]
+    return sizes
+
+
+async def test_a_backlog_is_read_page_by_page_and_written_a_batch_at_a_time(
+    redis: Any, w: World
+) -> None:
+    """1 050 entries waiting, a batch of 1 000: the round reads pages (`READ_PAGE` asked,
+    more from partitions with a backlog, as `RedisOutbox.read` gives) until it holds a
+    batch, and MongoDB gets the batch whole, then the rest."""
+    entries: list[OutboxEntry] = []
+    for _ in range(350):  # 3 entries each
+        entries += (await session_history(w))[1]
+    await publish(redis, entries)
+    sizes = counting_batches(w)
+    worker = worker_for(redis, w.warm, batch=1000)
+    await worker.ensure_group()
+    reads: list[int] = []
+    real_read = worker._outbox.read
+
+    async def read(*args: Any, **kwargs: Any) -> Any:
+        found = await real_read(*args, **kwargs)
+        reads.append(len(found))
+        return found
+
+    worker._outbox.read = read  # type: ignore[method-assign]
+    while await worker.pending():
+        await worker.step()
+    assert sizes[0] == 1000 and sum(sizes) == 1050
+    assert max(reads) <= write_behind.READ_PAGE * (outbox.BUSY_BATCHES + 1), "pages, not 1000"
+
+
+async def test_a_batch_stops_at_its_bytes(
+    redis: Any, w: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large entries: a batch (and a round's reading) stops at `BATCH_BYTES`, whatever its
+    count, so what the worker holds stays bounded."""
+    entries: list[OutboxEntry] = []
+    for _ in range(14):
+        entries += (await session_history(w))[1]
+    entries = entries[:40]
+    await publish(redis, entries)
+    sizes = counting_batches(w)
+    one = len(msgspec.json.encode(entries[0]))
+    monkeypatch.setattr(write_behind, "BATCH_BYTES", 5 * one)
+    worker = worker_for(redis, w.warm, batch=1000)
+    await worker.ensure_group()
+    while await worker.pending():
+        await worker.step()
+    assert sum(sizes) == 40
+    assert max(sizes) <= 6 and len(sizes) >= 7, "cut by bytes, not by the batch of 1000"
