@@ -286,8 +286,7 @@ class WriteBehindWorker:
         try:
             left = set(await self._warm.apply_many([entry for _d, entry in whole]))
         except BackendUnavailable:
-            self._retry_own = True
-            self._metrics.write_behind_entries.labels("retried").inc(len(whole))
+            self._outage(len(whole))
             raise
         except Exception as exc:
             log.warning(
@@ -323,21 +322,10 @@ class WriteBehindWorker:
             # a reconciler, kept pending for one that has).
             if self._reconciler is None:
                 raise
-            try:
-                await self._reconciler.settle(diverged)
-            except WriteContended as exc:
-                return self._contended(delivery, entry, exc)
-            except BackendUnavailable:  # an outage, as below: pending, and the loop backs off
-                self._retry_own = True
-                self._metrics.write_behind_entries.labels("retried").inc()
-                raise
-            except Exception as exc:  # keeping it failed: retried, parked if it goes on
-                return await self._refused(delivery, entry, exc, "diverged, not kept")
+            if not await self._settle(self._reconciler, delivery, entry, diverged):
+                return False
         except BackendUnavailable:
-            # An outage: every entry would fail the same way now. It stays pending, counts
-            # nothing against this entry, and the run loop backs off.
-            self._retry_own = True
-            self._metrics.write_behind_entries.labels("retried").inc()
+            self._outage()
             raise
         except Exception as exc:
             return await self._refused(delivery, entry, exc)
@@ -347,6 +335,36 @@ class WriteBehindWorker:
         self.delivered += 1
         self._metrics.write_behind_entries.labels("applied").inc()
         return True
+
+    async def _settle(
+        self, reconciler: Reconciler, delivery: Delivery, entry: OutboxEntry, d: WriteDiverged
+    ) -> bool:
+        """Keep the divergence and re-base its session; False when the entry has to wait: the
+        re-base lost to the session's writers, or keeping it failed (a refusal like any)."""
+        try:
+            await reconciler.settle(d)
+        except WriteContended as exc:
+            return self._contended(delivery, entry, exc)
+        except BackendUnavailable:
+            self._outage()
+            raise
+        except Exception as exc:
+            return await self._refused(delivery, entry, exc, "diverged, not kept")
+        return True
+
+    def _outage(self, entries: int = 1) -> None:
+        """An outage: every entry would fail the same way now. They stay pending, count
+        nothing against themselves, and the run loop backs off."""
+        self._retry_own = True
+        self._metrics.write_behind_entries.labels("retried").inc(entries)
+
+    def _failure_of(self, delivery: Delivery, now: float, error: str = "") -> _Failure:
+        """The entry's record of failed tries, new if it had none; our pending list is to be
+        read again."""
+        self._retry_own = True
+        return self._failures.setdefault(
+            delivery.id, _Failure(first_at=now, attempts=0, error=error, next_at=now)
+        )
 
     async def _refused(
         self,
@@ -358,16 +376,11 @@ class WriteBehindWorker:
         """MongoDB refused this entry (not an outage). Retry it on a growing schedule; park it
         only when it has failed `max_deliveries` times over at least `park_after_s` while
         other entries went through: when every entry fails alike, MongoDB is what is wrong."""
-        self._retry_own = True
         now = time.monotonic()
-        entry_id = delivery.id
-        failure = self._failures.get(entry_id) or _Failure(
-            first_at=now, attempts=0, error="", next_at=now
-        )
+        failure = self._failure_of(delivery, now)
         failure.attempts += 1
         failure.error = describe(exc)
         failure.next_at = now + min(60.0, self._refused_retry_s * 2 ** (failure.attempts - 1))
-        self._failures[entry_id] = failure
         others_applied = self._last_applied > failure.first_at
         log.error(
             "write-behind of session %s v%d %s (attempt %d): %s",
@@ -392,13 +405,9 @@ class WriteBehindWorker:
         """The session's re-base lost to its writers (kept in MongoDB's conflicts already):
         nothing is wrong with the entry, so it stays pending, counts no attempt toward
         parking, and is tried again after `refused_retry_s`."""
-        self._retry_own = True
         now = time.monotonic()
-        failure = self._failures.get(delivery.id) or _Failure(
-            first_at=now, attempts=0, error=describe(exc), next_at=now
-        )
+        failure = self._failure_of(delivery, now, describe(exc))
         failure.next_at = now + self._refused_retry_s
-        self._failures[delivery.id] = failure
         self._metrics.write_behind_entries.labels("retried").inc()
         log.warning(
             "write-behind of session %s v%d waits: %s",

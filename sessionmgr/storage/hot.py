@@ -108,9 +108,9 @@ _RACE_BUDGET_S = 2.0  # ... and how long after the call (its wait for a turn too
 _PAUSE_CAP_S = 0.05
 
 
-def _contended(session_id: str, beaten: int, started: float) -> WriteContended:
+def _contended(session_id: str, beaten: int, started: float, what: str = "write") -> WriteContended:
     # Logged where it is answered (api/problems.py), as every other contended answer is.
-    return WriteContended(session_id, beaten, time.monotonic() - started)
+    return WriteContended(session_id, beaten, time.monotonic() - started, what)
 
 
 def _version_refusal(
@@ -638,14 +638,19 @@ class RedisHotStore:
         started = time.monotonic()
         if names_version and self._turns.busy(session_id):
             await self._refuse_early(client, session_id, decide, idem)
-        try:
-            await self._turns.enter(session_id, _RACE_BUDGET_S)
-        except TimeoutError:
-            raise _contended(session_id, 0, started) from None
+        await self._take_turn(session_id, started)
         try:
             return await self._transact(client, session_id, decide, idem, started)
         finally:
             self._turns.leave(session_id)
+
+    async def _take_turn(self, session_id: str, started: float, what: str = "write") -> None:
+        """This replica's turn to write the session (`leave` it in a `finally`), or
+        `WriteContended` (its time counted from `started`) after `_RACE_BUDGET_S` of waiting."""
+        try:
+            await self._turns.enter(session_id, _RACE_BUDGET_S)
+        except TimeoutError:
+            raise _contended(session_id, 0, started, what) from None
 
     async def _refuse_early(
         self, client: Any, session_id: str, decide: Decide, idem: Idempotency | None
@@ -851,10 +856,8 @@ class RedisHotStore:
         """
         sid = diverged.session_id
         started = time.monotonic()
-        try:  # a writer like the others (Redis only): this replica's writes wait for it
-            await self._turns.enter(sid, _RACE_BUDGET_S)
-        except TimeoutError:
-            raise WriteContended(sid, 0, time.monotonic() - started, "re-base") from None
+        # A writer like the others (Redis only): this replica's writes wait for it.
+        await self._take_turn(sid, started, "re-base")
         try:
             return await self._rebase(diverged, started)
         finally:
@@ -899,7 +902,7 @@ class RedisHotStore:
                 return REBASED
         # Other replicas' writes beat every try: nothing moved; whoever meets the write
         # again (the write-behind keeps its entry pending) re-bases it then.
-        raise WriteContended(sid, _RACE_RETRIES, time.monotonic() - started, "re-base")
+        raise _contended(sid, _RACE_RETRIES, started, "re-base")
 
     async def claim(self, scope: str, idem: Idempotency) -> Replayed | None:
         """Take the key for a request outside the transaction (create, suspend, resume, delete).
@@ -1026,7 +1029,7 @@ class RedisHotStore:
         # Writes beat every try: the session is in use. It stays active: the last flush
         # wrote what Redis held then (marked dormant), which the next versioned write behind
         # it replaces.
-        raise WriteContended(session_id, _RACE_RETRIES, time.monotonic() - started, "suspend")
+        raise _contended(session_id, _RACE_RETRIES, started, "suspend")
 
     async def undelivered(self, session_id: str, client: Any = None) -> Undelivered:
         """What the outbox holds for this session: its events and newest `full_context`.

@@ -192,6 +192,12 @@ def _conflict_parts(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return parts
 
 
+def _only_duplicates(exc: BulkWriteError) -> bool:
+    """Whether an unordered insert met nothing but ids already taken (done, or a clash the
+    caller looks into); any other write error is the caller's to raise."""
+    return all(e.get("code") == DUPLICATE_KEY for e in exc.details.get("writeErrors", []))
+
+
 def _event_doc(session_id: str, event: TimelineEvent) -> dict[str, Any]:
     doc: dict[str, Any] = msgspec.to_builtins(event, builtin_types=(datetime,))
     doc["session_id"] = session_id
@@ -368,9 +374,9 @@ class MongoWarmStore:
         try:
             await _guard(self._writes.insert_many(docs, ordered=False))
         except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(err.get("code") != DUPLICATE_KEY for err in errors):
+            if not _only_duplicates(exc):
                 raise
+            errors = exc.details.get("writeErrors", [])
             # Each refused record on its own: two records of one version (a divergent write
             # and a duplicate of the noted one) share a key, and either may be the clash.
             refused = [(docs[err["index"]]["_id"], records[err["index"]]) for err in errors]
@@ -417,9 +423,9 @@ class MongoWarmStore:
                 self._events.insert_many([_event_doc(sid, e) for sid, e in owned], ordered=False)
             )
         except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(err.get("code") != DUPLICATE_KEY for err in errors):
+            if not _only_duplicates(exc):
                 raise
+            errors = exc.details.get("writeErrors", [])
             taken: dict[str, list[TimelineEvent]] = {}
             for err in errors:
                 sid, event = owned[err["index"]]
@@ -505,9 +511,9 @@ class MongoWarmStore:
                 self._events.insert_many([_event_doc(session_id, e) for e in events], ordered=False)
             )
         except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(err.get("code") != DUPLICATE_KEY for err in errors):
+            if not _only_duplicates(exc):
                 raise
+            errors = exc.details.get("writeErrors", [])
             taken = [events[err["index"]] for err in errors]
             return await self._other_events(session_id, taken)
         return []
@@ -550,7 +556,7 @@ class MongoWarmStore:
             try:
                 await _guard(self._conflicts.insert_many(parts, ordered=False))
             except BulkWriteError as exc:  # those a try cut short stored are done
-                if any(e.get("code") != DUPLICATE_KEY for e in exc.details["writeErrors"]):
+                if not _only_duplicates(exc):
                     raise
         try:
             await _guard(self._conflicts.insert_one(doc))

@@ -21,7 +21,7 @@ from sessionmgr.services import quotas
 from sessionmgr.services.sessions import Limits
 from sessionmgr.settings import ConfigError, load_settings
 from sessionmgr.storage.warm import _to_doc
-from tests.unit.factories import json_object, json_value, principal
+from tests.unit.factories import SessionRecordFactory, json_object, json_value, principal
 
 KIB, MIB = 1024, 1024 * 1024
 WHEN = datetime(2026, 12, 2, 1, 2, 3, 456000, tzinfo=UTC)
@@ -159,18 +159,7 @@ def test_a_privileged_participants_quota_stops_where_the_document_would_not_fit(
     limits = Limits(max_field_bytes=2 * MIB, max_participants=fit // 2)
     service = principal("svc", "service")
     members = dict(worst_participant(i) for i in range(fit))
-    full = SessionRecord(
-        id="s",
-        version=1,
-        state=SessionState.ACTIVE,
-        owner_id="o",
-        acl=[],
-        created_at=WHEN,
-        last_active=WHEN,
-        participants=members,
-        work_in_progress={},
-        context_summary={},
-    )
+    full = SessionRecordFactory.build(participants=members)
     with pytest.raises(QuotaExceeded) as refused:
         quotas.check_participants(limits, service, full)
     assert refused.value.quota == fit, "not fit // 2 x the privileged factor"

@@ -302,17 +302,33 @@ async def test_running_delivers_in_the_background_and_stops_cleanly(redis: Any, 
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("write-behind")]
 
 
-class ContendedReconciler:
-    """A reconciler whose re-base loses to the session's writers `times` times, then lands."""
+class RaisingReconciler:
+    """A reconciler whose `settle` raises `error` its first `times` calls, then lands."""
 
-    def __init__(self, times: int) -> None:
-        self.times, self.calls = times, 0
+    def __init__(self, error: Exception, times: int = 1_000_000) -> None:
+        self.error, self.times, self.calls = error, times, 0
 
     async def settle(self, diverged: WriteDiverged) -> bool:
         self.calls += 1
         if self.calls <= self.times:
-            raise WriteContended(diverged.session_id, 8, 0.1, "re-base")
+            raise self.error
         return True
+
+
+async def diverging_entry(redis: Any, w: World) -> bytes:
+    """Publish a session's last entry, which MongoDB holds another write for; its id."""
+    session_id, entries = await session_history(w)
+    record = entries[-1].record
+    w.warm.apply_errors[session_id] = WriteDiverged(
+        record, [], None, version_clash=True, stored=record, stored_seq=record.timeline_seq
+    )
+    [published] = await publish(redis, entries[-1:])
+    return published
+
+
+async def others_go_through(redis: Any, w: World) -> None:
+    """Another session's writes, published to go through meanwhile (parking asks for it)."""
+    await publish(redis, (await session_history(w))[1])
 
 
 async def test_a_rebase_lost_to_writers_keeps_its_entry_pending_without_counting_toward_parking(
@@ -322,13 +338,8 @@ async def test_a_rebase_lost_to_writers_keeps_its_entry_pending_without_counting
     wrong with the entry, so it stays pending, is never parked however often that happens
     (while other entries go through, which parking also asks), waits `refused_retry_s`
     between tries, and is acknowledged once the re-base lands."""
-    session_id, entries = await session_history(w)
-    record = entries[-1].record
-    w.warm.apply_errors[session_id] = WriteDiverged(
-        record, [], None, version_clash=True, stored=record, stored_seq=record.timeline_seq
-    )
-    await publish(redis, entries[-1:])
-    reconciler = ContendedReconciler(times=5)
+    await diverging_entry(redis, w)
+    reconciler = RaisingReconciler(WriteContended("s", 8, 0.1, "re-base"), times=5)
     worker = worker_for(
         redis, w.warm, max_deliveries=1, park_after_s=0, refused_retry_s=0.3, reconciler=reconciler
     )
@@ -340,8 +351,7 @@ async def test_a_rebase_lost_to_writers_keeps_its_entry_pending_without_counting
     assert await worker.pending() == 1
     (entry_id,) = worker._failures
     for _ in range(5):
-        _, others = await session_history(w)  # another session's writes go through meanwhile
-        await publish(redis, others)
+        await others_go_through(redis, w)
         await asyncio.sleep(0.31)
         await worker.step()
         if reconciler.calls < 6:
@@ -353,37 +363,19 @@ async def test_a_rebase_lost_to_writers_keeps_its_entry_pending_without_counting
     assert await worker.pending() == 0, "acknowledged once it did"
 
 
-class FailingReconciler:
-    """A reconciler that cannot keep the divergence (MongoDB refuses the conflict)."""
-
-    async def settle(self, diverged: WriteDiverged) -> bool:
-        raise ValueError("conflict document refused")
-
-
 async def test_a_divergence_that_cannot_be_kept_is_retried_and_then_parked(
     redis: Any, w: World
 ) -> None:
     """Keeping the divergence fails for its content: the entry is refused like any other
     (retried, then parked with the error while others go through), not left to fail the
     worker's every step."""
-    session_id, entries = await session_history(w)
-    record = entries[-1].record
-    w.warm.apply_errors[session_id] = WriteDiverged(
-        record, [], None, version_clash=True, stored=record, stored_seq=record.timeline_seq
-    )
-    [bad] = await publish(redis, entries[-1:])
-    worker = worker_for(
-        redis,
-        w.warm,
-        max_deliveries=2,
-        park_after_s=0,
-        refused_retry_s=0,
-        reconciler=FailingReconciler(),
-    )
+    bad = await diverging_entry(redis, w)
+    refusing = RaisingReconciler(ValueError("conflict document refused"))
+    options = {"park_after_s": 0, "refused_retry_s": 0, "reconciler": refusing}
+    worker = worker_for(redis, w.warm, max_deliveries=2, **options)
     await worker.ensure_group()
     for _ in range(3):
-        _, others = await session_history(w)
-        await publish(redis, others)
+        await others_go_through(redis, w)
         await worker.step()
     [(_, dead)] = await redis.xrange(DEAD_LETTER_STREAM)
     assert dead[b"id"] == bad
@@ -391,35 +383,17 @@ async def test_a_divergence_that_cannot_be_kept_is_retried_and_then_parked(
     assert await worker.pending() == 0
 
 
-class OutageReconciler:
-    """A reconciler whose backend is out while it keeps the divergence."""
-
-    async def settle(self, diverged: WriteDiverged) -> bool:
-        raise BackendUnavailable("mongodb", "connection refused")
-
-
 async def test_an_outage_while_keeping_a_divergence_is_an_outage(redis: Any, w: World) -> None:
     """MongoDB or Redis out while the divergence is kept: the step fails as for any outage
     (the run loop backs off), the entry stays pending, and no attempt counts toward parking
     however long it lasts."""
-    session_id, entries = await session_history(w)
-    record = entries[-1].record
-    w.warm.apply_errors[session_id] = WriteDiverged(
-        record, [], None, version_clash=True, stored=record, stored_seq=record.timeline_seq
-    )
-    await publish(redis, entries[-1:])
-    worker = worker_for(
-        redis,
-        w.warm,
-        max_deliveries=1,
-        park_after_s=0,
-        refused_retry_s=0,
-        reconciler=OutageReconciler(),
-    )
+    await diverging_entry(redis, w)
+    out = RaisingReconciler(BackendUnavailable("mongodb", "connection refused"))
+    options = {"park_after_s": 0, "refused_retry_s": 0, "reconciler": out}
+    worker = worker_for(redis, w.warm, max_deliveries=1, **options)
     await worker.ensure_group()
     for _ in range(3):
-        _, others = await session_history(w)
-        await publish(redis, others)
+        await others_go_through(redis, w)
         with pytest.raises(BackendUnavailable):
             await worker.step()
     assert worker.parked == 0
